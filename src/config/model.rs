@@ -1,0 +1,705 @@
+//! The typed master configuration: plain data, built by the Rhai host and
+//! consumed by every runtime component.
+//!
+//! Nothing here knows about Rhai evaluation. Values that scripts construct
+//! (pollers, schedulers, builders, steps) are these same types, registered
+//! with the engine as custom types, so what a script builds is exactly what
+//! the master runs. Callbacks keep their Rhai function pointer, opaque to
+//! everything but the callback runner.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Serialize, Serializer};
+
+/// Where in a script a value was constructed; used to point diagnostics at it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Origin {
+    /// Canonical path of the script file (or `<stdlib>/name.rhai`).
+    pub file: Arc<str>,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.column)
+    }
+}
+
+/// A JSON-like property value (Buildbot properties are JSON-serialisable).
+pub type Value = serde_json::Value;
+pub type Properties = BTreeMap<String, Value>;
+
+/// A secret value read through `secret(name)`. It never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret {
+    /// The name it was looked up by; `None` for a literal password in a script.
+    pub name: Option<String>,
+    value: Arc<str>,
+}
+
+impl Secret {
+    pub fn named(name: impl Into<String>, value: impl Into<Arc<str>>) -> Self {
+        Secret {
+            name: Some(name.into()),
+            value: value.into(),
+        }
+    }
+    pub fn literal(value: impl Into<Arc<str>>) -> Self {
+        Secret {
+            name: None,
+            value: value.into(),
+        }
+    }
+    /// The secret itself, for the one place that needs it (e.g. checking a
+    /// worker's password). Never log or serialise the result.
+    pub fn expose(&self) -> &str {
+        &self.value
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<secret>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<secret>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<secret>")
+    }
+}
+
+/// A Rhai callback (closure or function pointer) stored in the config.
+///
+/// Equality compares where it was written and what it names, which is what a
+/// config diff needs: the same source text in the same place is the same
+/// callback.
+#[derive(Clone)]
+pub struct Callback {
+    pub fn_ptr: rhai::FnPtr,
+    pub origin: Option<Origin>,
+}
+
+impl Callback {
+    pub fn describe(&self) -> String {
+        let what = if self.fn_ptr.is_anonymous() {
+            "closure".to_string()
+        } else {
+            format!("fn {}", self.fn_ptr.fn_name())
+        };
+        match &self.origin {
+            Some(o) => format!("<{what} at {o}>"),
+            None => format!("<{what}>"),
+        }
+    }
+}
+
+impl PartialEq for Callback {
+    fn eq(&self, other: &Self) -> bool {
+        self.fn_ptr.fn_name() == other.fn_ptr.fn_name() && self.origin == other.origin
+    }
+}
+
+impl fmt::Debug for Callback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Serialize for Callback {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.describe())
+    }
+}
+
+/// `WithProperties("%(prop)s")` or `Interpolate("%(prop:name)s")`, rendered
+/// against build properties when a step starts.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum Renderable {
+    WithProperties(String),
+    Interpolate(String),
+}
+
+impl fmt::Display for Renderable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Renderable::WithProperties(s) => write!(f, "WithProperties({s:?})"),
+            Renderable::Interpolate(s) => write!(f, "Interpolate({s:?})"),
+        }
+    }
+}
+
+/// A string that may need rendering against properties.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Arg {
+    Literal(String),
+    Render(Renderable),
+    /// A secret passed to the worker (in `env`, say); prints as `<secret>`.
+    Secret(Secret),
+}
+
+impl fmt::Display for Arg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Arg::Literal(s) => write!(f, "{s:?}"),
+            Arg::Render(r) => r.fmt(f),
+            Arg::Secret(_) => f.write_str("<secret>"),
+        }
+    }
+}
+
+/// A step's command: one shell string, or an argv list.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Command {
+    Shell(Arg),
+    Argv(Vec<Arg>),
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Shell(a) => a.fmt(f),
+            Command::Argv(v) => {
+                f.write_str("[")?;
+                for (i, a) in v.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    a.fmt(f)?;
+                }
+                f.write_str("]")
+            }
+        }
+    }
+}
+
+/// Buildbot's result codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Results {
+    Success = 0,
+    Warnings = 1,
+    Failure = 2,
+    Skipped = 3,
+    Exception = 4,
+    Retry = 5,
+    Cancelled = 6,
+}
+
+impl Results {
+    pub const ALL: [Results; 7] = [
+        Results::Success,
+        Results::Warnings,
+        Results::Failure,
+        Results::Skipped,
+        Results::Exception,
+        Results::Retry,
+        Results::Cancelled,
+    ];
+    pub fn from_code(code: i64) -> Option<Results> {
+        Results::ALL.iter().copied().find(|r| *r as i64 == code)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Results::Success => "SUCCESS",
+            Results::Warnings => "WARNINGS",
+            Results::Failure => "FAILURE",
+            Results::Skipped => "SKIPPED",
+            Results::Exception => "EXCEPTION",
+            Results::Retry => "RETRY",
+            Results::Cancelled => "CANCELLED",
+        }
+    }
+}
+
+/// How a step's outcome is judged from its exit code and log.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogEval {
+    /// `rc_eval_func({0: SUCCESS, None: RETRY})`: exit codes mapped to
+    /// results, with a default for any code not listed.
+    RcMap {
+        codes: BTreeMap<i64, Results>,
+        default: Option<Results>,
+    },
+    /// A script callback `|step, rc, log| -> result`.
+    Callback(Callback),
+}
+
+/// The kind-specific part of a step.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type")]
+pub enum StepKind {
+    ShellCommand,
+    /// Sets `property` from the command's output, or to a fixed `value`.
+    SetProperty {
+        property: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        value: Option<Arg>,
+    },
+    MercurialCloneCommand {
+        /// Retry the clone with a fresh directory when it fails.
+        retry: bool,
+    },
+    Git {
+        repourl: Arg,
+        branch: Option<Arg>,
+        mode: String,
+    },
+    MockCommand {
+        #[serde(rename = "mock")]
+        use_mock: bool,
+        target: Option<String>,
+    },
+    DisconnectStep {
+        /// When the worker's going away is expected rather than a failure.
+        force_disconnect: Disconnect,
+    },
+    Trigger {
+        #[serde(rename = "schedulerNames")]
+        scheduler_names: Vec<String>,
+        #[serde(rename = "waitForFinish")]
+        wait_for_finish: bool,
+        set_properties: Properties,
+    },
+}
+
+impl StepKind {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            StepKind::ShellCommand => "ShellCommand",
+            StepKind::SetProperty { .. } => "SetProperty",
+            StepKind::MercurialCloneCommand { .. } => "MercurialCloneCommand",
+            StepKind::Git { .. } => "Git",
+            StepKind::MockCommand { .. } => "MockCommand",
+            StepKind::DisconnectStep { .. } => "DisconnectStep",
+            StepKind::Trigger { .. } => "Trigger",
+        }
+    }
+}
+
+/// When a `DisconnectStep` expects its worker to go away.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Disconnect {
+    /// Always (`true`) or never (`false`).
+    Always(bool),
+    /// When the command's output contains this text (Mozilla's
+    /// "SCHEDULED REBOOT").
+    OutputContains(String),
+    /// A script callback given the step's output.
+    Callback(Callback),
+}
+
+/// One build step, with Buildbot's common parameters.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Step {
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: StepKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<Command>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, Arg>,
+    /// Seconds without output before the command is killed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    /// Seconds in all before the command is killed.
+    #[serde(rename = "maxTime", skip_serializing_if = "Option::is_none")]
+    pub max_time: Option<u64>,
+    #[serde(rename = "haltOnFailure")]
+    pub halt_on_failure: bool,
+    #[serde(rename = "flunkOnFailure")]
+    pub flunk_on_failure: bool,
+    #[serde(rename = "flunkOnWarnings")]
+    pub flunk_on_warnings: bool,
+    #[serde(rename = "warnOnFailure")]
+    pub warn_on_failure: bool,
+    #[serde(rename = "warnOnWarnings")]
+    pub warn_on_warnings: bool,
+    #[serde(rename = "alwaysRun")]
+    pub always_run: bool,
+    #[serde(rename = "doStepIf", skip_serializing_if = "Option::is_none")]
+    pub do_step_if: Option<BoolOrCallback>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_eval: Option<LogEval>,
+    #[serde(skip)]
+    pub origin: Option<Origin>,
+}
+
+/// An ordered list of steps.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct BuildFactory {
+    pub steps: Vec<Step>,
+    #[serde(skip)]
+    pub origin: Option<Origin>,
+}
+
+/// A named lock and the access a builder asks of it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LockAccess {
+    pub name: String,
+    /// `master` (one count across the master) or `worker` (per worker).
+    pub scope: LockScope,
+    #[serde(rename = "maxCount")]
+    pub max_count: u32,
+    /// `exclusive` or `counting`.
+    pub mode: LockMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockScope {
+    Master,
+    Worker,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockMode {
+    Counting,
+    Exclusive,
+}
+
+/// A switch that may also be a callback: `collapseRequests`, `doStepIf`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum BoolOrCallback {
+    Enabled(bool),
+    Callback(Callback),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BuilderConfig {
+    pub name: String,
+    pub builddir: String,
+    #[serde(rename = "workerbuilddir")]
+    pub worker_builddir: String,
+    #[serde(rename = "workernames")]
+    pub worker_names: Vec<String>,
+    #[serde(rename = "nextWorker", skip_serializing_if = "Option::is_none")]
+    pub next_worker: Option<Callback>,
+    pub factory: BuildFactory,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: Properties,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, Arg>,
+    #[serde(rename = "collapseRequests", skip_serializing_if = "Option::is_none")]
+    pub collapse_requests: Option<BoolOrCallback>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<LockAccess>,
+    #[serde(skip)]
+    pub origin: Option<Origin>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Worker {
+    pub name: String,
+    pub password: Secret,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_builds: Option<u32>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: Properties,
+    /// Seconds between keepalives (Buildbot's `keepalive_interval`).
+    pub keepalive_interval: u64,
+    /// Seconds a worker may be gone before it is reported missing.
+    pub missing_timeout: u64,
+    #[serde(skip)]
+    pub origin: Option<Origin>,
+}
+
+/// Mozilla's HgPoller: polls a repository's pushes (see DESIGN.md §4).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HgPoller {
+    #[serde(rename = "hgURL")]
+    pub hg_url: String,
+    pub branch: String,
+    #[serde(rename = "pushlogUrlOverride", skip_serializing_if = "Option::is_none")]
+    pub pushlog_url_override: Option<String>,
+    #[serde(rename = "tipsOnly")]
+    pub tips_only: bool,
+    #[serde(rename = "maxChanges")]
+    pub max_changes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo_branch: Option<String>,
+    #[serde(rename = "pollInterval")]
+    pub poll_interval: u64,
+    #[serde(rename = "storeRev", skip_serializing_if = "Option::is_none")]
+    pub store_rev: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    #[serde(skip)]
+    pub origin: Option<Origin>,
+}
+
+impl HgPoller {
+    /// The repository this poller reads: `hgURL` joined with `branch`.
+    pub fn repository(&self) -> String {
+        join_url(&self.hg_url, &self.branch)
+    }
+}
+
+/// Joins a base URL or directory with a repository path, with one `/`.
+pub fn join_url(base: &str, path: &str) -> String {
+    if path.is_empty() {
+        return base.to_string();
+    }
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        path.trim_start_matches('/')
+    )
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GitPoller {
+    pub repourl: String,
+    /// Branches to follow; empty means the default branch only.
+    pub branches: Vec<String>,
+    #[serde(rename = "pollInterval")]
+    pub poll_interval: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    pub only_tags: bool,
+    #[serde(skip)]
+    pub origin: Option<Origin>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type")]
+pub enum ChangeSource {
+    HgPoller(HgPoller),
+    GitPoller(GitPoller),
+}
+
+impl ChangeSource {
+    pub fn origin(&self) -> Option<&Origin> {
+        match self {
+            ChangeSource::HgPoller(p) => p.origin.as_ref(),
+            ChangeSource::GitPoller(p) => p.origin.as_ref(),
+        }
+    }
+    /// (repository, branch) pairs this source polls, for duplicate checks.
+    pub fn polled(&self) -> Vec<(String, String)> {
+        match self {
+            ChangeSource::HgPoller(p) => {
+                vec![(
+                    p.repository(),
+                    p.repo_branch.clone().unwrap_or_else(|| "*".into()),
+                )]
+            }
+            ChangeSource::GitPoller(p) => {
+                if p.branches.is_empty() {
+                    vec![(p.repourl.clone(), "<default>".into())]
+                } else {
+                    p.branches
+                        .iter()
+                        .map(|b| (p.repourl.clone(), b.clone()))
+                        .collect()
+                }
+            }
+        }
+    }
+    /// A stable name for logs and the API.
+    pub fn name(&self) -> String {
+        match self {
+            ChangeSource::HgPoller(p) => format!("HgPoller:{}", p.repository()),
+            ChangeSource::GitPoller(p) => format!("GitPoller:{}", p.repourl),
+        }
+    }
+}
+
+/// One cron field of a `Nightly`: `*` or a list of values.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum CronField {
+    Any(AnyMarker),
+    Values(Vec<u32>),
+}
+
+/// Serialises as `"*"`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnyMarker;
+
+impl Serialize for AnyMarker {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("*")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type")]
+pub enum SchedulerKind {
+    /// Buildbot's single-branch scheduler.
+    Scheduler {
+        branch: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        repository: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        project: Option<String>,
+        #[serde(rename = "treeStableTimer")]
+        tree_stable_timer: Option<u64>,
+        #[serde(rename = "fileIsImportant")]
+        file_is_important: Option<Callback>,
+        #[serde(rename = "onlyImportant")]
+        only_important: bool,
+    },
+    AnyBranchScheduler {
+        /// `None` accepts every branch.
+        branches: Option<Vec<String>>,
+        #[serde(rename = "treeStableTimer")]
+        tree_stable_timer: Option<u64>,
+        #[serde(rename = "fileIsImportant")]
+        file_is_important: Option<Callback>,
+        #[serde(rename = "onlyImportant")]
+        only_important: bool,
+    },
+    Nightly {
+        branch: Option<String>,
+        minute: CronField,
+        hour: CronField,
+        #[serde(rename = "dayOfMonth")]
+        day_of_month: CronField,
+        month: CronField,
+        #[serde(rename = "dayOfWeek")]
+        day_of_week: CronField,
+        #[serde(rename = "onlyIfChanged")]
+        only_if_changed: bool,
+    },
+    Periodic {
+        #[serde(rename = "periodicBuildTimer")]
+        periodic_build_timer: u64,
+    },
+    Triggerable,
+    Dependent {
+        upstream: String,
+    },
+    ForceScheduler {
+        #[serde(rename = "buttonName")]
+        button_name: String,
+        label: String,
+    },
+}
+
+impl SchedulerKind {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            SchedulerKind::Scheduler { .. } => "Scheduler",
+            SchedulerKind::AnyBranchScheduler { .. } => "AnyBranchScheduler",
+            SchedulerKind::Nightly { .. } => "Nightly",
+            SchedulerKind::Periodic { .. } => "Periodic",
+            SchedulerKind::Triggerable => "Triggerable",
+            SchedulerKind::Dependent { .. } => "Dependent",
+            SchedulerKind::ForceScheduler { .. } => "ForceScheduler",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SchedulerConfig {
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: SchedulerKind,
+    #[serde(rename = "builderNames")]
+    pub builder_names: Vec<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: Properties,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i64>,
+    #[serde(skip)]
+    pub origin: Option<Origin>,
+}
+
+/// `QueueDir(name, path)`: a directory queue of commands for a status
+/// handler, as Mozilla's postrun used.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct QueueDir {
+    pub name: String,
+    pub path: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type")]
+pub enum StatusTarget {
+    QueuedCommandHandler {
+        command: Vec<Arg>,
+        queuedir: QueueDir,
+        #[serde(skip)]
+        origin: Option<Origin>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WwwUser {
+    pub password: Secret,
+    pub roles: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WwwConfig {
+    pub port: u16,
+    pub host: String,
+    /// Whether reads need no login (Buildbot's default: yes).
+    pub public_read: bool,
+    pub users: BTreeMap<String, WwwUser>,
+    pub change_hook_dialects: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProtocolsConfig {
+    /// Port of the `msgpack_experimental_v7` WebSocket listener.
+    pub msgpack_port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DbConfig {
+    pub db_url: String,
+}
+
+/// The whole evaluated BuildmasterConfig.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MasterConfig {
+    pub title: String,
+    #[serde(rename = "titleURL")]
+    pub title_url: String,
+    #[serde(rename = "buildbotURL")]
+    pub buildbot_url: String,
+    pub db: DbConfig,
+    pub protocols: ProtocolsConfig,
+    pub www: Option<WwwConfig>,
+    pub properties: Properties,
+    pub workers: Vec<Worker>,
+    pub change_source: Vec<ChangeSource>,
+    pub schedulers: Vec<SchedulerConfig>,
+    pub builders: Vec<BuilderConfig>,
+    pub status: Vec<StatusTarget>,
+    #[serde(rename = "prioritizeBuilders", skip_serializing_if = "Option::is_none")]
+    pub prioritize_builders: Option<Callback>,
+    #[serde(rename = "collapseRequests")]
+    pub collapse_requests: BoolOrCallback,
+}

@@ -1,0 +1,364 @@
+//! The entry script's value (the BuildmasterConfig map) as a typed
+//! [`MasterConfig`]. Unknown keys and wrong types are errors here too.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rhai::{Array, Dynamic, Map};
+
+use super::kwargs::{type_name, Kwargs, ScriptError, ScriptResult};
+use super::vocab::builder_config;
+use super::{errors, LoadState};
+use crate::config::*;
+use crate::diagnostics::{Diagnostic, Location};
+
+pub fn master_config(
+    value: Dynamic,
+    state: &Arc<LoadState>,
+    entry: &str,
+) -> Result<MasterConfig, Vec<Diagnostic>> {
+    let value = value.flatten();
+    let Some(map) = value.clone().try_cast::<Map>() else {
+        return Err(vec![Diagnostic::error(format!(
+            "the entry script must end with the BuildmasterConfig map as its last expression, but it ends with a value of type {}",
+            type_name(&value)
+        ))
+        .with_help(Some("end master.rhai with `c` (the map) on its own line".into()))]);
+    };
+    build(map, state).map_err(|e| {
+        let mut d = errors::diagnose(&e, entry, &state.limits);
+        if d.location.is_none() {
+            d.location = d.focus.as_deref().and_then(|w| locate(state, entry, w));
+        }
+        vec![d]
+    })
+}
+
+/// Where a key name is first written in the loaded scripts, entry first:
+/// the best place to point at for a problem in a plain map.
+fn locate(state: &LoadState, entry: &str, word: &str) -> Option<Location> {
+    let sources = state.sources();
+    let mut files: Vec<String> = vec![entry.to_string()];
+    files.extend(
+        state
+            .files()
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .filter(|f| f.ends_with(".rhai") && f != entry),
+    );
+    for file in files {
+        let Some(text) = sources.get(&file) else {
+            continue;
+        };
+        for (i, line) in text.lines().enumerate() {
+            if let Some(col) = find_word(line, word) {
+                return Some(Location {
+                    file: file.as_str().into(),
+                    line: i + 1,
+                    column: line[..col].chars().count() + 1,
+                });
+            }
+        }
+    }
+    None
+}
+
+fn find_word(line: &str, word: &str) -> Option<usize> {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    let mut from = 0;
+    while let Some(i) = line[from..].find(word) {
+        let at = from + i;
+        let before = line[..at].chars().next_back();
+        let after = line[at + word.len()..].chars().next();
+        if !before.is_some_and(is_word) && !after.is_some_and(is_word) {
+            return Some(at);
+        }
+        from = at + word.len();
+    }
+    None
+}
+
+fn list_of(v: Option<Dynamic>) -> Array {
+    match v {
+        None => Array::new(),
+        Some(v) if v.is_array() => v.cast::<Array>().into_iter().map(|x| x.flatten()).collect(),
+        Some(v) => vec![v],
+    }
+}
+
+fn items<T: Clone + Send + Sync + 'static>(
+    v: Option<Dynamic>,
+    key: &str,
+    expected: &str,
+) -> ScriptResult<Vec<T>> {
+    list_of(v)
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let t = type_name(&x);
+            x.try_cast::<T>().ok_or_else(|| {
+                ScriptError::new(format!("item {i} of `{key}` is a {t}, not {expected}"))
+                    .focus(key.to_string())
+                    .into_err()
+            })
+        })
+        .collect()
+}
+
+fn build(map: Map, state: &Arc<LoadState>) -> ScriptResult<MasterConfig> {
+    let mut kw = Kwargs::new("BuildmasterConfig", map, None, state.clone());
+    let title = kw.str("title")?.unwrap_or_else(|| "kiln".into());
+    let title_url = kw.str("titleURL")?.unwrap_or_default();
+    let buildbot_url = kw
+        .str("buildbotURL")?
+        .unwrap_or_else(|| "http://localhost:8010/".into());
+    let db = db_config(kw.raw("db"))?;
+    let protocols = protocols(kw.raw("protocols"))?;
+    let www = match kw.raw("www") {
+        None => None,
+        Some(v) => Some(www(v, state)?),
+    };
+    let properties = kw.properties("properties")?;
+    let workers = items::<Worker>(
+        kw.take_legacy("workers", "slaves"),
+        "workers",
+        "a Worker(...)",
+    )?;
+    let mut change_source = Vec::new();
+    for (i, x) in list_of(kw.raw("change_source")).into_iter().enumerate() {
+        let t = type_name(&x);
+        if let Some(p) = x.clone().try_cast::<HgPoller>() {
+            change_source.push(ChangeSource::HgPoller(p));
+        } else if let Some(p) = x.try_cast::<GitPoller>() {
+            change_source.push(ChangeSource::GitPoller(p));
+        } else {
+            return Err(ScriptError::new(format!(
+                "item {i} of `change_source` is a {t}, not HgPoller(...) or GitPoller(...)"
+            ))
+            .focus("change_source")
+            .into_err());
+        }
+    }
+    let schedulers = items::<SchedulerConfig>(kw.raw("schedulers"), "schedulers", "a scheduler")?;
+    let mut builders = Vec::new();
+    for (i, x) in list_of(kw.raw("builders")).into_iter().enumerate() {
+        let t = type_name(&x);
+        if let Some(b) = x.clone().try_cast::<BuilderConfig>() {
+            builders.push(b);
+        } else if let Some(m) = x.try_cast::<Map>() {
+            // Buildbot 0.8 builders were plain dicts, as the seed's are.
+            let mut bkw = Kwargs::new("builder", m, None, state.clone());
+            let b = builder_config(&mut bkw)?;
+            bkw.finish()?;
+            builders.push(b);
+        } else {
+            return Err(ScriptError::new(format!(
+                "item {i} of `builders` is a {t}, not BuilderConfig(...) or a builder map"
+            ))
+            .focus("builders")
+            .into_err());
+        }
+    }
+    let status = items::<StatusTarget>(
+        kw.raw("status"),
+        "status",
+        "a status target such as QueuedCommandHandler(...)",
+    )?;
+    let prioritize_builders = kw.callback("prioritizeBuilders")?;
+    let collapse_requests = super::vocab::bool_or_callback(&mut kw, "collapseRequests")?
+        .unwrap_or(BoolOrCallback::Enabled(true));
+    // Buildbot's usage reporting: kiln reports nothing, whatever it says.
+    let _ = kw.raw("buildbotNetUsageData");
+    kw.finish()?;
+    Ok(MasterConfig {
+        title,
+        title_url,
+        buildbot_url,
+        db,
+        protocols,
+        www,
+        properties,
+        workers,
+        change_source,
+        schedulers,
+        builders,
+        status,
+        prioritize_builders,
+        collapse_requests,
+    })
+}
+
+fn sub_map(v: Dynamic, key: &str) -> ScriptResult<Map> {
+    let t = type_name(&v);
+    v.try_cast::<Map>().ok_or_else(|| {
+        ScriptError::new(format!("`{key}` must be a map, got {t}"))
+            .focus(key.to_string())
+            .into_err()
+    })
+}
+
+fn strict(map: &Map, key: &str, known: &[&str]) -> ScriptResult<()> {
+    for k in map.keys() {
+        if !known.contains(&k.as_str()) {
+            let mut msg = format!("unknown key `{k}` in `{key}`");
+            if let Some(near) = super::kwargs::suggest(k, known.iter().copied()) {
+                msg = format!("{msg}; did you mean `{near}`?");
+            }
+            return Err(ScriptError::new(msg)
+                .help(format!("`{key}` takes: {}", known.join(", ")))
+                .focus(k.to_string())
+                .into_err());
+        }
+    }
+    Ok(())
+}
+
+fn db_config(v: Option<Dynamic>) -> ScriptResult<DbConfig> {
+    let Some(v) = v else {
+        return Ok(DbConfig {
+            db_url: "sqlite:///state.sqlite".into(),
+        });
+    };
+    let m = sub_map(v, "db")?;
+    strict(&m, "db", &["db_url"])?;
+    let url = match m.get("db_url") {
+        None => "sqlite:///state.sqlite".to_string(),
+        Some(u) => u.clone().into_string().map_err(|_| {
+            ScriptError::new("`db.db_url` must be a string")
+                .focus("db_url")
+                .into_err()
+        })?,
+    };
+    if !url.starts_with("sqlite://") {
+        return Err(ScriptError::new(format!(
+            "`db.db_url` {url:?} is not supported: kiln stores its state in SQLite"
+        ))
+        .help(
+            "write sqlite:///state.sqlite (relative to the master dir) or sqlite:////absolute/path",
+        )
+        .focus("db_url")
+        .into_err());
+    }
+    Ok(DbConfig { db_url: url })
+}
+
+fn port_of(v: &Dynamic, key: &str) -> ScriptResult<u16> {
+    let bad = || {
+        ScriptError::new(format!("`{key}` must be a port number from 0 to 65535"))
+            .focus("port")
+            .into_err()
+    };
+    if let Ok(n) = v.as_int() {
+        return u16::try_from(n).map_err(|_| bad());
+    }
+    // Twisted's "tcp:8010:interface=127.0.0.1" form, as Buildbot configs write it.
+    let s = v.clone().into_string().map_err(|_| bad())?;
+    let port = s
+        .strip_prefix("tcp:")
+        .unwrap_or(&s)
+        .split(':')
+        .next()
+        .unwrap_or("");
+    port.parse::<u16>().map_err(|_| bad())
+}
+
+fn interface_of(v: &Dynamic) -> Option<String> {
+    let s = v.clone().into_string().ok()?;
+    s.split(':')
+        .find_map(|part| part.strip_prefix("interface="))
+        .map(str::to_string)
+}
+
+fn protocols(v: Option<Dynamic>) -> ScriptResult<ProtocolsConfig> {
+    let Some(v) = v else {
+        return Ok(ProtocolsConfig { msgpack_port: None });
+    };
+    let m = sub_map(v, "protocols")?;
+    if m.contains_key("pb") {
+        return Err(ScriptError::new("kiln's workers speak `msgpack_experimental_v7`, not `pb`")
+            .help("write protocols: #{ msgpack_experimental_v7: #{ port: 9989 } } and create workers with --protocol msgpack_experimental_v7")
+            .focus("pb")
+            .into_err());
+    }
+    strict(&m, "protocols", &["msgpack_experimental_v7"])?;
+    let msgpack_port = match m.get("msgpack_experimental_v7") {
+        None => None,
+        Some(p) => {
+            let pm = sub_map(p.clone(), "msgpack_experimental_v7")?;
+            strict(&pm, "msgpack_experimental_v7", &["port"])?;
+            let port = pm.get("port").ok_or_else(|| {
+                ScriptError::new("`protocols.msgpack_experimental_v7` needs `port`").into_err()
+            })?;
+            Some(port_of(port, "protocols.msgpack_experimental_v7.port")?)
+        }
+    };
+    Ok(ProtocolsConfig { msgpack_port })
+}
+
+fn www(v: Dynamic, state: &Arc<LoadState>) -> ScriptResult<WwwConfig> {
+    let m = sub_map(v, "www")?;
+    strict(
+        &m,
+        "www",
+        &[
+            "port",
+            "host",
+            "public_read",
+            "users",
+            "change_hook_dialects",
+            "plugins",
+        ],
+    )?;
+    let port_v = m.get("port").cloned().unwrap_or(Dynamic::from(8010_i64));
+    let port = port_of(&port_v, "www.port")?;
+    let host = match m.get("host") {
+        Some(h) => h.clone().into_string().map_err(|_| {
+            ScriptError::new("`www.host` must be a string")
+                .focus("host")
+                .into_err()
+        })?,
+        None => interface_of(&port_v).unwrap_or_else(|| "127.0.0.1".into()),
+    };
+    let public_read = match m.get("public_read") {
+        None => true,
+        Some(b) => b.as_bool().map_err(|_| {
+            ScriptError::new("`www.public_read` must be a bool")
+                .focus("public_read")
+                .into_err()
+        })?,
+    };
+    let mut users = BTreeMap::new();
+    if let Some(u) = m.get("users") {
+        for (name, spec) in sub_map(u.clone(), "www.users")? {
+            let mut kw = Kwargs::new("www user", sub_map(spec, "www.users")?, None, state.clone());
+            let password = kw
+                .secret("password")?
+                .ok_or_else(|| kw.missing("password", "a string or secret(...)"))?;
+            let roles = kw.str_list("roles")?.unwrap_or_default();
+            kw.finish()?;
+            users.insert(name.to_string(), WwwUser { password, roles });
+        }
+    }
+    let mut change_hook_dialects = Vec::new();
+    if let Some(d) = m.get("change_hook_dialects") {
+        for (name, on) in sub_map(d.clone(), "www.change_hook_dialects")? {
+            if name.as_str() != "base" {
+                return Err(ScriptError::new(format!(
+                    "change hook dialect `{name}` is not supported; kiln has `base`"
+                ))
+                .focus(name.to_string())
+                .into_err());
+            }
+            if on.as_bool().unwrap_or(true) {
+                change_hook_dialects.push(name.to_string());
+            }
+        }
+    }
+    Ok(WwwConfig {
+        port,
+        host,
+        public_read,
+        users,
+        change_hook_dialects,
+    })
+}

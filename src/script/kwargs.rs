@@ -1,0 +1,452 @@
+//! Keyword arguments: Buildbot's `Name(key=value, ...)` becomes
+//! `Name(#{key: value, ...})` in Rhai. [`Kwargs`] takes typed values out of
+//! the map and, at the end, turns every key nobody asked for into an error
+//! that suggests the nearest known one.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rhai::{Dynamic, EvalAltResult, FnPtr, Map, Position};
+
+use crate::config::{Arg, Callback, Command, Origin, Properties, Renderable, Secret, Value};
+use crate::diagnostics::{Diagnostic, Location};
+use crate::script::LoadState;
+
+pub type ScriptResult<T> = Result<T, Box<EvalAltResult>>;
+
+/// The payload kiln puts in a Rhai runtime error, so that the diagnostic can
+/// carry a suggestion, underline a key, or point into another file (JSON).
+#[derive(Clone, Debug)]
+pub struct ScriptError {
+    pub message: String,
+    pub help: Option<String>,
+    pub focus: Option<String>,
+    /// Overrides the Rhai position (an error inside a JSON file, say).
+    pub location: Option<Location>,
+    /// Extra frames to show below the location ("loaded here").
+    pub via: Option<String>,
+}
+
+impl std::fmt::Display for ScriptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(h) = &self.help {
+            write!(f, "; {h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ScriptError {
+    pub fn new(message: impl Into<String>) -> Self {
+        ScriptError {
+            message: message.into(),
+            help: None,
+            focus: None,
+            location: None,
+            via: None,
+        }
+    }
+    pub fn help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+    pub fn focus(mut self, focus: impl Into<String>) -> Self {
+        self.focus = Some(focus.into());
+        self
+    }
+    pub fn into_err(self) -> Box<EvalAltResult> {
+        EvalAltResult::ErrorRuntime(Dynamic::from(self), Position::NONE).into()
+    }
+}
+
+/// Shorthand for a plain script error.
+pub fn fail<T>(message: impl Into<String>) -> ScriptResult<T> {
+    Err(ScriptError::new(message).into_err())
+}
+
+/// How a value's type reads in a message.
+pub fn type_name(v: &Dynamic) -> String {
+    let v = v.flatten_clone();
+    if v.is_unit() {
+        "()".into()
+    } else if v.is_string() {
+        "string".into()
+    } else if v.is_int() {
+        "integer".into()
+    } else if v.is_float() {
+        "float".into()
+    } else if v.is_bool() {
+        "bool".into()
+    } else if v.is_array() {
+        "array".into()
+    } else if v.is_map() {
+        "map".into()
+    } else if v.is_fnptr() {
+        "function".into()
+    } else {
+        v.type_name()
+            .rsplit("::")
+            .next()
+            .unwrap_or("value")
+            .to_string()
+    }
+}
+
+/// The nearest of `known` to `key`, if it is near enough to be a typo.
+pub fn suggest<'a>(key: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let lower = key.to_lowercase();
+    known
+        .into_iter()
+        .map(|k| (k, strsim::jaro_winkler(&lower, &k.to_lowercase())))
+        .filter(|(_, score)| *score > 0.8)
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(k, _)| k)
+}
+
+/// A constructor's keyword arguments.
+pub struct Kwargs {
+    what: &'static str,
+    map: Map,
+    known: Vec<&'static str>,
+    origin: Option<Origin>,
+    state: Arc<LoadState>,
+}
+
+impl Kwargs {
+    pub fn new(
+        what: &'static str,
+        map: Map,
+        origin: Option<Origin>,
+        state: Arc<LoadState>,
+    ) -> Self {
+        Kwargs {
+            what,
+            map,
+            known: Vec::new(),
+            origin,
+            state,
+        }
+    }
+
+    pub fn origin(&self) -> Option<Origin> {
+        self.origin.clone()
+    }
+
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
+    /// Takes a key; `()` counts as absent (Python's `None`).
+    pub fn take(&mut self, key: &'static str) -> Option<Dynamic> {
+        self.known.push(key);
+        self.map
+            .remove(key)
+            .map(|v| v.flatten())
+            .filter(|v| !v.is_unit())
+    }
+
+    /// Takes a key that Buildbot 0.8 spelled differently, warning on the old name.
+    pub fn take_legacy(&mut self, key: &'static str, legacy: &'static str) -> Option<Dynamic> {
+        let modern = self.take(key);
+        if let Some(old) = self.map.remove(legacy).map(|v| v.flatten()) {
+            self.warn_legacy(legacy, key);
+            if modern.is_none() && !old.is_unit() {
+                return Some(old);
+            }
+        }
+        modern
+    }
+
+    pub fn warn_legacy(&self, legacy: &str, modern: &str) {
+        self.state.warn(
+            Diagnostic::warning(format!(
+                "`{legacy}` in {} is a legacy Buildbot 0.8 name; use `{modern}`",
+                self.what
+            ))
+            .at_origin(self.origin.as_ref())
+            .with_focus(Some(legacy.to_string())),
+        );
+    }
+
+    fn wrong(&self, key: &str, expected: &str, got: &Dynamic) -> Box<EvalAltResult> {
+        ScriptError::new(format!(
+            "`{key}` in {} must be {expected}, got {}",
+            self.what,
+            type_name(got)
+        ))
+        .focus(key)
+        .into_err()
+    }
+
+    pub fn missing(&self, key: &str, expected: &str) -> Box<EvalAltResult> {
+        ScriptError::new(format!("{} needs `{key}` ({expected})", self.what)).into_err()
+    }
+
+    pub fn str(&mut self, key: &'static str) -> ScriptResult<Option<String>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => match v.clone().into_string() {
+                Ok(s) => Ok(Some(s)),
+                Err(_) => Err(self.wrong(key, "a string", &v)),
+            },
+        }
+    }
+
+    pub fn req_str(&mut self, key: &'static str) -> ScriptResult<String> {
+        self.str(key)?.ok_or_else(|| self.missing(key, "a string"))
+    }
+
+    pub fn bool(&mut self, key: &'static str, default: bool) -> ScriptResult<bool> {
+        match self.take(key) {
+            None => Ok(default),
+            Some(v) => v.as_bool().map_err(|_| self.wrong(key, "a bool", &v)),
+        }
+    }
+
+    pub fn int(&mut self, key: &'static str) -> ScriptResult<Option<i64>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_int()
+                .map(Some)
+                .map_err(|_| self.wrong(key, "an integer", &v)),
+        }
+    }
+
+    /// A count or a number of seconds: a non-negative integer.
+    pub fn uint(&mut self, key: &'static str) -> ScriptResult<Option<u64>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => match v.as_int() {
+                Ok(n) if n >= 0 => Ok(Some(n as u64)),
+                Ok(n) => fail_focus(
+                    format!("`{key}` in {} must not be negative, got {n}", self.what),
+                    key,
+                ),
+                Err(_) => Err(self.wrong(key, "a non-negative integer", &v)),
+            },
+        }
+    }
+
+    pub fn str_list(&mut self, key: &'static str) -> ScriptResult<Option<Vec<String>>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => str_list(&v)
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, "an array of strings", &v)),
+        }
+    }
+
+    pub fn req_str_list(&mut self, key: &'static str) -> ScriptResult<Vec<String>> {
+        self.str_list(key)?
+            .ok_or_else(|| self.missing(key, "an array of strings"))
+    }
+
+    pub fn callback(&mut self, key: &'static str) -> ScriptResult<Option<Callback>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => match v.clone().try_cast::<FnPtr>() {
+                Some(fn_ptr) => Ok(Some(Callback {
+                    fn_ptr,
+                    origin: self.origin.clone(),
+                })),
+                None => Err(self.wrong(
+                    key,
+                    "a function (a closure `|x| ...` or `Fn(\"name\")`)",
+                    &v,
+                )),
+            },
+        }
+    }
+
+    pub fn properties(&mut self, key: &'static str) -> ScriptResult<Properties> {
+        match self.take(key) {
+            None => Ok(Properties::new()),
+            Some(v) => match v.clone().try_cast::<Map>() {
+                Some(m) => properties_of(&m, key),
+                None => Err(self.wrong(key, "a map of properties", &v)),
+            },
+        }
+    }
+
+    pub fn arg(&mut self, key: &'static str) -> ScriptResult<Option<Arg>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => arg_of(&v)
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, "a string or WithProperties(...)", &v)),
+        }
+    }
+
+    pub fn env(&mut self, key: &'static str) -> ScriptResult<BTreeMap<String, Arg>> {
+        match self.take(key) {
+            None => Ok(BTreeMap::new()),
+            Some(v) => env_of(&v)
+                .ok_or_else(|| self.wrong(key, "a map of strings or WithProperties(...)", &v)),
+        }
+    }
+
+    pub fn command(&mut self, key: &'static str) -> ScriptResult<Option<Command>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => command_of(&v).map(Some).ok_or_else(|| {
+                self.wrong(
+                    key,
+                    "a string or an array of strings and WithProperties(...)",
+                    &v,
+                )
+            }),
+        }
+    }
+
+    pub fn secret(&mut self, key: &'static str) -> ScriptResult<Option<Secret>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => secret_of(&v)
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, "a string or secret(...)", &v)),
+        }
+    }
+
+    /// Takes a value of a custom type.
+    pub fn custom<T: Clone + Send + Sync + 'static>(
+        &mut self,
+        key: &'static str,
+        expected: &str,
+    ) -> ScriptResult<Option<T>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => v
+                .clone()
+                .try_cast::<T>()
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, expected, &v)),
+        }
+    }
+
+    /// Anything else, untyped, for the caller to interpret.
+    pub fn raw(&mut self, key: &'static str) -> Option<Dynamic> {
+        self.take(key)
+    }
+
+    /// Fails on any key that no `take` asked for.
+    pub fn finish(self) -> ScriptResult<()> {
+        let Some(key) = self.map.keys().next() else {
+            return Ok(());
+        };
+        let key = key.to_string();
+        let mut err =
+            ScriptError::new(format!("unknown key `{key}` in {}", self.what)).focus(key.clone());
+        if let Some(near) = suggest(&key, self.known.iter().copied()) {
+            err.message = format!("{}; did you mean `{near}`?", err.message);
+        } else {
+            let mut known = self.known.clone();
+            known.sort_unstable();
+            known.dedup();
+            err = err.help(format!("{} takes: {}", self.what, known.join(", ")));
+        }
+        Err(err.into_err())
+    }
+}
+
+pub fn fail_focus<T>(message: String, focus: &str) -> ScriptResult<T> {
+    Err(ScriptError::new(message).focus(focus).into_err())
+}
+
+/// An array of strings, or `None` when the value is anything else.
+pub fn str_list(v: &Dynamic) -> Option<Vec<String>> {
+    let arr = v.clone().try_cast::<rhai::Array>()?;
+    arr.into_iter()
+        .map(|x| x.flatten().into_string().ok())
+        .collect()
+}
+
+pub fn arg_of(v: &Dynamic) -> Option<Arg> {
+    let v = v.flatten_clone();
+    if v.is_string() {
+        return v.into_string().ok().map(Arg::Literal);
+    }
+    if v.is_int() || v.is_float() {
+        return Some(Arg::Literal(v.to_string()));
+    }
+    if v.is::<Secret>() {
+        return v.try_cast::<Secret>().map(Arg::Secret);
+    }
+    v.try_cast::<Renderable>().map(Arg::Render)
+}
+
+pub fn command_of(v: &Dynamic) -> Option<Command> {
+    let v = v.flatten_clone();
+    if v.is_array() {
+        let arr = v.try_cast::<rhai::Array>()?;
+        return arr
+            .iter()
+            .map(arg_of)
+            .collect::<Option<Vec<_>>>()
+            .map(Command::Argv);
+    }
+    arg_of(&v).map(Command::Shell)
+}
+
+pub fn env_of(v: &Dynamic) -> Option<BTreeMap<String, Arg>> {
+    let m = v.flatten_clone().try_cast::<Map>()?;
+    m.iter()
+        .map(|(k, v)| arg_of(v).map(|a| (k.to_string(), a)))
+        .collect()
+}
+
+pub fn secret_of(v: &Dynamic) -> Option<Secret> {
+    let v = v.flatten_clone();
+    if v.is_string() {
+        return v.into_string().ok().map(Secret::literal);
+    }
+    v.try_cast::<Secret>()
+}
+
+pub fn properties_of(m: &Map, key: &str) -> ScriptResult<Properties> {
+    m.iter()
+        .map(|(k, v)| Ok((k.to_string(), json_of(v, &format!("{key}.{k}"))?)))
+        .collect()
+}
+
+/// A script value as a JSON-like property value.
+pub fn json_of(v: &Dynamic, path: &str) -> ScriptResult<Value> {
+    let v = v.flatten_clone();
+    if v.is_unit() {
+        return Ok(Value::Null);
+    }
+    if let Ok(b) = v.as_bool() {
+        return Ok(Value::Bool(b));
+    }
+    if let Ok(i) = v.as_int() {
+        return Ok(Value::from(i));
+    }
+    if let Ok(f) = v.as_float() {
+        return Ok(serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number));
+    }
+    if v.is_string() {
+        return Ok(Value::String(v.into_string().unwrap_or_default()));
+    }
+    if v.is_array() {
+        let arr = v.cast::<rhai::Array>();
+        return arr
+            .iter()
+            .enumerate()
+            .map(|(i, x)| json_of(x, &format!("{path}[{i}]")))
+            .collect::<ScriptResult<Vec<_>>>()
+            .map(Value::Array);
+    }
+    if v.is_map() {
+        let m = v.cast::<Map>();
+        let mut out = serde_json::Map::new();
+        for (k, x) in m.iter() {
+            out.insert(k.to_string(), json_of(x, &format!("{path}.{k}"))?);
+        }
+        return Ok(Value::Object(out));
+    }
+    fail(format!(
+        "`{path}` must be a plain value (string, number, bool, array or map), got {}",
+        type_name(&v)
+    ))
+}

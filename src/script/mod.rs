@@ -1,0 +1,294 @@
+//! The Rhai host: one engine setup for the master, `checkconfig`,
+//! `print-config`, the REPL and reload.
+//!
+//! [`load_master`] evaluates `DIR/master.rhai` with kiln's vocabulary, a
+//! module resolver that looks beside the importing file, then in the master
+//! dir, then in kiln's embedded `stdlib/`, and limits that stop runaway
+//! scripts. It returns the typed [`MasterConfig`] together with every file
+//! it read (for the reload watcher) or diagnostics that say what is wrong.
+
+mod errors;
+mod extract;
+mod host;
+pub mod kwargs;
+mod mozilla;
+mod resolver;
+mod vocab;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rhai::{Dynamic, Engine, Scope, AST};
+
+use crate::config::{validate, MasterConfig};
+use crate::diagnostics::{canonical, display_pathbuf, Diagnostic, Sources};
+
+pub use mozilla::normalize_name;
+
+/// Name of the entry script in a master dir.
+pub const ENTRY_SCRIPT: &str = "master.rhai";
+
+/// Bounds on what a script may do; see ARCHITECTURE.md.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_operations: u64,
+    pub max_call_levels: usize,
+    pub max_expr_depth: usize,
+    pub max_string_size: usize,
+    pub max_array_size: usize,
+    pub max_map_size: usize,
+    pub max_modules: usize,
+    /// Wall-clock bound on one evaluation, checked as operations run.
+    pub max_duration: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_operations: 500_000_000,
+            max_call_levels: 64,
+            max_expr_depth: 128,
+            max_string_size: 4 << 20,
+            max_array_size: 1_000_000,
+            max_map_size: 1_000_000,
+            max_modules: 256,
+            max_duration: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What one evaluation of the master's scripts records as it goes.
+pub struct LoadState {
+    pub master_dir: PathBuf,
+    pub limits: Limits,
+    files: Mutex<BTreeSet<PathBuf>>,
+    sources: Mutex<Sources>,
+    warnings: Mutex<Vec<Diagnostic>>,
+    started: Mutex<Instant>,
+    modules: resolver::ModuleCache,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the data in a
+    // state worse than "partially recorded", so poisoning is ignored.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LoadState {
+    pub fn new(master_dir: &Path, limits: Limits) -> Arc<Self> {
+        Arc::new(LoadState {
+            master_dir: canonical(master_dir),
+            limits,
+            files: Mutex::default(),
+            sources: Mutex::default(),
+            warnings: Mutex::default(),
+            started: Mutex::new(Instant::now()),
+            modules: resolver::ModuleCache::default(),
+        })
+    }
+
+    /// Records a file that was read (or looked for), with every symlink on
+    /// the way to it, so that reload can watch them all.
+    pub fn record_file(&self, path: &Path) {
+        let mut files = lock(&self.files);
+        let mut p = path.to_path_buf();
+        for _ in 0..40 {
+            files.insert(absolute(&p));
+            match std::fs::read_link(&p) {
+                Ok(target) => {
+                    p = match p.parent() {
+                        Some(dir) => dir.join(target),
+                        None => target,
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        files.insert(canonical(path));
+    }
+
+    pub fn record_source(&self, id: &str, text: &str) {
+        lock(&self.sources).insert(id.into(), text.into());
+    }
+
+    pub fn warn(&self, d: Diagnostic) {
+        let mut w = lock(&self.warnings);
+        if !w.contains(&d) {
+            w.push(d);
+        }
+    }
+
+    pub fn files(&self) -> Vec<PathBuf> {
+        lock(&self.files).iter().cloned().collect()
+    }
+
+    pub fn sources(&self) -> Sources {
+        lock(&self.sources).clone()
+    }
+
+    pub fn warnings(&self) -> Vec<Diagnostic> {
+        lock(&self.warnings).clone()
+    }
+
+    /// Restarts the wall-clock bound (each REPL line is its own evaluation).
+    pub fn restart_clock(&self) {
+        *lock(&self.started) = Instant::now();
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+/// The message of a script error, without position: kiln's own payload, or
+/// Rhai's text.
+pub fn error_text(e: &rhai::EvalAltResult) -> String {
+    match e {
+        rhai::EvalAltResult::ErrorRuntime(v, _) if v.is::<kwargs::ScriptError>() => {
+            v.clone().cast::<kwargs::ScriptError>().to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Builds the engine every kiln evaluation uses.
+pub fn new_engine(state: &Arc<LoadState>) -> Engine {
+    let mut engine = Engine::new();
+    let l = &state.limits;
+    engine
+        .set_max_operations(l.max_operations)
+        .set_max_call_levels(l.max_call_levels)
+        .set_max_expr_depths(l.max_expr_depth, l.max_expr_depth)
+        .set_max_string_size(l.max_string_size)
+        .set_max_array_size(l.max_array_size)
+        .set_max_map_size(l.max_map_size)
+        .set_max_modules(l.max_modules);
+    // No code from strings: everything a config runs is in a file we watch.
+    engine.disable_symbol("eval");
+
+    let st = state.clone();
+    engine.on_progress(move |ops| {
+        if ops % 65_536 == 0 && lock(&st.started).elapsed() > st.limits.max_duration {
+            return Some(Dynamic::from(format!(
+                "the script ran for more than {} s",
+                st.limits.max_duration.as_secs()
+            )));
+        }
+        None
+    });
+    engine.on_print(|s| tracing::info!(target: "kiln::script", "{s}"));
+    engine.on_debug(|s, src, pos| {
+        let src = src
+            .map(|s| display_pathbuf(Path::new(s)))
+            .unwrap_or_default();
+        tracing::info!(target: "kiln::script", "{src}:{pos}: {s}")
+    });
+    engine.set_module_resolver(resolver::KilnResolver::new(state.clone()));
+    host::register(&mut engine, state);
+    vocab::register(&mut engine, state);
+    mozilla::register(&mut engine, state);
+    engine
+}
+
+/// A successfully loaded master config and what it was made from.
+pub struct Loaded {
+    pub config: MasterConfig,
+    /// Every file the load read or looked for, symlinks and their targets.
+    pub files: Vec<PathBuf>,
+    pub warnings: Vec<Diagnostic>,
+    pub sources: Sources,
+    /// The engine and script the config's callbacks belong to.
+    pub engine: Arc<Engine>,
+    pub ast: Arc<AST>,
+}
+
+/// A load that failed, with everything needed to show why and to watch for
+/// the fix.
+pub struct LoadFailure {
+    pub diagnostics: Vec<Diagnostic>,
+    pub files: Vec<PathBuf>,
+    pub sources: Sources,
+}
+
+impl std::fmt::Debug for LoadFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for d in &self.diagnostics {
+            writeln!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads, evaluates and validates `DIR/master.rhai`.
+pub fn load_master(dir: &Path, limits: Limits) -> Result<Loaded, LoadFailure> {
+    let state = LoadState::new(dir, limits);
+    let entry = dir.join(ENTRY_SCRIPT);
+    let fail = |state: &LoadState, mut diags: Vec<Diagnostic>| {
+        let mut all = state.warnings();
+        all.append(&mut diags);
+        LoadFailure {
+            diagnostics: all,
+            files: state.files(),
+            sources: state.sources(),
+        }
+    };
+    state.record_file(&entry);
+    let entry_id = canonical(&entry).to_string_lossy().into_owned();
+    let text = match std::fs::read_to_string(&entry) {
+        Ok(t) => t,
+        Err(e) => {
+            let msg = if e.kind() == std::io::ErrorKind::NotFound {
+                format!("no {ENTRY_SCRIPT} in {}", display_pathbuf(dir))
+            } else {
+                format!("cannot read {}: {e}", display_pathbuf(&entry))
+            };
+            let help = Some(format!(
+                "a master dir holds {ENTRY_SCRIPT}, the entry script; `kiln create-master DIR` writes one"
+            ));
+            return Err(fail(&state, vec![Diagnostic::error(msg).with_help(help)]));
+        }
+    };
+    state.record_source(&entry_id, &text);
+    let engine = new_engine(&state);
+
+    let mut ast = match engine.compile(&text) {
+        Ok(ast) => ast,
+        Err(e) => return Err(fail(&state, vec![errors::parse_error(&e, &entry_id)])),
+    };
+    ast.set_source(entry_id.clone());
+    state.restart_clock();
+    let mut scope = Scope::new();
+    let value = match engine.eval_ast_with_scope::<Dynamic>(&mut scope, &ast) {
+        Ok(v) => v,
+        Err(e) => {
+            return Err(fail(
+                &state,
+                vec![errors::diagnose(&e, &entry_id, &state.limits)],
+            ))
+        }
+    };
+    let config = match extract::master_config(value, &state, &entry_id) {
+        Ok(c) => c,
+        Err(diags) => return Err(fail(&state, diags)),
+    };
+    let problems = validate::validate(&config);
+    if !problems.is_empty() {
+        return Err(fail(&state, problems));
+    }
+    Ok(Loaded {
+        config,
+        files: state.files(),
+        warnings: state.warnings(),
+        sources: state.sources(),
+        engine: Arc::new(engine),
+        ast: Arc::new(ast),
+    })
+}
