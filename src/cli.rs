@@ -98,8 +98,7 @@ fn load(dir: &Path, limits: Limits) -> Result<Loaded, ExitCode> {
             report(&diagnostics, &sources);
             let n = diagnostics.iter().filter(|d| d.is_error()).count();
             eprintln!(
-                "{} in {}: {n} error{}",
-                "config is not valid",
+                "config is not valid in {}: {n} error{}",
                 display_pathbuf(dir),
                 if n == 1 { "" } else { "s" }
             );
