@@ -296,8 +296,14 @@ fn find_focus(text: &str, from: usize, focus: &str) -> Option<usize> {
     None
 }
 
-/// Length of the token starting the text: an identifier, or one character.
+/// Length of the token starting the text: a string literal, an identifier,
+/// or one character.
 fn token_len(text: &str) -> usize {
+    if let Some(rest) = text.strip_prefix('"') {
+        if let Some(end) = rest.find(['"', '\n']) {
+            return end + 2;
+        }
+    }
     let n: usize = text
         .chars()
         .take_while(|c| c.is_alphanumeric() || *c == '_')

@@ -97,7 +97,12 @@ impl Callback {
             format!("fn {}", self.fn_ptr.fn_name())
         };
         match &self.origin {
-            Some(o) => format!("<{what} at {o}>"),
+            Some(o) => format!(
+                "<{what} at {}:{}:{}>",
+                crate::diagnostics::display_path(&o.file),
+                o.line,
+                o.column
+            ),
             None => format!("<{what}>"),
         }
     }

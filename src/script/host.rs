@@ -15,11 +15,23 @@ use crate::diagnostics::{canonical, display_pathbuf, Location};
 /// file per secret, as Buildbot's `SecretInAFile`.
 pub const SECRETS_DIR: &str = "secrets";
 
-fn caller_dir(ctx: &NativeCallContext, state: &LoadState) -> PathBuf {
-    ctx.call_source()
+/// Where `load_json(path)` looks: beside the calling script, then in the
+/// master dir (the same rule as `import`), so a script in a config
+/// repository can read the master's own `master_config.json`.
+fn json_candidates(ctx: &NativeCallContext, state: &LoadState, path: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(dir) = ctx
+        .call_source()
         .filter(|s| !s.starts_with("<stdlib>"))
-        .and_then(|s| Path::new(s).parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| state.master_dir.clone())
+        .and_then(|s| Path::new(s).parent())
+    {
+        out.push(dir.join(path));
+    }
+    let in_master = state.master_dir.join(path);
+    if !out.contains(&in_master) {
+        out.push(in_master);
+    }
+    out
 }
 
 pub fn register(engine: &mut Engine, state: &Arc<LoadState>) {
@@ -27,8 +39,12 @@ pub fn register(engine: &mut Engine, state: &Arc<LoadState>) {
     engine.register_fn(
         "load_json",
         move |ctx: NativeCallContext, path: &str| -> ScriptResult<Dynamic> {
-            let file = caller_dir(&ctx, &st).join(path);
-            st.record_file(&file);
+            let candidates = json_candidates(&ctx, &st, path);
+            candidates.iter().for_each(|f| st.record_file(f));
+            let file = match candidates.iter().find(|f| f.is_file()) {
+                Some(f) => f.clone(),
+                None => candidates[0].clone(),
+            };
             let text = std::fs::read_to_string(&file).map_err(|e| {
                 ScriptError::new(format!(
                     "load_json: cannot read {}: {e}",

@@ -57,26 +57,24 @@ pub fn register(engine: &mut Engine, state: &Arc<LoadState>) {
     );
 }
 
-/// Buildbotcustom's `mergeBuildObjects(d1, d2)`: a shallow copy of `d1`
-/// whose lists have `d2`'s appended. As in Python, the lists are shared
-/// with `d1`, not copied, so the seed's loop
-/// `buildObjects = mergeBuildObjects(buildObjects, branchObjects)` costs
-/// the size of `d2` per call, not the size of everything merged so far.
+/// Buildbotcustom's `mergeBuildObjects(d1, d2)`: `d1`'s lists with `d2`'s
+/// appended. Rhai passes a variable first argument by reference, so the
+/// lists are extended in place and then moved into the result: the seed's
+/// loop `buildObjects = mergeBuildObjects(buildObjects, branchObjects)`
+/// costs the size of `d2` per call, not the size of everything merged so
+/// far. (Python shares the lists between `d1` and the result; Rhai values
+/// cannot share, so `d1` is left empty: use the result.)
 pub fn merge_build_objects(d1: &mut Map, d2: Map) -> ScriptResult<Map> {
     for key in BUILD_OBJECT_KEYS {
         let slot = d1
             .entry(key.into())
             .or_insert_with(|| Dynamic::from_array(Array::new()));
-        if !slot.is_shared() {
-            let list = std::mem::take(slot);
-            if !list.is_array() {
-                return Err(ScriptError::new(format!(
-                    "mergeBuildObjects: `{key}` must be an array"
-                ))
-                .into_err());
-            }
-            *slot = list.into_shared();
-        }
+        let Some(mut list) = slot.write_lock::<Array>() else {
+            return Err(ScriptError::new(format!(
+                "mergeBuildObjects: `{key}` of the first argument must be an array"
+            ))
+            .into_err());
+        };
         let Some(more) = d2.get(key) else { continue };
         let more = more.flatten_clone().try_cast::<Array>().ok_or_else(|| {
             ScriptError::new(format!(
@@ -84,12 +82,9 @@ pub fn merge_build_objects(d1: &mut Map, d2: Map) -> ScriptResult<Map> {
             ))
             .into_err()
         })?;
-        let mut list = slot.write_lock::<Array>().ok_or_else(|| {
-            ScriptError::new(format!("mergeBuildObjects: `{key}` must be an array")).into_err()
-        })?;
         list.extend(more);
     }
-    Ok(d1.clone())
+    Ok(std::mem::take(d1))
 }
 
 /// buildbotcustom's `normalizeName`: shortens well-known words so that
