@@ -96,7 +96,17 @@ pub fn diagnose(err: &EvalAltResult, entry: &str, limits: &Limits) -> Diagnostic
         }
         EvalAltResult::ErrorFunctionNotFound(sig, _) => {
             let name = sig.split(' ').next().unwrap_or(sig).split('(').next().unwrap_or(sig);
-            Diagnostic::error(format!("function not found: {sig}")).with_focus(Some(name.to_string()))
+            let is_operator = name.chars().all(|c| "+-*/%<>=!&|^".contains(c)) && !name.is_empty();
+            if is_operator {
+                let operands = sig[name.len()..].trim();
+                let mut d = Diagnostic::error(format!("`{name}` cannot be applied to {operands}"));
+                if operands.contains("()") {
+                    d.help = Some("one side is `()`: a map key that does not exist reads as `()`".into());
+                }
+                d
+            } else {
+                Diagnostic::error(format!("function not found: {sig}")).with_focus(Some(name.to_string()))
+            }
         }
         other => Diagnostic::error(bare_message(other)),
     };

@@ -10,7 +10,7 @@ use super::kwargs::{type_name, Kwargs, ScriptError, ScriptResult};
 use super::vocab::builder_config;
 use super::{errors, LoadState};
 use crate::config::*;
-use crate::diagnostics::{Diagnostic, Location};
+use crate::diagnostics::Diagnostic;
 
 pub fn master_config(
     value: Dynamic,
@@ -25,57 +25,7 @@ pub fn master_config(
         ))
         .with_help(Some("end master.rhai with `c` (the map) on its own line".into()))]);
     };
-    build(map, state).map_err(|e| {
-        let mut d = errors::diagnose(&e, entry, &state.limits);
-        if d.location.is_none() {
-            d.location = d.focus.as_deref().and_then(|w| locate(state, entry, w));
-        }
-        vec![d]
-    })
-}
-
-/// Where a key name is first written in the loaded scripts, entry first:
-/// the best place to point at for a problem in a plain map.
-fn locate(state: &LoadState, entry: &str, word: &str) -> Option<Location> {
-    let sources = state.sources();
-    let mut files: Vec<String> = vec![entry.to_string()];
-    files.extend(
-        state
-            .files()
-            .iter()
-            .map(|p| p.to_string_lossy().into_owned())
-            .filter(|f| f.ends_with(".rhai") && f != entry),
-    );
-    for file in files {
-        let Some(text) = sources.get(&file) else {
-            continue;
-        };
-        for (i, line) in text.lines().enumerate() {
-            if let Some(col) = find_word(line, word) {
-                return Some(Location {
-                    file: file.as_str().into(),
-                    line: i + 1,
-                    column: line[..col].chars().count() + 1,
-                });
-            }
-        }
-    }
-    None
-}
-
-fn find_word(line: &str, word: &str) -> Option<usize> {
-    let is_word = |c: char| c.is_alphanumeric() || c == '_';
-    let mut from = 0;
-    while let Some(i) = line[from..].find(word) {
-        let at = from + i;
-        let before = line[..at].chars().next_back();
-        let after = line[at + word.len()..].chars().next();
-        if !before.is_some_and(is_word) && !after.is_some_and(is_word) {
-            return Some(at);
-        }
-        from = at + word.len();
-    }
-    None
+    build(map, state).map_err(|e| vec![errors::diagnose(&e, entry, &state.limits)])
 }
 
 fn list_of(v: Option<Dynamic>) -> Array {

@@ -227,13 +227,62 @@ impl std::fmt::Debug for LoadFailure {
     }
 }
 
+/// Gives a place to diagnostics that have none (problems in plain maps,
+/// which carry no position): where their key is first written in the
+/// loaded scripts, the entry script first.
+fn locate_all(state: &LoadState, entry: &str, diags: &mut [Diagnostic]) {
+    let sources = state.sources();
+    let mut files: Vec<String> = vec![entry.to_string()];
+    files.extend(
+        state
+            .files()
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .filter(|f| f.ends_with(".rhai") && f != entry),
+    );
+    for d in diags.iter_mut().filter(|d| d.location.is_none()) {
+        let Some(word) = d.focus.clone() else {
+            continue;
+        };
+        d.location = files.iter().find_map(|file| {
+            let text = sources.get(file)?;
+            text.lines().enumerate().find_map(|(i, line)| {
+                let col = find_word(line, &word)?;
+                Some(crate::diagnostics::Location {
+                    file: file.as_str().into(),
+                    line: i + 1,
+                    column: line[..col].chars().count() + 1,
+                })
+            })
+        });
+    }
+}
+
+/// Byte offset of `word` standing alone (not inside a longer name) in `line`.
+fn find_word(line: &str, word: &str) -> Option<usize> {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    let mut from = 0;
+    while let Some(i) = line[from..].find(word) {
+        let at = from + i;
+        let before = line[..at].chars().next_back();
+        let after = line[at + word.len()..].chars().next();
+        if !before.is_some_and(is_word) && !after.is_some_and(is_word) {
+            return Some(at);
+        }
+        from = at + word.len();
+    }
+    None
+}
+
 /// Loads, evaluates and validates `DIR/master.rhai`.
 pub fn load_master(dir: &Path, limits: Limits) -> Result<Loaded, LoadFailure> {
     let state = LoadState::new(dir, limits);
     let entry = dir.join(ENTRY_SCRIPT);
+    let entry_id = canonical(&entry).to_string_lossy().into_owned();
     let fail = |state: &LoadState, mut diags: Vec<Diagnostic>| {
         let mut all = state.warnings();
         all.append(&mut diags);
+        locate_all(state, &entry_id, &mut all);
         LoadFailure {
             diagnostics: all,
             files: state.files(),
@@ -241,7 +290,6 @@ pub fn load_master(dir: &Path, limits: Limits) -> Result<Loaded, LoadFailure> {
         }
     };
     state.record_file(&entry);
-    let entry_id = canonical(&entry).to_string_lossy().into_owned();
     let text = match std::fs::read_to_string(&entry) {
         Ok(t) => t,
         Err(e) => {
@@ -283,10 +331,12 @@ pub fn load_master(dir: &Path, limits: Limits) -> Result<Loaded, LoadFailure> {
     if !problems.is_empty() {
         return Err(fail(&state, problems));
     }
+    let mut warnings = state.warnings();
+    locate_all(&state, &entry_id, &mut warnings);
     Ok(Loaded {
         config,
         files: state.files(),
-        warnings: state.warnings(),
+        warnings,
         sources: state.sources(),
         engine: Arc::new(engine),
         ast: Arc::new(ast),

@@ -1,0 +1,377 @@
+//! The config host against real master dirs: the seed's staging master, the
+//! quickstart, and small masters written into temp dirs.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use kiln::config::{ChangeSource, Command, SchedulerKind};
+use kiln::script::{load_master, Limits};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn write(dir: &Path, name: &str, text: &str) {
+    let p = dir.join(name);
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).expect("mkdir");
+    }
+    std::fs::write(p, text).expect("write");
+}
+
+fn argv(c: &Option<Command>) -> Vec<String> {
+    match c {
+        Some(Command::Argv(v)) => v
+            .iter()
+            .map(|a| a.to_string().trim_matches('"').to_string())
+            .collect(),
+        other => panic!("expected an argv command, got {other:?}"),
+    }
+}
+
+#[test]
+fn print_config_json_of_the_staging_master_matches_the_reviewed_snapshot() {
+    let root = common::repo_root();
+    let out = common::kiln(
+        &root,
+        &["print-config", "--json", "examples/mozilla-staging"],
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    insta::assert_snapshot!("mozilla_staging_print_config", out.stdout);
+}
+
+#[test]
+fn checkconfig_accepts_the_examples() {
+    let root = common::repo_root();
+    let out = common::kiln(&root, &["checkconfig", "examples/mozilla-staging"], LIMIT);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("18 builders, 4 schedulers, 4 change sources, 7 workers"),
+        "{}",
+        out.stdout
+    );
+    let out = common::kiln(&root, &["checkconfig", "examples/quickstart"], LIMIT);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+}
+
+#[test]
+fn staging_master_has_the_seeds_builders_schedulers_and_pollers() {
+    let loaded = load_master(
+        &common::repo_root().join("examples/mozilla-staging"),
+        Limits::default(),
+    )
+    .expect("loads");
+    let c = &loaded.config;
+    // One poller per branch, not per platform.
+    assert_eq!(c.change_source.len(), 4);
+    let ChangeSource::HgPoller(central) = &c.change_source[0] else {
+        panic!("HgPoller expected")
+    };
+    assert_eq!(
+        central.repository(),
+        "https://hg.mozilla.org/mozilla-central"
+    );
+    let ChangeSource::HgPoller(try_) = &c.change_source[3] else {
+        panic!("HgPoller expected")
+    };
+    assert!(
+        try_.tips_only && try_.repo_branch.is_none(),
+        "try polls tips of every branch"
+    );
+
+    let sched = c
+        .schedulers
+        .iter()
+        .find(|s| s.name == "cedar-firefox")
+        .expect("cedar scheduler");
+    assert_eq!(
+        sched.builder_names,
+        [
+            "Linux x86-64 cedar build",
+            "OS X 10.7 cedar build",
+            "WINNT 5.2 cedar build"
+        ]
+    );
+    let SchedulerKind::Scheduler {
+        branch,
+        file_is_important,
+        ..
+    } = &sched.kind
+    else {
+        panic!("Scheduler expected")
+    };
+    assert_eq!(branch.as_deref(), Some("projects/cedar"));
+    assert!(file_is_important.is_some());
+
+    let b = c
+        .builders
+        .iter()
+        .find(|b| b.name == "WINNT 5.2 try build")
+        .expect("try win32 builder");
+    assert_eq!(b.builddir, "try-win32");
+    assert_eq!(b.worker_builddir, "try-w32-0000000000000000000000");
+    assert_eq!(b.worker_builddir.len(), 30);
+    assert_eq!(b.category.as_deref(), Some("try"));
+    let steps: Vec<&str> = b.factory.steps.iter().map(|s| s.name.as_str()).collect();
+    // win32 has no reboot_command in config.rhai, so no reboot step.
+    assert_eq!(
+        steps,
+        ["get_basedir", "clone_scripts", "run_script", "cleanup"]
+    );
+    assert_eq!(
+        argv(&b.factory.steps[0].command),
+        ["cd"],
+        "Windows reads its basedir with cd"
+    );
+
+    // extra_args never pile up across branches or platforms.
+    for b in &c.builders {
+        let run = b
+            .factory
+            .steps
+            .iter()
+            .find(|s| s.name == "run_script")
+            .expect("run_script");
+        let args = argv(&run.command);
+        assert_eq!(
+            args.iter().filter(|a| *a == "--branch").count(),
+            1,
+            "{}: {args:?}",
+            b.name
+        );
+        assert_eq!(
+            args.iter().filter(|a| *a == "--build-pool").count(),
+            1,
+            "{}: {args:?}",
+            b.name
+        );
+        assert_eq!(args[args.len() - 1], "staging");
+        assert_eq!(
+            run.timeout,
+            Some(if b.name == "OS X 10.7 cedar build" {
+                7200
+            } else {
+                3600
+            })
+        );
+        assert_eq!(run.max_time, Some(4 * 3600));
+    }
+}
+
+#[test]
+fn every_file_read_is_recorded_with_its_symlinks() {
+    let root = common::repo_root();
+    let dir = root.join("examples/mozilla-staging");
+    let loaded = load_master(&dir, Limits::default()).expect("loads");
+    let files: Vec<String> = loaded
+        .files
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let has = |p: &Path| files.iter().any(|f| Path::new(f) == p);
+    for expected in [
+        dir.join("master.rhai"),
+        root.join("scripts/mozilla/universal_master.rhai"),
+        dir.join("master_localconfig.rhai"),
+        dir.join("build_localconfig.rhai"),
+        root.join("scripts/mozilla/build_localconfig.rhai"),
+        dir.join("localconfig.rhai"),
+        dir.join("staging_config.rhai"),
+        root.join("scripts/mozilla/staging_config.rhai"),
+        root.join("scripts/mozilla/config.rhai"),
+        dir.join("master_config.json"),
+        dir.join("passwords.rhai"),
+        dir.join("secrets/worker-password"),
+        dir.join("secrets/dep-signing"),
+    ] {
+        let expected = std::fs::canonicalize(expected.parent().unwrap())
+            .unwrap()
+            .join(expected.file_name().unwrap());
+        assert!(
+            has(&expected),
+            "{} not recorded in {files:#?}",
+            expected.display()
+        );
+    }
+}
+
+#[test]
+fn secrets_never_print() {
+    let root = common::repo_root();
+    for args in [
+        &["print-config", "examples/mozilla-staging"][..],
+        &["print-config", "--json", "examples/mozilla-staging"],
+    ] {
+        let out = common::kiln(&root, args, LIMIT);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        assert!(
+            !out.stdout.contains("staging-worker-password"),
+            "worker password leaked"
+        );
+        assert!(
+            !out.stdout.contains("staging-pass"),
+            "signing secret leaked"
+        );
+        assert!(out.stdout.contains("<secret>"));
+    }
+}
+
+#[test]
+fn generate_branch_objects_and_merge_leave_their_inputs_alone() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    write(
+        tmp.path(),
+        "master.rhai",
+        r#"
+        let pf = #{ base_name: "Linux {b}", stage_product: "firefox", workers: ["w1"],
+                    mozharness_config: #{ script_name: "build.py", extra_args: ["--config", "x.py"] } };
+        let br = #{ hgurl: "https://hg.example.org/", repo_path: "a", mozharness_repo_path: "mh",
+                    enabled_products: ["firefox"], platforms: #{ linux: pf } };
+        let one = generateBranchObjects(br, "a");
+        let two = generateBranchObjects(br, "b");
+        if br.platforms.linux.mozharness_config.extra_args.len() != 2 { throw "inputs were changed"; }
+        let all = #{ builders: [], status: [], change_source: [], schedulers: [] };
+        all = mergeBuildObjects(all, one);
+        all = mergeBuildObjects(all, two);
+        if one.builders.len() != 1 { throw "merge changed its second argument"; }
+        let c = #{ workers: [Worker("w1", "pw")] };
+        c.builders = all.builders;
+        c.schedulers = all.schedulers;
+        c
+    "#,
+    );
+    let err = load_master(tmp.path(), Limits::default());
+    // Both branches poll the same repository path "a": validation says so.
+    let failure = err.err().expect("duplicate polling is an error");
+    assert!(failure
+        .diagnostics
+        .iter()
+        .all(|d| !d.message.contains("were changed")));
+    write(tmp.path(), "master.rhai", &std::fs::read_to_string(tmp.path().join("master.rhai")).unwrap().replace(
+        "let two = generateBranchObjects(br, \"b\");",
+        "let br2 = br; br2.repo_path = \"b\"; br2.platforms.linux.base_name = \"Linux b\";\n\
+         let two = generateBranchObjects(br2, \"b\");",
+    ));
+    let loaded = load_master(tmp.path(), Limits::default()).unwrap_or_else(|f| panic!("{f:?}"));
+    let c = &loaded.config;
+    assert_eq!(c.builders.len(), 2);
+    let args: Vec<Vec<String>> = c
+        .builders
+        .iter()
+        .map(|b| argv(&b.factory.steps[2].command))
+        .collect();
+    assert_eq!(
+        args[0],
+        [
+            "scripts/build.py",
+            "--config",
+            "x.py",
+            "--branch",
+            "a",
+            "--build-pool",
+            "production"
+        ]
+    );
+    assert_eq!(
+        args[1],
+        [
+            "scripts/build.py",
+            "--config",
+            "x.py",
+            "--branch",
+            "b",
+            "--build-pool",
+            "production"
+        ]
+    );
+}
+
+#[test]
+fn legacy_names_are_accepted_with_warnings() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    write(
+        tmp.path(),
+        "master.rhai",
+        r#"
+        let f = BuildFactory([ShellCommand(#{ command: "make" })]);
+        #{ slaves: [BuildSlave("w1", "pw")],
+           builders: [#{ name: "b", slavenames: ["w1"], slavebuilddir: "bd", factory: f }] }
+    "#,
+    );
+    let out = common::kiln(tmp.path(), &["checkconfig", "."], LIMIT);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    for legacy in [
+        "`slaves`",
+        "`slavenames`",
+        "`slavebuilddir`",
+        "`BuildSlave`",
+    ] {
+        assert!(
+            out.stderr.contains(legacy),
+            "no warning for {legacy}: {}",
+            out.stderr
+        );
+    }
+    let loaded = load_master(tmp.path(), Limits::default()).unwrap_or_else(|f| panic!("{f:?}"));
+    assert_eq!(loaded.config.builders[0].worker_builddir, "bd");
+    assert_eq!(loaded.config.builders[0].worker_names, ["w1"]);
+}
+
+#[test]
+fn imports_look_beside_the_importer_then_the_master_dir_then_the_stdlib() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let master = tmp.path().join("master");
+    let repo = tmp.path().join("configs");
+    write(
+        &repo,
+        "entry.rhai",
+        r#"
+        import "sibling" as sibling;      // beside entry.rhai, in the config repo
+        import "local" as local;          // only in the master dir
+        import "dicts" as dicts;          // kiln's stdlib
+        let m = dicts::with_defaults(#{ title: sibling::TITLE }, #{ title: "no", titleURL: local::URL });
+        m
+    "#,
+    );
+    write(
+        &repo,
+        "sibling.rhai",
+        "export const TITLE = \"from the config repo\";",
+    );
+    write(
+        &master,
+        "local.rhai",
+        "export const URL = \"https://local.example/\";",
+    );
+    std::os::unix::fs::symlink(repo.join("entry.rhai"), master.join("master.rhai"))
+        .expect("symlink");
+    let loaded = load_master(&master, Limits::default()).unwrap_or_else(|f| panic!("{f:?}"));
+    assert_eq!(loaded.config.title, "from the config repo");
+    assert_eq!(loaded.config.title_url, "https://local.example/");
+}
+
+#[test]
+fn create_master_writes_a_master_that_checks() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("m");
+    let d = dir.to_string_lossy().into_owned();
+    let out = common::kiln(tmp.path(), &["create-master", &d], LIMIT);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let out = common::kiln(tmp.path(), &["checkconfig", &d], LIMIT);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    // It refuses to overwrite.
+    let out = common::kiln(tmp.path(), &["create-master", &d], LIMIT);
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("already exists"));
+}
+
+#[test]
+fn scripts_cannot_evaluate_strings() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    write(tmp.path(), "master.rhai", "eval(\"40 + 2\"); #{}");
+    let out = common::kiln(tmp.path(), &["checkconfig", "."], LIMIT);
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("master.rhai:1:1"), "{}", out.stderr);
+}
