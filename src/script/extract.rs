@@ -18,13 +18,14 @@ pub fn master_config(
     entry: &str,
 ) -> Result<MasterConfig, Vec<Diagnostic>> {
     let value = value.flatten();
-    let Some(map) = value.clone().try_cast::<Map>() else {
+    if !value.is_map() {
         return Err(vec![Diagnostic::error(format!(
             "the entry script must end with the BuildmasterConfig map as its last expression, but it ends with a value of type {}",
             type_name(&value)
         ))
         .with_help(Some("end master.rhai with `c` (the map) on its own line".into()))]);
-    };
+    }
+    let map = value.cast::<Map>();
     build(map, state).map_err(|e| vec![errors::diagnose(&e, entry, &state.limits)])
 }
 
@@ -45,6 +46,9 @@ fn items<T: Clone + Send + Sync + 'static>(
         .into_iter()
         .enumerate()
         .map(|(i, x)| {
+            if x.is::<T>() {
+                return Ok(x.cast::<T>());
+            }
             let t = type_name(&x);
             x.try_cast::<T>().ok_or_else(|| {
                 ScriptError::new(format!("item {i} of `{key}` is a {t}, not {expected}"))
@@ -77,10 +81,10 @@ fn build(map: Map, state: &Arc<LoadState>) -> ScriptResult<MasterConfig> {
     let mut change_source = Vec::new();
     for (i, x) in list_of(kw.raw("change_source")).into_iter().enumerate() {
         let t = type_name(&x);
-        if let Some(p) = x.clone().try_cast::<HgPoller>() {
-            change_source.push(ChangeSource::HgPoller(p));
-        } else if let Some(p) = x.try_cast::<GitPoller>() {
-            change_source.push(ChangeSource::GitPoller(p));
+        if x.is::<HgPoller>() {
+            change_source.push(ChangeSource::HgPoller(x.cast()));
+        } else if x.is::<GitPoller>() {
+            change_source.push(ChangeSource::GitPoller(x.cast()));
         } else {
             return Err(ScriptError::new(format!(
                 "item {i} of `change_source` is a {t}, not HgPoller(...) or GitPoller(...)"
@@ -93,8 +97,8 @@ fn build(map: Map, state: &Arc<LoadState>) -> ScriptResult<MasterConfig> {
     let mut builders = Vec::new();
     for (i, x) in list_of(kw.raw("builders")).into_iter().enumerate() {
         let t = type_name(&x);
-        if let Some(b) = x.clone().try_cast::<BuilderConfig>() {
-            builders.push(b);
+        if x.is::<BuilderConfig>() {
+            builders.push(x.cast::<BuilderConfig>());
         } else if let Some(m) = x.try_cast::<Map>() {
             // Buildbot 0.8 builders were plain dicts, as the seed's are.
             let mut bkw = Kwargs::new("builder", m, None, state.clone());

@@ -317,11 +317,8 @@ impl Kwargs {
     ) -> ScriptResult<Option<T>> {
         match self.take(key) {
             None => Ok(None),
-            Some(v) => v
-                .clone()
-                .try_cast::<T>()
-                .map(Some)
-                .ok_or_else(|| self.wrong(key, expected, &v)),
+            Some(v) if v.is::<T>() => Ok(Some(v.cast::<T>())),
+            Some(v) => Err(self.wrong(key, expected, &v)),
         }
     }
 

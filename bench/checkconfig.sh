@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# kiln checkconfig beside Buildbot 4.3's, at 100, 1000 and 5000 builders.
+# usage: bench/checkconfig.sh [RUNS]   (RUNS per size, default 5; the median is kept)
+# Prints one line per size and tool: wall time (median), peak RSS (median), and
+# the ratio Buildbot/kiln. Buildbot comes from ../shared/bench/buildbot (a venv
+# under /tmp, installed on first use).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+peer="$root/../shared/bench/buildbot"
+runs=${1:-5}
+work=$(mktemp -d /tmp/kiln-bench-checkconfig.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+
+cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+kiln="$root/target/release/kiln"
+venv=$("$peer/setup.sh")
+
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+# measure DIR CMD...: prints "wall_s peak_kb" medians over $runs runs
+measure() {
+  local dir=$1; shift
+  local walls=() peaks=()
+  for _ in $(seq 1 "$runs"); do
+    local line
+    line=$(cd "$dir" && /usr/bin/time -f "%e %M" "$@" 2>&1 >/dev/null | tail -1)
+    walls+=("${line% *}"); peaks+=("${line#* }")
+  done
+  echo "$(printf '%s\n' "${walls[@]}" | median) $(printf '%s\n' "${peaks[@]}" | median)"
+}
+
+printf '%-9s %-10s %10s %10s\n' builders tool wall_s peak_MB
+for b in 20 200 1000; do
+  n=$((b * 5))
+  python3 "$here/gen_master.py" "$work/k$b" "$b" 5 10
+  python3 "$peer/gen_master.py" "$work/b$b" "$b" 5 10
+  "$kiln" checkconfig "$work/k$b" >/dev/null
+  read -r kw kp < <(measure "$work/k$b" "$kiln" checkconfig .)
+  read -r bw bp < <(measure "$work/b$b" "$venv/bin/buildbot" checkconfig .)
+  printf '%-9s %-10s %10s %10.1f\n' "$n" kiln "$kw" "$(echo "$kp / 1024" | bc -l)"
+  printf '%-9s %-10s %10s %10.1f\n' "$n" buildbot "$bw" "$(echo "$bp / 1024" | bc -l)"
+  printf '%-9s %-10s %9.1fx %9.1fx\n' "$n" ratio "$(echo "$bw / $kw" | bc -l)" "$(echo "$bp / $kp" | bc -l)"
+done
