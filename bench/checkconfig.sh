@@ -23,9 +23,11 @@ measure() {
   local dir=$1; shift
   local walls=() peaks=()
   for _ in $(seq 1 "$runs"); do
-    local line
-    line=$(cd "$dir" && /usr/bin/time -f "%e %M" "$@" 2>&1 >/dev/null | tail -1)
-    walls+=("${line% *}"); peaks+=("${line#* }")
+    local t0 t1 peak
+    t0=$(date +%s.%N)
+    peak=$(cd "$dir" && /usr/bin/time -f "%M" "$@" 2>&1 >/dev/null | tail -1)
+    t1=$(date +%s.%N)
+    walls+=("$(echo "$t1 - $t0" | bc -l)"); peaks+=("$peak")
   done
   echo "$(printf '%s\n' "${walls[@]}" | median) $(printf '%s\n' "${peaks[@]}" | median)"
 }
@@ -38,7 +40,7 @@ for b in 20 200 1000; do
   "$kiln" checkconfig "$work/k$b" >/dev/null
   read -r kw kp < <(measure "$work/k$b" "$kiln" checkconfig .)
   read -r bw bp < <(measure "$work/b$b" "$venv/bin/buildbot" checkconfig .)
-  printf '%-9s %-10s %10s %10.1f\n' "$n" kiln "$kw" "$(echo "$kp / 1024" | bc -l)"
-  printf '%-9s %-10s %10s %10.1f\n' "$n" buildbot "$bw" "$(echo "$bp / 1024" | bc -l)"
+  printf '%-9s %-10s %10.3f %10.1f\n' "$n" kiln "$kw" "$(echo "$kp / 1024" | bc -l)"
+  printf '%-9s %-10s %10.3f %10.1f\n' "$n" buildbot "$bw" "$(echo "$bp / 1024" | bc -l)"
   printf '%-9s %-10s %9.1fx %9.1fx\n' "$n" ratio "$(echo "$bw / $kw" | bc -l)" "$(echo "$bp / $kp" | bc -l)"
 done
