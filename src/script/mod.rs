@@ -167,9 +167,9 @@ pub fn new_engine(state: &Arc<LoadState>) -> Engine {
         .set_max_operations(l.max_operations)
         .set_max_call_levels(l.max_call_levels)
         .set_max_expr_depths(l.max_expr_depth, l.max_expr_depth)
-        .set_max_string_size(if std::env::var_os("KX_NOSIZE").is_some() { 0 } else { l.max_string_size })
-        .set_max_array_size(if std::env::var_os("KX_NOSIZE").is_some() { 0 } else { l.max_array_size })
-        .set_max_map_size(if std::env::var_os("KX_NOSIZE").is_some() { 0 } else { l.max_map_size })
+        .set_max_string_size(l.max_string_size)
+        .set_max_array_size(l.max_array_size)
+        .set_max_map_size(l.max_map_size)
         .set_max_modules(l.max_modules);
     // No code from strings: everything a config runs is in a file we watch.
     engine.disable_symbol("eval");
