@@ -281,17 +281,21 @@ fn find_focus(text: &str, from: usize, focus: &str) -> Option<usize> {
         .filter(|(_, c)| *c == '\n')
         .nth(40)
         .map_or(text.len(), |(i, _)| from + i);
-    let hay = &text[from..window_end];
+    find_word(&text[from..window_end], focus).map(|at| from + at)
+}
+
+/// Byte offset of `word` standing alone (not inside a longer name) in `hay`.
+pub fn find_word(hay: &str, word: &str) -> Option<usize> {
     let is_word = |c: char| c.is_alphanumeric() || c == '_';
-    let mut search = 0;
-    while let Some(i) = hay[search..].find(focus) {
-        let at = search + i;
+    let mut from = 0;
+    while let Some(i) = hay[from..].find(word) {
+        let at = from + i;
         let before = hay[..at].chars().next_back();
-        let after = hay[at + focus.len()..].chars().next();
+        let after = hay[at + word.len()..].chars().next();
         if !before.is_some_and(is_word) && !after.is_some_and(is_word) {
-            return Some(from + at);
+            return Some(at);
         }
-        search = at + focus.len();
+        from = at + word.len();
     }
     None
 }

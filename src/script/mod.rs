@@ -247,7 +247,7 @@ fn locate_all(state: &LoadState, entry: &str, diags: &mut [Diagnostic]) {
         d.location = files.iter().find_map(|file| {
             let text = sources.get(file)?;
             text.lines().enumerate().find_map(|(i, line)| {
-                let col = find_word(line, &word)?;
+                let col = crate::diagnostics::find_word(line, &word)?;
                 Some(crate::diagnostics::Location {
                     file: file.as_str().into(),
                     line: i + 1,
@@ -256,22 +256,6 @@ fn locate_all(state: &LoadState, entry: &str, diags: &mut [Diagnostic]) {
             })
         });
     }
-}
-
-/// Byte offset of `word` standing alone (not inside a longer name) in `line`.
-fn find_word(line: &str, word: &str) -> Option<usize> {
-    let is_word = |c: char| c.is_alphanumeric() || c == '_';
-    let mut from = 0;
-    while let Some(i) = line[from..].find(word) {
-        let at = from + i;
-        let before = line[..at].chars().next_back();
-        let after = line[at + word.len()..].chars().next();
-        if !before.is_some_and(is_word) && !after.is_some_and(is_word) {
-            return Some(at);
-        }
-        from = at + word.len();
-    }
-    None
 }
 
 /// Loads, evaluates and validates `DIR/master.rhai`.
