@@ -4,4 +4,8 @@
 pub mod cli;
 pub mod config;
 pub mod diagnostics;
+pub mod memory;
 pub mod script;
+
+#[global_allocator]
+static ALLOCATOR: memory::Meter = memory::Meter;

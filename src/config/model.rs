@@ -350,7 +350,9 @@ pub struct Step {
 /// An ordered list of steps.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct BuildFactory {
-    pub steps: Vec<Step>,
+    /// Shared, so that copying a factory (as Rhai does whenever a script
+    /// reads a variable holding one) costs a reference count.
+    pub steps: Arc<Vec<Step>>,
     #[serde(skip)]
     pub origin: Option<Origin>,
 }

@@ -135,7 +135,7 @@ pub fn validate(c: &MasterConfig) -> Vec<Diagnostic> {
         }
     }
     for b in &c.builders {
-        for step in &b.factory.steps {
+        for step in b.factory.steps.iter() {
             if let StepKind::Trigger {
                 scheduler_names: names,
                 ..

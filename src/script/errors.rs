@@ -80,12 +80,9 @@ pub fn diagnose(err: &EvalAltResult, entry: &str, limits: &Limits) -> Diagnostic
             "the script was stopped after {} operations (the operation limit); is there an endless loop?",
             limits.max_operations
         )),
-        EvalAltResult::ErrorTerminated(v, _) => {
-            Diagnostic::error(format!("{v}; is there an endless loop?"))
-        }
+        EvalAltResult::ErrorTerminated(v, _) => Diagnostic::error(v.to_string()),
         EvalAltResult::ErrorDataTooLarge(what, _) => Diagnostic::error(format!(
-            "{what} exceeds kiln's size limit (strings {} bytes, arrays {} items, maps {} entries)",
-            limits.max_string_size, limits.max_array_size, limits.max_map_size
+            "{what} exceeds kiln's limit",
         )),
         EvalAltResult::ErrorStackOverflow(_) => Diagnostic::error(format!(
             "calls nested more than {} deep (the call-depth limit); is there endless recursion?",

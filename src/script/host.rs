@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rhai::{Dynamic, Engine, NativeCallContext};
+use rhai::{Array, Blob, Dynamic, Engine, ImmutableString, NativeCallContext, INT};
 
 use super::kwargs::{ScriptError, ScriptResult};
 use super::LoadState;
@@ -111,4 +111,95 @@ pub fn register(engine: &mut Engine, state: &Arc<LoadState>) {
         }
         Ok(None)
     });
+
+    register_bounded_builtins(engine);
+}
+
+/// Fails when `bytes` more would take the evaluation over its memory budget.
+fn reserve(bytes: usize) -> ScriptResult<()> {
+    match crate::memory::would_exceed(bytes) {
+        Some(limit) => Err(ScriptError::new(super::memory_message(limit)).into_err()),
+        None => Ok(()),
+    }
+}
+
+/// A rough lower bound of the heap one copy of `v` takes.
+fn approx_size(v: &Dynamic) -> usize {
+    const SLOT: usize = std::mem::size_of::<Dynamic>();
+    if let Some(a) = v.read_lock::<Array>() {
+        SLOT + a.len() * SLOT
+    } else if let Some(m) = v.read_lock::<rhai::Map>() {
+        SLOT + m.len() * 4 * SLOT
+    } else if let Some(b) = v.read_lock::<Blob>() {
+        SLOT + b.len()
+    } else {
+        SLOT
+    }
+}
+
+fn pad_len(len: INT, have: usize) -> Option<usize> {
+    usize::try_from(len)
+        .ok()
+        .filter(|&l| l > have)
+        .map(|l| l - have)
+}
+
+/// The built-ins that can allocate a lot in a single call (`pad`, `blob`),
+/// with the same results as Rhai's own but checked against the memory
+/// budget first. Every other growth happens one operation at a time, and
+/// the engine's progress check stops it.
+fn register_bounded_builtins(engine: &mut Engine) {
+    engine.register_fn(
+        "pad",
+        |array: &mut Array, len: INT, item: Dynamic| -> ScriptResult<()> {
+            if let Some(more) = pad_len(len, array.len()) {
+                reserve(more.saturating_mul(approx_size(&item)))?;
+                array.resize(array.len() + more, item);
+            }
+            Ok(())
+        },
+    );
+    engine.register_fn(
+        "pad",
+        |string: &mut ImmutableString, len: INT, ch: char| -> ScriptResult<()> {
+            if let Some(more) = pad_len(len, string.chars().count()) {
+                reserve(more.saturating_mul(ch.len_utf8()))?;
+                string.make_mut().extend(std::iter::repeat(ch).take(more));
+            }
+            Ok(())
+        },
+    );
+    engine.register_fn(
+        "pad",
+        |string: &mut ImmutableString, len: INT, padding: &str| -> ScriptResult<()> {
+            if padding.is_empty() {
+                return Ok(());
+            }
+            if let Some(more) = pad_len(len, string.chars().count()) {
+                reserve(more.saturating_mul(4))?;
+                string.make_mut().extend(padding.chars().cycle().take(more));
+            }
+            Ok(())
+        },
+    );
+    fn byte(value: INT) -> u8 {
+        (value & 0xff) as u8
+    }
+    engine.register_fn(
+        "pad",
+        |blob: &mut Blob, len: INT, value: INT| -> ScriptResult<()> {
+            if let Some(more) = pad_len(len, blob.len()) {
+                reserve(more)?;
+                blob.resize(blob.len() + more, byte(value));
+            }
+            Ok(())
+        },
+    );
+    fn new_blob(len: INT, value: INT) -> ScriptResult<Blob> {
+        let len = pad_len(len, 0).unwrap_or(0);
+        reserve(len)?;
+        Ok(vec![byte(value); len])
+    }
+    engine.register_fn("blob", |len: INT| new_blob(len, 0));
+    engine.register_fn("blob", new_blob);
 }

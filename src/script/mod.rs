@@ -36,9 +36,8 @@ pub struct Limits {
     pub max_operations: u64,
     pub max_call_levels: usize,
     pub max_expr_depth: usize,
-    pub max_string_size: usize,
-    pub max_array_size: usize,
-    pub max_map_size: usize,
+    /// Heap bytes one evaluation may hold (see `crate::memory`).
+    pub max_memory: usize,
     pub max_modules: usize,
     /// Wall-clock bound on one evaluation, checked as operations run.
     pub max_duration: Duration,
@@ -50,9 +49,7 @@ impl Default for Limits {
             max_operations: 500_000_000,
             max_call_levels: 64,
             max_expr_depth: 128,
-            max_string_size: 4 << 20,
-            max_array_size: 1_000_000,
-            max_map_size: 1_000_000,
+            max_memory: 512 << 20,
             max_modules: 256,
             max_duration: Duration::from_secs(60),
         }
@@ -159,7 +156,16 @@ pub fn error_text(e: &rhai::EvalAltResult) -> String {
     }
 }
 
-/// Builds the engine every kiln evaluation uses.
+/// What a script that went over its memory budget is told.
+pub(crate) fn memory_message(limit: usize) -> String {
+    format!(
+        "the script used more than {} MiB of memory (the memory limit)",
+        limit >> 20
+    )
+}
+
+/// Builds the engine every kiln evaluation uses. Evaluations are bounded in
+/// memory only inside a [`crate::memory::Budget`] of `limits.max_memory`.
 pub fn new_engine(state: &Arc<LoadState>) -> Engine {
     let mut engine = Engine::new();
     let l = &state.limits;
@@ -167,18 +173,22 @@ pub fn new_engine(state: &Arc<LoadState>) -> Engine {
         .set_max_operations(l.max_operations)
         .set_max_call_levels(l.max_call_levels)
         .set_max_expr_depths(l.max_expr_depth, l.max_expr_depth)
-        .set_max_string_size(l.max_string_size)
-        .set_max_array_size(l.max_array_size)
-        .set_max_map_size(l.max_map_size)
         .set_max_modules(l.max_modules);
+    // No Rhai size limits: they re-measure containers after each change
+    // (quadratic in a config's size). Memory is bounded by `max_memory`,
+    // checked below between operations and by `host` in the few built-ins
+    // that can allocate a lot in one call.
     // No code from strings: everything a config runs is in a file we watch.
     engine.disable_symbol("eval");
 
     let st = state.clone();
     engine.on_progress(move |ops| {
+        if let Some(limit) = crate::memory::over_budget() {
+            return Some(Dynamic::from(memory_message(limit)));
+        }
         if ops % 65_536 == 0 && lock(&st.started).elapsed() > st.limits.max_duration {
             return Some(Dynamic::from(format!(
-                "the script ran for more than {} s",
+                "the script ran for more than {} s (the time limit); is there an endless loop?",
                 st.limits.max_duration.as_secs()
             )));
         }
@@ -297,8 +307,12 @@ pub fn load_master(dir: &Path, limits: Limits) -> Result<Loaded, LoadFailure> {
     };
     ast.set_source(entry_id.clone());
     state.restart_clock();
+    let budget = crate::memory::Budget::enter(state.limits.max_memory);
     let mut scope = Scope::new();
-    let value = match engine.eval_ast_with_scope::<Dynamic>(&mut scope, &ast) {
+    let value = engine.eval_ast_with_scope::<Dynamic>(&mut scope, &ast);
+    drop(scope);
+    drop(budget);
+    let value = match value {
         Ok(v) => v,
         Err(e) => {
             return Err(fail(

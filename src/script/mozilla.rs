@@ -322,7 +322,10 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
             )
         });
     }
-    Ok(BuildFactory { steps, origin })
+    Ok(BuildFactory {
+        steps: Arc::new(steps),
+        origin,
+    })
 }
 
 /// Reads `key` of a branch or platform config map, naming where it was.

@@ -432,23 +432,25 @@ fn register_factory(engine: &mut Engine, state: &Arc<LoadState>) {
         format!("BuildFactory([{}])", names.join(", "))
     });
     engine.register_fn("BuildFactory", |ctx: NativeCallContext| BuildFactory {
-        steps: vec![],
+        steps: Arc::default(),
         origin: origin_of(&ctx),
     });
     engine.register_fn(
         "BuildFactory",
         |ctx: NativeCallContext, steps: Array| -> ScriptResult<BuildFactory> {
             Ok(BuildFactory {
-                steps: steps_of(steps)?,
+                steps: Arc::new(steps_of(steps)?),
                 origin: origin_of(&ctx),
             })
         },
     );
-    engine.register_fn("addStep", |f: &mut BuildFactory, s: Step| f.steps.push(s));
+    engine.register_fn("addStep", |f: &mut BuildFactory, s: Step| {
+        Arc::make_mut(&mut f.steps).push(s)
+    });
     engine.register_fn(
         "addSteps",
         |f: &mut BuildFactory, steps: Array| -> ScriptResult<()> {
-            f.steps.extend(steps_of(steps)?);
+            Arc::make_mut(&mut f.steps).extend(steps_of(steps)?);
             Ok(())
         },
     );
