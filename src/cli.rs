@@ -22,6 +22,40 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct SendchangeArgs {
+    /// The master's web address, e.g. http://127.0.0.1:8010/
+    #[arg(long)]
+    master: String,
+    /// Who made the change.
+    #[arg(long, visible_alias = "who")]
+    author: String,
+    #[arg(long)]
+    branch: Option<String>,
+    #[arg(long)]
+    revision: Option<String>,
+    #[arg(long, short = 'm', visible_alias = "comments")]
+    comments: Option<String>,
+    #[arg(long)]
+    repository: Option<String>,
+    #[arg(long)]
+    project: Option<String>,
+    #[arg(long)]
+    category: Option<String>,
+    #[arg(long)]
+    revlink: Option<String>,
+    #[arg(long)]
+    codebase: Option<String>,
+    /// When the change was made (Unix seconds; default: now).
+    #[arg(long)]
+    when: Option<i64>,
+    /// A change property, NAME=VALUE (repeatable; VALUE is JSON if it parses as JSON).
+    #[arg(long = "property", short = 'p', value_name = "NAME=VALUE")]
+    properties: Vec<String>,
+    /// The files the change touched.
+    files: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Write a working master dir: master.rhai, one worker, one builder, SQLite.
@@ -49,11 +83,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the master in the foreground (logs to stderr and DIR/kiln.log).
+    Start {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Stop the master running in DIR, waiting until it has stopped.
+    Stop {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+    /// Poll every change source of DIR once, store what is new, and exit.
+    Poll {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Send a change to a running master (its /change_hook/base).
+    Sendchange(Box<SendchangeArgs>),
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    match &cli.command {
+        Command::Start { dir } => {
+            if let Err(e) = init_master_logging(dir) {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+        Command::Poll { .. } => init_logging("info"),
+        _ => init_logging("warn,kiln::script=info"),
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -63,15 +126,46 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,kiln::script=info"));
+fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+}
+
+fn init_logging(default: &str) {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter(default))
         .with_writer(std::io::stderr)
         .without_time()
         .with_target(false)
         .try_init();
+}
+
+/// A running master logs with timestamps to stderr and to DIR/kiln.log.
+fn init_master_logging(dir: &Path) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let path = dir.join(crate::master::LOG_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the log {}", path.display()))?;
+    tracing_subscriber::registry()
+        .with(log_filter("info"))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(color())
+                .with_target(false),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::sync::Mutex::new(file))
+                .with_ansi(false)
+                .with_target(false),
+        )
+        .try_init()
+        .context("cannot set up logging")
 }
 
 fn color() -> bool {
@@ -158,7 +252,100 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             std::mem::forget(loaded); // as in checkconfig
             Ok(ExitCode::SUCCESS)
         }
+        Command::Start { dir } => {
+            let loaded = match load(&dir, Limits::default()) {
+                Ok(l) => l,
+                Err(code) => return Ok(code),
+            };
+            crate::master::run(&dir, loaded.config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stop { dir, wait } => {
+            crate::master::stop(&dir, std::time::Duration::from_secs(wait))?;
+            println!("master in {} stopped", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Poll { dir } => {
+            let loaded = match load(&dir, Limits::default()) {
+                Ok(l) => l,
+                Err(code) => return Ok(code),
+            };
+            let failed = crate::master::poll_once(&dir, &loaded.config)?;
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Sendchange(args) => {
+            let SendchangeArgs {
+                master,
+                author,
+                branch,
+                revision,
+                comments,
+                repository,
+                project,
+                category,
+                revlink,
+                codebase,
+                when,
+                properties,
+                files,
+            } = *args;
+            let mut form: Vec<(&str, String)> = vec![("author", author)];
+            let optional = [
+                ("branch", branch),
+                ("revision", revision),
+                ("comments", comments),
+                ("repository", repository),
+                ("project", project),
+                ("category", category),
+                ("revlink", revlink),
+                ("codebase", codebase),
+                ("when_timestamp", when.map(|w| w.to_string())),
+            ];
+            form.extend(optional.into_iter().filter_map(|(k, v)| Some((k, v?))));
+            form.push(("files", serde_json::to_string(&files)?));
+            let mut props = serde_json::Map::new();
+            for p in &properties {
+                let Some((name, value)) = p.split_once('=') else {
+                    bail!("--property {p:?} must be NAME=VALUE");
+                };
+                let value = serde_json::from_str(value)
+                    .unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+                props.insert(name.to_string(), value);
+            }
+            form.push(("properties", serde_json::Value::Object(props).to_string()));
+            let ids = sendchange(&master, &form)?;
+            println!("change sent: {ids}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+fn sendchange(master: &str, form: &[(&str, String)]) -> anyhow::Result<String> {
+    let url = format!("{}/change_hook/base", master.trim_end_matches('/'));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let resp = reqwest::Client::new()
+            .post(&url)
+            .form(form)
+            .timeout(std::time::Duration::from_secs(30))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the master at {url}"))?;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+        if !status.is_success() {
+            let reason = v["error"].as_str().map(String::from).unwrap_or(body);
+            bail!("the master refused the change ({status}): {reason}");
+        }
+        Ok(v["changeids"].to_string())
+    })
 }
 
 pub fn to_json(c: &MasterConfig) -> anyhow::Result<String> {

@@ -1,11 +1,15 @@
 //! kiln: a build master in the Buildbot tradition, configured by Rhai
 //! scripts. See ARCHITECTURE.md for the map of modules and data flow.
 
+pub mod changes;
 pub mod cli;
 pub mod config;
 pub mod diagnostics;
+pub mod http;
+pub mod master;
 pub mod memory;
 pub mod script;
+pub mod store;
 
 #[global_allocator]
 static ALLOCATOR: memory::Meter = memory::Meter;

@@ -1,0 +1,248 @@
+//! Change sources: the pollers that turn new commits into stored changes,
+//! and the bus that publishes each stored change to the schedulers.
+//!
+//! Each poller is one task: poll, store what is new together with the
+//! poller's state (one transaction), publish, sleep `pollInterval`. A failed
+//! poll is logged with its repository and retried with a growing delay; it
+//! never ends the task. Polls of one poller never overlap because the task
+//! does one thing at a time.
+
+pub mod git;
+pub mod hg;
+pub mod pushlog;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ChangeSource;
+use crate::store::{Change, NewChange, ObjectId, Store};
+
+/// How long one command or HTTP request of a poll may take.
+pub const POLL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest wait between retries of a failing poller.
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+
+/// Every stored change, in the order stored. Subscribers that fall behind
+/// lose messages (and are told so by `broadcast`); the store is the record.
+#[derive(Clone)]
+pub struct ChangeBus(broadcast::Sender<Arc<Change>>);
+
+impl Default for ChangeBus {
+    fn default() -> Self {
+        ChangeBus(broadcast::channel(4096).0)
+    }
+}
+
+impl ChangeBus {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.0.subscribe()
+    }
+    pub fn publish(&self, changes: Vec<Change>) {
+        for c in changes {
+            // No subscriber is not an error: the changes are stored.
+            let _ = self.0.send(Arc::new(c));
+        }
+    }
+}
+
+/// What every change source needs.
+#[derive(Clone)]
+pub struct Context {
+    pub store: Store,
+    pub bus: ChangeBus,
+    /// Pollers keep their mirrors under `DIR/pollers/`.
+    pub master_dir: PathBuf,
+    pub http: reqwest::Client,
+    pub timeout: Duration,
+}
+
+impl Context {
+    pub fn new(store: Store, bus: ChangeBus, master_dir: &Path) -> anyhow::Result<Context> {
+        let http = reqwest::Client::builder()
+            .timeout(POLL_TIMEOUT)
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("cannot set up the HTTP client")?;
+        Ok(Context {
+            store,
+            bus,
+            master_dir: master_dir.to_path_buf(),
+            http,
+            timeout: POLL_TIMEOUT,
+        })
+    }
+
+    /// Stores `changes` with the poller's new state, then publishes them.
+    pub async fn commit(
+        &self,
+        source: &str,
+        changes: Vec<NewChange>,
+        state: Vec<(ObjectId, String, serde_json::Value)>,
+    ) -> anyhow::Result<usize> {
+        let stored = self.store.add_changes(source, changes, state).await?;
+        let n = stored.len();
+        self.bus.publish(stored);
+        Ok(n)
+    }
+
+    /// A directory for a poller's mirror of `url`.
+    pub fn mirror_dir(&self, kind: &str, url: &str) -> PathBuf {
+        let name: String = url
+            .trim_end_matches('/')
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.master_dir.join("pollers").join(kind).join(name)
+    }
+}
+
+/// A running change source.
+pub enum Poller {
+    Hg(hg::HgPollerTask),
+    Git(git::GitPollerTask),
+}
+
+impl Poller {
+    pub fn new(source: &ChangeSource) -> Poller {
+        match source {
+            ChangeSource::HgPoller(p) => Poller::Hg(hg::HgPollerTask::new(p.clone())),
+            ChangeSource::GitPoller(p) => Poller::Git(git::GitPollerTask::new(p.clone())),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Poller::Hg(p) => p.name(),
+            Poller::Git(p) => p.name(),
+        }
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_secs(match self {
+            Poller::Hg(p) => p.cfg.poll_interval,
+            Poller::Git(p) => p.cfg.poll_interval,
+        })
+    }
+
+    /// One poll: fetch, store and publish what is new. Returns how many
+    /// changes were stored.
+    pub async fn poll(&mut self, ctx: &Context) -> anyhow::Result<usize> {
+        match self {
+            Poller::Hg(p) => p.poll(ctx).await,
+            Poller::Git(p) => p.poll(ctx).await,
+        }
+    }
+
+    /// Polls until `cancel` fires.
+    pub async fn run(mut self, ctx: Context, cancel: CancellationToken) {
+        let name = self.name();
+        let mut failures: u32 = 0;
+        loop {
+            let outcome = tokio::select! {
+                r = self.poll(&ctx) => r,
+                _ = cancel.cancelled() => break,
+            };
+            let wait = match outcome {
+                Ok(n) => {
+                    if failures > 0 {
+                        tracing::info!(poller = %name, "polling works again");
+                    }
+                    failures = 0;
+                    if n > 0 {
+                        tracing::info!(poller = %name, "{n} new change(s)");
+                    }
+                    self.interval()
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let wait = self
+                        .interval()
+                        .saturating_mul(1 << failures.min(10))
+                        .min(MAX_BACKOFF)
+                        .max(Duration::from_secs(1));
+                    tracing::warn!(
+                        poller = %name,
+                        "poll failed: {e:#}; retrying in {} s",
+                        wait.as_secs()
+                    );
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled() => break,
+            }
+        }
+        tracing::debug!(poller = %name, "stopped");
+    }
+}
+
+/// Runs a command (hg, git) with a time limit, returning its stdout. The
+/// child is killed if the limit passes or the poll is cancelled.
+pub async fn run_command(
+    program: &str,
+    args: &[&str],
+    cwd: Option<&Path>,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        // Output that does not depend on the user's configuration.
+        .env("HGPLAIN", "1")
+        .env("HGRCPATH", "")
+        .env("LC_ALL", "C")
+        .env("GIT_TERMINAL_PROMPT", "0");
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let shown = format!("{program} {}", args.join(" "));
+    let out = match tokio::time::timeout(timeout, cmd.output()).await {
+        Err(_) => bail!("`{shown}` took more than {} s", timeout.as_secs()),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("`{program}` is not installed (not found on PATH)")
+        }
+        Ok(r) => r.with_context(|| format!("cannot run `{shown}`"))?,
+    };
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        bail!("`{shown}` failed ({}): {}", out.status, err.trim());
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("`{shown}` printed non-UTF-8 output"))
+}
+
+/// Starts one task per change source; they stop when `cancel` fires.
+pub fn spawn_all(
+    sources: &[ChangeSource],
+    ctx: &Context,
+    cancel: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    sources
+        .iter()
+        .map(|s| {
+            let poller = Poller::new(s);
+            tokio::spawn(poller.run(ctx.clone(), cancel.clone()))
+        })
+        .collect()
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
