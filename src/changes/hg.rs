@@ -143,7 +143,11 @@ impl HgPollerTask {
             if body.contains("unknown revision") {
                 return Err(anyhow!(UnknownRevision));
             }
-            if status == reqwest::StatusCode::NOT_FOUND {
+            // hgweb without the pushlog extension answers 400 "method not
+            // found"; other servers 404.
+            if status == reqwest::StatusCode::NOT_FOUND
+                || (status == reqwest::StatusCode::BAD_REQUEST && body.contains("method not found"))
+            {
                 return Err(anyhow!(NoPushlog(url)));
             }
             let snippet: String = body.chars().take(200).collect();

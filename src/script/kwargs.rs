@@ -193,6 +193,12 @@ impl Kwargs {
         }
     }
 
+    /// Whether `key` is given as `()` (Python's None), which some keys
+    /// distinguish from not giving the key at all.
+    pub fn is_unit(&self, key: &str) -> bool {
+        self.map.get(key).is_some_and(|v| v.is_unit())
+    }
+
     pub fn req_str(&mut self, key: &'static str) -> ScriptResult<String> {
         self.str(key)?.ok_or_else(|| self.missing(key, "a string"))
     }

@@ -726,7 +726,13 @@ pub fn hg_poller(kw: &mut Kwargs) -> ScriptResult<HgPoller> {
         pushlog_url_override: kw.str("pushlogUrlOverride")?,
         tips_only: kw.bool("tipsOnly", false)?,
         max_changes: kw.uint("maxChanges")?.unwrap_or(HG_MAX_CHANGES),
-        repo_branch: kw.str("repo_branch")?,
+        // Mozilla's default: the `default` named branch; `()` means all.
+        repo_branch: if kw.is_unit("repo_branch") {
+            kw.take("repo_branch");
+            None
+        } else {
+            Some(kw.str("repo_branch")?.unwrap_or_else(|| "default".into()))
+        },
         poll_interval: kw.uint("pollInterval")?.unwrap_or(HG_POLL_INTERVAL),
         store_rev: kw.str("storeRev")?,
         category: kw.str("category")?,

@@ -24,6 +24,7 @@ pub fn kiln(cwd: &Path, args: &[&str], limit: Duration) -> Output {
         .args(args)
         .current_dir(cwd)
         .env("NO_COLOR", "1")
+        .env("PATH", tools_path())
         .env_remove("KILN_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -81,5 +82,185 @@ pub fn expect_file(path: &Path, actual: &str) {
             "{} differs (rerun with KILN_BLESS=1 to accept)\n--- expected\n{expected}\n--- actual\n{actual}",
             path.display()
         );
+    }
+}
+
+/// PATH with the tools `.ci/test` installs (Mercurial in a venv under
+/// `target/tools/`) in front.
+pub fn tools_path() -> std::ffi::OsString {
+    let venv = repo_root().join("target/tools/venv/bin");
+    let mut paths = vec![venv];
+    if let Some(p) = std::env::var_os("PATH") {
+        paths.extend(std::env::split_paths(&p));
+    }
+    std::env::join_paths(paths).expect("PATH")
+}
+
+/// Runs a tool (hg, git) to its end within 60 s; panics with its stderr if
+/// it fails. Returns stdout.
+pub fn run(cwd: &Path, program: &str, args: &[&str]) -> String {
+    let mut child = Command::new(program)
+        .args(args)
+        .current_dir(cwd)
+        .env("PATH", tools_path())
+        .env("HGPLAIN", "1")
+        .env("HGRCPATH", "")
+        .env("HGUSER", "kiln-test <test@kiln>")
+        .env("GIT_AUTHOR_NAME", "kiln-test")
+        .env("GIT_AUTHOR_EMAIL", "test@kiln")
+        .env("GIT_COMMITTER_NAME", "kiln-test")
+        .env("GIT_COMMITTER_EMAIL", "test@kiln")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program}: {e} (bash .ci/test installs the tools the tests need)")
+        });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{program} {args:?} took more than 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = child.wait_with_output().expect("output");
+    if !out.status.success() {
+        panic!(
+            "{program} {args:?} in {} failed: {}",
+            cwd.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Commits `files` (written with `content`) to the hg repository at `repo`.
+pub fn hg_commit(repo: &Path, user: &str, files: &[&str], message: &str) -> String {
+    for f in files {
+        let p = repo.join(f);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+        let old = std::fs::read_to_string(&p).unwrap_or_default();
+        std::fs::write(&p, format!("{old}{message}\n")).expect("write");
+    }
+    run(repo, "hg", &["commit", "-q", "-A", "-u", user, "-m", message]);
+    run(repo, "hg", &["log", "-r", ".", "-T", "{node}"])
+}
+
+/// A `kiln start` in the background; stopped (or killed) when dropped.
+pub struct Master {
+    pub dir: PathBuf,
+    child: Option<std::process::Child>,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Master {
+    pub fn start(dir: &Path) -> Master {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["start", "."])
+            .current_dir(dir)
+            .env("NO_COLOR", "1")
+            .env("PATH", tools_path())
+            .env("KILN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kiln start");
+        let err = child.stderr.take().expect("stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                let mut l = sink.lock().unwrap_or_else(|e| e.into_inner());
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        Master {
+            dir: dir.to_path_buf(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until the log has `count` lines containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, count: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.log().matches(needle).count() >= count {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "the master did not log {needle:?} {count} time(s) within {limit:?}; its log:\n{}",
+            self.log()
+        );
+    }
+
+    /// The HTTP address it logged.
+    pub fn http_url(&self) -> String {
+        self.wait_for_log("HTTP listening on ", 1, Duration::from_secs(30));
+        let log = self.log();
+        let at = log.find("HTTP listening on ").expect("address") + "HTTP listening on ".len();
+        log[at..].split_whitespace().next().expect("url").trim_end_matches('/').to_string()
+    }
+
+    /// `kiln stop`, then waits for the process to end; returns its exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let out = kiln(&self.dir, &["stop", "."], Duration::from_secs(60));
+        assert_eq!(out.code, Some(0), "kiln stop failed: {}", out.stderr);
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the master did not exit after kiln stop");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns Some, for at most `limit`.
+pub fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -1,0 +1,541 @@
+//! Change sources against real repositories: Mercurial (local path and
+//! `hg serve`), git, a pushlog server answering in the real `json-pushes`
+//! format, the base change hook and `kiln sendchange`, and a master that is
+//! stopped and started between pushes.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{hg_commit, kiln, run, wait_until, Master};
+
+/// One stored change, as the tests look at it.
+#[derive(Debug, Clone, PartialEq)]
+struct Row {
+    author: String,
+    branch: Option<String>,
+    revision: Option<String>,
+    comments: String,
+    files: Vec<String>,
+    properties: BTreeMap<String, serde_json::Value>,
+    when: i64,
+}
+
+fn changes(dir: &Path) -> Vec<Row> {
+    let db = dir.join("state.sqlite");
+    if !db.exists() {
+        return vec![];
+    }
+    let c = rusqlite::Connection::open(db).expect("open db");
+    c.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+    let mut stmt = c
+        .prepare(
+            "SELECT changeid, author, branch, revision, comments, when_timestamp FROM changes ORDER BY changeid",
+        )
+        .expect("prepare");
+    let rows: Vec<(i64, Row)> = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                Row {
+                    author: r.get(1)?,
+                    branch: r.get(2)?,
+                    revision: r.get(3)?,
+                    comments: r.get(4)?,
+                    files: vec![],
+                    properties: BTreeMap::new(),
+                    when: r.get(5)?,
+                },
+            ))
+        })
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    rows.into_iter()
+        .map(|(id, mut row)| {
+            row.files = c
+                .prepare("SELECT filename FROM change_files WHERE changeid = ?1 ORDER BY position")
+                .expect("prepare")
+                .query_map([id], |r| r.get(0))
+                .expect("files")
+                .collect::<Result<_, _>>()
+                .expect("files");
+            let props: Vec<(String, String)> = c
+                .prepare("SELECT property_name, property_value FROM change_properties WHERE changeid = ?1")
+                .expect("prepare")
+                .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .expect("props")
+                .collect::<Result<_, _>>()
+                .expect("props");
+            for (k, v) in props {
+                let pair: serde_json::Value = serde_json::from_str(&v).expect("property json");
+                row.properties.insert(k, pair[0].clone());
+            }
+            row
+        })
+        .collect()
+}
+
+fn revisions(rows: &[Row]) -> Vec<String> {
+    rows.iter().map(|r| r.revision.clone().unwrap_or_default()).collect()
+}
+
+/// A master dir whose change sources are `sources` (Rhai expressions).
+fn master_dir(root: &Path, sources: &str) -> PathBuf {
+    let dir = root.join("master");
+    std::fs::create_dir_all(dir.join("secrets")).expect("mkdir");
+    std::fs::write(dir.join("secrets/pw"), "pw\n").expect("secret");
+    std::fs::write(
+        dir.join("master.rhai"),
+        format!(
+            r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{{ command: ["true"] }}));
+#{{
+    title: "test",
+    www: #{{ port: 0 }},
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    workers: [Worker("w1", secret("pw"))],
+    change_source: [{sources}],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f }})],
+}}
+"#
+        ),
+    )
+    .expect("master.rhai");
+    dir
+}
+
+fn poll(dir: &Path) -> String {
+    let out = kiln(dir, &["poll", "."], Duration::from_secs(120));
+    assert_eq!(out.code, Some(0), "kiln poll failed:\n{}", out.stderr);
+    out.stderr
+}
+
+fn hg_repo(root: &Path, name: &str) -> PathBuf {
+    let repo = root.join(name);
+    std::fs::create_dir_all(&repo).expect("mkdir");
+    run(&repo, "hg", &["init", "-q"]);
+    repo
+}
+
+#[test]
+fn plain_hg_over_a_local_path_reports_each_changeset_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let repo = hg_repo(tmp.path(), "repo");
+    let first = hg_commit(&repo, "Alice <alice@m.org>", &["a.c"], "one");
+    let dir = master_dir(
+        tmp.path(),
+        &format!(r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#, repo.display()),
+    );
+
+    // The first poll records where the repository is and reports nothing.
+    let log = poll(&dir);
+    assert!(log.contains(&format!("starting after {first}")), "{log}");
+    assert_eq!(changes(&dir), vec![]);
+
+    let two = hg_commit(&repo, "Bob <bob@m.org>", &["b.c", "dir/c.h"], "two");
+    let three = hg_commit(&repo, "Carol <carol@m.org>", &["a.c"], "three");
+    poll(&dir);
+    let rows = changes(&dir);
+    assert_eq!(revisions(&rows), [two.clone(), three.clone()]);
+    assert_eq!(rows[0].author, "Bob <bob@m.org>");
+    assert_eq!(rows[0].comments, "two");
+    assert_eq!(rows[0].files, ["b.c", "dir/c.h"]);
+    assert_eq!(rows[0].branch, None);
+    assert_eq!(rows[1].properties["changeset_author"], "Carol <carol@m.org>");
+    assert_eq!(rows[1].properties["named_branch"], "default");
+
+    // Nothing new: nothing stored.
+    poll(&dir);
+    assert_eq!(changes(&dir).len(), 2);
+}
+
+#[test]
+fn tips_only_max_changes_and_repo_branch_shape_what_is_stored() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let repo = hg_repo(tmp.path(), "repo");
+    hg_commit(&repo, "A <a@x>", &["base"], "base");
+    let sources = format!(
+        r#"HgPoller(#{{ hgURL: "{0}", branch: "", pollInterval: 1, tipsOnly: true }}),
+           HgPoller(#{{ hgURL: "{1}", branch: "", pollInterval: 1, maxChanges: 2 }})"#,
+        repo.display(),
+        // The same repository through another path, so that the two pollers differ.
+        tmp.path().join("link").display()
+    );
+    std::os::unix::fs::symlink(&repo, tmp.path().join("link")).expect("symlink");
+    let dir = master_dir(tmp.path(), &sources);
+    poll(&dir);
+
+    hg_commit(&repo, "B <b@x>", &["x.c", "y.c"], "first of the push");
+    hg_commit(&repo, "C <c@x>", &["z.c"], "second of the push");
+    let tip = hg_commit(&repo, "D <d@x>", &["x.c", "w.c"], "tip of the push");
+    poll(&dir);
+    let rows = changes(&dir);
+    let tips: Vec<&Row> = rows.iter().filter(|r| r.comments == "tip of the push").collect();
+    // tipsOnly: one change, the tip, with the union of the push's files;
+    // maxChanges 2: the two newest changesets.
+    let by_tips_only = rows.iter().filter(|r| r.files == ["x.c", "y.c", "z.c", "w.c"]).count();
+    assert_eq!(by_tips_only, 1, "{rows:#?}");
+    assert_eq!(tips.len(), 2);
+    assert!(tips.iter().all(|r| r.revision.as_deref() == Some(tip.as_str())));
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    assert!(rows.iter().any(|r| r.comments == "second of the push"));
+    assert!(!rows.iter().any(|r| r.comments == "first of the push"));
+
+    // repo_branch: changesets on another named branch are skipped.
+    let tmp2 = tempfile::tempdir().expect("tmp");
+    let repo2 = hg_repo(tmp2.path(), "repo");
+    hg_commit(&repo2, "A <a@x>", &["base"], "base");
+    let dir2 = master_dir(
+        tmp2.path(),
+        &format!(r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#, repo2.display()),
+    );
+    poll(&dir2);
+    run(&repo2, "hg", &["branch", "-q", "GECKO_RELBRANCH"]);
+    hg_commit(&repo2, "R <r@x>", &["rel.c"], "on the relbranch");
+    run(&repo2, "hg", &["update", "-q", "default"]);
+    let on_default = hg_commit(&repo2, "M <m@x>", &["main.c"], "on default");
+    let log = poll(&dir2);
+    assert_eq!(revisions(&changes(&dir2)), [on_default]);
+    assert!(log.contains("skipped 1 changeset(s) on named branches other than default"), "{log}");
+}
+
+#[test]
+fn an_empty_repository_reports_its_first_pushes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let repo = hg_repo(tmp.path(), "repo");
+    let dir = master_dir(
+        tmp.path(),
+        &format!(r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#, repo.display()),
+    );
+    let log = poll(&dir);
+    assert!(log.contains("the repository is empty"), "{log}");
+    let one = hg_commit(&repo, "A <a@x>", &["a"], "one");
+    let two = hg_commit(&repo, "B <b@x>", &["b"], "two");
+    poll(&dir);
+    assert_eq!(revisions(&changes(&dir)), [one, two]);
+}
+
+/// `hg serve` on 127.0.0.1, port 0; killed when dropped.
+struct HgServe {
+    child: std::process::Child,
+    url: String,
+}
+
+impl HgServe {
+    fn start(repo: &Path) -> HgServe {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("hg")
+            .args(["serve", "-a", "127.0.0.1", "-p", "0", "--config", "ui.quiet=false"])
+            .current_dir(repo)
+            .env("PATH", common::tools_path())
+            .env("HGRCPATH", "")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("hg serve");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(out).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("hg serve did not start");
+            }
+        };
+        // "listening at http://localhost:PORT/ (bound to 127.0.0.1:PORT)"
+        let bound = line.rsplit("bound to ").next().unwrap_or("").trim_end_matches(')');
+        HgServe {
+            child,
+            url: format!("http://{bound}"),
+        }
+    }
+}
+
+impl Drop for HgServe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn plain_hg_over_hg_serve_falls_back_from_the_pushlog() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let repo = hg_repo(tmp.path(), "repo");
+    hg_commit(&repo, "A <a@x>", &["a"], "one");
+    let server = HgServe::start(&repo);
+    let dir = master_dir(
+        tmp.path(),
+        &format!(r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#, server.url),
+    );
+    let log = poll(&dir);
+    assert!(log.contains("no pushlog at"), "{log}");
+    let two = hg_commit(&repo, "B <b@x>", &["b"], "two");
+    poll(&dir);
+    let rows = changes(&dir);
+    assert_eq!(revisions(&rows), [two.clone()]);
+    assert_eq!(
+        rows[0].properties.get("changeset_author").and_then(|v| v.as_str()),
+        Some("B <b@x>")
+    );
+    drop(server);
+
+    // The server is gone: the poll fails with the repository named, and
+    // nothing is stored.
+    let out = kiln(&dir, &["poll", "."], Duration::from_secs(120));
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("poll failed"), "{}", out.stderr);
+    assert_eq!(changes(&dir).len(), 1);
+}
+
+#[test]
+fn git_poller_follows_branches_and_force_pushes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(&repo).expect("mkdir");
+    run(&repo, "git", &["init", "-q", "-b", "main"]);
+    let commit = |file: &str, msg: &str| {
+        std::fs::write(repo.join(file), msg).expect("write");
+        run(&repo, "git", &["add", file]);
+        run(&repo, "git", &["commit", "-q", "-m", msg]);
+        run(&repo, "git", &["rev-parse", "HEAD"]).trim().to_string()
+    };
+    commit("a", "one");
+    run(&repo, "git", &["branch", "release"]);
+    let dir = master_dir(
+        tmp.path(),
+        &format!(
+            r#"GitPoller(#{{ repourl: "{}", branches: ["main", "release"], pollInterval: 1 }})"#,
+            repo.display()
+        ),
+    );
+    let log = poll(&dir);
+    assert!(log.contains("first poll of `main`"), "{log}");
+    assert_eq!(changes(&dir), vec![]);
+
+    let two = commit("b", "two");
+    let three = commit("c", "three");
+    run(&repo, "git", &["checkout", "-q", "release"]);
+    let rel = commit("r", "release fix");
+    run(&repo, "git", &["checkout", "-q", "main"]);
+    poll(&dir);
+    let rows = changes(&dir);
+    let on = |b: &str| -> Vec<String> {
+        revisions(&rows.iter().filter(|r| r.branch.as_deref() == Some(b)).cloned().collect::<Vec<_>>())
+    };
+    assert_eq!(on("main"), [two.clone(), three.clone()]);
+    assert_eq!(on("release"), [rel]);
+    let r2 = rows.iter().find(|r| r.revision.as_deref() == Some(two.as_str())).expect("two");
+    assert_eq!(r2.author, "kiln-test <test@kiln>");
+    assert_eq!(r2.files, ["b"]);
+    assert_eq!(r2.comments, "two");
+
+    // Force push: main loses "three" and gets "four".
+    run(&repo, "git", &["reset", "-q", "--hard", &two]);
+    let four = commit("d", "four");
+    poll(&dir);
+    let rows = changes(&dir);
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[3].revision.as_deref(), Some(four.as_str()));
+}
+
+#[test]
+fn a_restart_between_pushes_neither_repeats_nor_misses_a_change() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let repo = hg_repo(tmp.path(), "repo");
+    hg_commit(&repo, "A <a@x>", &["a"], "zero");
+    let dir = master_dir(
+        tmp.path(),
+        &format!(r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#, repo.display()),
+    );
+    let mut master = Master::start(&dir);
+    master.wait_for_log("first poll", 1, Duration::from_secs(60));
+    let one = hg_commit(&repo, "B <b@x>", &["b"], "one");
+    wait_until(Duration::from_secs(60), "the first change", || {
+        (changes(&dir).len() == 1).then_some(())
+    });
+    assert!(dir.join("kiln.pid").exists());
+    assert_eq!(master.stop(), Some(0));
+    assert!(!dir.join("kiln.pid").exists(), "the pid file is removed on stop");
+
+    let two = hg_commit(&repo, "C <c@x>", &["c"], "two");
+    let three = hg_commit(&repo, "D <d@x>", &["d"], "three");
+    let _master = Master::start(&dir);
+    wait_until(Duration::from_secs(60), "the changes pushed while stopped", || {
+        (changes(&dir).len() >= 3).then_some(())
+    });
+    // A few more poll rounds: nothing is repeated.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(revisions(&changes(&dir)), [one, two, three]);
+    let log = std::fs::read_to_string(dir.join("kiln.log")).expect("kiln.log");
+    assert!(log.contains("master running"), "{log}");
+    assert!(log.contains("SIGTERM: stopping"), "{log}");
+}
+
+#[test]
+fn a_missing_repository_is_logged_and_the_master_recovers_when_it_appears() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tmp.path().join("later");
+    let dir = master_dir(
+        tmp.path(),
+        &format!(r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#, path.display()),
+    );
+    let master = Master::start(&dir);
+    master.wait_for_log("poll failed", 1, Duration::from_secs(60));
+    assert!(master.log().contains(&path.display().to_string()));
+    // Still serving.
+    let url = master.http_url();
+    let health = ureq_get(&format!("{url}/health"));
+    assert!(health.contains("\"ok\""), "{health}");
+
+    run(tmp.path(), "hg", &["init", "-q", "later"]);
+    master.wait_for_log("polling works again", 1, Duration::from_secs(60));
+    let one = hg_commit(&path, "A <a@x>", &["a"], "one");
+    wait_until(Duration::from_secs(60), "a change from the new repository", || {
+        (revisions(&changes(&dir)) == [one.clone()]).then_some(())
+    });
+}
+
+/// A blocking GET with a bounded wait; the body.
+fn ureq_get(url: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        reqwest::Client::new()
+            .get(url)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("body")
+    })
+}
+
+fn post_form(url: &str, form: &[(&str, &str)]) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(url)
+            .form(form)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("POST");
+        (r.status().as_u16(), r.text().await.expect("body"))
+    })
+}
+
+#[test]
+fn the_base_change_hook_and_sendchange_store_changes_and_refuse_bad_ones() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_dir(tmp.path(), "");
+    let master = Master::start(&dir);
+    let url = master.http_url();
+    let hook = format!("{url}/change_hook/base");
+
+    let (status, body) = post_form(
+        &hook,
+        &[
+            ("author", "alice@m.org"),
+            ("comments", "Bug 1 - fix"),
+            ("files", r#"["a/b.c", "d.h"]"#),
+            ("revision", "abc123"),
+            ("branch", "mozilla-central"),
+            ("repository", "https://hg.example.org/mozilla-central"),
+            ("properties", r#"{"pushid": 7}"#),
+            ("when_timestamp", "1700000000"),
+        ],
+    );
+    assert_eq!(status, 200, "{body}");
+    let rows = changes(&dir);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].author, "alice@m.org");
+    assert_eq!(rows[0].files, ["a/b.c", "d.h"]);
+    assert_eq!(rows[0].when, 1_700_000_000);
+    assert_eq!(rows[0].properties["pushid"], 7);
+
+    for (form, reason) in [
+        (vec![("comments", "no author")], "`author` is required"),
+        (vec![("author", "a"), ("files", "a.c")], "`files` must be a JSON list"),
+        (vec![("author", "a"), ("properties", "[1]")], "`properties` must be a JSON object"),
+        (vec![("author", "a"), ("when_timestamp", "yesterday")], "`when_timestamp`"),
+        (vec![("author", "a"), ("revison", "x")], "unknown field `revison`"),
+    ] {
+        let (status, body) = post_form(&hook, &form);
+        assert_eq!(status, 400, "{form:?}: {body}");
+        assert!(body.contains(reason), "{form:?}: {body}");
+    }
+    assert_eq!(changes(&dir).len(), 1, "a refused change stores nothing");
+
+    let out = kiln(
+        tmp.path(),
+        &[
+            "sendchange",
+            "--master",
+            &url,
+            "--who",
+            "bob@m.org",
+            "--branch",
+            "try",
+            "--revision",
+            "def456",
+            "-m",
+            "try: -b o",
+            "--property",
+            "priority=3",
+            "x.c",
+            "y.c",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let rows = changes(&dir);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1].author, "bob@m.org");
+    assert_eq!(rows[1].branch.as_deref(), Some("try"));
+    assert_eq!(rows[1].files, ["x.c", "y.c"]);
+    assert_eq!(rows[1].properties["priority"], 3);
+
+    let out = kiln(
+        tmp.path(),
+        &["sendchange", "--master", "http://127.0.0.1:1", "--who", "x"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("cannot reach the master"), "{}", out.stderr);
+}
+
+#[test]
+fn a_second_master_in_the_same_dir_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_dir(tmp.path(), "");
+    let mut master = Master::start(&dir);
+    master.wait_for_log("master running", 1, Duration::from_secs(60));
+    let out = kiln(&dir, &["start", "."], Duration::from_secs(60));
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("a master is already running"), "{}", out.stderr);
+    assert_eq!(master.stop(), Some(0));
+    let out = kiln(&dir, &["stop", "."], Duration::from_secs(60));
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("no master is running"), "{}", out.stderr);
+}

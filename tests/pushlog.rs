@@ -1,0 +1,410 @@
+//! HgPoller in pushlog mode. Mercurial's own `hg serve` has no
+//! `json-pushes`, so a small server here answers in the real format (both
+//! versions), from the changesets of a real repository grouped into pushes,
+//! and can be told to fail in the ways hg.mozilla.org does.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use common::{hg_commit, kiln, run};
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Fault {
+    None,
+    /// HTTP 500 with a plain error page.
+    ServerError,
+    /// The body ends in the middle of the JSON.
+    Truncated,
+}
+
+struct Pushlog {
+    version: u8,
+    fault: Fault,
+    /// (push id, date, pusher, changesets as `hg log -Tjson` objects)
+    pushes: Vec<(i64, i64, String, Vec<Value>)>,
+    requests: Vec<BTreeMap<String, String>>,
+}
+
+type Shared = Arc<Mutex<Pushlog>>;
+
+fn push_json(date: i64, user: &str, csets: &[Value]) -> Value {
+    json!({
+        "date": date,
+        "user": user,
+        "changesets": csets.iter().map(|c| json!({
+            "node": c["node"],
+            "author": c["user"],
+            "branch": c["branch"],
+            "desc": c["desc"],
+            "files": c["files"],
+            "tags": c["tags"],
+            "parents": c["parents"],
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn json_pushes(
+    State(st): State<Shared>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    let mut p = st.lock().unwrap_or_else(|e| e.into_inner());
+    p.requests.push(q.clone());
+    match p.fault {
+        Fault::ServerError => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "<h1>Internal Server Error</h1>").into_response()
+        }
+        Fault::Truncated => return (StatusCode::OK, "{\"1\": {\"date\": 12, \"user\": ").into_response(),
+        Fault::None => {}
+    }
+    let selected: Vec<&(i64, i64, String, Vec<Value>)> = if let Some(from) = q.get("fromchange") {
+        let Some(i) = p
+            .pushes
+            .iter()
+            .position(|(_, _, _, cs)| cs.iter().any(|c| c["node"] == from.as_str()))
+        else {
+            // What hg.mozilla.org answers for a node it does not have.
+            return (
+                StatusCode::NOT_FOUND,
+                axum::Json(json!({ "error": format!("unknown revision '{from}'") })),
+            )
+                .into_response();
+        };
+        p.pushes[i + 1..].iter().collect()
+    } else if let Some(start) = q.get("startID").and_then(|s| s.parse::<i64>().ok()) {
+        p.pushes.iter().filter(|(id, ..)| *id > start).collect()
+    } else {
+        // Like hg.mozilla.org: the last 10 pushes.
+        let n = p.pushes.len();
+        p.pushes[n.saturating_sub(10)..].iter().collect()
+    };
+    let mut map = serde_json::Map::new();
+    // Newest first, to show that order comes from the dates, not the map.
+    for (id, date, user, cs) in selected.iter().rev() {
+        map.insert(id.to_string(), push_json(*date, user, cs));
+    }
+    let body = if p.version == 2 && q.get("version").map(String::as_str) == Some("2") {
+        json!({ "lastpushid": p.pushes.last().map(|x| x.0).unwrap_or(0), "pushes": map })
+    } else {
+        Value::Object(map)
+    };
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+/// The server on 127.0.0.1:0 in its own runtime thread; stops when dropped.
+struct Server {
+    url: String,
+    state: Shared,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(version: u8) -> Server {
+        let state: Shared = Arc::new(Mutex::new(Pushlog {
+            version,
+            fault: Fault::None,
+            pushes: vec![],
+            requests: vec![],
+        }));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let app = axum::Router::new()
+                    .route("/repo/json-pushes", axum::routing::get(json_pushes))
+                    .with_state(st);
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                addr_tx.send(listener.local_addr().expect("addr")).expect("send addr");
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                    .expect("serve");
+            });
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(10)).expect("server address");
+        Server {
+            url: format!("http://{addr}/"),
+            state,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn set(&self, f: impl FnOnce(&mut Pushlog)) {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn last_request(&self) -> BTreeMap<String, String> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).requests.last().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A real repository; `push` commits changesets and records them as one push.
+struct Repo {
+    path: std::path::PathBuf,
+    next_id: i64,
+}
+
+impl Repo {
+    fn new(root: &Path) -> Repo {
+        let path = root.join("upstream");
+        std::fs::create_dir_all(&path).expect("mkdir");
+        run(&path, "hg", &["init", "-q"]);
+        Repo { path, next_id: 1 }
+    }
+
+    /// Commits (author, named branch, files, message) and pushes them as one push.
+    fn push(&mut self, server: &Server, user: &str, commits: &[(&str, &str, &[&str], &str)]) -> Vec<String> {
+        let mut nodes = vec![];
+        for (author, branch, files, msg) in commits {
+            run(&self.path, "hg", &["branch", "-q", "-f", branch]);
+            nodes.push(hg_commit(&self.path, author, files, msg));
+        }
+        let revset = nodes.join("+");
+        let csets: Vec<Value> =
+            serde_json::from_str(&run(&self.path, "hg", &["log", "-v", "-r", &revset, "-T", "json"]))
+                .expect("hg log json");
+        let id = self.next_id;
+        self.next_id += 1;
+        server.set(|p| p.pushes.push((id, 1_000 * id, user.to_string(), csets)));
+        nodes
+    }
+}
+
+fn master(root: &Path, server: &Server, options: &str) -> std::path::PathBuf {
+    let dir = root.join("master");
+    std::fs::create_dir_all(dir.join("secrets")).expect("mkdir");
+    std::fs::write(dir.join("secrets/pw"), "pw").expect("secret");
+    std::fs::write(
+        dir.join("master.rhai"),
+        format!(
+            r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{{ command: ["true"] }}));
+#{{
+    workers: [Worker("w1", secret("pw"))],
+    change_source: [HgPoller(#{{ hgURL: "{}", branch: "repo", pollInterval: 1, {options} }})],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f }})],
+}}
+"#,
+            server.url
+        ),
+    )
+    .expect("master.rhai");
+    dir
+}
+
+fn poll(dir: &Path) -> (i32, String) {
+    let out = kiln(dir, &["poll", "."], Duration::from_secs(120));
+    (out.code.unwrap_or(-1), out.stderr)
+}
+
+/// (author, revision, comments, files, properties) of every stored change.
+fn stored(dir: &Path) -> Vec<(String, String, String, Vec<String>, BTreeMap<String, Value>)> {
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let ids: Vec<(i64, String, String, String, String)> = c
+        .prepare("SELECT changeid, author, revision, comments, branch FROM changes ORDER BY changeid")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    ids.into_iter()
+        .map(|(id, author, rev, comments, branch)| {
+            assert_eq!(branch, "repo", "a change's branch is the poller's branch");
+            let files: Vec<String> = c
+                .prepare("SELECT filename FROM change_files WHERE changeid = ?1 ORDER BY position")
+                .expect("prepare")
+                .query_map([id], |r| r.get(0))
+                .expect("files")
+                .collect::<Result<_, _>>()
+                .expect("files");
+            let props: BTreeMap<String, Value> = c
+                .prepare("SELECT property_name, property_value FROM change_properties WHERE changeid = ?1")
+                .expect("prepare")
+                .query_map([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .expect("props")
+                .map(|r| {
+                    let (k, v) = r.expect("prop");
+                    let pair: Value = serde_json::from_str(&v).expect("json");
+                    (k, pair[0].clone())
+                })
+                .collect();
+            (author, rev, comments, files, props)
+        })
+        .collect()
+}
+
+fn pushes_are_read_in_both_answer_forms(version: u8) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(version);
+    let mut repo = Repo::new(tmp.path());
+    let first = repo.push(&server, "first@m.org", &[("A <a@x>", "default", &["a.c"], "base")]);
+    let dir = master(tmp.path(), &server, "");
+
+    let (code, log) = poll(&dir);
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains(&format!("starting after {}", first[0])), "{log}");
+    assert!(!server.last_request().contains_key("fromchange"));
+
+    let p2 = repo.push(
+        &server,
+        "pusher@m.org",
+        &[
+            ("B <b@x>", "default", &["x.c", "y.c"], "Bug 2 - two"),
+            ("C <c@x>", "GECKO_REL", &["rel.c"], "on a relbranch"),
+            ("D <d@x>", "default", &["z.c"], "Bug 3 - three"),
+        ],
+    );
+    let p3 = repo.push(&server, "late@m.org", &[("E <e@x>", "default", &["w.c"], "Bug 4 - four")]);
+    let (code, log) = poll(&dir);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(server.last_request().get("fromchange"), Some(&first[0]));
+    assert!(log.contains("skipped 1 changeset(s) on named branches other than default"), "{log}");
+
+    let rows = stored(&dir);
+    let revs: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(revs, [p2[0].as_str(), p2[2].as_str(), p3[0].as_str()]);
+    let (author, _, comments, files, props) = &rows[0];
+    assert_eq!(author, "pusher@m.org");
+    assert_eq!(comments, "Bug 2 - two");
+    assert_eq!(files, &["x.c", "y.c"]);
+    assert_eq!(props["changeset_author"], "B <b@x>");
+    assert_eq!(props["named_branch"], "default");
+    assert_eq!(props["pushid"], 2);
+    assert_eq!(rows[2].4["pushid"], 3);
+
+    // The relbranch changeset still moved the poller on.
+    let (code, log) = poll(&dir);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(server.last_request().get("fromchange"), Some(&p3[0]));
+    assert_eq!(stored(&dir).len(), 3);
+}
+
+#[test]
+fn version_1_answers() {
+    pushes_are_read_in_both_answer_forms(1);
+}
+
+#[test]
+fn version_2_answers() {
+    pushes_are_read_in_both_answer_forms(2);
+}
+
+#[test]
+fn tips_only_and_max_changes_over_the_pushlog() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(2);
+    let mut repo = Repo::new(tmp.path());
+    repo.push(&server, "p@m.org", &[("A <a@x>", "default", &["a"], "base")]);
+    let dir = master(tmp.path(), &server, "tipsOnly: true, maxChanges: 2");
+    assert_eq!(poll(&dir).0, 0);
+    repo.push(&server, "p1@m.org", &[("A <a@x>", "default", &["one"], "one")]);
+    let p2 = repo.push(
+        &server,
+        "p2@m.org",
+        &[("B <b@x>", "default", &["dom/a.cpp"], "code"), ("C <c@x>", "default", &["README"], "docs")],
+    );
+    let p3 = repo.push(&server, "p3@m.org", &[("D <d@x>", "default", &["three"], "three")]);
+    let (code, log) = poll(&dir);
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("1 change(s) left out: more than maxChanges (2)"), "{log}");
+    let rows = stored(&dir);
+    let revs: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    // The newest two pushes, one change each (the tip); the tip of push 2
+    // carries the files of the whole push.
+    assert_eq!(revs, [p2[1].as_str(), p3[0].as_str()]);
+    assert_eq!(rows[0].3, ["dom/a.cpp", "README"]);
+    assert_eq!(rows[0].0, "p2@m.org");
+}
+
+#[test]
+fn errors_store_nothing_and_the_poller_recovers() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(1);
+    let mut repo = Repo::new(tmp.path());
+    repo.push(&server, "p@m.org", &[("A <a@x>", "default", &["a"], "base")]);
+    let dir = master(tmp.path(), &server, "");
+    assert_eq!(poll(&dir).0, 0);
+    let one = repo.push(&server, "p@m.org", &[("B <b@x>", "default", &["b"], "one")]);
+
+    server.set(|p| p.fault = Fault::ServerError);
+    let (code, log) = poll(&dir);
+    assert_eq!(code, 1);
+    assert!(log.contains("answered 500 Internal Server Error"), "{log}");
+    assert!(log.contains(&server.url), "the repository is named: {log}");
+
+    server.set(|p| p.fault = Fault::Truncated);
+    let (code, log) = poll(&dir);
+    assert_eq!(code, 1);
+    assert!(log.contains("malformed answer from"), "{log}");
+    assert_eq!(stored(&dir).len(), 0);
+
+    server.set(|p| p.fault = Fault::None);
+    let (code, log) = poll(&dir);
+    assert_eq!(code, 0, "{log}");
+    let revs: Vec<String> = stored(&dir).into_iter().map(|r| r.1).collect();
+    assert_eq!(revs, one);
+
+    // The server goes away: a clear error, nothing stored.
+    let url = server.url.clone();
+    drop(server);
+    let (code, log) = poll(&dir);
+    assert_eq!(code, 1);
+    assert!(log.contains(&format!("cannot reach {url}repo/json-pushes")), "{log}");
+    assert_eq!(stored(&dir).len(), 1);
+}
+
+#[test]
+fn a_stripped_repository_is_reported_afresh_within_max_changes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(2);
+    let mut repo = Repo::new(tmp.path());
+    repo.push(&server, "p@m.org", &[("A <a@x>", "default", &["a"], "base")]);
+    let dir = master(tmp.path(), &server, "maxChanges: 2");
+    assert_eq!(poll(&dir).0, 0);
+
+    // The server's history is replaced: the node kiln last saw is gone.
+    server.set(|p| p.pushes.clear());
+    repo.next_id = 1;
+    let a = repo.push(&server, "p@m.org", &[("X <x@x>", "default", &["x1"], "new one")]);
+    let b = repo.push(&server, "p@m.org", &[("X <x@x>", "default", &["x2"], "new two")]);
+    let c = repo.push(&server, "p@m.org", &[("X <x@x>", "default", &["x3"], "new three")]);
+    let (code, log) = poll(&dir);
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("no longer has"), "{log}");
+    let revs: Vec<String> = stored(&dir).into_iter().map(|r| r.1).collect();
+    assert_eq!(revs, [b[0].clone(), c[0].clone()]);
+    assert!(!revs.contains(&a[0]));
+    // And from there on, as usual.
+    assert_eq!(poll(&dir).0, 0);
+    assert_eq!(server.last_request().get("fromchange"), Some(&c[0]));
+}
