@@ -29,7 +29,8 @@ fn changes(dir: &Path) -> Vec<Row> {
         return vec![];
     }
     let c = rusqlite::Connection::open(db).expect("open db");
-    c.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+    c.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
     let mut stmt = c
         .prepare(
             "SELECT changeid, author, branch, revision, comments, when_timestamp FROM changes ORDER BY changeid",
@@ -79,7 +80,9 @@ fn changes(dir: &Path) -> Vec<Row> {
 }
 
 fn revisions(rows: &[Row]) -> Vec<String> {
-    rows.iter().map(|r| r.revision.clone().unwrap_or_default()).collect()
+    rows.iter()
+        .map(|r| r.revision.clone().unwrap_or_default())
+        .collect()
 }
 
 /// A master dir whose change sources are `sources` (Rhai expressions).
@@ -129,7 +132,10 @@ fn plain_hg_over_a_local_path_reports_each_changeset_once() {
     let first = hg_commit(&repo, "Alice <alice@m.org>", &["a.c"], "one");
     let dir = master_dir(
         tmp.path(),
-        &format!(r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#, repo.display()),
+        &format!(
+            r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#,
+            repo.display()
+        ),
     );
 
     // The first poll records where the repository is and reports nothing.
@@ -146,7 +152,10 @@ fn plain_hg_over_a_local_path_reports_each_changeset_once() {
     assert_eq!(rows[0].comments, "two");
     assert_eq!(rows[0].files, ["b.c", "dir/c.h"]);
     assert_eq!(rows[0].branch, None);
-    assert_eq!(rows[1].properties["changeset_author"], "Carol <carol@m.org>");
+    assert_eq!(
+        rows[1].properties["changeset_author"],
+        "Carol <carol@m.org>"
+    );
     assert_eq!(rows[1].properties["named_branch"], "default");
 
     // Nothing new: nothing stored.
@@ -175,13 +184,21 @@ fn tips_only_max_changes_and_repo_branch_shape_what_is_stored() {
     let tip = hg_commit(&repo, "D <d@x>", &["x.c", "w.c"], "tip of the push");
     poll(&dir);
     let rows = changes(&dir);
-    let tips: Vec<&Row> = rows.iter().filter(|r| r.comments == "tip of the push").collect();
+    let tips: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.comments == "tip of the push")
+        .collect();
     // tipsOnly: one change, the tip, with the union of the push's files;
     // maxChanges 2: the two newest changesets.
-    let by_tips_only = rows.iter().filter(|r| r.files == ["x.c", "y.c", "z.c", "w.c"]).count();
+    let by_tips_only = rows
+        .iter()
+        .filter(|r| r.files == ["x.c", "y.c", "z.c", "w.c"])
+        .count();
     assert_eq!(by_tips_only, 1, "{rows:#?}");
     assert_eq!(tips.len(), 2);
-    assert!(tips.iter().all(|r| r.revision.as_deref() == Some(tip.as_str())));
+    assert!(tips
+        .iter()
+        .all(|r| r.revision.as_deref() == Some(tip.as_str())));
     assert_eq!(rows.len(), 3, "{rows:#?}");
     assert!(rows.iter().any(|r| r.comments == "second of the push"));
     assert!(!rows.iter().any(|r| r.comments == "first of the push"));
@@ -192,7 +209,10 @@ fn tips_only_max_changes_and_repo_branch_shape_what_is_stored() {
     hg_commit(&repo2, "A <a@x>", &["base"], "base");
     let dir2 = master_dir(
         tmp2.path(),
-        &format!(r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#, repo2.display()),
+        &format!(
+            r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#,
+            repo2.display()
+        ),
     );
     poll(&dir2);
     run(&repo2, "hg", &["branch", "-q", "GECKO_RELBRANCH"]);
@@ -201,7 +221,10 @@ fn tips_only_max_changes_and_repo_branch_shape_what_is_stored() {
     let on_default = hg_commit(&repo2, "M <m@x>", &["main.c"], "on default");
     let log = poll(&dir2);
     assert_eq!(revisions(&changes(&dir2)), [on_default]);
-    assert!(log.contains("skipped 1 changeset(s) on named branches other than default"), "{log}");
+    assert!(
+        log.contains("skipped 1 changeset(s) on named branches other than default"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -210,7 +233,10 @@ fn an_empty_repository_reports_its_first_pushes() {
     let repo = hg_repo(tmp.path(), "repo");
     let dir = master_dir(
         tmp.path(),
-        &format!(r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#, repo.display()),
+        &format!(
+            r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#,
+            repo.display()
+        ),
     );
     let log = poll(&dir);
     assert!(log.contains("the repository is empty"), "{log}");
@@ -230,7 +256,15 @@ impl HgServe {
     fn start(repo: &Path) -> HgServe {
         use std::io::BufRead;
         let mut child = std::process::Command::new("hg")
-            .args(["serve", "-a", "127.0.0.1", "-p", "0", "--config", "ui.quiet=false"])
+            .args([
+                "serve",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                "0",
+                "--config",
+                "ui.quiet=false",
+            ])
             .current_dir(repo)
             .env("PATH", common::tools_path())
             .env("HGRCPATH", "")
@@ -256,7 +290,11 @@ impl HgServe {
             }
         };
         // "listening at http://localhost:PORT/ (bound to 127.0.0.1:PORT)"
-        let bound = line.rsplit("bound to ").next().unwrap_or("").trim_end_matches(')');
+        let bound = line
+            .rsplit("bound to ")
+            .next()
+            .unwrap_or("")
+            .trim_end_matches(')');
         HgServe {
             child,
             url: format!("http://{bound}"),
@@ -279,7 +317,10 @@ fn plain_hg_over_hg_serve_falls_back_from_the_pushlog() {
     let server = HgServe::start(&repo);
     let dir = master_dir(
         tmp.path(),
-        &format!(r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#, server.url),
+        &format!(
+            r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#,
+            server.url
+        ),
     );
     let log = poll(&dir);
     assert!(log.contains("no pushlog at"), "{log}");
@@ -288,7 +329,10 @@ fn plain_hg_over_hg_serve_falls_back_from_the_pushlog() {
     let rows = changes(&dir);
     assert_eq!(revisions(&rows), [two.clone()]);
     assert_eq!(
-        rows[0].properties.get("changeset_author").and_then(|v| v.as_str()),
+        rows[0]
+            .properties
+            .get("changeset_author")
+            .and_then(|v| v.as_str()),
         Some("B <b@x>")
     );
     drop(server);
@@ -334,11 +378,20 @@ fn git_poller_follows_branches_and_force_pushes() {
     poll(&dir);
     let rows = changes(&dir);
     let on = |b: &str| -> Vec<String> {
-        revisions(&rows.iter().filter(|r| r.branch.as_deref() == Some(b)).cloned().collect::<Vec<_>>())
+        revisions(
+            &rows
+                .iter()
+                .filter(|r| r.branch.as_deref() == Some(b))
+                .cloned()
+                .collect::<Vec<_>>(),
+        )
     };
     assert_eq!(on("main"), [two.clone(), three.clone()]);
     assert_eq!(on("release"), [rel]);
-    let r2 = rows.iter().find(|r| r.revision.as_deref() == Some(two.as_str())).expect("two");
+    let r2 = rows
+        .iter()
+        .find(|r| r.revision.as_deref() == Some(two.as_str()))
+        .expect("two");
     assert_eq!(r2.author, "kiln-test <test@kiln>");
     assert_eq!(r2.files, ["b"]);
     assert_eq!(r2.comments, "two");
@@ -359,7 +412,10 @@ fn a_restart_between_pushes_neither_repeats_nor_misses_a_change() {
     hg_commit(&repo, "A <a@x>", &["a"], "zero");
     let dir = master_dir(
         tmp.path(),
-        &format!(r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#, repo.display()),
+        &format!(
+            r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#,
+            repo.display()
+        ),
     );
     let mut master = Master::start(&dir);
     master.wait_for_log("first poll", 1, Duration::from_secs(60));
@@ -369,14 +425,19 @@ fn a_restart_between_pushes_neither_repeats_nor_misses_a_change() {
     });
     assert!(dir.join("kiln.pid").exists());
     assert_eq!(master.stop(), Some(0));
-    assert!(!dir.join("kiln.pid").exists(), "the pid file is removed on stop");
+    assert!(
+        !dir.join("kiln.pid").exists(),
+        "the pid file is removed on stop"
+    );
 
     let two = hg_commit(&repo, "C <c@x>", &["c"], "two");
     let three = hg_commit(&repo, "D <d@x>", &["d"], "three");
     let _master = Master::start(&dir);
-    wait_until(Duration::from_secs(60), "the changes pushed while stopped", || {
-        (changes(&dir).len() >= 3).then_some(())
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "the changes pushed while stopped",
+        || (changes(&dir).len() >= 3).then_some(()),
+    );
     // A few more poll rounds: nothing is repeated.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(revisions(&changes(&dir)), [one, two, three]);
@@ -391,7 +452,10 @@ fn a_missing_repository_is_logged_and_the_master_recovers_when_it_appears() {
     let path = tmp.path().join("later");
     let dir = master_dir(
         tmp.path(),
-        &format!(r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#, path.display()),
+        &format!(
+            r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#,
+            path.display()
+        ),
     );
     let master = Master::start(&dir);
     master.wait_for_log("poll failed", 1, Duration::from_secs(60));
@@ -404,9 +468,11 @@ fn a_missing_repository_is_logged_and_the_master_recovers_when_it_appears() {
     run(tmp.path(), "hg", &["init", "-q", "later"]);
     master.wait_for_log("polling works again", 1, Duration::from_secs(60));
     let one = hg_commit(&path, "A <a@x>", &["a"], "one");
-    wait_until(Duration::from_secs(60), "a change from the new repository", || {
-        (revisions(&changes(&dir)) == [one.clone()]).then_some(())
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "a change from the new repository",
+        || (revisions(&changes(&dir)) == [one.clone()]).then_some(()),
+    );
 }
 
 /// A blocking GET with a bounded wait; the body.
@@ -476,10 +542,22 @@ fn the_base_change_hook_and_sendchange_store_changes_and_refuse_bad_ones() {
 
     for (form, reason) in [
         (vec![("comments", "no author")], "`author` is required"),
-        (vec![("author", "a"), ("files", "a.c")], "`files` must be a JSON list"),
-        (vec![("author", "a"), ("properties", "[1]")], "`properties` must be a JSON object"),
-        (vec![("author", "a"), ("when_timestamp", "yesterday")], "`when_timestamp`"),
-        (vec![("author", "a"), ("revison", "x")], "unknown field `revison`"),
+        (
+            vec![("author", "a"), ("files", "a.c")],
+            "`files` must be a JSON list",
+        ),
+        (
+            vec![("author", "a"), ("properties", "[1]")],
+            "`properties` must be a JSON object",
+        ),
+        (
+            vec![("author", "a"), ("when_timestamp", "yesterday")],
+            "`when_timestamp`",
+        ),
+        (
+            vec![("author", "a"), ("revison", "x")],
+            "unknown field `revison`",
+        ),
     ] {
         let (status, body) = post_form(&hook, &form);
         assert_eq!(status, 400, "{form:?}: {body}");
@@ -522,7 +600,11 @@ fn the_base_change_hook_and_sendchange_store_changes_and_refuse_bad_ones() {
         Duration::from_secs(60),
     );
     assert_eq!(out.code, Some(1));
-    assert!(out.stderr.contains("cannot reach the master"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("cannot reach the master"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -533,9 +615,17 @@ fn a_second_master_in_the_same_dir_is_refused() {
     master.wait_for_log("master running", 1, Duration::from_secs(60));
     let out = kiln(&dir, &["start", "."], Duration::from_secs(60));
     assert_eq!(out.code, Some(1));
-    assert!(out.stderr.contains("a master is already running"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("a master is already running"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(master.stop(), Some(0));
     let out = kiln(&dir, &["stop", "."], Duration::from_secs(60));
     assert_eq!(out.code, Some(1));
-    assert!(out.stderr.contains("no master is running"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no master is running"),
+        "{}",
+        out.stderr
+    );
 }

@@ -60,9 +60,15 @@ async fn json_pushes(
     p.requests.push(q.clone());
     match p.fault {
         Fault::ServerError => {
-            return (StatusCode::INTERNAL_SERVER_ERROR, "<h1>Internal Server Error</h1>").into_response()
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "<h1>Internal Server Error</h1>",
+            )
+                .into_response()
         }
-        Fault::Truncated => return (StatusCode::OK, "{\"1\": {\"date\": 12, \"user\": ").into_response(),
+        Fault::Truncated => {
+            return (StatusCode::OK, "{\"1\": {\"date\": 12, \"user\": ").into_response()
+        }
         Fault::None => {}
     }
     let selected: Vec<&(i64, i64, String, Vec<Value>)> = if let Some(from) = q.get("fromchange") {
@@ -127,8 +133,12 @@ impl Server {
                 let app = axum::Router::new()
                     .route("/repo/json-pushes", axum::routing::get(json_pushes))
                     .with_state(st);
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                addr_tx.send(listener.local_addr().expect("addr")).expect("send addr");
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                addr_tx
+                    .send(listener.local_addr().expect("addr"))
+                    .expect("send addr");
                 axum::serve(listener, app)
                     .with_graceful_shutdown(async move {
                         let _ = stop_rx.await;
@@ -137,7 +147,9 @@ impl Server {
                     .expect("serve");
             });
         });
-        let addr = addr_rx.recv_timeout(Duration::from_secs(10)).expect("server address");
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("server address");
         Server {
             url: format!("http://{addr}/"),
             state,
@@ -151,7 +163,13 @@ impl Server {
     }
 
     fn last_request(&self) -> BTreeMap<String, String> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).requests.last().cloned().unwrap_or_default()
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .requests
+            .last()
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -181,16 +199,24 @@ impl Repo {
     }
 
     /// Commits (author, named branch, files, message) and pushes them as one push.
-    fn push(&mut self, server: &Server, user: &str, commits: &[(&str, &str, &[&str], &str)]) -> Vec<String> {
+    fn push(
+        &mut self,
+        server: &Server,
+        user: &str,
+        commits: &[(&str, &str, &[&str], &str)],
+    ) -> Vec<String> {
         let mut nodes = vec![];
         for (author, branch, files, msg) in commits {
             run(&self.path, "hg", &["branch", "-q", "-f", branch]);
             nodes.push(hg_commit(&self.path, author, files, msg));
         }
         let revset = nodes.join("+");
-        let csets: Vec<Value> =
-            serde_json::from_str(&run(&self.path, "hg", &["log", "-v", "-r", &revset, "-T", "json"]))
-                .expect("hg log json");
+        let csets: Vec<Value> = serde_json::from_str(&run(
+            &self.path,
+            "hg",
+            &["log", "-v", "-r", &revset, "-T", "json"],
+        ))
+        .expect("hg log json");
         let id = self.next_id;
         self.next_id += 1;
         server.set(|p| p.pushes.push((id, 1_000 * id, user.to_string(), csets)));
@@ -231,9 +257,13 @@ fn poll(dir: &Path) -> (i32, String) {
 fn stored(dir: &Path) -> Vec<(String, String, String, Vec<String>, BTreeMap<String, Value>)> {
     let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
     let ids: Vec<(i64, String, String, String, String)> = c
-        .prepare("SELECT changeid, author, revision, comments, branch FROM changes ORDER BY changeid")
+        .prepare(
+            "SELECT changeid, author, revision, comments, branch FROM changes ORDER BY changeid",
+        )
         .expect("prepare")
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
         .expect("query")
         .collect::<Result<_, _>>()
         .expect("rows");
@@ -267,12 +297,19 @@ fn pushes_are_read_in_both_answer_forms(version: u8) {
     let tmp = tempfile::tempdir().expect("tmp");
     let server = Server::start(version);
     let mut repo = Repo::new(tmp.path());
-    let first = repo.push(&server, "first@m.org", &[("A <a@x>", "default", &["a.c"], "base")]);
+    let first = repo.push(
+        &server,
+        "first@m.org",
+        &[("A <a@x>", "default", &["a.c"], "base")],
+    );
     let dir = master(tmp.path(), &server, "");
 
     let (code, log) = poll(&dir);
     assert_eq!(code, 0, "{log}");
-    assert!(log.contains(&format!("starting after {}", first[0])), "{log}");
+    assert!(
+        log.contains(&format!("starting after {}", first[0])),
+        "{log}"
+    );
     assert!(!server.last_request().contains_key("fromchange"));
 
     let p2 = repo.push(
@@ -284,11 +321,18 @@ fn pushes_are_read_in_both_answer_forms(version: u8) {
             ("D <d@x>", "default", &["z.c"], "Bug 3 - three"),
         ],
     );
-    let p3 = repo.push(&server, "late@m.org", &[("E <e@x>", "default", &["w.c"], "Bug 4 - four")]);
+    let p3 = repo.push(
+        &server,
+        "late@m.org",
+        &[("E <e@x>", "default", &["w.c"], "Bug 4 - four")],
+    );
     let (code, log) = poll(&dir);
     assert_eq!(code, 0, "{log}");
     assert_eq!(server.last_request().get("fromchange"), Some(&first[0]));
-    assert!(log.contains("skipped 1 changeset(s) on named branches other than default"), "{log}");
+    assert!(
+        log.contains("skipped 1 changeset(s) on named branches other than default"),
+        "{log}"
+    );
 
     let rows = stored(&dir);
     let revs: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
@@ -324,19 +368,37 @@ fn tips_only_and_max_changes_over_the_pushlog() {
     let tmp = tempfile::tempdir().expect("tmp");
     let server = Server::start(2);
     let mut repo = Repo::new(tmp.path());
-    repo.push(&server, "p@m.org", &[("A <a@x>", "default", &["a"], "base")]);
+    repo.push(
+        &server,
+        "p@m.org",
+        &[("A <a@x>", "default", &["a"], "base")],
+    );
     let dir = master(tmp.path(), &server, "tipsOnly: true, maxChanges: 2");
     assert_eq!(poll(&dir).0, 0);
-    repo.push(&server, "p1@m.org", &[("A <a@x>", "default", &["one"], "one")]);
+    repo.push(
+        &server,
+        "p1@m.org",
+        &[("A <a@x>", "default", &["one"], "one")],
+    );
     let p2 = repo.push(
         &server,
         "p2@m.org",
-        &[("B <b@x>", "default", &["dom/a.cpp"], "code"), ("C <c@x>", "default", &["README"], "docs")],
+        &[
+            ("B <b@x>", "default", &["dom/a.cpp"], "code"),
+            ("C <c@x>", "default", &["README"], "docs"),
+        ],
     );
-    let p3 = repo.push(&server, "p3@m.org", &[("D <d@x>", "default", &["three"], "three")]);
+    let p3 = repo.push(
+        &server,
+        "p3@m.org",
+        &[("D <d@x>", "default", &["three"], "three")],
+    );
     let (code, log) = poll(&dir);
     assert_eq!(code, 0, "{log}");
-    assert!(log.contains("1 change(s) left out: more than maxChanges (2)"), "{log}");
+    assert!(
+        log.contains("1 change(s) left out: more than maxChanges (2)"),
+        "{log}"
+    );
     let rows = stored(&dir);
     let revs: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
     // The newest two pushes, one change each (the tip); the tip of push 2
@@ -351,7 +413,11 @@ fn errors_store_nothing_and_the_poller_recovers() {
     let tmp = tempfile::tempdir().expect("tmp");
     let server = Server::start(1);
     let mut repo = Repo::new(tmp.path());
-    repo.push(&server, "p@m.org", &[("A <a@x>", "default", &["a"], "base")]);
+    repo.push(
+        &server,
+        "p@m.org",
+        &[("A <a@x>", "default", &["a"], "base")],
+    );
     let dir = master(tmp.path(), &server, "");
     assert_eq!(poll(&dir).0, 0);
     let one = repo.push(&server, "p@m.org", &[("B <b@x>", "default", &["b"], "one")]);
@@ -379,7 +445,10 @@ fn errors_store_nothing_and_the_poller_recovers() {
     drop(server);
     let (code, log) = poll(&dir);
     assert_eq!(code, 1);
-    assert!(log.contains(&format!("cannot reach {url}repo/json-pushes")), "{log}");
+    assert!(
+        log.contains(&format!("cannot reach {url}repo/json-pushes")),
+        "{log}"
+    );
     assert_eq!(stored(&dir).len(), 1);
 }
 
@@ -388,16 +457,32 @@ fn a_stripped_repository_is_reported_afresh_within_max_changes() {
     let tmp = tempfile::tempdir().expect("tmp");
     let server = Server::start(2);
     let mut repo = Repo::new(tmp.path());
-    repo.push(&server, "p@m.org", &[("A <a@x>", "default", &["a"], "base")]);
+    repo.push(
+        &server,
+        "p@m.org",
+        &[("A <a@x>", "default", &["a"], "base")],
+    );
     let dir = master(tmp.path(), &server, "maxChanges: 2");
     assert_eq!(poll(&dir).0, 0);
 
     // The server's history is replaced: the node kiln last saw is gone.
     server.set(|p| p.pushes.clear());
     repo.next_id = 1;
-    let a = repo.push(&server, "p@m.org", &[("X <x@x>", "default", &["x1"], "new one")]);
-    let b = repo.push(&server, "p@m.org", &[("X <x@x>", "default", &["x2"], "new two")]);
-    let c = repo.push(&server, "p@m.org", &[("X <x@x>", "default", &["x3"], "new three")]);
+    let a = repo.push(
+        &server,
+        "p@m.org",
+        &[("X <x@x>", "default", &["x1"], "new one")],
+    );
+    let b = repo.push(
+        &server,
+        "p@m.org",
+        &[("X <x@x>", "default", &["x2"], "new two")],
+    );
+    let c = repo.push(
+        &server,
+        "p@m.org",
+        &[("X <x@x>", "default", &["x3"], "new three")],
+    );
     let (code, log) = poll(&dir);
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("no longer has"), "{log}");

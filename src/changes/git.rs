@@ -99,6 +99,7 @@ impl GitPollerTask {
                 o
             }
         };
+        let _slot = ctx.command_slot().await;
         let mirror_dir = ctx.mirror_dir("git", &self.cfg.repourl);
         let mirror = mirror_dir.to_string_lossy().into_owned();
         if !mirror_dir.join("HEAD").is_file() {

@@ -34,6 +34,29 @@ pub struct HgPollerTask {
     pub cfg: HgPoller,
     mode: Mode,
     object: Option<ObjectId>,
+    /// The local source repository's changelog as of the last complete
+    /// poll: while it is unchanged there is nothing to pull.
+    source_seen: Option<Fingerprint>,
+}
+
+/// Sizes and modification times of a repository's changelog files, which
+/// every new changeset (and every strip) changes.
+type Fingerprint = Vec<(u64, Option<std::time::SystemTime>)>;
+
+fn fingerprint(repo: &std::path::Path) -> Option<Fingerprint> {
+    let store = repo.join(".hg").join("store");
+    if !store.is_dir() {
+        return None;
+    }
+    Some(
+        ["00changelog.i", "00changelog.d", "00changelog.n"]
+            .iter()
+            .map(|f| match std::fs::metadata(store.join(f)) {
+                Ok(m) => (m.len(), m.modified().ok()),
+                Err(_) => (0, None),
+            })
+            .collect(),
+    )
 }
 
 /// A pushlog answer that says the revision asked from is not known.
@@ -73,6 +96,7 @@ impl HgPollerTask {
             cfg,
             mode,
             object: None,
+            source_seen: None,
         }
     }
 
@@ -265,7 +289,7 @@ impl HgPollerTask {
     }
 
     async fn poll_plain(
-        &self,
+        &mut self,
         ctx: &Context,
         object: ObjectId,
         last: Option<String>,
@@ -284,9 +308,26 @@ impl HgPollerTask {
         } else {
             ctx.master_dir.join(&repo).to_string_lossy().into_owned()
         };
+        let local = !is_http(&from_repo);
+        let source_now = if local {
+            fingerprint(std::path::Path::new(&from_repo))
+        } else {
+            None
+        };
+        let started = last.as_deref().is_some_and(|l| !l.is_empty());
+        if started && source_now.is_some() && source_now == self.source_seen {
+            return Ok(0);
+        }
+        let mirror_before = fingerprint(&mirror_dir);
+        let _slot = ctx.command_slot().await;
         self.hg(ctx, &["pull", "-q", "-R", &mirror, &from_repo])
             .await?;
         let pulled_at = now();
+        if started && mirror_before.is_some() && fingerprint(&mirror_dir) == mirror_before {
+            // The pull brought nothing.
+            self.source_seen = source_now;
+            return Ok(0);
+        }
         let log = |revset: String| self.log(ctx, mirror.clone(), revset);
         let changesets = match last.as_deref() {
             None => {
@@ -328,7 +369,9 @@ impl HgPollerTask {
             changesets,
         };
         let sel = pushlog::select(&self.cfg, &[push]);
-        self.store(ctx, object, sel, last).await
+        let n = self.store(ctx, object, sel, last).await?;
+        self.source_seen = source_now;
+        Ok(n)
     }
 }
 

@@ -60,6 +60,8 @@ pub struct Context {
     pub master_dir: PathBuf,
     pub http: reqwest::Client,
     pub timeout: Duration,
+    /// Bounds how many hg/git processes polls run at once.
+    commands: Arc<tokio::sync::Semaphore>,
 }
 
 impl Context {
@@ -76,7 +78,14 @@ impl Context {
             master_dir: master_dir.to_path_buf(),
             http,
             timeout: POLL_TIMEOUT,
+            commands: Arc::new(tokio::sync::Semaphore::new(command_slots())),
         })
+    }
+
+    /// Waits for a turn to run VCS commands; the turn ends when dropped.
+    pub async fn command_slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        // The semaphore is never closed, so this is always Some.
+        self.commands.acquire().await.ok()
     }
 
     /// Stores `changes` with the poller's new state, then publishes them.
@@ -238,6 +247,12 @@ pub fn spawn_all(
             tokio::spawn(poller.run(ctx.clone(), cancel.clone()))
         })
         .collect()
+}
+
+/// hg and git are mostly CPU: two per core keeps the machine busy without
+/// hundreds of pollers starting hundreds of processes at once.
+fn command_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
 }
 
 fn now() -> i64 {

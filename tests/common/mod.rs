@@ -152,7 +152,11 @@ pub fn hg_commit(repo: &Path, user: &str, files: &[&str], message: &str) -> Stri
         let old = std::fs::read_to_string(&p).unwrap_or_default();
         std::fs::write(&p, format!("{old}{message}\n")).expect("write");
     }
-    run(repo, "hg", &["commit", "-q", "-A", "-u", user, "-m", message]);
+    run(
+        repo,
+        "hg",
+        &["commit", "-q", "-A", "-u", user, "-m", message],
+    );
     run(repo, "hg", &["log", "-r", ".", "-T", "{node}"])
 }
 
@@ -219,7 +223,12 @@ impl Master {
         self.wait_for_log("HTTP listening on ", 1, Duration::from_secs(30));
         let log = self.log();
         let at = log.find("HTTP listening on ").expect("address") + "HTTP listening on ".len();
-        log[at..].split_whitespace().next().expect("url").trim_end_matches('/').to_string()
+        log[at..]
+            .split_whitespace()
+            .next()
+            .expect("url")
+            .trim_end_matches('/')
+            .to_string()
     }
 
     /// `kiln stop`, then waits for the process to end; returns its exit code.
