@@ -253,8 +253,10 @@ fn poll(dir: &Path) -> (i32, String) {
     (out.code.unwrap_or(-1), out.stderr)
 }
 
-/// (author, revision, comments, files, properties) of every stored change.
-fn stored(dir: &Path) -> Vec<(String, String, String, Vec<String>, BTreeMap<String, Value>)> {
+/// (author, revision, comments, files, properties) of a stored change.
+type Stored = (String, String, String, Vec<String>, BTreeMap<String, Value>);
+
+fn stored(dir: &Path) -> Vec<Stored> {
     let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
     let ids: Vec<(i64, String, String, String, String)> = c
         .prepare(
