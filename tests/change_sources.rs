@@ -327,7 +327,7 @@ fn plain_hg_over_hg_serve_falls_back_from_the_pushlog() {
     let two = hg_commit(&repo, "B <b@x>", &["b"], "two");
     poll(&dir);
     let rows = changes(&dir);
-    assert_eq!(revisions(&rows), [two.clone()]);
+    assert_eq!(revisions(&rows), [two]);
     assert_eq!(
         rows[0]
             .properties
