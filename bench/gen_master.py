@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write a Mozilla-style kiln master.rhai: B branches x P platforms.
 
-usage: gen_master.py OUTDIR BRANCHES PLATFORMS WORKERS [PORT]
+usage: gen_master.py OUTDIR BRANCHES PLATFORMS WORKERS [PORT] [WWWPORT]
 
 The same shape as ../../shared/bench/buildbot/gen_master.py writes for
 Buildbot, so that `kiln checkconfig` and `buildbot checkconfig` are timed on
@@ -15,6 +15,8 @@ import sys
 
 out, B, P, W = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 port = int(sys.argv[5]) if len(sys.argv) > 5 else 9990
+wwwport = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+www = f'www: #{{ port: {wwwport} }},' if wwwport else ''
 platforms = ["linux", "linux64", "win32", "win64", "macosx64", "android", "android-x86", "linux64-asan"][:P]
 while len(platforms) < P:
     platforms.append("plat%d" % len(platforms))
@@ -26,6 +28,7 @@ let c = #{{
     buildbotURL: "http://127.0.0.1:8010/",
     db: #{{ db_url: "sqlite:///state.sqlite" }},
     protocols: #{{ msgpack_experimental_v7: #{{ port: {port} }} }},
+    {www}
     workers: [],
     builders: [],
     schedulers: [],
