@@ -103,6 +103,36 @@ enum Command {
     },
     /// Send a change to a running master (its /change_hook/base).
     Sendchange(Box<SendchangeArgs>),
+    /// Request a build of BUILDER from a running master (through a ForceScheduler).
+    Force(Box<ForceArgs>),
+}
+
+#[derive(clap::Args)]
+struct ForceArgs {
+    /// The master's web address, e.g. http://127.0.0.1:8010/
+    #[arg(long)]
+    master: String,
+    /// The builder to build.
+    builder: String,
+    /// The ForceScheduler to use (default: the first that lists BUILDER).
+    #[arg(long)]
+    scheduler: Option<String>,
+    #[arg(long)]
+    branch: Option<String>,
+    #[arg(long)]
+    revision: Option<String>,
+    #[arg(long)]
+    repository: Option<String>,
+    #[arg(long)]
+    project: Option<String>,
+    #[arg(long, default_value = "forced with kiln force")]
+    reason: String,
+    /// A build property, NAME=VALUE (repeatable; VALUE is JSON if it parses as JSON).
+    #[arg(long = "property", short = 'p', value_name = "NAME=VALUE")]
+    properties: Vec<String>,
+    /// USER:PASSWORD for a master with www.users.
+    #[arg(long)]
+    auth: Option<String>,
 }
 
 pub fn main() -> ExitCode {
@@ -257,7 +287,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(l) => l,
                 Err(code) => return Ok(code),
             };
-            crate::master::run(&dir, loaded.config)?;
+            crate::master::run(&dir, loaded)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Stop { dir, wait } => {
@@ -276,6 +306,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Force(args) => {
+            let (bsid, brids) = force(*args)?;
+            println!("buildset {bsid}: build requests {brids}");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Sendchange(args) => {
             let SendchangeArgs {
@@ -307,21 +342,102 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ];
             form.extend(optional.into_iter().filter_map(|(k, v)| Some((k, v?))));
             form.push(("files", serde_json::to_string(&files)?));
-            let mut props = serde_json::Map::new();
-            for p in &properties {
-                let Some((name, value)) = p.split_once('=') else {
-                    bail!("--property {p:?} must be NAME=VALUE");
-                };
-                let value = serde_json::from_str(value)
-                    .unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
-                props.insert(name.to_string(), value);
-            }
+            let props = parse_properties(&properties)?;
             form.push(("properties", serde_json::Value::Object(props).to_string()));
             let ids = sendchange(&master, &form)?;
             println!("change sent: {ids}");
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn parse_properties(list: &[String]) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let mut props = serde_json::Map::new();
+    for p in list {
+        let Some((name, value)) = p.split_once('=') else {
+            bail!("--property {p:?} must be NAME=VALUE");
+        };
+        let value = serde_json::from_str(value)
+            .unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+        props.insert(name.to_string(), value);
+    }
+    Ok(props)
+}
+
+fn force(a: ForceArgs) -> anyhow::Result<(i64, String)> {
+    let base = a.master.trim_end_matches('/').to_string();
+    let properties = parse_properties(&a.properties)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()?;
+        let auth = |r: reqwest::RequestBuilder| match &a.auth {
+            Some(up) => {
+                let (u, p) = up.split_once(':').unwrap_or((up.as_str(), ""));
+                r.basic_auth(u, Some(p))
+            }
+            None => r,
+        };
+        let scheduler = match &a.scheduler {
+            Some(s) => s.clone(),
+            None => {
+                let url = format!("{base}/api/v2/forceschedulers");
+                let list: serde_json::Value = auth(client.get(&url))
+                    .send()
+                    .await
+                    .with_context(|| format!("cannot reach the master at {url}"))?
+                    .json()
+                    .await
+                    .context("the master's answer is not JSON")?;
+                let found = list["forceschedulers"].as_array().and_then(|l| {
+                    l.iter().find(|s| {
+                        s["builder_names"].as_array().is_some_and(|b| {
+                            b.iter().any(|n| n.as_str() == Some(a.builder.as_str()))
+                        })
+                    })
+                });
+                match found.and_then(|s| s["name"].as_str()) {
+                    Some(n) => n.to_string(),
+                    None => bail!("no ForceScheduler of the master builds `{}`", a.builder),
+                }
+            }
+        };
+        let url = format!("{base}/api/v2/forceschedulers/{scheduler}");
+        let body = serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "force",
+            "params": {
+                "builderNames": [a.builder],
+                "branch": a.branch,
+                "revision": a.revision,
+                "repository": a.repository,
+                "project": a.project,
+                "reason": a.reason,
+                "properties": properties,
+            },
+        });
+        let resp = auth(client.post(&url).json(&body))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the master at {url}"))?;
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+        if !status.is_success() {
+            let why = v["error"]["message"]
+                .as_str()
+                .or(v["error"].as_str())
+                .unwrap_or("no reason given");
+            bail!("the master refused ({status}): {why}");
+        }
+        let bsid = v["result"][0]
+            .as_i64()
+            .context("the master's answer has no buildset id")?;
+        Ok((bsid, v["result"][1].to_string()))
+    })
 }
 
 fn sendchange(master: &str, form: &[(&str, String)]) -> anyhow::Result<String> {

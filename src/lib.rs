@@ -8,6 +8,7 @@ pub mod diagnostics;
 pub mod http;
 pub mod master;
 pub mod memory;
+pub mod schedulers;
 pub mod script;
 pub mod store;
 

@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::changes::{self, ChangeBus};
 use crate::config::MasterConfig;
+use crate::schedulers::{Clock, Schedulers};
+use crate::script::{Loaded, ScriptRuntime};
 use crate::store::Store;
 
 /// The running master's process id, in the master dir.
@@ -102,8 +104,10 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
 }
 
 /// Runs the master in the foreground until SIGTERM or SIGINT.
-pub fn run(dir: &Path, config: MasterConfig) -> anyhow::Result<()> {
+pub fn run(dir: &Path, loaded: Loaded) -> anyhow::Result<()> {
     let _pid = PidFile::take(dir)?;
+    let runtime = loaded.runtime();
+    let config = loaded.config;
     let db = db_path(dir, &config.db.db_url);
     let store = Store::open(&db)?;
     tracing::info!("database {}", db.display());
@@ -112,13 +116,34 @@ pub fn run(dir: &Path, config: MasterConfig) -> anyhow::Result<()> {
         .thread_name("kiln")
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(serve(dir, config, store))
+    rt.block_on(serve(dir, config, runtime, store))
 }
 
-async fn serve(dir: &Path, config: MasterConfig, store: Store) -> anyhow::Result<()> {
+/// Buildbot's master name: `host:basedir`.
+fn master_name(dir: &Path) -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let host = if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "localhost".to_string()
+    };
+    format!("{host}:{}", crate::diagnostics::canonical(dir).display())
+}
+
+async fn serve(
+    dir: &Path,
+    config: MasterConfig,
+    runtime: ScriptRuntime,
+    store: Store,
+) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
+    let master_id = store.master_started(&master_name(dir)).await?;
     let bus = ChangeBus::default();
     let ctx = changes::Context::new(store.clone(), bus.clone(), dir)?;
+    let (schedulers, scheduler_tasks) =
+        Schedulers::start(&config, runtime, store.clone(), &bus, Clock::new(), &cancel);
 
     let server = match &config.www {
         Some(www) => {
@@ -130,13 +155,18 @@ async fn serve(dir: &Path, config: MasterConfig, store: Store) -> anyhow::Result
             let app = crate::http::router(crate::http::AppState {
                 store: store.clone(),
                 bus: bus.clone(),
+                schedulers: schedulers.clone(),
+                users: www.users.clone(),
                 started_at: Instant::now(),
             });
             let stop = cancel.clone();
             Some(tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
+                axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
             }))
         }
         None => {
@@ -158,7 +188,7 @@ async fn serve(dir: &Path, config: MasterConfig, store: Store) -> anyhow::Result
     tracing::info!("{why}: stopping");
     cancel.cancel();
     let wait_all = async {
-        for p in pollers {
+        for p in pollers.into_iter().chain(scheduler_tasks) {
             let _ = p.await;
         }
         if let Some(s) = server {
@@ -171,6 +201,9 @@ async fn serve(dir: &Path, config: MasterConfig, store: Store) -> anyhow::Result
     };
     if tokio::time::timeout(STOP_GRACE, wait_all).await.is_err() {
         tracing::warn!("some tasks did not stop within {} s", STOP_GRACE.as_secs());
+    }
+    if let Err(e) = store.master_stopped(master_id).await {
+        tracing::warn!("cannot record the master as stopped: {e:#}");
     }
     tracing::info!("master stopped");
     Ok(())

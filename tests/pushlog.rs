@@ -24,6 +24,8 @@ enum Fault {
     ServerError,
     /// The body ends in the middle of the JSON.
     Truncated,
+    /// No answer for 5 s.
+    Hang,
 }
 
 struct Pushlog {
@@ -56,6 +58,10 @@ async fn json_pushes(
     State(st): State<Shared>,
     Query(q): Query<BTreeMap<String, String>>,
 ) -> Response {
+    let fault = st.lock().unwrap_or_else(|e| e.into_inner()).fault;
+    if fault == Fault::Hang {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
     let mut p = st.lock().unwrap_or_else(|e| e.into_inner());
     p.requests.push(q.clone());
     match p.fault {
@@ -69,7 +75,7 @@ async fn json_pushes(
         Fault::Truncated => {
             return (StatusCode::OK, "{\"1\": {\"date\": 12, \"user\": ").into_response()
         }
-        Fault::None => {}
+        Fault::None | Fault::Hang => {}
     }
     let selected: Vec<&(i64, i64, String, Vec<Value>)> = if let Some(from) = q.get("fromchange") {
         let Some(i) = p
@@ -494,4 +500,67 @@ fn a_stripped_repository_is_reported_afresh_within_max_changes() {
     // And from there on, as usual.
     assert_eq!(poll(&dir).0, 0);
     assert_eq!(server.last_request().get("fromchange"), Some(&c[0]));
+}
+
+/// The poller through the library: a hanging server times out (here after
+/// 1 s instead of the default 30), and stored changes reach the bus.
+#[test]
+fn a_hanging_server_times_out_and_stored_changes_reach_the_bus() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(2);
+    let mut repo = Repo::new(tmp.path());
+    repo.push(
+        &server,
+        "p@m.org",
+        &[("A <a@x>", "default", &["a"], "base")],
+    );
+    let cfg = kiln::config::HgPoller {
+        hg_url: server.url.clone(),
+        branch: "repo".into(),
+        pushlog_url_override: None,
+        tips_only: false,
+        max_changes: 100,
+        repo_branch: Some("default".into()),
+        poll_interval: 1,
+        store_rev: Some("got_revision".into()),
+        category: None,
+        project: Some("firefox".into()),
+        origin: None,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let store = kiln::store::Store::open(&tmp.path().join("state.sqlite")).expect("store");
+        let bus = kiln::changes::ChangeBus::default();
+        let mut rx = bus.subscribe();
+        let mut ctx = kiln::changes::Context::new(store, bus, tmp.path()).expect("context");
+        ctx.timeout = Duration::from_secs(1);
+        let mut poller = kiln::changes::Poller::new(&kiln::config::ChangeSource::HgPoller(cfg));
+        assert_eq!(poller.poll(&ctx).await.expect("first poll"), 0);
+
+        let one = repo.push(&server, "p@m.org", &[("B <b@x>", "default", &["b"], "one")]);
+        server.set(|p| p.fault = Fault::Hang);
+        let started = std::time::Instant::now();
+        let err = format!("{:#}", poller.poll(&ctx).await.expect_err("a timeout"));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "bounded by the timeout"
+        );
+        assert!(
+            err.contains("cannot reach") && err.contains("json-pushes"),
+            "{err}"
+        );
+        assert!(rx.try_recv().is_err(), "nothing published");
+
+        server.set(|p| p.fault = Fault::None);
+        assert_eq!(poller.poll(&ctx).await.expect("poll"), 1);
+        let change = rx.try_recv().expect("published");
+        assert_eq!(change.change.revision.as_deref(), Some(one[0].as_str()));
+        assert_eq!(change.change.project, "firefox");
+        assert_eq!(change.change.properties["got_revision"].0, one[0].as_str());
+        assert!(change.changeid > 0);
+    });
 }

@@ -297,12 +297,8 @@ impl HgPollerTask {
         let repo = self.cfg.repository();
         let mirror_dir = ctx.mirror_dir("hg", &repo);
         let mirror = mirror_dir.to_string_lossy().into_owned();
-        if !mirror_dir.join(".hg").is_dir() {
-            std::fs::create_dir_all(&mirror_dir)
-                .with_context(|| format!("cannot create the mirror {mirror}"))?;
-            self.hg(ctx, &["init", &mirror]).await?;
-        }
-        // A relative local path is relative to the master dir.
+        // A local repository that has not changed needs no process at all.
+        // (A relative local path is relative to the master dir.)
         let from_repo = if is_http(&repo) || std::path::Path::new(&repo).is_absolute() {
             repo.clone()
         } else {
@@ -318,8 +314,13 @@ impl HgPollerTask {
         if started && source_now.is_some() && source_now == self.source_seen {
             return Ok(0);
         }
-        let mirror_before = fingerprint(&mirror_dir);
         let _slot = ctx.command_slot().await;
+        if !mirror_dir.join(".hg").is_dir() {
+            std::fs::create_dir_all(&mirror_dir)
+                .with_context(|| format!("cannot create the mirror {mirror}"))?;
+            self.hg(ctx, &["init", &mirror]).await?;
+        }
+        let mirror_before = fingerprint(&mirror_dir);
         self.hg(ctx, &["pull", "-q", "-R", &mirror, &from_repo])
             .await?;
         let pulled_at = now();

@@ -3,16 +3,19 @@
 //! page will be further routes on the same router.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Form, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Form, Path, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use crate::changes::ChangeBus;
+use crate::config::{SchedulerKind, WwwUser};
+use crate::schedulers::{ForceRequest, Schedulers};
 use crate::store::{NewChange, Properties, Store};
 
 /// What the handlers share.
@@ -20,14 +23,204 @@ use crate::store::{NewChange, Properties, Store};
 pub struct AppState {
     pub store: Store,
     pub bus: ChangeBus,
+    pub schedulers: Schedulers,
+    /// `www.users`: who may write (force, ...). With none configured, writes
+    /// are accepted from loopback addresses only.
+    pub users: BTreeMap<String, WwwUser>,
     pub started_at: std::time::Instant,
 }
 
+/// The router; serve it with `into_make_service_with_connect_info::<SocketAddr>()`
+/// so that writes can check where they come from.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/change_hook/base", post(change_hook_base))
+        .route("/api/v2/forceschedulers", get(list_force_schedulers))
+        .route("/api/v2/forceschedulers/{name}", post(force_rpc))
         .with_state(Arc::new(state))
+}
+
+/// Why a write was refused.
+enum Denied {
+    /// No users are configured and the client is not on this machine.
+    NotLocal,
+    /// Users are configured and no valid one was given.
+    NeedsUser,
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        match self {
+            Denied::NotLocal => (
+                StatusCode::FORBIDDEN,
+                Json(json!({ "error": "writes need a user: configure www.users, or connect from this machine" })),
+            )
+                .into_response(),
+            Denied::NeedsUser => (
+                StatusCode::UNAUTHORIZED,
+                [("WWW-Authenticate", "Basic realm=\"kiln\"")],
+                Json(json!({ "error": "a valid user name and password are needed" })),
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// Who is writing, or why not: HTTP Basic auth against `www.users`, or
+/// any loopback client when no users are configured.
+fn writer(st: &AppState, headers: &HeaderMap, peer: SocketAddr) -> Result<String, Denied> {
+    if st.users.is_empty() {
+        return if peer.ip().is_loopback() {
+            Ok(String::new())
+        } else {
+            Err(Denied::NotLocal)
+        };
+    }
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .ok_or(Denied::NeedsUser)?;
+    let decoded = decode_base64(auth.trim()).ok_or(Denied::NeedsUser)?;
+    let (user, password) = decoded.split_once(':').ok_or(Denied::NeedsUser)?;
+    match st.users.get(user) {
+        Some(u) if constant_time_eq(u.password.expose().as_bytes(), password.as_bytes()) => {
+            Ok(user.to_string())
+        }
+        _ => Err(Denied::NeedsUser),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn decode_base64(s: &str) -> Option<String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(s).ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+async fn list_force_schedulers(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let list: Vec<Value> = st
+        .schedulers
+        .force_schedulers()
+        .into_iter()
+        .map(|c| {
+            let (button_name, label) = match &c.kind {
+                SchedulerKind::ForceScheduler { button_name, label } => {
+                    (button_name.clone(), label.clone())
+                }
+                _ => (String::new(), String::new()),
+            };
+            json!({
+                "name": c.name,
+                "builder_names": c.builder_names,
+                "button_name": button_name,
+                "label": label,
+                "all_fields": [],
+            })
+        })
+        .collect();
+    let total = list.len();
+    Json(json!({ "forceschedulers": list, "meta": { "total": total } }))
+}
+
+/// Buildbot's JSON-RPC call `{"method": "force", "params": {...}}`.
+async fn force_rpc(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let owner = match writer(&st, &headers, peer) {
+        Ok(u) => u,
+        Err(d) => return d.into_response(),
+    };
+    let rpc_error = |status: StatusCode, id: &Value, code: i64, msg: String| {
+        (
+            status,
+            Json(json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": msg } })),
+        )
+            .into_response()
+    };
+    let req: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                &Value::Null,
+                -32700,
+                format!("not JSON: {e}"),
+            )
+        }
+    };
+    let id = req.get("id").cloned().unwrap_or(Value::Null);
+    if req.get("method").and_then(Value::as_str) != Some("force") {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            &id,
+            -32601,
+            "the only method is `force`".into(),
+        );
+    }
+    let params = req.get("params").cloned().unwrap_or_else(|| json!({}));
+    let text = |k: &str| params.get(k).and_then(Value::as_str).map(String::from);
+    let builders = match params.get("builderNames") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(String::from)
+            .collect(),
+        Some(_) => {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                &id,
+                -32602,
+                "`builderNames` must be a list".into(),
+            )
+        }
+    };
+    let properties = match params.get("properties") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(m)) => m.clone().into_iter().collect(),
+        Some(_) => {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                &id,
+                -32602,
+                "`properties` must be an object".into(),
+            )
+        }
+    };
+    let request = ForceRequest {
+        builders,
+        branch: text("branch").filter(|b| !b.is_empty()),
+        revision: text("revision").filter(|r| !r.is_empty()),
+        repository: text("repository").unwrap_or_default(),
+        project: text("project").unwrap_or_default(),
+        reason: text("reason").unwrap_or_default(),
+        owner: if owner.is_empty() {
+            text("owner").unwrap_or_default()
+        } else {
+            owner
+        },
+        properties,
+    };
+    match st.schedulers.force(&name, request).await {
+        Ok(ids) => {
+            let brids: serde_json::Map<String, Value> = ids
+                .brids
+                .iter()
+                .map(|r| (r.builderid.to_string(), json!(r.brid)))
+                .collect();
+            Json(json!({ "jsonrpc": "2.0", "id": id, "result": [ids.bsid, brids] })).into_response()
+        }
+        Err(e) => rpc_error(StatusCode::BAD_REQUEST, &id, -32602, format!("{e:#}")),
+    }
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Json<Value> {

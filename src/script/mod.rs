@@ -186,6 +186,16 @@ pub fn new_engine(state: &Arc<LoadState>) -> Engine {
         if let Some(limit) = crate::memory::over_budget() {
             return Some(Dynamic::from(memory_message(limit)));
         }
+        if ops % 4096 == 0 {
+            if let Some((deadline, secs)) = CALL_DEADLINE.with(std::cell::Cell::get) {
+                if Instant::now() > deadline {
+                    return Some(Dynamic::from(format!(
+                        "the function ran for more than {secs} s (the time limit for a callback); is there an endless loop?"
+                    )));
+                }
+                return None;
+            }
+        }
         if ops % 65_536 == 0 && lock(&st.started).elapsed() > st.limits.max_duration {
             return Some(Dynamic::from(format!(
                 "the script ran for more than {} s (the time limit); is there an endless loop?",
@@ -208,6 +218,62 @@ pub fn new_engine(state: &Arc<LoadState>) -> Engine {
     engine
 }
 
+thread_local! {
+    /// While a callback runs on this thread: when it must be done, and the
+    /// limit in seconds (for the message).
+    static CALL_DEADLINE: std::cell::Cell<Option<(Instant, u64)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs a config's callbacks (`fileIsImportant`, `doStepIf`, ...) against
+/// the engine and script they were written in, each call bounded in
+/// operations, memory and time.
+#[derive(Clone)]
+pub struct ScriptRuntime {
+    engine: Arc<Engine>,
+    ast: Arc<AST>,
+    limits: Limits,
+}
+
+/// How long one callback may run.
+pub const CALLBACK_TIME_LIMIT: Duration = Duration::from_secs(10);
+
+impl ScriptRuntime {
+    /// Calls `cb` with `args`. An error is a message naming the callback,
+    /// where it was written, and where it failed.
+    pub fn call(
+        &self,
+        cb: &crate::config::Callback,
+        args: impl rhai::FuncArgs,
+    ) -> Result<Dynamic, String> {
+        let _budget = crate::memory::Budget::enter(self.limits.max_memory);
+        let secs = CALLBACK_TIME_LIMIT.as_secs();
+        let outer =
+            CALL_DEADLINE.with(|d| d.replace(Some((Instant::now() + CALLBACK_TIME_LIMIT, secs))));
+        let r = cb.fn_ptr.call::<Dynamic>(&self.engine, &self.ast, args);
+        CALL_DEADLINE.with(|d| d.set(outer));
+        r.map_err(|e| {
+            let entry = cb
+                .origin
+                .as_ref()
+                .map(|o| o.file.to_string())
+                .unwrap_or_default();
+            let d = errors::diagnose(&e, &entry, &self.limits);
+            let at = d
+                .location
+                .map(|l| {
+                    format!(
+                        " at {}:{}:{}",
+                        crate::diagnostics::display_path(&l.file),
+                        l.line,
+                        l.column
+                    )
+                })
+                .unwrap_or_default();
+            format!("{} failed{at}: {}", cb.describe(), d.message)
+        })
+    }
+}
+
 /// A successfully loaded master config and what it was made from.
 pub struct Loaded {
     pub config: MasterConfig,
@@ -218,6 +284,17 @@ pub struct Loaded {
     /// The engine and script the config's callbacks belong to.
     pub engine: Arc<Engine>,
     pub ast: Arc<AST>,
+    pub limits: Limits,
+}
+
+impl Loaded {
+    pub fn runtime(&self) -> ScriptRuntime {
+        ScriptRuntime {
+            engine: self.engine.clone(),
+            ast: self.ast.clone(),
+            limits: self.limits.clone(),
+        }
+    }
 }
 
 /// A load that failed, with everything needed to show why and to watch for
@@ -338,5 +415,6 @@ pub fn load_master(dir: &Path, limits: Limits) -> Result<Loaded, LoadFailure> {
         sources: state.sources(),
         engine: Arc::new(engine),
         ast: Arc::new(ast),
+        limits: state.limits.clone(),
     })
 }

@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+pub mod buildsets;
+
 use anyhow::{bail, Context};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
@@ -26,6 +28,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("migrations/0001_changes_and_state.sql"),
     ),
     ("builds", include_str!("migrations/0002_builds.sql")),
+    (
+        "buildset changes",
+        include_str!("migrations/0003_buildset_changes.sql"),
+    ),
 ];
 
 /// The schema version this kiln writes.
@@ -81,7 +87,7 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -189,6 +195,35 @@ impl Store {
         .await
     }
 
+    /// Records this master as active (Buildbot's `masters` row); returns its id.
+    pub async fn master_started(&self, name: &str) -> anyhow::Result<i64> {
+        let name = name.to_string();
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO masters (name, active, last_active) VALUES (?1, 1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET active = 1, last_active = excluded.last_active",
+                params![name, now()],
+            )?;
+            Ok(c.query_row(
+                "SELECT id FROM masters WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+
+    pub async fn master_stopped(&self, id: i64) -> anyhow::Result<()> {
+        self.call(move |c| {
+            c.execute(
+                "UPDATE masters SET active = 0, last_active = ?2 WHERE id = ?1",
+                params![id, now()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn get_change(&self, changeid: i64) -> anyhow::Result<Option<Change>> {
         self.call(move |c| get_change(c, changeid)).await
     }
@@ -272,7 +307,7 @@ pub fn get_state(
     }
 }
 
-fn set_state(
+pub(crate) fn set_state(
     tx: &Transaction<'_>,
     object: ObjectId,
     name: &str,

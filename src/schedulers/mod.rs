@@ -1,0 +1,869 @@
+//! Schedulers: changes in, buildsets and build requests out, as Buildbot's
+//! schedulers make them.
+//!
+//! Each scheduler is one task. Change-based ones (`Scheduler`,
+//! `AnyBranchScheduler`, `Nightly`) read the changes stored after the last
+//! one they handled (the bus only wakes them, so a lagging or restarted
+//! scheduler misses nothing), classify each with `fileIsImportant`, and
+//! store the classification, the buildsets it causes, the last change
+//! handled and their timers in one transaction. A `treeStableTimer` or cron
+//! deadline is stored as wall-clock time, so a restart resumes it.
+//! `Triggerable` and `ForceScheduler` make buildsets on request;
+//! `Dependent` when an upstream buildset succeeds; `Periodic` on its timer.
+
+pub mod cron;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::changes::ChangeBus;
+use crate::config::{Callback, MasterConfig, SchedulerConfig, SchedulerKind};
+use crate::script::ScriptRuntime;
+use crate::store::buildsets::{BuildsetIds, NewBuildset, SchedulerWrite, Source, SourceStamp};
+use crate::store::{Change, ObjectId, Properties, Store};
+
+/// Wall-clock time that follows tokio's clock, so that tests with a paused
+/// clock move both together.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    base_wall: f64,
+    base: tokio::time::Instant,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        Clock {
+            base_wall: wall,
+            base: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Unix seconds now.
+    pub fn now(&self) -> f64 {
+        self.base_wall + self.base.elapsed().as_secs_f64()
+    }
+
+    /// The tokio instant of a wall-clock time.
+    fn instant(&self, wall: f64) -> tokio::time::Instant {
+        let delta = wall - self.base_wall;
+        if delta <= 0.0 {
+            self.base
+        } else {
+            self.base + Duration::from_secs_f64(delta.min(1e9))
+        }
+    }
+}
+
+/// A buildset finished, with its results (published by whoever completes
+/// build requests; `Dependent` schedulers listen).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BuildsetDone {
+    pub bsid: i64,
+    pub results: i64,
+}
+
+/// What `force` and `trigger` are asked.
+#[derive(Clone, Debug, Default)]
+pub struct ForceRequest {
+    /// Builders to build; empty means all of the scheduler's.
+    pub builders: Vec<String>,
+    pub branch: Option<String>,
+    pub revision: Option<String>,
+    pub repository: String,
+    pub project: String,
+    pub reason: String,
+    pub owner: String,
+    pub properties: BTreeMap<String, Value>,
+}
+
+enum Command {
+    Force(ForceRequest, oneshot::Sender<anyhow::Result<BuildsetIds>>),
+    Trigger {
+        sourcestamps: Vec<SourceStamp>,
+        properties: Properties,
+        parent_buildid: Option<i64>,
+        reply: oneshot::Sender<anyhow::Result<BuildsetIds>>,
+    },
+}
+
+/// The running schedulers.
+#[derive(Clone)]
+pub struct Schedulers {
+    commands: Arc<HashMap<String, (SchedulerConfig, mpsc::Sender<Command>)>>,
+    done: broadcast::Sender<BuildsetDone>,
+}
+
+struct Shared {
+    store: Store,
+    runtime: ScriptRuntime,
+    clock: Clock,
+}
+
+impl Schedulers {
+    /// Starts a task per scheduler; they stop when `cancel` fires.
+    pub fn start(
+        config: &MasterConfig,
+        runtime: ScriptRuntime,
+        store: Store,
+        bus: &ChangeBus,
+        clock: Clock,
+        cancel: &CancellationToken,
+    ) -> (Schedulers, Vec<tokio::task::JoinHandle<()>>) {
+        let (done, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared {
+            store,
+            runtime,
+            clock,
+        });
+        let mut commands = HashMap::new();
+        let mut tasks = Vec::new();
+        for cfg in &config.schedulers {
+            let (tx, rx) = mpsc::channel(64);
+            commands.insert(cfg.name.clone(), (cfg.clone(), tx));
+            let task = Task {
+                cfg: cfg.clone(),
+                shared: shared.clone(),
+                object: None,
+            };
+            let wake = bus.subscribe();
+            let done_rx = done.subscribe();
+            let cancel = cancel.clone();
+            tasks.push(tokio::spawn(async move {
+                let name = task.cfg.name.clone();
+                task.run(wake, done_rx, rx, cancel).await;
+                tracing::debug!(scheduler = %name, "stopped");
+            }));
+        }
+        (
+            Schedulers {
+                commands: Arc::new(commands),
+                done,
+            },
+            tasks,
+        )
+    }
+
+    /// Tells `Dependent` schedulers that a buildset finished.
+    pub fn buildset_done(&self, d: BuildsetDone) {
+        let _ = self.done.send(d);
+    }
+
+    /// The ForceSchedulers, for the API.
+    pub fn force_schedulers(&self) -> Vec<&SchedulerConfig> {
+        let mut v: Vec<&SchedulerConfig> = self
+            .commands
+            .values()
+            .map(|(c, _)| c)
+            .filter(|c| matches!(c.kind, SchedulerKind::ForceScheduler { .. }))
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    async fn ask(
+        &self,
+        name: &str,
+        make: impl FnOnce(oneshot::Sender<anyhow::Result<BuildsetIds>>) -> Command,
+    ) -> anyhow::Result<BuildsetIds> {
+        let (_, tx) = self
+            .commands
+            .get(name)
+            .ok_or_else(|| anyhow!("no scheduler named `{name}`"))?;
+        let (reply, answer) = oneshot::channel();
+        tx.send(make(reply))
+            .await
+            .map_err(|_| anyhow!("scheduler `{name}` has stopped"))?;
+        answer
+            .await
+            .map_err(|_| anyhow!("scheduler `{name}` stopped before answering"))?
+    }
+
+    /// A forced build through the ForceScheduler `name`.
+    pub async fn force(&self, name: &str, req: ForceRequest) -> anyhow::Result<BuildsetIds> {
+        match self.commands.get(name) {
+            Some((c, _)) if matches!(c.kind, SchedulerKind::ForceScheduler { .. }) => {}
+            Some(_) => bail!("scheduler `{name}` is not a ForceScheduler"),
+            None => bail!("no scheduler named `{name}`"),
+        }
+        self.ask(name, |reply| Command::Force(req, reply)).await
+    }
+
+    /// What a `Trigger` step does: a buildset from the Triggerable `name`.
+    pub async fn trigger(
+        &self,
+        name: &str,
+        sourcestamps: Vec<SourceStamp>,
+        properties: Properties,
+        parent_buildid: Option<i64>,
+    ) -> anyhow::Result<BuildsetIds> {
+        match self.commands.get(name) {
+            Some((c, _)) if matches!(c.kind, SchedulerKind::Triggerable) => {}
+            Some(_) => bail!("scheduler `{name}` is not Triggerable"),
+            None => bail!("no scheduler named `{name}`"),
+        }
+        self.ask(name, |reply| Command::Trigger {
+            sourcestamps,
+            properties,
+            parent_buildid,
+            reply,
+        })
+        .await
+    }
+}
+
+/// A change as scripts see it (`fileIsImportant` gets this map).
+pub fn change_map(c: &Change) -> rhai::Dynamic {
+    let ch = &c.change;
+    let props: serde_json::Map<String, Value> = ch
+        .properties
+        .iter()
+        .map(|(k, (v, _))| (k.clone(), v.clone()))
+        .collect();
+    let v = json!({
+        "changeid": c.changeid,
+        "number": c.changeid,
+        "author": ch.author,
+        "who": ch.author,
+        "committer": ch.committer,
+        "comments": ch.comments,
+        "files": ch.files,
+        "branch": ch.branch,
+        "revision": ch.revision,
+        "revlink": ch.revlink,
+        "when": ch.when_timestamp,
+        "when_timestamp": ch.when_timestamp,
+        "category": ch.category,
+        "repository": ch.repository,
+        "project": ch.project,
+        "codebase": ch.codebase,
+        "properties": props,
+    });
+    rhai::serde::to_dynamic(v).unwrap_or(rhai::Dynamic::UNIT)
+}
+
+/// What a scheduler's change filter and classification need.
+struct Filter<'a> {
+    branch: Option<&'a Option<String>>,
+    branches: Option<&'a Vec<String>>,
+    repository: Option<&'a str>,
+    project: Option<&'a str>,
+    file_is_important: Option<&'a Callback>,
+    only_important: bool,
+    tree_stable_timer: Option<u64>,
+}
+
+struct Task {
+    cfg: SchedulerConfig,
+    shared: Arc<Shared>,
+    object: Option<ObjectId>,
+}
+
+const LAST_CHANGE: &str = "lastChangeId";
+const TIMERS: &str = "timers";
+const BATCH: usize = 500;
+
+impl Task {
+    fn filter(&self) -> Option<Filter<'_>> {
+        match &self.cfg.kind {
+            SchedulerKind::Scheduler {
+                branch,
+                repository,
+                project,
+                tree_stable_timer,
+                file_is_important,
+                only_important,
+            } => Some(Filter {
+                branch: Some(branch),
+                branches: None,
+                repository: repository.as_deref(),
+                project: project.as_deref(),
+                file_is_important: file_is_important.as_ref(),
+                only_important: *only_important,
+                tree_stable_timer: *tree_stable_timer,
+            }),
+            SchedulerKind::AnyBranchScheduler {
+                branches,
+                tree_stable_timer,
+                file_is_important,
+                only_important,
+            } => Some(Filter {
+                branch: None,
+                branches: branches.as_ref(),
+                repository: None,
+                project: None,
+                file_is_important: file_is_important.as_ref(),
+                only_important: *only_important,
+                tree_stable_timer: *tree_stable_timer,
+            }),
+            SchedulerKind::Nightly { branch, .. } => Some(Filter {
+                branch: Some(branch),
+                branches: None,
+                repository: None,
+                project: None,
+                file_is_important: None,
+                only_important: false,
+                // Changes wait for the cron time, not for a quiet tree.
+                tree_stable_timer: Some(u64::MAX),
+            }),
+            _ => None,
+        }
+    }
+
+    fn kind_name(&self) -> &'static str {
+        match self.cfg.kind {
+            SchedulerKind::Scheduler { .. } => "SingleBranchScheduler",
+            _ => self.cfg.kind.type_name(),
+        }
+    }
+
+    async fn object(&mut self) -> anyhow::Result<ObjectId> {
+        if let Some(o) = self.object {
+            return Ok(o);
+        }
+        let o = self
+            .shared
+            .store
+            .object_id(&self.cfg.name, self.kind_name())
+            .await?;
+        self.object = Some(o);
+        Ok(o)
+    }
+
+    fn base_properties(&self) -> Properties {
+        let mut p: Properties = self
+            .cfg
+            .properties
+            .iter()
+            .map(|(k, v)| (k.clone(), (v.clone(), "Scheduler".to_string())))
+            .collect();
+        p.insert(
+            "scheduler".into(),
+            (Value::String(self.cfg.name.clone()), "Scheduler".into()),
+        );
+        p
+    }
+
+    fn buildset(&self, source: Source, reason: String, mut properties: Properties) -> NewBuildset {
+        for (k, v) in self.base_properties() {
+            properties.entry(k).or_insert(v);
+        }
+        NewBuildset {
+            scheduler: self.cfg.name.clone(),
+            reason,
+            external_idstring: None,
+            source,
+            properties,
+            builders: self.cfg.builder_names.clone(),
+            priority: self.cfg.priority.unwrap_or(0),
+            parent_buildid: None,
+        }
+    }
+
+    fn reason(&self) -> String {
+        format!(
+            "The {} scheduler named '{}' triggered this build",
+            self.kind_name(),
+            self.cfg.name
+        )
+    }
+
+    async fn run(
+        mut self,
+        mut wake: broadcast::Receiver<Arc<Change>>,
+        mut done: broadcast::Receiver<BuildsetDone>,
+        mut commands: mpsc::Receiver<Command>,
+        cancel: CancellationToken,
+    ) {
+        let name = self.cfg.name.clone();
+        let mut failures = 0u32;
+        let mut state = loop {
+            match self.load_state().await {
+                Ok(s) => break s,
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(scheduler = %name, "cannot read the scheduler's state: {e:#}");
+                    let wait = Duration::from_secs(1 << failures.min(6));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = cancel.cancelled() => return,
+                    }
+                }
+            }
+        };
+        let change_based = self.filter().is_some();
+        loop {
+            if change_based {
+                if let Err(e) = self.handle_new_changes(&mut state).await {
+                    tracing::error!(scheduler = %name, "handling new changes failed: {e:#}; retrying");
+                }
+            }
+            if let Err(e) = self.fire_due(&mut state).await {
+                tracing::error!(scheduler = %name, "a timer's buildset failed: {e:#}; retrying");
+                state.retry_soon(self.shared.clock.now());
+            }
+            let next = state.next_deadline();
+            let sleep = async {
+                match next {
+                    Some(t) => tokio::time::sleep_until(self.shared.clock.instant(t)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = wake.recv(), if change_based => {
+                    if let Err(broadcast::error::RecvError::Closed) = r {
+                        // No more changes will come; keep serving timers and commands.
+                    }
+                }
+                r = done.recv() => {
+                    if let Ok(d) = r {
+                        if let Err(e) = self.upstream_done(d).await {
+                            tracing::error!(scheduler = %name, "cannot start after buildset {}: {e:#}", d.bsid);
+                        }
+                    }
+                }
+                Some(cmd) = commands.recv() => self.command(cmd).await,
+                _ = sleep => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    async fn load_state(&mut self) -> anyhow::Result<State> {
+        let obj = self.object().await?;
+        let store = &self.shared.store;
+        let last = match store.get_state(obj, LAST_CHANGE).await? {
+            Some(v) => v.as_i64().unwrap_or(0),
+            None => {
+                // A new scheduler sees the changes that arrive from now on.
+                let max = store.max_changeid().await?;
+                store.set_state(obj, LAST_CHANGE, json!(max)).await?;
+                max
+            }
+        };
+        let timers: BTreeMap<String, f64> = match store.get_state(obj, TIMERS).await? {
+            Some(v) => serde_json::from_value(v).unwrap_or_default(),
+            None => BTreeMap::new(),
+        };
+        let resumed = timers.len();
+        let mut state = State { last, timers };
+        let now = self.shared.clock.now();
+        match &self.cfg.kind {
+            SchedulerKind::Nightly { .. } if !state.timers.contains_key(NIGHTLY) => {
+                if let Some(t) = self.next_cron(now) {
+                    state.timers.insert(NIGHTLY.into(), t);
+                }
+            }
+            SchedulerKind::Periodic {
+                periodic_build_timer,
+            } => {
+                // As Buildbot: the first build at once, then every period.
+                state.timers.entry(PERIODIC.into()).or_insert(now);
+                let _ = periodic_build_timer;
+            }
+            _ => {}
+        }
+        if resumed > 0 {
+            tracing::info!(scheduler = %self.cfg.name, "resuming {resumed} stored timer(s)");
+        }
+        Ok(state)
+    }
+
+    fn next_cron(&self, after: f64) -> Option<f64> {
+        let SchedulerKind::Nightly {
+            minute,
+            hour,
+            day_of_month,
+            month,
+            day_of_week,
+            ..
+        } = &self.cfg.kind
+        else {
+            return None;
+        };
+        let c = cron::Cron {
+            minute: minute.clone(),
+            hour: hour.clone(),
+            day_of_month: day_of_month.clone(),
+            month: month.clone(),
+            day_of_week: day_of_week.clone(),
+        };
+        let at = chrono::DateTime::from_timestamp(after as i64, 0)?.with_timezone(&chrono::Local);
+        c.next_after(&at).map(|t| t.timestamp() as f64)
+    }
+
+    /// Classifies the changes stored since the last one handled.
+    async fn handle_new_changes(&mut self, state: &mut State) -> anyhow::Result<()> {
+        let obj = self.object().await?;
+        loop {
+            let batch = self.shared.store.changes_since(state.last, BATCH).await?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let mut w = SchedulerWrite::default();
+            let mut timers = state.timers.clone();
+            let mut last = state.last;
+            for c in &batch {
+                last = c.changeid;
+                let Some(f) = self.filter() else { break };
+                if !self.wanted(&f, c) {
+                    continue;
+                }
+                let important = match f.file_is_important {
+                    None => true,
+                    Some(cb) => self.classify(cb, c).await,
+                };
+                if !important && f.only_important {
+                    continue;
+                }
+                match f.tree_stable_timer {
+                    None | Some(0) => {
+                        if important {
+                            w.buildsets.push(self.buildset(
+                                Source::Changes(vec![c.changeid]),
+                                self.reason(),
+                                change_properties(std::slice::from_ref(c)),
+                            ));
+                        }
+                    }
+                    Some(secs) => {
+                        w.classify.push((c.changeid, important));
+                        if important && secs != u64::MAX {
+                            let key = branch_key(&c.change.branch);
+                            timers.insert(key, self.shared.clock.now() + secs as f64);
+                        }
+                    }
+                }
+            }
+            w.state = vec![
+                (LAST_CHANGE.into(), json!(last)),
+                (TIMERS.into(), json!(timers)),
+            ];
+            let made = self.shared.store.scheduler_write(obj, w).await?;
+            self.log_made(&made);
+            state.last = last;
+            state.timers = timers;
+        }
+    }
+
+    fn log_made(&self, made: &[BuildsetIds]) {
+        for ids in made {
+            tracing::info!(
+                scheduler = %self.cfg.name,
+                "buildset {} with {} build request(s)",
+                ids.bsid,
+                ids.brids.len()
+            );
+        }
+    }
+
+    fn wanted(&self, f: &Filter<'_>, c: &Change) -> bool {
+        let ch = &c.change;
+        if let Some(b) = f.branch {
+            if b != &ch.branch {
+                return false;
+            }
+        }
+        if let Some(bs) = f.branches {
+            match &ch.branch {
+                Some(b) if bs.contains(b) => {}
+                _ => return false,
+            }
+        }
+        if let Some(r) = f.repository {
+            if r != ch.repository {
+                return false;
+            }
+        }
+        if let Some(p) = f.project {
+            if p != ch.project {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// `fileIsImportant`, off the async runtime; any failure counts the
+    /// change as important (the safe default) and is logged.
+    async fn classify(&self, cb: &Callback, c: &Change) -> bool {
+        let rt = self.shared.runtime.clone();
+        let cb = cb.clone();
+        let arg = change_map(c);
+        let r = tokio::task::spawn_blocking(move || rt.call(&cb, (arg,))).await;
+        let name = &self.cfg.name;
+        match r {
+            Ok(Ok(v)) => match v.as_bool() {
+                Ok(b) => b,
+                Err(t) => {
+                    tracing::warn!(
+                        scheduler = %name,
+                        "fileIsImportant returned a {t}, not a bool, for change {}; counting it as important",
+                        c.changeid
+                    );
+                    true
+                }
+            },
+            Ok(Err(msg)) => {
+                tracing::warn!(
+                    scheduler = %name,
+                    "{msg}; counting change {} as important",
+                    c.changeid
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(scheduler = %name, "fileIsImportant did not finish ({e}); counting change {} as important", c.changeid);
+                true
+            }
+        }
+    }
+
+    /// Fires every timer that is due.
+    async fn fire_due(&mut self, state: &mut State) -> anyhow::Result<()> {
+        let now = self.shared.clock.now();
+        let due: Vec<(String, f64)> = state
+            .timers
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(k, t)| (k.clone(), *t))
+            .collect();
+        for (key, at) in due {
+            let obj = self.object().await?;
+            let mut timers = state.timers.clone();
+            timers.remove(&key);
+            let mut w = SchedulerWrite::default();
+            match &self.cfg.kind {
+                SchedulerKind::Nightly {
+                    only_if_changed,
+                    branch,
+                    ..
+                } => {
+                    let pending = self.shared.store.classified(obj).await?;
+                    let ids: Vec<i64> = pending.iter().map(|c| c.changeid).collect();
+                    let important = pending.iter().any(|c| c.important);
+                    if !ids.is_empty() && important {
+                        w.flush = ids.clone();
+                        let changes = self.load_changes(&ids).await?;
+                        w.buildsets.push(self.buildset(
+                            Source::Changes(ids),
+                            self.reason(),
+                            change_properties(&changes),
+                        ));
+                    } else if !only_if_changed {
+                        w.flush = ids;
+                        w.buildsets.push(self.buildset(
+                            Source::New(vec![SourceStamp {
+                                branch: branch.clone(),
+                                ..SourceStamp::default()
+                            }]),
+                            self.reason(),
+                            Properties::new(),
+                        ));
+                    } else {
+                        tracing::info!(scheduler = %self.cfg.name, "no changes since the last build: not building (onlyIfChanged)");
+                    }
+                    if let Some(next) = self.next_cron(now.max(at)) {
+                        timers.insert(NIGHTLY.into(), next);
+                    }
+                }
+                SchedulerKind::Periodic {
+                    periodic_build_timer,
+                } => {
+                    w.buildsets.push(self.buildset(
+                        Source::New(vec![SourceStamp::default()]),
+                        self.reason(),
+                        Properties::new(),
+                    ));
+                    timers.insert(PERIODIC.into(), now + (*periodic_build_timer).max(1) as f64);
+                }
+                _ => {
+                    // A treeStableTimer: the branch has been quiet long enough.
+                    let pending = self.shared.store.classified(obj).await?;
+                    let on_branch: Vec<_> = pending
+                        .into_iter()
+                        .filter(|c| branch_key(&c.branch) == key)
+                        .collect();
+                    let ids: Vec<i64> = on_branch.iter().map(|c| c.changeid).collect();
+                    w.flush = ids.clone();
+                    if on_branch.iter().any(|c| c.important) {
+                        let changes = self.load_changes(&ids).await?;
+                        w.buildsets.push(self.buildset(
+                            Source::Changes(ids),
+                            self.reason(),
+                            change_properties(&changes),
+                        ));
+                    }
+                }
+            }
+            w.state = vec![(TIMERS.into(), json!(timers))];
+            let made = self.shared.store.scheduler_write(obj, w).await?;
+            self.log_made(&made);
+            state.timers = timers;
+        }
+        Ok(())
+    }
+
+    async fn load_changes(&self, ids: &[i64]) -> anyhow::Result<Vec<Change>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(c) = self.shared.store.get_change(*id).await? {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn upstream_done(&mut self, d: BuildsetDone) -> anyhow::Result<()> {
+        let SchedulerKind::Dependent { upstream } = &self.cfg.kind else {
+            return Ok(());
+        };
+        // SUCCESS or WARNINGS, as Buildbot's Dependent requires.
+        if d.results > 1 {
+            return Ok(());
+        }
+        let Some(bs) = self.shared.store.get_buildset(d.bsid).await? else {
+            return Ok(());
+        };
+        if bs.scheduler.as_deref() != Some(upstream.as_str()) {
+            return Ok(());
+        }
+        let ids = self
+            .shared
+            .store
+            .add_buildset(self.buildset(
+                Source::SourceStamps(bs.sourcestamps.clone()),
+                format!("downstream of buildset {} from '{upstream}'", bs.bsid),
+                Properties::new(),
+            ))
+            .await?;
+        self.log_made(std::slice::from_ref(&ids));
+        Ok(())
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Force(req, reply) => {
+                let _ = reply.send(self.force(req).await);
+            }
+            Command::Trigger {
+                sourcestamps,
+                properties,
+                parent_buildid,
+                reply,
+            } => {
+                let mut bs = self.buildset(Source::New(sourcestamps), self.reason(), properties);
+                bs.parent_buildid = parent_buildid;
+                let r = self.shared.store.add_buildset(bs).await;
+                if let Ok(ids) = &r {
+                    self.log_made(std::slice::from_ref(ids));
+                }
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    async fn force(&mut self, req: ForceRequest) -> anyhow::Result<BuildsetIds> {
+        let builders = if req.builders.is_empty() {
+            self.cfg.builder_names.clone()
+        } else {
+            for b in &req.builders {
+                if !self.cfg.builder_names.contains(b) {
+                    bail!(
+                        "ForceScheduler `{}` cannot build `{b}`; it builds: {}",
+                        self.cfg.name,
+                        self.cfg.builder_names.join(", ")
+                    );
+                }
+            }
+            req.builders.clone()
+        };
+        let props: Properties = req
+            .properties
+            .iter()
+            .map(|(k, v)| (k.clone(), (v.clone(), "Force Build Form".to_string())))
+            .collect();
+        let owner = if req.owner.is_empty() {
+            "<unknown>"
+        } else {
+            &req.owner
+        };
+        let reason = if req.reason.is_empty() {
+            format!("A build was forced by '{owner}'")
+        } else {
+            format!("A build was forced by '{owner}': {}", req.reason)
+        };
+        let mut bs = self.buildset(
+            Source::New(vec![SourceStamp {
+                branch: req.branch.clone(),
+                revision: req.revision.clone(),
+                repository: req.repository.clone(),
+                project: req.project.clone(),
+                codebase: String::new(),
+            }]),
+            reason,
+            props,
+        );
+        bs.builders = builders;
+        let ids = self.shared.store.add_buildset(bs).await?;
+        self.log_made(std::slice::from_ref(&ids));
+        Ok(ids)
+    }
+}
+
+const NIGHTLY: &str = "nightly";
+const PERIODIC: &str = "periodic";
+
+/// The timer key of a branch (`()` is the default branch).
+fn branch_key(b: &Option<String>) -> String {
+    match b {
+        None => "branch:".to_string(),
+        Some(b) => format!("branch:{b}"),
+    }
+}
+
+/// The change properties a buildset carries (the newest change wins).
+fn change_properties(changes: &[Change]) -> Properties {
+    let mut p = Properties::new();
+    for c in changes {
+        for (k, (v, _)) in &c.change.properties {
+            p.insert(k.clone(), (v.clone(), "Change".to_string()));
+        }
+    }
+    p
+}
+
+struct State {
+    last: i64,
+    /// Deadlines (Unix seconds) by key: `branch:<name>`, `nightly`, `periodic`.
+    timers: BTreeMap<String, f64>,
+}
+
+impl State {
+    fn next_deadline(&self) -> Option<f64> {
+        self.timers.values().copied().reduce(f64::min)
+    }
+
+    /// After a failed timer write, try again in a few seconds.
+    fn retry_soon(&mut self, now: f64) {
+        for t in self.timers.values_mut() {
+            if *t <= now {
+                *t = now + 5.0;
+            }
+        }
+    }
+}
