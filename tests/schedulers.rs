@@ -117,31 +117,17 @@ impl Running {
         self.store.buildsets(1000).await.expect("buildsets")
     }
 
-    /// Waits (in real time, without moving the paused clock) until every
-    /// change-based scheduler has handled change `id`.
-    async fn handled(&self, scheduler: &str, class: &str, id: i64) {
-        let obj = self
-            .store
-            .object_id(scheduler, class)
-            .await
-            .expect("object");
+    /// Waits (in real time, without moving the paused clock) until the
+    /// scheduler has handled change `id`.
+    async fn handled(&self, scheduler: &str, id: i64) {
         let started = std::time::Instant::now();
-        loop {
-            let last = self
-                .store
-                .get_state(obj, "lastChangeId")
-                .await
-                .expect("state")
-                .and_then(|v| v.as_i64())
-                .unwrap_or(0);
-            if last >= id {
-                return;
-            }
+        while self.schedulers.handled_up_to(scheduler).unwrap_or(0) < id {
             assert!(
                 started.elapsed() < Duration::from_secs(20),
                 "scheduler {scheduler} did not handle change {id}"
             );
             tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }
@@ -179,12 +165,12 @@ async fn tree_stable_timer_groups_changes_inside_the_window() {
     settle().await;
 
     let a = m.change("mozilla-central", &["a.c"]).await;
-    m.handled("m-c", "SingleBranchScheduler", a).await;
+    m.handled("m-c", a).await;
     tokio::time::advance(Duration::from_secs(30)).await;
     let b = m.change("mozilla-central", &["b.c"]).await;
     // Another branch is not this scheduler's.
     let other = m.change("try", &["c.c"]).await;
-    m.handled("m-c", "SingleBranchScheduler", other).await;
+    m.handled("m-c", other).await;
     // 59 s after b: the tree has not been quiet for 60 s yet.
     tokio::time::advance(Duration::from_secs(59)).await;
     settle().await;
@@ -211,7 +197,7 @@ async fn tree_stable_timer_groups_changes_inside_the_window() {
 
     // A change after the window makes another buildset.
     let c = m.change("mozilla-central", &["c.c"]).await;
-    m.handled("m-c", "SingleBranchScheduler", c).await;
+    m.handled("m-c", c).await;
     tokio::time::advance(Duration::from_secs(61)).await;
     settle().await;
     let bs = m.buildsets().await;
@@ -234,7 +220,7 @@ async fn a_pending_timer_survives_a_restart_and_fires_once() {
     let m = Running::start_with(&loaded, &store, clock);
     settle().await;
     let a = m.change("mozilla-central", &["a.c"]).await;
-    m.handled("m-c", "SingleBranchScheduler", a).await;
+    m.handled("m-c", a).await;
     tokio::time::advance(Duration::from_secs(100)).await;
     m.stop().await;
 
@@ -302,7 +288,7 @@ async fn file_is_important_classifies_changes_polled_from_a_real_repository() {
     let code2 = common::hg_commit(&repo, "D <d@x>", &["js/b.cpp"], "code");
     assert_eq!(poller.poll(&ctx).await.expect("poll"), 3);
     let last = store.max_changeid().await.expect("max");
-    m.handled("code", "SingleBranchScheduler", last).await;
+    m.handled("code", last).await;
     let bs = m.buildsets().await;
     let revs: Vec<String> = {
         let mut v = vec![];
@@ -372,7 +358,7 @@ async fn a_failing_closure_is_logged_and_the_change_counts_as_important() {
     settle().await;
     let one = m.change("a", &["x.c"]).await;
     for (name, _) in [("throws", 0), ("loops", 0), ("string", 0), ("sane", 0)] {
-        m.handled(name, "SingleBranchScheduler", one).await;
+        m.handled(name, one).await;
     }
     let bs = m.buildsets().await;
     let mut by: Vec<&str> = bs.iter().filter_map(|b| b.scheduler.as_deref()).collect();
@@ -398,7 +384,7 @@ async fn a_failing_closure_is_logged_and_the_change_counts_as_important() {
     // They all still run.
     let two = m.change("a", &["build.c"]).await;
     for name in ["throws", "loops", "string", "sane"] {
-        m.handled(name, "SingleBranchScheduler", two).await;
+        m.handled(name, two).await;
     }
     assert_eq!(m.buildsets().await.len(), 7);
     m.stop().await;
@@ -441,7 +427,7 @@ async fn nightly_builds_on_its_minutes_and_only_if_changed_waits_for_a_change() 
     assert_eq!(count(&bs, "if-changed"), 0);
 
     let c = m.change("m-c", &["a.c"]).await;
-    m.handled("if-changed", "Nightly", c).await;
+    m.handled("if-changed", c).await;
     tokio::time::advance(Duration::from_secs(61)).await;
     settle().await;
     let bs = m.buildsets().await;
@@ -714,4 +700,35 @@ fn forcing_needs_a_user_when_users_are_configured() {
     let rows = buildset_rows(&dir);
     assert_eq!(rows.len(), 1);
     assert!(rows[0].1.contains("forced by 'releng'"), "{rows:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn any_branch_scheduler_keeps_one_timer_per_branch() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let loaded = load(
+        tmp.path(),
+        r#"AnyBranchScheduler(#{ name: "any", branches: ["a", "b"], treeStableTimer: 10, builderNames: ["linux"] })"#,
+        Limits::default(),
+    );
+    let store = open_store(tmp.path()).await;
+    let m = Running::start(&loaded, &store);
+    settle().await;
+    let a1 = m.change("a", &["x"]).await;
+    m.handled("any", a1).await;
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let b1 = m.change("b", &["y"]).await;
+    let ignored = m.change("c", &["z"]).await;
+    m.handled("any", ignored).await;
+    // Branch a has been quiet for 11 s, b for 5 s: one buildset, for a.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    settle().await;
+    let bs = m.buildsets().await;
+    assert_eq!(bs.len(), 1, "{bs:#?}");
+    assert_eq!(bs[0].changeids, [a1]);
+    tokio::time::advance(Duration::from_secs(6)).await;
+    settle().await;
+    let bs = m.buildsets().await;
+    assert_eq!(bs.len(), 2);
+    assert_eq!(bs[1].changeids, [b1]);
+    m.stop().await;
 }

@@ -107,12 +107,15 @@ enum Command {
 pub struct Schedulers {
     commands: Arc<HashMap<String, (SchedulerConfig, mpsc::Sender<Command>)>>,
     done: broadcast::Sender<BuildsetDone>,
+    shared: Arc<Shared>,
 }
 
 struct Shared {
     store: Store,
     runtime: ScriptRuntime,
     clock: Clock,
+    /// The last change each change-based scheduler has handled.
+    progress: std::sync::Mutex<HashMap<String, i64>>,
 }
 
 impl Schedulers {
@@ -130,6 +133,7 @@ impl Schedulers {
             store,
             runtime,
             clock,
+            progress: Default::default(),
         });
         let mut commands = HashMap::new();
         let mut tasks = Vec::new();
@@ -154,9 +158,21 @@ impl Schedulers {
             Schedulers {
                 commands: Arc::new(commands),
                 done,
+                shared,
             },
             tasks,
         )
+    }
+
+    /// The last change the scheduler `name` has handled (change-based
+    /// schedulers, once they have started).
+    pub fn handled_up_to(&self, name: &str) -> Option<i64> {
+        self.shared
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .copied()
     }
 
     /// Tells `Dependent` schedulers that a buildset finished.
@@ -406,11 +422,27 @@ impl Task {
                 }
             }
         };
-        let change_based = self.filter().is_some();
+        let mut change_based = self.filter().is_some();
+        // Catch up with what was stored while this scheduler was not running.
+        let mut scan = true;
+        let mut incoming: Vec<Arc<Change>> = Vec::new();
         loop {
-            if change_based {
-                if let Err(e) = self.handle_new_changes(&mut state).await {
-                    tracing::error!(scheduler = %name, "handling new changes failed: {e:#}; retrying");
+            if change_based && (scan || !incoming.is_empty()) {
+                let batch = std::mem::take(&mut incoming);
+                match self.handle_new_changes(&mut state, batch, scan).await {
+                    Ok(()) => {
+                        scan = false;
+                        self.report_progress(state.last);
+                    }
+                    Err(e) => {
+                        tracing::error!(scheduler = %name, "handling new changes failed: {e:#}; retrying in 1 s");
+                        scan = true;
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = cancel.cancelled() => return,
+                        }
+                        continue;
+                    }
                 }
             }
             if let Err(e) = self.fire_due(&mut state).await {
@@ -425,11 +457,24 @@ impl Task {
                 }
             };
             tokio::select! {
-                r = wake.recv(), if change_based => {
-                    if let Err(broadcast::error::RecvError::Closed) = r {
-                        // No more changes will come; keep serving timers and commands.
+                r = wake.recv(), if change_based => match r {
+                    Ok(c) => {
+                        incoming.push(c);
+                        while incoming.len() < BATCH {
+                            match wake.try_recv() {
+                                Ok(c) => incoming.push(c),
+                                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                                    scan = true;
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
                     }
-                }
+                    Err(broadcast::error::RecvError::Lagged(_)) => scan = true,
+                    // No more changes will come; keep serving timers and commands.
+                    Err(broadcast::error::RecvError::Closed) => change_based = false,
+                },
                 r = done.recv() => {
                     if let Ok(d) = r {
                         if let Err(e) = self.upstream_done(d).await {
@@ -461,7 +506,11 @@ impl Task {
             None => BTreeMap::new(),
         };
         let resumed = timers.len();
-        let mut state = State { last, timers };
+        let mut state = State {
+            last,
+            persisted: last,
+            timers,
+        };
         let now = self.shared.clock.now();
         match &self.cfg.kind {
             SchedulerKind::Nightly { .. } if !state.timers.contains_key(NIGHTLY) => {
@@ -507,58 +556,111 @@ impl Task {
         c.next_after(&at).map(|t| t.timestamp() as f64)
     }
 
-    /// Classifies the changes stored since the last one handled.
-    async fn handle_new_changes(&mut self, state: &mut State) -> anyhow::Result<()> {
+    /// Handles the changes after `state.last`: those just published when
+    /// they follow on without a gap, otherwise (a restart, a lagging
+    /// receiver, publishers out of order) whatever the store has.
+    async fn handle_new_changes(
+        &mut self,
+        state: &mut State,
+        incoming: Vec<Arc<Change>>,
+        scan: bool,
+    ) -> anyhow::Result<()> {
         let obj = self.object().await?;
+        if !scan {
+            let fresh: Vec<&Change> = incoming
+                .iter()
+                .filter(|c| c.changeid > state.last)
+                .map(|c| &**c)
+                .collect();
+            let contiguous = fresh
+                .iter()
+                .enumerate()
+                .all(|(i, c)| c.changeid == state.last + 1 + i as i64);
+            if contiguous {
+                return self.process(obj, state, &fresh).await;
+            }
+        }
         loop {
             let batch = self.shared.store.changes_since(state.last, BATCH).await?;
             if batch.is_empty() {
                 return Ok(());
             }
-            let mut w = SchedulerWrite::default();
-            let mut timers = state.timers.clone();
-            let mut last = state.last;
-            for c in &batch {
-                last = c.changeid;
-                let Some(f) = self.filter() else { break };
-                if !self.wanted(&f, c) {
-                    continue;
-                }
-                let important = match f.file_is_important {
-                    None => true,
-                    Some(cb) => self.classify(cb, c).await,
-                };
-                if !important && f.only_important {
-                    continue;
-                }
-                match f.tree_stable_timer {
-                    None | Some(0) => {
-                        if important {
-                            w.buildsets.push(self.buildset(
-                                Source::Changes(vec![c.changeid]),
-                                self.reason(),
-                                change_properties(std::slice::from_ref(c)),
-                            ));
-                        }
+            let refs: Vec<&Change> = batch.iter().collect();
+            self.process(obj, state, &refs).await?;
+        }
+    }
+
+    /// Classifies `changes` (consecutive, after `state.last`) and stores
+    /// what that makes. Changes that are not this scheduler's cost no
+    /// write; the position is stored with the next write, or every
+    /// thousand changes.
+    async fn process(
+        &mut self,
+        obj: ObjectId,
+        state: &mut State,
+        changes: &[&Change],
+    ) -> anyhow::Result<()> {
+        let Some(last) = changes.last().map(|c| c.changeid) else {
+            return Ok(());
+        };
+        let mut w = SchedulerWrite::default();
+        let mut timers = state.timers.clone();
+        for c in changes {
+            let Some(f) = self.filter() else { break };
+            if !self.wanted(&f, c) {
+                continue;
+            }
+            let important = match f.file_is_important {
+                None => true,
+                Some(cb) => self.classify(cb, c).await,
+            };
+            if !important && f.only_important {
+                continue;
+            }
+            match f.tree_stable_timer {
+                None | Some(0) => {
+                    if important {
+                        w.buildsets.push(self.buildset(
+                            Source::Changes(vec![c.changeid]),
+                            self.reason(),
+                            change_properties(std::slice::from_ref(*c)),
+                        ));
                     }
-                    Some(secs) => {
-                        w.classify.push((c.changeid, important));
-                        if important && secs != u64::MAX {
-                            let key = branch_key(&c.change.branch);
-                            timers.insert(key, self.shared.clock.now() + secs as f64);
-                        }
+                }
+                Some(secs) => {
+                    w.classify.push((c.changeid, important));
+                    if important && secs != u64::MAX {
+                        let key = branch_key(&c.change.branch);
+                        timers.insert(key, self.shared.clock.now() + secs as f64);
                     }
                 }
             }
+        }
+        let dirty = !w.classify.is_empty()
+            || !w.buildsets.is_empty()
+            || timers != state.timers
+            || last - state.persisted >= 1000;
+        if dirty {
             w.state = vec![
                 (LAST_CHANGE.into(), json!(last)),
                 (TIMERS.into(), json!(timers)),
             ];
             let made = self.shared.store.scheduler_write(obj, w).await?;
             self.log_made(&made);
-            state.last = last;
-            state.timers = timers;
+            state.persisted = last;
         }
+        state.last = last;
+        state.timers = timers;
+        self.report_progress(last);
+        Ok(())
+    }
+
+    fn report_progress(&self, last: i64) {
+        self.shared
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.cfg.name.clone(), last);
     }
 
     fn log_made(&self, made: &[BuildsetIds]) {
@@ -848,7 +950,10 @@ fn change_properties(changes: &[Change]) -> Properties {
 }
 
 struct State {
+    /// The last change handled.
     last: i64,
+    /// The last change whose handling is stored.
+    persisted: i64,
     /// Deadlines (Unix seconds) by key: `branch:<name>`, `nightly`, `periodic`.
     timers: BTreeMap<String, f64>,
 }
