@@ -105,6 +105,24 @@ enum Command {
     Sendchange(Box<SendchangeArgs>),
     /// Request a build of BUILDER from a running master (through a ForceScheduler).
     Force(Box<ForceArgs>),
+    /// Measurements that need kiln's insides (see BENCHMARKS.md).
+    Bench {
+        #[command(subcommand)]
+        scenario: BenchScenario,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchScenario {
+    /// Changes through single-branch schedulers into build requests.
+    Schedulers {
+        #[arg(long, default_value_t = 10_000)]
+        changes: usize,
+        #[arg(long, default_value_t = 200)]
+        schedulers: usize,
+        #[arg(long, default_value_t = 5)]
+        builders: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -306,6 +324,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Bench {
+            scenario:
+                BenchScenario::Schedulers {
+                    changes,
+                    schedulers,
+                    builders,
+                },
+        } => {
+            crate::bench::schedulers(changes, schedulers, builders)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Force(args) => {
             let (bsid, brids) = force(*args)?;

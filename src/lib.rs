@@ -1,6 +1,7 @@
 //! kiln: a build master in the Buildbot tradition, configured by Rhai
 //! scripts. See ARCHITECTURE.md for the map of modules and data flow.
 
+pub mod bench;
 pub mod changes;
 pub mod cli;
 pub mod config;
