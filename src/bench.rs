@@ -41,12 +41,22 @@ pub fn schedulers(changes: usize, schedulers: usize, builders: usize) -> anyhow:
     result
 }
 
-fn run_schedulers(dir: &Path, changes: usize, schedulers: usize, builders: usize) -> anyhow::Result<()> {
-    std::fs::write(dir.join("master.rhai"), scheduler_master(schedulers, builders))?;
+fn run_schedulers(
+    dir: &Path,
+    changes: usize,
+    schedulers: usize,
+    builders: usize,
+) -> anyhow::Result<()> {
+    std::fs::write(
+        dir.join("master.rhai"),
+        scheduler_master(schedulers, builders),
+    )?;
     let loaded = load_master(dir, Limits::default())
         .map_err(|f| anyhow::anyhow!("the generated master does not load: {f:?}"))?;
     let store = Store::open(&dir.join(DB_FILE))?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let bus = ChangeBus::default();
         let cancel = CancellationToken::new();
@@ -113,7 +123,10 @@ fn run_schedulers(dir: &Path, changes: usize, schedulers: usize, builders: usize
             "{changes} changes, {schedulers} schedulers x {builders} builders: {} build requests",
             want
         );
-        println!("changes stored after       {:8.3} s", stored_changes.as_secs_f64());
+        println!(
+            "changes stored after       {:8.3} s",
+            stored_changes.as_secs_f64()
+        );
         println!("last request stored after  {:8.3} s", all.as_secs_f64());
         println!(
             "rate                       {:8.0} changes/s, {:.0} requests/s, {:.0} rows/s",
