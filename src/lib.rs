@@ -12,6 +12,7 @@ pub mod memory;
 pub mod schedulers;
 pub mod script;
 pub mod store;
+pub mod workers;
 
 #[global_allocator]
 static ALLOCATOR: memory::Meter = memory::Meter;

@@ -175,6 +175,27 @@ async fn serve(
         }
     };
 
+    let registry = std::sync::Arc::new(crate::workers::Registry::default());
+    store.master_connections_reset(master_id).await?;
+    let worker_server = match config.protocols.msgpack_port {
+        Some(port) => {
+            // Workers are remote machines: listen on every interface, as Buildbot does.
+            let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+                .await
+                .with_context(|| format!("cannot listen for workers on port {port}"))?;
+            tracing::info!("workers connect to ws://{}/", listener.local_addr()?);
+            Some(tokio::spawn(crate::workers::serve(
+                listener,
+                crate::workers::WorkerSetup::from_config(&config),
+                registry.clone(),
+                store.clone(),
+                master_id,
+                cancel.clone(),
+            )))
+        }
+        None => None,
+    };
+
     let pollers = changes::spawn_all(&config.change_source, &ctx, &cancel);
     tracing::info!(
         "master running in {}: {} change source(s), {} scheduler(s), {} builder(s)",
@@ -190,6 +211,9 @@ async fn serve(
     let wait_all = async {
         for p in pollers.into_iter().chain(scheduler_tasks) {
             let _ = p.await;
+        }
+        if let Some(w) = worker_server {
+            let _ = w.await;
         }
         if let Some(s) = server {
             match s.await {

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 pub mod buildsets;
+pub mod workers;
 
 use anyhow::{bail, Context};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};

@@ -1,0 +1,535 @@
+//! The master side of Buildbot's `msgpack_experimental_v7` worker protocol
+//! (DESIGN.md §5): a WebSocket per worker, one MessagePack map per message,
+//! requests and responses matched by `seq_number`, HTTP Basic auth in the
+//! handshake.
+//!
+//! On a connection the master asks for the worker's info, sends its
+//! settings, records the worker as connected in the store, and keeps the
+//! connection alive. (Version 7 has no builder list: a command names its
+//! builder and carries an absolute workdir under the worker's basedir.) A wrong password or an unknown
+//! worker is refused in the handshake (401); a malformed frame or an
+//! unexpected message closes that connection with the reason logged. A
+//! second connection for a worker that is connected is accepted only if
+//! the first does not answer a keepalive (Buildbot's rule: the live one
+//! wins).
+
+pub mod protocol;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use futures_util::{SinkExt, StreamExt};
+use rmpv::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MasterConfig;
+use crate::store::Store;
+use protocol::{map_get, str_of, Frame};
+
+/// How long the master waits for a worker to answer a request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the master needs of the config to accept workers.
+#[derive(Clone)]
+pub struct WorkerSetup {
+    /// name → (password, keepalive seconds)
+    workers: HashMap<String, (crate::config::Secret, u64)>,
+}
+
+impl WorkerSetup {
+    pub fn from_config(c: &MasterConfig) -> WorkerSetup {
+        let workers = c
+            .workers
+            .iter()
+            .map(|w| (w.name.clone(), (w.password.clone(), w.keepalive_interval)))
+            .collect();
+        WorkerSetup { workers }
+    }
+}
+
+/// What a running command reports.
+#[derive(Debug)]
+pub enum CommandEvent {
+    /// `update`: (key, value) pairs such as `stdout`, `rc`, `elapsed`.
+    Update(Vec<(String, Value)>),
+    /// `complete`: `None` on success, else the failure text.
+    Complete(Option<String>),
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, String>>>>>;
+
+/// One connected worker.
+pub struct WorkerConn {
+    pub name: String,
+    /// What `get_worker_info` answered.
+    pub info: std::sync::OnceLock<serde_json::Value>,
+    out: mpsc::Sender<Message>,
+    pending: Pending,
+    commands: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<CommandEvent>>>>,
+    seq: AtomicU64,
+    next_command: AtomicU64,
+    /// Fires when the connection is gone.
+    pub closed: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl WorkerConn {
+    /// Sends a request and waits for its response.
+    pub async fn request(&self, op: &str, fields: Vec<(&str, Value)>) -> anyhow::Result<Value> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(seq, tx);
+        let frame = protocol::request(seq, op, fields);
+        if self.out.send(Message::Binary(frame.into())).await.is_err() {
+            lock(&self.pending).remove(&seq);
+            bail!("worker {} is disconnected", self.name);
+        }
+        let answer = tokio::select! {
+            r = tokio::time::timeout(REQUEST_TIMEOUT, rx) => r,
+            _ = self.closed.cancelled() => {
+                lock(&self.pending).remove(&seq);
+                bail!("worker {} disconnected during `{op}`", self.name)
+            }
+        };
+        match answer {
+            Err(_) => {
+                lock(&self.pending).remove(&seq);
+                bail!(
+                    "worker {} did not answer `{op}` within {} s",
+                    self.name,
+                    REQUEST_TIMEOUT.as_secs()
+                )
+            }
+            Ok(Err(_)) => bail!("worker {} disconnected during `{op}`", self.name),
+            Ok(Ok(Err(e))) => bail!("worker {} failed `{op}`: {e}", self.name),
+            Ok(Ok(Ok(v))) => Ok(v),
+        }
+    }
+
+    /// Starts a command; its updates and completion arrive on the receiver.
+    pub async fn start_command(
+        &self,
+        builder: &str,
+        command_name: &str,
+        args: Value,
+    ) -> anyhow::Result<(String, mpsc::UnboundedReceiver<CommandEvent>)> {
+        let id = self
+            .next_command
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string();
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.commands).insert(id.clone(), tx);
+        let r = self
+            .request(
+                "start_command",
+                vec![
+                    ("builder_name", Value::from(builder)),
+                    ("command_id", Value::from(id.as_str())),
+                    ("command_name", Value::from(command_name)),
+                    ("args", args),
+                ],
+            )
+            .await;
+        if let Err(e) = r {
+            lock(&self.commands).remove(&id);
+            return Err(e);
+        }
+        Ok((id, rx))
+    }
+
+    pub async fn interrupt_command(
+        &self,
+        builder: &str,
+        command_id: &str,
+        why: &str,
+    ) -> anyhow::Result<()> {
+        self.request(
+            "interrupt_command",
+            vec![
+                ("builder_name", Value::from(builder)),
+                ("command_id", Value::from(command_id)),
+                ("why", Value::from(why)),
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// The connected workers, by name.
+#[derive(Default)]
+pub struct Registry {
+    workers: Mutex<BTreeMap<String, Arc<WorkerConn>>>,
+    /// Woken whenever a worker connects or disconnects.
+    pub changed: tokio::sync::Notify,
+}
+
+impl Registry {
+    pub fn get(&self, name: &str) -> Option<Arc<WorkerConn>> {
+        lock(&self.workers).get(name).cloned()
+    }
+    pub fn names(&self) -> Vec<String> {
+        lock(&self.workers).keys().cloned().collect()
+    }
+}
+
+/// Accepts workers on `listener` until `cancel` fires.
+pub async fn serve(
+    listener: TcpListener,
+    setup: WorkerSetup,
+    registry: Arc<Registry>,
+    store: Store,
+    masterid: i64,
+    cancel: CancellationToken,
+) {
+    let setup = Arc::new(setup);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("accepting a worker connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = cancel.cancelled() => break,
+        };
+        let (setup, registry, store, cancel) = (
+            setup.clone(),
+            registry.clone(),
+            store.clone(),
+            cancel.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) =
+                connection(stream, peer, &setup, &registry, &store, masterid, &cancel).await
+            {
+                tracing::warn!(peer = %peer, "worker connection closed: {e:#}");
+            }
+        });
+    }
+    // Tell every worker's connection to end.
+    let all: Vec<Arc<WorkerConn>> = lock(&registry.workers).values().cloned().collect();
+    for w in all {
+        w.closed.cancel();
+    }
+}
+
+fn refuse(status: StatusCode, why: &str) -> ErrorResponse {
+    let mut r = ErrorResponse::new(Some(why.to_string()));
+    *r.status_mut() = status;
+    if status == StatusCode::UNAUTHORIZED {
+        if let Ok(v) = "Basic realm=\"kiln\"".parse() {
+            r.headers_mut().insert("WWW-Authenticate", v);
+        }
+    }
+    r
+}
+
+/// The worker name from a valid Basic auth header, or why not.
+fn authenticate(setup: &WorkerSetup, req: &Request) -> Result<String, (StatusCode, String)> {
+    use base64::Engine as _;
+    let header = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .ok_or((StatusCode::UNAUTHORIZED, "no credentials".to_string()))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(header.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or((
+            StatusCode::UNAUTHORIZED,
+            "malformed credentials".to_string(),
+        ))?;
+    let (name, password) = decoded.split_once(':').ok_or((
+        StatusCode::UNAUTHORIZED,
+        "malformed credentials".to_string(),
+    ))?;
+    match setup.workers.get(name) {
+        None => Err((StatusCode::UNAUTHORIZED, format!("unknown worker `{name}`"))),
+        Some((secret, _)) if !constant_time_eq(secret.expose().as_bytes(), password.as_bytes()) => {
+            Err((
+                StatusCode::UNAUTHORIZED,
+                format!("wrong password for worker `{name}`"),
+            ))
+        }
+        Some(_) => Ok(name.to_string()),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+// tungstenite's handshake callback must return its own (large) error type.
+#[allow(clippy::result_large_err)]
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    setup: &WorkerSetup,
+    registry: &Arc<Registry>,
+    store: &Store,
+    masterid: i64,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut who: Result<String, (StatusCode, String)> =
+        Err((StatusCode::UNAUTHORIZED, "no handshake".into()));
+    let handshake = tokio_tungstenite::accept_hdr_async(stream, |req: &Request, resp: Response| {
+        who = authenticate(setup, req);
+        match &who {
+            Ok(_) => Ok(resp),
+            Err((status, why)) => Err(refuse(*status, why)),
+        }
+    });
+    let ws = match tokio::time::timeout(Duration::from_secs(30), handshake).await {
+        Err(_) => bail!("no WebSocket handshake within 30 s"),
+        Ok(Err(e)) => {
+            if let Err((_, why)) = &who {
+                bail!("refused: {why}");
+            }
+            bail!("WebSocket handshake failed: {e}");
+        }
+        Ok(Ok(ws)) => ws,
+    };
+    let name = who.map_err(|(_, why)| anyhow!("refused: {why}"))?;
+    let keepalive = setup.workers.get(&name).map(|w| w.1).unwrap_or(3600).max(1);
+    let (mut sink, mut stream) = ws.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(256);
+    let closed = CancellationToken::new();
+    let conn = Arc::new(WorkerConn {
+        name: name.clone(),
+        info: std::sync::OnceLock::new(),
+        out: out_tx,
+        pending: Arc::default(),
+        commands: Arc::default(),
+        seq: AtomicU64::new(1),
+        next_command: AtomicU64::new(1),
+        closed: closed.clone(),
+    });
+
+    // Writer: everything to the socket goes through one task.
+    let writer_closed = closed.clone();
+    let writer = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                m = out_rx.recv() => match m {
+                    Some(m) => if sink.send(m).await.is_err() { break },
+                    None => break,
+                },
+                _ = writer_closed.cancelled() => break,
+            }
+        }
+        let _ = sink.send(Message::Close(None)).await;
+        writer_closed.cancel();
+    });
+
+    // Reader: responses to our requests, and the worker's own requests.
+    let reader_conn = conn.clone();
+    let reader_closed = closed.clone();
+    let reader_name = name.clone();
+    let reader = tokio::spawn(async move {
+        let why = loop {
+            let msg = tokio::select! {
+                m = stream.next() => m,
+                _ = reader_closed.cancelled() => break None,
+            };
+            let data = match msg {
+                None => break Some("the worker closed the connection".to_string()),
+                Some(Err(e)) => break Some(format!("connection error: {e}")),
+                Some(Ok(Message::Binary(b))) => b,
+                Some(Ok(Message::Close(_))) => {
+                    break Some("the worker closed the connection".to_string())
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(other)) => break Some(format!("unexpected {} frame", frame_kind(&other))),
+            };
+            match protocol::decode(&data) {
+                Err(e) => break Some(format!("malformed message: {e}")),
+                Ok(Frame::Response { seq, result }) => {
+                    if let Some(tx) = lock(&reader_conn.pending).remove(&seq) {
+                        let _ = tx.send(result);
+                    }
+                }
+                Ok(Frame::Request { seq, op, msg }) => {
+                    let answer = handle_worker_request(&reader_conn, &op, &msg);
+                    let reply = match answer {
+                        Ok(()) => protocol::response(seq, Value::Nil, false),
+                        Err(e) => protocol::response(seq, Value::from(e.as_str()), true),
+                    };
+                    if reader_conn
+                        .out
+                        .send(Message::Binary(reply.into()))
+                        .await
+                        .is_err()
+                    {
+                        break Some("cannot answer the worker".to_string());
+                    }
+                }
+            }
+        };
+        if let Some(why) = why {
+            tracing::info!(worker = %reader_name, "disconnected: {why}");
+        }
+        reader_closed.cancel();
+    });
+
+    // A second connection: the first wins if it still answers.
+    if let Some(old) = registry.get(&name) {
+        let alive = tokio::time::timeout(Duration::from_secs(10), old.request("keepalive", vec![]))
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false);
+        if alive {
+            closed.cancel();
+            let _ = tokio::join!(reader, writer);
+            bail!("worker `{name}` from {peer} refused: it is already connected and answering");
+        }
+        tracing::info!(worker = %name, "replacing a connection that no longer answers");
+        old.closed.cancel();
+    }
+
+    let setup_result = async {
+        let info = conn.request("get_worker_info", vec![]).await?;
+        conn.request(
+            "set_worker_settings",
+            vec![(
+                "args",
+                protocol::map(vec![
+                    ("buffer_size", Value::from(64 * 1024)),
+                    ("buffer_timeout", Value::from(1.0)),
+                    (
+                        "newline_re",
+                        Value::from(
+                            r"(\r\n|\r(?=.)|\033\[u|\033\[[0-9]+;[0-9]+[Hf]|\033\[2J|\x08+)",
+                        ),
+                    ),
+                    ("max_line_length", Value::from(4096)),
+                ]),
+            )],
+        )
+        .await?;
+        // Protocol v7 has no builder list: each command names its builder
+        // and carries an absolute workdir under the worker's basedir.
+        anyhow::Ok(protocol::to_json(&info))
+    };
+    let info = match tokio::time::timeout(REQUEST_TIMEOUT * 2, setup_result).await {
+        Ok(Ok(info)) => info,
+        Ok(Err(e)) => {
+            closed.cancel();
+            let _ = tokio::join!(reader, writer);
+            return Err(e.context(format!("setting up worker `{name}` failed")));
+        }
+        Err(_) => {
+            closed.cancel();
+            let _ = tokio::join!(reader, writer);
+            bail!("setting up worker `{name}` took too long");
+        }
+    };
+    let workerid = store
+        .worker_connected(&name, info.clone(), masterid)
+        .await
+        .context("cannot record the worker")?;
+    let _ = conn.info.set(info);
+    lock(&registry.workers).insert(name.clone(), conn.clone());
+    registry.changed.notify_waiters();
+    tracing::info!(worker = %name, peer = %peer, "connected");
+
+    // Keepalives until the connection ends.
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(keepalive)) => {
+                if let Err(e) = conn.request("keepalive", vec![]).await {
+                    tracing::warn!(worker = %name, "keepalive failed: {e:#}");
+                    closed.cancel();
+                    break;
+                }
+            }
+            _ = closed.cancelled() => break,
+            _ = cancel.cancelled() => { closed.cancel(); break }
+        }
+    }
+    let _ = tokio::join!(reader, writer);
+    // Running commands learn that their worker is gone.
+    for (_, tx) in lock(&conn.commands).drain() {
+        let _ = tx.send(CommandEvent::Complete(Some(
+            "the worker disconnected".into(),
+        )));
+    }
+    {
+        let mut w = lock(&registry.workers);
+        if w.get(&name).is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+            w.remove(&name);
+        }
+    }
+    registry.changed.notify_waiters();
+    if let Err(e) = store.worker_disconnected(workerid, masterid).await {
+        tracing::warn!(worker = %name, "cannot record the disconnection: {e:#}");
+    }
+    Ok(())
+}
+
+fn frame_kind(m: &Message) -> &'static str {
+    match m {
+        Message::Text(_) => "text",
+        Message::Binary(_) => "binary",
+        Message::Ping(_) => "ping",
+        Message::Pong(_) => "pong",
+        Message::Close(_) => "close",
+        Message::Frame(_) => "raw",
+    }
+}
+
+/// What the worker asks of the master: command updates and completion.
+fn handle_worker_request(conn: &WorkerConn, op: &str, msg: &Value) -> Result<(), String> {
+    let command_id = map_get(msg, "command_id")
+        .and_then(str_of)
+        .map(String::from);
+    let sender = |id: &Option<String>| -> Result<mpsc::UnboundedSender<CommandEvent>, String> {
+        let id = id
+            .as_ref()
+            .ok_or_else(|| format!("`{op}` without a command_id"))?;
+        lock(&conn.commands)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| format!("unknown command {id}"))
+    };
+    match op {
+        "update" => {
+            let tx = sender(&command_id)?;
+            let args = map_get(msg, "args").ok_or("`update` without args")?;
+            let pairs = protocol::update_pairs(args)?;
+            let _ = tx.send(CommandEvent::Update(pairs));
+            Ok(())
+        }
+        "complete" => {
+            let tx = sender(&command_id)?;
+            let failure = match map_get(msg, "args") {
+                None | Some(Value::Nil) => None,
+                Some(v) => Some(str_of(v).map(String::from).unwrap_or_else(|| v.to_string())),
+            };
+            let _ = tx.send(CommandEvent::Complete(failure));
+            if let Some(id) = &command_id {
+                lock(&conn.commands).remove(id);
+            }
+            Ok(())
+        }
+        // File transfers are answered by the build step that started them;
+        // until one exists for this command, refuse.
+        other => Err(format!("unexpected request `{other}`")),
+    }
+}
