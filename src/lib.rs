@@ -2,6 +2,7 @@
 //! scripts. See ARCHITECTURE.md for the map of modules and data flow.
 
 pub mod bench;
+pub mod builds;
 pub mod changes;
 pub mod cli;
 pub mod config;

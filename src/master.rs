@@ -196,6 +196,22 @@ async fn serve(
         None => None,
     };
 
+    let retried = store.retry_unfinished_builds(master_id).await?;
+    if !retried.is_empty() {
+        tracing::warn!(
+            "{} build(s) were running when the master stopped; they end as RETRY and their requests run again",
+            retried.len()
+        );
+    }
+    let distributor = crate::builds::Distributor::new(
+        std::sync::Arc::new(config.clone()),
+        registry.clone(),
+        store.clone(),
+        schedulers.clone(),
+        master_id,
+    );
+    let distributor_task = tokio::spawn(distributor.run(cancel.clone()));
+
     let pollers = changes::spawn_all(&config.change_source, &ctx, &cancel);
     tracing::info!(
         "master running in {}: {} change source(s), {} scheduler(s), {} builder(s)",
@@ -215,6 +231,7 @@ async fn serve(
         if let Some(w) = worker_server {
             let _ = w.await;
         }
+        let _ = distributor_task.await;
         if let Some(s) = server {
             match s.await {
                 Ok(Err(e)) => tracing::warn!("HTTP server: {e}"),

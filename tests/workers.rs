@@ -11,6 +11,13 @@ use common::{wait_until, Master};
 use futures_util::{SinkExt, StreamExt};
 
 fn master_dir(root: &Path) -> PathBuf {
+    master_with_steps(
+        root,
+        r#"f.addStep(ShellCommand(#{ command: ["echo", "hi"] }));"#,
+    )
+}
+
+fn master_with_steps(root: &Path, steps: &str) -> PathBuf {
     let dir = root.join("master");
     std::fs::create_dir_all(dir.join("secrets")).expect("mkdir");
     std::fs::write(dir.join("secrets/w1"), "pw-one\n").expect("secret");
@@ -18,7 +25,7 @@ fn master_dir(root: &Path) -> PathBuf {
         dir.join("master.rhai"),
         r#"
 let f = BuildFactory();
-f.addStep(ShellCommand(#{ command: ["echo", "hi"] }));
+STEPS
 #{
     protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
     www: #{ port: 0 },
@@ -26,7 +33,8 @@ f.addStep(ShellCommand(#{ command: ["echo", "hi"] }));
     schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
     builders: [BuilderConfig(#{ name: "b", workernames: ["w1", "w2"], factory: f })],
 }
-"#,
+"#
+        .replace("STEPS", steps),
     )
     .expect("master.rhai");
     dir
@@ -228,4 +236,200 @@ fn bad_clients_are_closed_and_touch_nothing_else() {
     assert_eq!(connected(&dir), ["w1"]);
     assert!(!w1.log().contains("connection lost"), "{}", w1.log());
     assert_eq!(master.stop(), Some(0));
+}
+
+fn force(master: &Master, builder: &str) {
+    let out = common::kiln(
+        &master.dir,
+        &["force", "--master", &master.http_url(), builder],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+}
+
+/// A build's number, results, state, and each step's (name, results).
+type BuildSummary = (i64, Option<i64>, String, Vec<(String, Option<i64>)>);
+
+/// Every build, in order.
+fn builds(dir: &Path) -> Vec<BuildSummary> {
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let rows: Vec<(i64, i64, Option<i64>, String)> = c
+        .prepare("SELECT id, number, results, state_string FROM builds ORDER BY id")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    rows.into_iter()
+        .map(|(id, number, results, state)| {
+            let steps: Vec<(String, Option<i64>)> = c
+                .prepare("SELECT name, results FROM steps WHERE buildid = ?1 ORDER BY number")
+                .expect("prepare")
+                .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .expect("steps")
+                .collect::<Result<_, _>>()
+                .expect("steps");
+            (number, results, state, steps)
+        })
+        .collect()
+}
+
+fn stdio(dir: &Path, step: &str) -> String {
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let chunks: Vec<Vec<u8>> = c
+        .prepare(
+            "SELECT lc.content FROM logchunks lc JOIN logs l ON l.id = lc.logid JOIN steps s ON s.id = l.stepid
+             WHERE s.name = ?1 ORDER BY lc.first_line",
+        )
+        .expect("prepare")
+        .query_map([step], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    chunks
+        .into_iter()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .collect()
+}
+
+fn finished(dir: &Path, n: usize) -> bool {
+    builds(dir).iter().filter(|b| b.1.is_some()).count() >= n
+}
+
+#[test]
+fn a_stock_worker_runs_the_steps_with_buildbots_results() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_with_steps(
+        tmp.path(),
+        r#"
+        f.addStep(ShellCommand(#{ name: "hello", command: ["sh", "-c", "echo hello; echo oops >&2"] }));
+        f.addStep(ShellCommand(#{ name: "fails", command: "exit 3", haltOnFailure: true }));
+        f.addStep(ShellCommand(#{ name: "skipped", command: "echo never" }));
+        f.addStep(ShellCommand(#{ name: "cleanup", command: "echo cleaning", alwaysRun: true }));
+        "#,
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build to finish", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].1, Some(2), "FAILURE: {b:?}");
+    assert_eq!(
+        b[0].3,
+        [
+            ("hello".to_string(), Some(0)),
+            ("fails".to_string(), Some(2)),
+            ("skipped".to_string(), Some(3)),
+            ("cleanup".to_string(), Some(0)),
+        ]
+    );
+    let out = stdio(&dir, "hello");
+    assert!(out.contains("ohello\n"), "{out}");
+    assert!(out.contains("eoops\n"), "{out}");
+    assert!(stdio(&dir, "cleanup").contains("ocleaning"));
+    // The request is complete with the build's result.
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let (complete, results): (i64, i64) = c
+        .query_row("SELECT complete, results FROM buildrequests", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .expect("request");
+    assert_eq!((complete, results), (1, 2));
+}
+
+#[test]
+fn a_worker_killed_mid_build_gives_retry_and_the_request_runs_again_elsewhere() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_with_steps(
+        tmp.path(),
+        // Runs until the test creates `release` beside the workers' dirs.
+        r#"f.addStep(ShellCommand(#{ name: "slow", command: "echo start; while [ ! -e ../../../release ]; do sleep 0.1; done; echo done" }));"#,
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    drop(w1); // SIGKILL
+    master.wait_for_log(
+        "worker lost; the request will run again",
+        1,
+        Duration::from_secs(60),
+    );
+    // The commands may end now (also the one w1 left behind).
+    std::fs::write(tmp.path().join("release"), "").expect("release");
+    let _w2 = StockWorker::start(tmp.path(), "w2", "pw-two", port);
+    wait_until(
+        Duration::from_secs(90),
+        "the retried build to finish",
+        || finished(&dir, 2).then_some(()),
+    );
+    let b = builds(&dir);
+    assert_eq!(b.len(), 2, "{b:?}");
+    assert_eq!(b[0].1, Some(5), "the lost build is RETRY: {b:?}");
+    assert_eq!(b[1].1, Some(0), "{b:?}");
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let n: i64 = c
+        .query_row(
+            "SELECT count(*) FROM buildrequests WHERE complete = 1",
+            [],
+            |r| r.get(0),
+        )
+        .expect("n");
+    assert_eq!(n, 1);
+    let worker: String = c
+        .query_row(
+            "SELECT w.name FROM builds b JOIN workers w ON w.id = b.workerid WHERE b.number = 2",
+            [],
+            |r| r.get(0),
+        )
+        .expect("worker");
+    assert_eq!(worker, "w2");
+    // Give the orphaned command of the killed worker time to see `release`.
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+#[test]
+fn a_master_killed_mid_build_retries_it_on_the_next_start() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_with_steps(
+        tmp.path(),
+        r#"f.addStep(ShellCommand(#{ name: "slow", command: "if [ -e ../../../second ]; then echo again; else touch ../../../second; while [ ! -e ../../../release ]; do sleep 0.1; done; fi" }));"#,
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
+    drop(master); // SIGKILL: no clean stop
+    drop(w1);
+    // The same port, so that a worker can come back.
+    let text = std::fs::read_to_string(dir.join("master.rhai")).expect("read");
+    std::fs::write(
+        dir.join("master.rhai"),
+        text.replace("port: 0 } }", &format!("port: {port} }} }}")),
+    )
+    .expect("write");
+    let master = Master::start(&dir);
+    master.wait_for_log("they end as RETRY", 1, Duration::from_secs(60));
+    let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    wait_until(Duration::from_secs(90), "the build to run again", || {
+        finished(&dir, 2).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(b.len(), 2, "{b:?}");
+    assert_eq!(b[0].1, Some(5));
+    assert_eq!(b[1].1, Some(0));
+    assert!(stdio(&dir, "slow").contains("oagain"));
+    // The first command, orphaned by the killed worker, may end now.
+    std::fs::write(tmp.path().join("release"), "").expect("release");
+    std::thread::sleep(Duration::from_millis(500));
 }

@@ -1,0 +1,283 @@
+//! Builds, their steps and their logs.
+
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+
+use super::{now, Properties, Store};
+
+/// A stored build, as Buildbot's data API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BuildRow {
+    pub buildid: i64,
+    pub number: i64,
+    pub builderid: i64,
+    pub buildrequestid: i64,
+    pub workerid: Option<i64>,
+    pub masterid: i64,
+    pub started_at: i64,
+    pub complete_at: Option<i64>,
+    pub complete: bool,
+    pub state_string: String,
+    pub results: Option<i64>,
+}
+
+/// A stored step.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepRow {
+    pub stepid: i64,
+    pub number: i64,
+    pub name: String,
+    pub buildid: i64,
+    pub results: Option<i64>,
+    pub state_string: String,
+}
+
+impl Store {
+    /// Starts a build of request `brid`: the next number of its builder.
+    pub async fn new_build(
+        &self,
+        builderid: i64,
+        brid: i64,
+        workerid: Option<i64>,
+        masterid: i64,
+        properties: Properties,
+    ) -> anyhow::Result<(i64, i64)> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let number: i64 = tx.query_row(
+                "SELECT coalesce(max(number), 0) + 1 FROM builds WHERE builderid = ?1",
+                params![builderid],
+                |r| r.get(0),
+            )?;
+            tx.execute(
+                "INSERT INTO builds (number, builderid, buildrequestid, workerid, masterid, started_at, state_string)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'starting')",
+                params![number, builderid, brid, workerid, masterid, now()],
+            )?;
+            let id = tx.last_insert_rowid();
+            for (name, (value, source)) in &properties {
+                tx.execute(
+                    "INSERT OR REPLACE INTO build_properties (buildid, name, value_json, source) VALUES (?1, ?2, ?3, ?4)",
+                    params![id, name, value.to_string(), source],
+                )?;
+            }
+            tx.commit()?;
+            Ok((id, number))
+        })
+        .await
+    }
+
+    pub async fn finish_build(
+        &self,
+        buildid: i64,
+        results: i64,
+        state: &str,
+    ) -> anyhow::Result<()> {
+        let state = state.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE builds SET complete_at = ?2, results = ?3, state_string = ?4 WHERE id = ?1",
+                params![buildid, now(), results, state],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn new_step(&self, buildid: i64, number: i64, name: &str) -> anyhow::Result<i64> {
+        let name = name.to_string();
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO steps (number, name, buildid, started_at, state_string) VALUES (?1, ?2, ?3, ?4, 'running')",
+                params![number, name, buildid, now()],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    pub async fn finish_step(&self, stepid: i64, results: i64, state: &str) -> anyhow::Result<()> {
+        let state = state.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE steps SET complete_at = ?2, results = ?3, state_string = ?4 WHERE id = ?1",
+                params![stepid, now(), results, state],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Opens a log of a step (`type` s = stdio, t = text, h = html).
+    pub async fn new_log(&self, stepid: i64, name: &str, kind: &str) -> anyhow::Result<i64> {
+        let (name, kind) = (name.to_string(), kind.to_string());
+        self.call(move |c| {
+            let slug: String = name
+                .chars()
+                .map(|ch| {
+                    if ch.is_ascii_alphanumeric() {
+                        ch.to_ascii_lowercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            c.execute(
+                "INSERT INTO logs (name, slug, stepid, type) VALUES (?1, ?2, ?3, ?4)",
+                params![name, slug, stepid, kind],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    /// Appends whole lines to a log. Each stdio line starts with its
+    /// stream: `o` stdout, `e` stderr, `h` header, as Buildbot stores them.
+    pub async fn append_log(&self, logid: i64, lines: Vec<String>) -> anyhow::Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let first: i64 = tx.query_row(
+                "SELECT num_lines FROM logs WHERE id = ?1",
+                params![logid],
+                |r| r.get(0),
+            )?;
+            let last = first + lines.len() as i64 - 1;
+            let mut content = lines.join("\n");
+            content.push('\n');
+            tx.execute(
+                "INSERT INTO logchunks (logid, first_line, last_line, content, compressed) VALUES (?1, ?2, ?3, ?4, 0)",
+                params![logid, first, last, content.into_bytes()],
+            )?;
+            tx.execute(
+                "UPDATE logs SET num_lines = ?2 WHERE id = ?1",
+                params![logid, last + 1],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn finish_log(&self, logid: i64) -> anyhow::Result<()> {
+        self.call(move |c| {
+            c.execute("UPDATE logs SET complete = 1 WHERE id = ?1", params![logid])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The whole text of a log.
+    pub async fn log_text(&self, logid: i64) -> anyhow::Result<String> {
+        self.call(move |c| {
+            let chunks: Vec<Vec<u8>> = c
+                .prepare_cached(
+                    "SELECT content FROM logchunks WHERE logid = ?1 ORDER BY first_line",
+                )?
+                .query_map(params![logid], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            Ok(chunks
+                .into_iter()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .collect())
+        })
+        .await
+    }
+
+    /// Gives a claimed request back (its build will not finish it).
+    pub async fn unclaim_request(&self, brid: i64) -> anyhow::Result<()> {
+        self.call(move |c| {
+            c.execute(
+                "DELETE FROM buildrequest_claims WHERE brid = ?1",
+                params![brid],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Builds of `masterid` that never finished (the master died): they
+    /// end as RETRY and their requests are given back.
+    pub async fn retry_unfinished_builds(&self, masterid: i64) -> anyhow::Result<Vec<i64>> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let rows: Vec<(i64, i64)> = tx
+                .prepare("SELECT id, buildrequestid FROM builds WHERE masterid = ?1 AND complete_at IS NULL")?
+                .query_map(params![masterid], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            for (id, brid) in &rows {
+                tx.execute(
+                    "UPDATE builds SET complete_at = ?2, results = 5, state_string = 'retry: the master stopped' WHERE id = ?1",
+                    params![id, now()],
+                )?;
+                tx.execute("DELETE FROM buildrequest_claims WHERE brid = ?1", params![brid])?;
+            }
+            tx.commit()?;
+            Ok(rows.into_iter().map(|(id, _)| id).collect())
+        })
+        .await
+    }
+
+    pub async fn builds_of_request(&self, brid: i64) -> anyhow::Result<Vec<BuildRow>> {
+        self.call(move |c| {
+            Ok(c.prepare_cached(
+                "SELECT id, number, builderid, buildrequestid, workerid, masterid, started_at, complete_at, state_string, results
+                 FROM builds WHERE buildrequestid = ?1 ORDER BY id",
+            )?
+            .query_map(params![brid], |r| {
+                let complete_at: Option<i64> = r.get(7)?;
+                Ok(BuildRow {
+                    buildid: r.get(0)?,
+                    number: r.get(1)?,
+                    builderid: r.get(2)?,
+                    buildrequestid: r.get(3)?,
+                    workerid: r.get(4)?,
+                    masterid: r.get(5)?,
+                    started_at: r.get(6)?,
+                    complete_at,
+                    complete: complete_at.is_some(),
+                    state_string: r.get(8)?,
+                    results: r.get(9)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    pub async fn steps_of_build(&self, buildid: i64) -> anyhow::Result<Vec<StepRow>> {
+        self.call(move |c| {
+            Ok(c.prepare_cached(
+                "SELECT id, number, name, buildid, results, state_string FROM steps WHERE buildid = ?1 ORDER BY number",
+            )?
+            .query_map(params![buildid], |r| {
+                Ok(StepRow {
+                    stepid: r.get(0)?,
+                    number: r.get(1)?,
+                    name: r.get(2)?,
+                    buildid: r.get(3)?,
+                    results: r.get(4)?,
+                    state_string: r.get(5)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// The id of worker `name`, if it has ever connected.
+    pub async fn worker_id(&self, name: &str) -> anyhow::Result<Option<i64>> {
+        let name = name.to_string();
+        self.call(move |c| {
+            Ok(c.query_row(
+                "SELECT id FROM workers WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+        .await
+    }
+}
