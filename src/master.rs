@@ -142,8 +142,14 @@ async fn serve(
     let master_id = store.master_started(&master_name(dir)).await?;
     let bus = ChangeBus::default();
     let ctx = changes::Context::new(store.clone(), bus.clone(), dir)?;
-    let (schedulers, scheduler_tasks) =
-        Schedulers::start(&config, runtime, store.clone(), &bus, Clock::new(), &cancel);
+    let (schedulers, scheduler_tasks) = Schedulers::start(
+        &config,
+        runtime.clone(),
+        store.clone(),
+        &bus,
+        Clock::new(),
+        &cancel,
+    );
 
     let server = match &config.www {
         Some(www) => {
@@ -208,6 +214,7 @@ async fn serve(
         registry.clone(),
         store.clone(),
         schedulers.clone(),
+        runtime,
         master_id,
     );
     let distributor_task = tokio::spawn(distributor.run(cancel.clone()));

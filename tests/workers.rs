@@ -433,3 +433,158 @@ fn a_master_killed_mid_build_retries_it_on_the_next_start() {
     std::fs::write(tmp.path().join("release"), "").expect("release");
     std::thread::sleep(Duration::from_millis(500));
 }
+
+/// A master dir from a whole master.rhai (workers w1/pw-one and w2/pw-two
+/// are for the test to declare).
+fn master_script(root: &Path, script: &str) -> PathBuf {
+    let dir = root.join("master");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("master.rhai"), script).expect("master.rhai");
+    dir
+}
+
+fn request_states(dir: &Path) -> Vec<(i64, i64)> {
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let rows: Vec<(i64, i64)> = c
+        .prepare("SELECT complete, coalesce(results, -1) FROM buildrequests ORDER BY id")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    rows
+}
+
+fn collapse_run(collapse: &str) -> (Vec<BuildSummary>, Vec<(i64, i64)>) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        &format!(
+            r#"
+let f = BuildFactory();
+// The first build waits for `release`; later ones finish at once.
+f.addStep(ShellCommand(#{{ name: "s", command: "if [ -e ../../../first ]; then echo quick; else touch ../../../first; while [ ! -e ../../../release ]; do sleep 0.1; done; fi" }}));
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f {collapse} }})],
+}}
+"#
+        ),
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
+    force(&master, "b");
+    force(&master, "b");
+    std::fs::write(tmp.path().join("release"), "").expect("release");
+    wait_until(Duration::from_secs(60), "every request to complete", || {
+        request_states(&dir).iter().all(|r| r.0 == 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    (builds(&dir), request_states(&dir))
+}
+
+#[test]
+fn waiting_requests_collapse_into_one_build_unless_turned_off() {
+    let (b, reqs) = collapse_run("");
+    assert_eq!(b.len(), 2, "requests 2 and 3 were built once: {b:?}");
+    assert_eq!(reqs, [(1, 0), (1, 0), (1, 0)]);
+    let (b, reqs) = collapse_run(", collapseRequests: false");
+    assert_eq!(b.len(), 3, "{b:?}");
+    assert_eq!(reqs, [(1, 0), (1, 0), (1, 0)]);
+}
+
+#[test]
+fn max_builds_keeps_a_worker_to_one_build_at_a_time() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Two builds at once in the same worker would find `busy` taken.
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "s", command: "mkdir ../../../busy && sleep 1 && rmdir ../../../busy" }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one", #{ max_builds: 1 })],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b", "c"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f }),
+               BuilderConfig(#{ name: "c", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    // One force: a request for each builder at the same moment.
+    let out = common::kiln(
+        &master.dir,
+        &[
+            "force",
+            "--master",
+            &master.http_url(),
+            "b",
+            "--scheduler",
+            "force",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    force(&master, "c");
+    wait_until(Duration::from_secs(60), "both builds", || {
+        finished(&dir, 2).then_some(())
+    });
+    let b = builds(&dir);
+    assert!(
+        b.iter().all(|x| x.1 == Some(0)),
+        "the builds overlapped: {b:?}"
+    );
+}
+
+#[test]
+fn next_worker_chooses_among_the_idle_workers() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "s", command: "echo on $PWD" }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1", "w2"], factory: f,
+        nextWorker: |builder, workers, request| if workers.contains("w2") { "w2" } else { () } })],
+}
+"#,
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    let _w2 = StockWorker::start(tmp.path(), "w2", "pw-two", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    master.wait_for_log("connected worker=w2", 1, Duration::from_secs(60));
+    force(&master, "b");
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the builds", || {
+        finished(&dir, 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let on: Vec<String> = c
+        .prepare("SELECT w.name FROM builds b JOIN workers w ON w.id = b.workerid ORDER BY b.id")
+        .expect("prepare")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert!(!on.is_empty() && on.iter().all(|w| w == "w2"), "{on:?}");
+}

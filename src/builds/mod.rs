@@ -18,8 +18,9 @@ use rmpv::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Arg, BuilderConfig, Command, MasterConfig, Results, Step};
+use crate::config::{Arg, BoolOrCallback, BuilderConfig, Command, MasterConfig, Results, Step};
 use crate::schedulers::{BuildsetDone, Schedulers};
+use crate::script::ScriptRuntime;
 use crate::store::buildsets::BuildRequest;
 use crate::store::{Properties, Store};
 use crate::workers::{protocol, CommandEvent, Registry, WorkerConn};
@@ -38,10 +39,13 @@ pub struct Distributor {
     registry: Arc<Registry>,
     store: Store,
     schedulers: Schedulers,
+    runtime: ScriptRuntime,
     masterid: i64,
     busy: Mutex<Busy>,
-    /// Wakes the distributor (a build ended, new requests).
+    /// Wakes the distributor (a build ended).
     pub wake: Notify,
+    /// Builders whose collapseRequests function was reported as not run.
+    warned: Mutex<HashSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -61,6 +65,7 @@ impl Distributor {
         registry: Arc<Registry>,
         store: Store,
         schedulers: Schedulers,
+        runtime: ScriptRuntime,
         masterid: i64,
     ) -> Arc<Distributor> {
         Arc::new(Distributor {
@@ -68,15 +73,18 @@ impl Distributor {
             registry,
             store,
             schedulers,
+            runtime,
             masterid,
             busy: Mutex::default(),
             wake: Notify::new(),
+            warned: Mutex::default(),
         })
     }
 
     /// Distributes until `cancel` fires; running builds are left to end
     /// (or to be retried at the next start).
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let added = self.schedulers.requests_added();
         loop {
             if let Err(e) = self.clone().distribute().await {
                 tracing::error!("distributing build requests failed: {e:#}");
@@ -84,6 +92,7 @@ impl Distributor {
             tokio::select! {
                 _ = self.registry.changed.notified() => {}
                 _ = self.wake.notified() => {}
+                _ = added.notified() => {}
                 _ = tokio::time::sleep(IDLE_POLL) => {}
                 _ = cancel.cancelled() => return,
             }
@@ -103,10 +112,11 @@ impl Distributor {
             .map_or(usize::MAX, |n| n as usize)
     }
 
-    /// The least busy connected worker that may build for `builder` now.
-    fn pick_worker(&self, builder: &BuilderConfig) -> Option<Arc<WorkerConn>> {
+    /// The connected workers that may build for `builder` now, least busy
+    /// first.
+    fn candidates(&self, builder: &BuilderConfig) -> Vec<Arc<WorkerConn>> {
         let busy = lock(&self.busy);
-        builder
+        let mut v: Vec<Arc<WorkerConn>> = builder
             .worker_names
             .iter()
             .filter_map(|w| self.registry.get(w))
@@ -116,7 +126,75 @@ impl Distributor {
                 n < self.max_builds(&conn.name)
                     && !running.is_some_and(|r| r.contains(&builder.name))
             })
-            .min_by_key(|conn| busy.running.get(&conn.name).map_or(0, HashSet::len))
+            .collect();
+        v.sort_by_key(|conn| busy.running.get(&conn.name).map_or(0, HashSet::len));
+        v
+    }
+
+    /// The worker for a request: `nextWorker` when the builder has one (it
+    /// gets the builder's name, the candidate names least busy first, and
+    /// the request, and returns a name or `()` for "not now"), else the
+    /// least busy. A failing `nextWorker` is logged and the default used.
+    async fn pick_worker(
+        &self,
+        builder: &BuilderConfig,
+        req: &BuildRequest,
+    ) -> Option<Arc<WorkerConn>> {
+        let candidates = self.candidates(builder);
+        if candidates.is_empty() {
+            return None;
+        }
+        let Some(cb) = builder.next_worker.clone() else {
+            return candidates.into_iter().next();
+        };
+        let names: rhai::Array = candidates.iter().map(|c| c.name.clone().into()).collect();
+        let mut request = rhai::Map::new();
+        request.insert("buildrequestid".into(), req.buildrequestid.into());
+        request.insert("buildsetid".into(), req.buildsetid.into());
+        request.insert("priority".into(), req.priority.into());
+        request.insert("buildername".into(), req.buildername.clone().into());
+        let rt = self.runtime.clone();
+        let bname = builder.name.clone();
+        let answer =
+            tokio::task::spawn_blocking(move || rt.call(&cb, (bname, names, request))).await;
+        match answer {
+            Ok(Ok(v)) if v.is_unit() => None,
+            Ok(Ok(v)) => {
+                let name = v.clone().into_string().unwrap_or_default();
+                match candidates.iter().find(|c| c.name == name) {
+                    Some(c) => Some(c.clone()),
+                    None => {
+                        tracing::warn!(builder = %builder.name, "nextWorker returned {v:?}, which is not one of the workers offered; using the least busy");
+                        candidates.into_iter().next()
+                    }
+                }
+            }
+            Ok(Err(msg)) => {
+                tracing::warn!(builder = %builder.name, "{msg}; using the least busy worker");
+                candidates.into_iter().next()
+            }
+            Err(e) => {
+                tracing::warn!(builder = %builder.name, "nextWorker did not finish ({e}); using the least busy worker");
+                candidates.into_iter().next()
+            }
+        }
+    }
+
+    /// Whether requests of `builder` collapse (Buildbot's default rule).
+    fn collapses(&self, builder: &BuilderConfig) -> bool {
+        match builder
+            .collapse_requests
+            .as_ref()
+            .unwrap_or(&self.config.collapse_requests)
+        {
+            BoolOrCallback::Enabled(b) => *b,
+            BoolOrCallback::Callback(cb) => {
+                if lock(&self.warned).insert(builder.name.clone()) {
+                    tracing::warn!(builder = %builder.name, "collapseRequests functions ({}) are not run yet: its requests are not collapsed", cb.describe());
+                }
+                false
+            }
+        }
     }
 
     async fn distribute(self: Arc<Self>) -> anyhow::Result<()> {
@@ -125,14 +203,14 @@ impl Distributor {
             let Some(builder) = self.builder(&req.buildername) else {
                 continue;
             };
-            let Some(worker) = self.pick_worker(builder) else {
+            let Some(worker) = self.pick_worker(builder, &req).await else {
                 continue;
             };
-            if !self
+            let claimed = self
                 .store
-                .claim_request(req.buildrequestid, self.masterid)
-                .await?
-            {
+                .claim_with_collapsed(req.buildrequestid, self.masterid, self.collapses(builder))
+                .await?;
+            if claimed.is_empty() {
                 continue;
             }
             lock(&self.busy)
@@ -145,10 +223,12 @@ impl Distributor {
             tokio::spawn(async move {
                 let wname = worker.name.clone();
                 let bname = builder.name.clone();
-                if let Err(e) = me.run_build(&req, &builder, &worker).await {
+                if let Err(e) = me.run_build(&claimed, &req, &builder, &worker).await {
                     tracing::error!(builder = %bname, worker = %wname, "build of request {} failed: {e:#}", req.buildrequestid);
-                    // Give the request back rather than lose it.
-                    let _ = me.store.unclaim_request(req.buildrequestid).await;
+                    // Give the requests back rather than lose them.
+                    for brid in &claimed {
+                        let _ = me.store.unclaim_request(*brid).await;
+                    }
                 }
                 if let Some(set) = lock(&me.busy).running.get_mut(&wname) {
                     set.remove(&bname);
@@ -159,12 +239,28 @@ impl Distributor {
         Ok(())
     }
 
+    /// Runs one build for the requests `claimed` (collapsed ones after the
+    /// first). The newest request's buildset is the one built.
     async fn run_build(
         &self,
-        req: &BuildRequest,
+        claimed: &[i64],
+        first: &BuildRequest,
         builder: &BuilderConfig,
         worker: &Arc<WorkerConn>,
     ) -> anyhow::Result<()> {
+        let newest = claimed
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(first.buildrequestid);
+        let req = &self
+            .store
+            .request(newest)
+            .await?
+            .unwrap_or_else(|| first.clone());
+        if claimed.len() > 1 {
+            tracing::info!(builder = %builder.name, "requests {claimed:?} collapsed into one build of request {newest}");
+        }
         let workerid = self.store.worker_id(&worker.name).await?;
         let mut props: Properties = Properties::new();
         if let Some(bs) = self.store.get_buildset(req.buildsetid).await? {
@@ -232,7 +328,9 @@ impl Distributor {
             self.store
                 .finish_build(buildid, Results::Retry as i64, "retry: the worker was lost")
                 .await?;
-            self.store.unclaim_request(req.buildrequestid).await?;
+            for brid in claimed {
+                self.store.unclaim_request(*brid).await?;
+            }
             tracing::warn!(builder = %builder.name, worker = %worker.name, "build {number}: worker lost; the request will run again");
             return Ok(());
         }
@@ -242,7 +340,7 @@ impl Distributor {
         tracing::info!(builder = %builder.name, "build {number}: {}", results.name());
         for (bsid, r) in self
             .store
-            .complete_requests(vec![req.buildrequestid], results as i64)
+            .complete_requests(claimed.to_vec(), results as i64)
             .await?
         {
             self.schedulers

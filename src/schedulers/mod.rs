@@ -116,6 +116,8 @@ struct Shared {
     clock: Clock,
     /// The last change each change-based scheduler has handled.
     progress: std::sync::Mutex<HashMap<String, i64>>,
+    /// Woken when build requests are stored.
+    requests_added: Arc<tokio::sync::Notify>,
 }
 
 impl Schedulers {
@@ -134,6 +136,7 @@ impl Schedulers {
             runtime,
             clock,
             progress: Default::default(),
+            requests_added: Arc::default(),
         });
         let mut commands = HashMap::new();
         let mut tasks = Vec::new();
@@ -173,6 +176,11 @@ impl Schedulers {
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
             .copied()
+    }
+
+    /// Notified whenever a scheduler stores build requests.
+    pub fn requests_added(&self) -> Arc<tokio::sync::Notify> {
+        self.shared.requests_added.clone()
     }
 
     /// Tells `Dependent` schedulers that a buildset finished.
@@ -664,6 +672,9 @@ impl Task {
     }
 
     fn log_made(&self, made: &[BuildsetIds]) {
+        if !made.is_empty() {
+            self.shared.requests_added.notify_one();
+        }
         for ids in made {
             tracing::info!(
                 scheduler = %self.cfg.name,

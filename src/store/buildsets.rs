@@ -285,6 +285,33 @@ pub fn unclaimed_requests(c: &Connection, limit: usize) -> anyhow::Result<Vec<Bu
         .collect::<Result<_, _>>()?)
 }
 
+/// Unclaimed requests that may be built together with `brid` (Buildbot's
+/// default collapse rule): the same builder, and buildsets whose
+/// sourcestamps are on the same branch, repository, project and codebase.
+pub fn collapsible(c: &Connection, brid: i64) -> anyhow::Result<Vec<i64>> {
+    Ok(c
+        .prepare_cached(
+            "WITH me AS (
+                 SELECT r.builderid, s.branch, s.repository, s.project, s.codebase
+                 FROM buildrequests r
+                 JOIN buildset_sourcestamps bs ON bs.buildsetid = r.buildsetid
+                 JOIN sourcestamps s ON s.id = bs.sourcestampid
+                 WHERE r.id = ?1)
+             SELECT r.id FROM buildrequests r
+             JOIN buildset_sourcestamps bs ON bs.buildsetid = r.buildsetid
+             JOIN sourcestamps s ON s.id = bs.sourcestampid
+             JOIN me ON me.builderid = r.builderid
+                    AND s.branch IS me.branch AND s.repository = me.repository
+                    AND s.project = me.project AND s.codebase = me.codebase
+             LEFT JOIN buildrequest_claims cl ON cl.brid = r.id
+             WHERE r.id != ?1 AND r.complete = 0 AND cl.brid IS NULL
+               AND (SELECT count(*) FROM buildset_sourcestamps x WHERE x.buildsetid = r.buildsetid) = 1
+             ORDER BY r.id",
+        )?
+        .query_map(params![brid], |r| r.get(0))?
+        .collect::<Result<_, _>>()?)
+}
+
 /// Claims `brid` for `masterid`; false if it was claimed or complete already.
 pub fn claim_request(c: &Connection, brid: i64, masterid: i64) -> anyhow::Result<bool> {
     let n = c
@@ -431,12 +458,53 @@ impl Store {
         self.call(move |c| requests_of_buildset(c, bsid)).await
     }
 
+    pub async fn request(&self, brid: i64) -> anyhow::Result<Option<BuildRequest>> {
+        self.call(move |c| {
+            let sql = format!(
+                "SELECT {REQUEST_COLUMNS} FROM buildrequests r JOIN builders b ON b.id = r.builderid
+                 LEFT JOIN buildrequest_claims c ON c.brid = r.id WHERE r.id = ?1"
+            );
+            Ok(c.prepare_cached(&sql)?
+                .query_row(params![brid], request_row)
+                .optional()?)
+        })
+        .await
+    }
+
     pub async fn unclaimed_requests(&self, limit: usize) -> anyhow::Result<Vec<BuildRequest>> {
         self.call(move |c| unclaimed_requests(c, limit)).await
     }
 
     pub async fn claim_request(&self, brid: i64, masterid: i64) -> anyhow::Result<bool> {
         self.call(move |c| claim_request(c, brid, masterid)).await
+    }
+
+    /// Claims `brid` and, in the same transaction, every request that
+    /// collapses into it (when `collapse`). Returns the claimed ids, `brid`
+    /// first; empty if `brid` itself could not be claimed.
+    pub async fn claim_with_collapsed(
+        &self,
+        brid: i64,
+        masterid: i64,
+        collapse: bool,
+    ) -> anyhow::Result<Vec<i64>> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            if !claim_request(&tx, brid, masterid)? {
+                return Ok(vec![]);
+            }
+            let mut ids = vec![brid];
+            if collapse {
+                for other in collapsible(&tx, brid)? {
+                    if claim_request(&tx, other, masterid)? {
+                        ids.push(other);
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(ids)
+        })
+        .await
     }
 
     /// Completes requests (cancel: `results` = CANCELLED); returns the
