@@ -588,3 +588,58 @@ f.addStep(ShellCommand(#{ name: "s", command: "echo on $PWD" }));
         .expect("rows");
     assert!(!on.is_empty() && on.iter().all(|w| w == "w2"), "{on:?}");
 }
+
+fn lock_run(locks: &str) -> Vec<BuildSummary> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Both workers' builds use the same `busy` directory beside their dirs.
+    let dir = master_script(
+        tmp.path(),
+        &format!(
+            r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{{ name: "s", command: "mkdir ../../../busy && sleep 3 && rmdir ../../../busy" }}));
+let one = MasterLock("one");
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b", "c"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f, locks: [{locks}] }}),
+               BuilderConfig(#{{ name: "c", workernames: ["w2"], factory: f, locks: [{locks}] }})],
+}}
+"#
+        ),
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    let _w2 = StockWorker::start(tmp.path(), "w2", "pw-two", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    master.wait_for_log("connected worker=w2", 1, Duration::from_secs(60));
+    let out = common::kiln(
+        &master.dir,
+        &["force", "--master", &master.http_url(), "b"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    force(&master, "c");
+    wait_until(Duration::from_secs(60), "both builds", || {
+        finished(&dir, 2).then_some(())
+    });
+    builds(&dir)
+}
+
+#[test]
+fn an_exclusive_master_lock_keeps_builds_on_different_workers_apart() {
+    let b = lock_run(r#"one.access("exclusive")"#);
+    assert!(
+        b.iter().all(|x| x.1 == Some(0)),
+        "the builds overlapped: {b:?}"
+    );
+    // Without the lock they do overlap, which is what the lock is for.
+    let b = lock_run("");
+    assert!(
+        b.iter().any(|x| x.1 == Some(2)),
+        "expected an overlap: {b:?}"
+    );
+}

@@ -3,7 +3,8 @@
 //! The distributor looks at unclaimed requests (highest priority, then
 //! oldest, first), picks for each a connected worker among its builder's
 //! `workernames` (the least busy; a worker runs one build per builder at a
-//! time and at most `max_builds` in all), claims the request in the store
+//! time and at most `max_builds` in all, and only when the builder's
+//! MasterLocks and WorkerLocks can be taken), claims the request in the store
 //! (so a build never runs twice) and starts the build. The runner runs the
 //! factory's steps in order on the worker, streams their output into the
 //! store, and completes the request; a worker lost mid-build ends the build
@@ -18,7 +19,10 @@ use rmpv::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Arg, BoolOrCallback, BuilderConfig, Command, MasterConfig, Results, Step};
+use crate::config::{
+    Arg, BoolOrCallback, BuilderConfig, Command, LockAccess, LockMode, LockScope, MasterConfig,
+    Results, Step,
+};
 use crate::schedulers::{BuildsetDone, Schedulers};
 use crate::script::ScriptRuntime;
 use crate::store::buildsets::BuildRequest;
@@ -32,6 +36,57 @@ const IDLE_POLL: Duration = Duration::from_millis(250);
 struct Busy {
     /// worker → builders it is building now
     running: HashMap<String, HashSet<String>>,
+    /// (lock name, worker for a WorkerLock) → holders
+    locks: HashMap<(String, Option<String>), LockState>,
+}
+
+#[derive(Default)]
+struct LockState {
+    counting: u32,
+    exclusive: bool,
+}
+
+fn lock_key(a: &LockAccess, worker: &str) -> (String, Option<String>) {
+    match a.scope {
+        LockScope::Master => (a.name.clone(), None),
+        LockScope::Worker => (a.name.clone(), Some(worker.to_string())),
+    }
+}
+
+impl Busy {
+    /// Whether every lock of `accesses` can be taken on `worker` now
+    /// (Buildbot's rules: counting up to maxCount holders; exclusive alone).
+    fn can_lock(&self, accesses: &[LockAccess], worker: &str) -> bool {
+        accesses.iter().all(|a| {
+            let st = self.locks.get(&lock_key(a, worker));
+            let (counting, exclusive) = st.map_or((0, false), |s| (s.counting, s.exclusive));
+            match a.mode {
+                LockMode::Counting => !exclusive && counting < a.max_count.max(1),
+                LockMode::Exclusive => !exclusive && counting == 0,
+            }
+        })
+    }
+
+    fn take_locks(&mut self, accesses: &[LockAccess], worker: &str) {
+        for a in accesses {
+            let st = self.locks.entry(lock_key(a, worker)).or_default();
+            match a.mode {
+                LockMode::Counting => st.counting += 1,
+                LockMode::Exclusive => st.exclusive = true,
+            }
+        }
+    }
+
+    fn release_locks(&mut self, accesses: &[LockAccess], worker: &str) {
+        for a in accesses {
+            if let Some(st) = self.locks.get_mut(&lock_key(a, worker)) {
+                match a.mode {
+                    LockMode::Counting => st.counting = st.counting.saturating_sub(1),
+                    LockMode::Exclusive => st.exclusive = false,
+                }
+            }
+        }
+    }
 }
 
 pub struct Distributor {
@@ -125,6 +180,7 @@ impl Distributor {
                 let n = running.map_or(0, HashSet::len);
                 n < self.max_builds(&conn.name)
                     && !running.is_some_and(|r| r.contains(&builder.name))
+                    && busy.can_lock(&builder.locks, &conn.name)
             })
             .collect();
         v.sort_by_key(|conn| busy.running.get(&conn.name).map_or(0, HashSet::len));
@@ -213,11 +269,14 @@ impl Distributor {
             if claimed.is_empty() {
                 continue;
             }
-            lock(&self.busy)
-                .running
-                .entry(worker.name.clone())
-                .or_default()
-                .insert(builder.name.clone());
+            {
+                let mut busy = lock(&self.busy);
+                busy.running
+                    .entry(worker.name.clone())
+                    .or_default()
+                    .insert(builder.name.clone());
+                busy.take_locks(&builder.locks, &worker.name);
+            }
             let me = self.clone();
             let builder = builder.clone();
             tokio::spawn(async move {
@@ -230,8 +289,12 @@ impl Distributor {
                         let _ = me.store.unclaim_request(*brid).await;
                     }
                 }
-                if let Some(set) = lock(&me.busy).running.get_mut(&wname) {
-                    set.remove(&bname);
+                {
+                    let mut busy = lock(&me.busy);
+                    if let Some(set) = busy.running.get_mut(&wname) {
+                        set.remove(&bname);
+                    }
+                    busy.release_locks(&builder.locks, &wname);
                 }
                 me.wake.notify_one();
             });
