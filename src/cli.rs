@@ -105,11 +105,33 @@ enum Command {
     Sendchange(Box<SendchangeArgs>),
     /// Request a build of BUILDER from a running master (through a ForceScheduler).
     Force(Box<ForceArgs>),
+    /// kiln's own worker.
+    Worker {
+        #[command(subcommand)]
+        command: WorkerCommand,
+    },
     /// Measurements that need kiln's insides (see BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
         scenario: BenchScenario,
     },
+}
+
+#[derive(Subcommand)]
+enum WorkerCommand {
+    /// Make a worker dir that connects to a master.
+    Create {
+        dir: PathBuf,
+        /// The master's worker port, HOST:PORT.
+        #[arg(long)]
+        master: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        password: String,
+    },
+    /// Run the worker of DIR in the foreground (logs to stderr).
+    Start { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -162,7 +184,7 @@ pub fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
-        Command::Poll { .. } => init_logging("info"),
+        Command::Poll { .. } | Command::Worker { .. } => init_logging("info"),
         _ => init_logging("warn,kiln::script=info"),
     }
     match run(cli) {
@@ -334,6 +356,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
         } => {
             crate::bench::schedulers(changes, schedulers, builders)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker {
+            command:
+                WorkerCommand::Create {
+                    dir,
+                    master,
+                    name,
+                    password,
+                },
+        } => {
+            crate::worker::create(&dir, &master, &name, &password)?;
+            println!(
+                "created worker `{name}` in {}; run it with `kiln worker start {}`",
+                dir.display(),
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker {
+            command: WorkerCommand::Start { dir },
+        } => {
+            crate::worker::start(&dir)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Force(args) => {

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod schedulers;
 pub mod script;
 pub mod store;
+pub mod worker;
 pub mod workers;
 
 #[global_allocator]

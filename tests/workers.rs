@@ -643,3 +643,122 @@ fn an_exclusive_master_lock_keeps_builds_on_different_workers_apart() {
         "expected an overlap: {b:?}"
     );
 }
+
+/// kiln's own worker in the foreground; killed when dropped.
+struct KilnWorker {
+    child: std::process::Child,
+}
+
+impl KilnWorker {
+    fn start(root: &Path, name: &str, password: &str, port: u16) -> KilnWorker {
+        let dir = root.join(format!("kiln-worker-{name}"));
+        if !dir.join("kiln-worker.json").exists() {
+            let out = common::kiln(
+                root,
+                &[
+                    "worker",
+                    "create",
+                    &dir.display().to_string(),
+                    "--master",
+                    &format!("127.0.0.1:{port}"),
+                    "--name",
+                    name,
+                    "--password",
+                    password,
+                ],
+                Duration::from_secs(30),
+            );
+            assert_eq!(out.code, Some(0), "{}", out.stderr);
+        }
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["worker", "start"])
+            .arg(&dir)
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("kiln worker start");
+        KilnWorker { child }
+    }
+}
+
+impl Drop for KilnWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn kilns_worker_runs_builds_enforces_timeouts_and_reconnects() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "out", command: ["sh", "-c", "echo to-out; echo to-err >&2; exit 4"], flunkOnFailure: false }));
+// The background sleep is in the command's process group: the timeout kills it too.
+f.addStep(ShellCommand(#{ name: "hangs", command: "(sleep 2; touch ../../../survived) & sleep 30", timeout: 1 }));
+f.addStep(ShellCommand(#{ name: "env", command: "echo $GREETING", env: #{ GREETING: "hello from kiln" } }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(b[0].1, Some(2), "{b:?}");
+    assert_eq!(
+        b[0].3,
+        [
+            ("out".to_string(), Some(2)),
+            ("hangs".to_string(), Some(2)),
+            ("env".to_string(), Some(0))
+        ]
+    );
+    let out = stdio(&dir, "out");
+    assert!(
+        out.contains("oto-out\n") && out.contains("eto-err\n"),
+        "{out}"
+    );
+    let hangs = stdio(&dir, "hangs");
+    assert!(
+        hangs.contains("command timed out: 1 seconds without output"),
+        "{hangs}"
+    );
+    assert!(stdio(&dir, "env").contains("ohello from kiln"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !tmp.path().join("survived").exists(),
+        "the timeout left a process of the group running"
+    );
+
+    // The master restarts on the same port: the worker comes back by itself.
+    let mut master = master;
+    assert_eq!(master.stop(), Some(0));
+    let text = std::fs::read_to_string(dir.join("master.rhai")).expect("read");
+    std::fs::write(
+        dir.join("master.rhai"),
+        text.replace(
+            "msgpack_experimental_v7: #{ port: 0 }",
+            &format!("msgpack_experimental_v7: #{{ port: {port} }}"),
+        ),
+    )
+    .expect("write");
+    let master = Master::start(&dir);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    drop(w1);
+    drop(master);
+}
