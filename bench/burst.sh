@@ -3,6 +3,7 @@
 # branches x 5 platforms), each triggering 5 builds of 5 trivial steps, on 4
 # stock buildbot-worker 4.3 processes: kiln, then Buildbot 4.3, same shape.
 # usage: bench/burst.sh [skip-buildbot]
+# KILN_WORKERS=1 runs kiln's own workers instead of stock ones for kiln.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -12,7 +13,11 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for i in 0 1 2 3; do [ -f "$work/bw$i/twistd.pid" ] && kill "$(cat "$work/bw$i/twistd.pid")" 2>/dev/null || true; done
-  [ -f "$work/bb/twistd.pid" ] && kill "$(cat "$work/bb/twistd.pid")" 2>/dev/null || true
+  if [ -f "$work/bb/twistd.pid" ]; then
+    bbpid=$(cat "$work/bb/twistd.pid"); kill "$bbpid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$bbpid" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$bbpid" 2>/dev/null || true
+  fi
   sleep 1; rm -rf "$work"
 }
 trap cleanup EXIT
@@ -25,9 +30,16 @@ python3 "$here/gen_master.py" "$work/k" 200 5 4 19994 18014
 (cd "$work/k" && exec "$kiln" start . 2>"$work/k.err") &
 pids+=($!)
 for _ in $(seq 1 300); do grep -q "HTTP listening" "$work/k.err" 2>/dev/null && break; sleep 0.1; done
+kind="4 stock workers"
 for i in 0 1 2 3; do
-  "$worker" create-worker --protocol msgpack_experimental_v7 "$work/kw$i" 127.0.0.1:19994 "w$i" pw >/dev/null
-  ("$worker" start --nodaemon "$work/kw$i" >/dev/null 2>&1 &)
+  if [ -n "${KILN_WORKERS:-}" ]; then
+    kind="4 kiln workers"
+    "$kiln" worker create "$work/kw$i" --master 127.0.0.1:19994 --name "w$i" --password pw >/dev/null
+    ("$kiln" worker start "$work/kw$i" >/dev/null 2>&1 &)
+  else
+    "$worker" create-worker --protocol msgpack_experimental_v7 "$work/kw$i" 127.0.0.1:19994 "w$i" pw >/dev/null
+    ("$worker" start --nodaemon "$work/kw$i" >/dev/null 2>&1 &)
+  fi
 done
 for _ in $(seq 1 300); do [ "$(grep -c 'INFO connected' "$work/k.err")" -ge 4 ] && break; sleep 0.1; done
 q() { python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(sys.argv[2]).fetchone()[0])" "$work/k/state.sqlite" "$1"; }
@@ -36,8 +48,8 @@ python3 "$here/post_changes.py" 18014 40 0 >/dev/null
 for _ in $(seq 1 6000); do [ "$(q 'select count(*) from builds where complete_at is not null')" -ge 200 ] && break; sleep 0.1; done
 t1=$(date +%s.%N)
 all=$(echo "$t1 - $t0" | bc -l)
-echo "kiln, 4 stock workers: 200 builds in $(printf %.2f "$all") s: $(echo "200 / $all" | bc -l | xargs printf %.2f) builds/s; results $(q 'select group_concat(distinct results) from builds'); master rss $(ps -o rss= -p "${pids[0]}") kB"
-for i in 0 1 2 3; do pkill -f "start --nodaemon $work/kw$i" || true; done
+echo "kiln, $kind: 200 builds in $(printf %.2f "$all") s: $(echo "200 / $all" | bc -l | xargs printf %.2f) builds/s; results $(q 'select group_concat(distinct results) from builds'); master rss $(ps -o rss= -p "${pids[0]}") kB"
+for i in 0 1 2 3; do pkill -f "start --nodaemon $work/kw$i" || true; pkill -f "worker start $work/kw$i" || true; done
 "$kiln" stop "$work/k" >/dev/null
 
 [ "${1:-}" = skip-buildbot ] && exit 0

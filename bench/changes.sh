@@ -13,7 +13,11 @@ work=$(mktemp -d /tmp/kiln-bench-changes.XXXXXX)
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$work/bb/twistd.pid" ] && kill "$(cat "$work/bb/twistd.pid")" 2>/dev/null || true
+  if [ -f "$work/bb/twistd.pid" ]; then
+    bbpid=$(cat "$work/bb/twistd.pid"); kill "$bbpid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$bbpid" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$bbpid" 2>/dev/null || true
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -136,6 +136,19 @@ enum WorkerCommand {
 
 #[derive(Subcommand)]
 enum BenchScenario {
+    /// Connect COUNT workers ({prefix}0...) from this one process and keep them running.
+    WorkerFleet {
+        /// Where their basedirs go.
+        dir: PathBuf,
+        #[arg(long)]
+        master: String,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value = "w")]
+        prefix: String,
+        #[arg(long)]
+        password: String,
+    },
     /// Changes through single-branch schedulers into build requests.
     Schedulers {
         #[arg(long, default_value_t = 10_000)]
@@ -346,6 +359,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Bench {
+            scenario:
+                BenchScenario::WorkerFleet {
+                    dir,
+                    master,
+                    count,
+                    prefix,
+                    password,
+                },
+        } => {
+            crate::worker::fleet(&dir, &master, &prefix, count, &password)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
             scenario:

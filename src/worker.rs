@@ -72,6 +72,38 @@ pub fn start(dir: &Path) -> anyhow::Result<()> {
     rt.block_on(run(cfg, basedir))
 }
 
+/// Many workers in one process (for measuring a master with a large
+/// fleet): `{prefix}0` .. `{prefix}{count-1}`, all with `password`, each
+/// with its own basedir under `dir`. Runs until SIGTERM/SIGINT.
+pub fn fleet(
+    dir: &Path,
+    master: &str,
+    prefix: &str,
+    count: usize,
+    password: &str,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut tasks = Vec::with_capacity(count);
+        for i in 0..count {
+            let basedir = dir.join(format!("{prefix}{i}"));
+            std::fs::create_dir_all(&basedir)?;
+            let cfg = WorkerFile {
+                master: master.to_string(),
+                name: format!("{prefix}{i}"),
+                password: password.to_string(),
+            };
+            tasks.push(tokio::spawn(run(cfg, basedir)));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        Ok(())
+    })
+}
+
 async fn run(cfg: WorkerFile, basedir: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -446,16 +478,17 @@ async fn shell(
         return None;
     }
     let env = environment(args);
-    ctx.header(&argv.join(" "));
-    ctx.header(&format!(" in dir {workdir}"));
+    // The header goes as one update.
+    let mut header = format!("{}\n in dir {workdir}\n", argv.join(" "));
     if !matches!(map_get(args, "logEnviron"), Some(Value::Boolean(false))) {
         let mut keys: Vec<&String> = env.keys().collect();
         keys.sort();
-        ctx.header(" environment:");
+        header.push_str(" environment:\n");
         for k in keys {
-            ctx.header(&format!("  {k}={}", env[k]));
+            header.push_str(&format!("  {k}={}\n", env[k]));
         }
     }
+    ctx.text("header", &header);
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(rest)
         .current_dir(&workdir)

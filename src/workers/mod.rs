@@ -28,6 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -289,13 +290,23 @@ async fn connection(
 ) -> anyhow::Result<()> {
     let mut who: Result<String, (StatusCode, String)> =
         Err((StatusCode::UNAUTHORIZED, "no handshake".into()));
-    let handshake = tokio_tungstenite::accept_hdr_async(stream, |req: &Request, resp: Response| {
-        who = authenticate(setup, req);
-        match &who {
-            Ok(_) => Ok(resp),
-            Err((status, why)) => Err(refuse(*status, why)),
-        }
-    });
+    // Small buffers: a master holds a connection per worker, and
+    // tungstenite's default read buffer alone is 128 KiB.
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(64 << 20));
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(
+        stream,
+        |req: &Request, resp: Response| {
+            who = authenticate(setup, req);
+            match &who {
+                Ok(_) => Ok(resp),
+                Err((status, why)) => Err(refuse(*status, why)),
+            }
+        },
+        Some(ws_config),
+    );
     let ws = match tokio::time::timeout(Duration::from_secs(30), handshake).await {
         Err(_) => bail!("no WebSocket handshake within 30 s"),
         Ok(Err(e)) => {
