@@ -762,3 +762,189 @@ f.addStep(ShellCommand(#{ name: "env", command: "echo $GREETING", env: #{ GREETI
     drop(w1);
     drop(master);
 }
+
+fn builders_in_build_order(dir: &Path) -> Vec<String> {
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let rows: Vec<String> = c
+        .prepare(
+            "SELECT bu.name FROM builds b JOIN builders bu ON bu.id = b.builderid ORDER BY b.id",
+        )
+        .expect("prepare")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    rows
+}
+
+/// Requests for a, b and c (in that order) wait for the one worker, which
+/// takes one build at a time; the order they build in is the master's.
+fn prioritize_run(prioritize: &str) -> Vec<String> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        &format!(
+            r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{{ name: "s", command: "true" }}));
+let b = |name| BuilderConfig(#{{ name: name, workernames: ["w1"], factory: f }});
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [Worker("w1", "pw-one", #{{ max_builds: 1 }})],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["a", "b", "c"] }})],
+    builders: [b.call("a"), b.call("b"), b.call("c")],
+    {prioritize}
+}}
+"#
+        ),
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    for name in ["a", "b", "c"] {
+        force(&master, name);
+        // Oldest first is by submission time, in whole seconds.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    wait_until(Duration::from_secs(60), "three builds", || {
+        finished(&dir, 3).then_some(())
+    });
+    assert_eq!(master.stop(), Some(0));
+    builders_in_build_order(&dir)
+}
+
+#[test]
+fn prioritize_builders_orders_the_builders_served() {
+    assert_eq!(prioritize_run(""), ["a", "b", "c"], "oldest request first");
+    let by_name_desc = r#"prioritizeBuilders: |builders| {
+        let names = builders.map(|b| b.name);
+        names.sort(|x, y| if x < y { 1 } else if x > y { -1 } else { 0 });
+        names
+    },"#;
+    assert_eq!(prioritize_run(by_name_desc), ["c", "b", "a"]);
+    // A function that fails is logged and the default order used.
+    assert_eq!(
+        prioritize_run(r#"prioritizeBuilders: |builders| builders[99].name,"#),
+        ["a", "b", "c"]
+    );
+}
+
+#[test]
+fn can_start_build_vetoes_a_worker() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "s", command: "true" }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1", "w2"], factory: f,
+        canStartBuild: |builder, worker, request| worker != "w1" || request.properties.ok == "w1" })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    let _w2 = KilnWorker::start(tmp.path(), "w2", "pw-two", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    master.wait_for_log("connected worker=w2", 1, Duration::from_secs(60));
+    // Both workers are idle, and w1 comes first: without canStartBuild the
+    // build would go to w1.
+    for i in 1..=2 {
+        force(&master, "b");
+        wait_until(Duration::from_secs(60), "the build", || {
+            finished(&dir, i).then_some(())
+        });
+    }
+    let out = common::kiln(
+        &master.dir,
+        &[
+            "force",
+            "--master",
+            &master.http_url(),
+            "b",
+            "--property",
+            "ok=w1",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_until(Duration::from_secs(60), "the third build", || {
+        finished(&dir, 3).then_some(())
+    });
+    assert_eq!(master.stop(), Some(0));
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let on: Vec<String> = c
+        .prepare("SELECT w.name FROM builds b JOIN workers w ON w.id = b.workerid ORDER BY b.id")
+        .expect("prepare")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(on, ["w2", "w2", "w1"]);
+}
+
+#[test]
+fn a_collapse_requests_function_chooses_what_collapses() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+// The first build waits for `release`; later ones finish at once.
+f.addStep(ShellCommand(#{ name: "s", command: "if [ -e ../../../first ]; then echo quick; else touch ../../../first; while [ ! -e ../../../release ]; do sleep 0.1; done; fi" }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f,
+        collapseRequests: |builder, mine, other| {
+            if other.properties.k == "boom" { throw "cannot decide"; }
+            builder == "b" && mine.properties.k == other.properties.k
+                && mine.sources[0].branch == other.sources[0].branch
+        } })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
+    for k in ["x", "x", "y", "boom"] {
+        let out = common::kiln(
+            &master.dir,
+            &[
+                "force",
+                "--master",
+                &master.http_url(),
+                "b",
+                "--property",
+                &format!("k={k}"),
+            ],
+            Duration::from_secs(60),
+        );
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+    }
+    std::fs::write(tmp.path().join("release"), "").expect("release");
+    wait_until(Duration::from_secs(60), "every request to complete", || {
+        request_states(&dir).iter().all(|r| r.0 == 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // Request 1 alone, 2 and 3 (both k=x) together, 4 (k=y) and 5 (the
+    // function throws for it: not collapsed) alone. The default rule would
+    // have collapsed 2 to 5 into one build.
+    let b = builds(&dir);
+    assert_eq!(b.len(), 4, "{b:?}");
+    assert_eq!(request_states(&dir), [(1, 0); 5]);
+    assert!(master.log().contains("cannot decide"), "{}", master.log());
+    assert_eq!(master.stop(), Some(0));
+}

@@ -401,6 +401,8 @@ pub struct BuilderConfig {
     pub worker_names: Vec<String>,
     #[serde(rename = "nextWorker", skip_serializing_if = "Option::is_none")]
     pub next_worker: Option<Callback>,
+    #[serde(rename = "canStartBuild", skip_serializing_if = "Option::is_none")]
+    pub can_start_build: Option<Callback>,
     pub factory: BuildFactory,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,

@@ -695,6 +695,7 @@ fn desktop_mozharness_builder(
         worker_builddir,
         worker_names: workers,
         next_worker,
+        can_start_build: None,
         factory: BuildFactory {
             steps: factory.steps,
             origin: origin.clone(),

@@ -540,6 +540,18 @@ pub fn builder_config(kw: &mut Kwargs) -> ScriptResult<BuilderConfig> {
             None => return fail_focus("`nextWorker` must be a function".into(), "nextWorker"),
         },
     };
+    let can_start_build = match kw.raw("canStartBuild") {
+        None => None,
+        Some(v) => match v.try_cast::<FnPtr>() {
+            Some(fn_ptr) => Some(Callback {
+                fn_ptr,
+                origin: kw.origin(),
+            }),
+            None => {
+                return fail_focus("`canStartBuild` must be a function".into(), "canStartBuild")
+            }
+        },
+    };
     let collapse_requests = bool_or_callback(kw, "collapseRequests")?;
     let locks = match kw.raw("locks") {
         None => vec![],
@@ -551,6 +563,7 @@ pub fn builder_config(kw: &mut Kwargs) -> ScriptResult<BuilderConfig> {
         worker_builddir,
         worker_names,
         next_worker,
+        can_start_build,
         category: kw.str("category")?,
         tags: kw.str_list("tags")?.unwrap_or_default(),
         description: kw.str("description")?,

@@ -77,6 +77,17 @@ pub struct Buildset {
     pub parent_buildid: Option<i64>,
 }
 
+/// Which other requests a claim takes along (collapses).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Collapse {
+    /// None: the request builds alone.
+    None,
+    /// Buildbot's default rule (see [`collapsible`]).
+    Default,
+    /// These requests, as a `collapseRequests` function chose them.
+    These(Vec<i64>),
+}
+
 /// A stored build request, as Buildbot's data API shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BuildRequest {
@@ -312,6 +323,40 @@ pub fn collapsible(c: &Connection, brid: i64) -> anyhow::Result<Vec<i64>> {
         .collect::<Result<_, _>>()?)
 }
 
+/// The sourcestamps a buildset builds, in id order.
+pub fn buildset_sourcestamps(c: &Connection, bsid: i64) -> anyhow::Result<Vec<SourceStamp>> {
+    Ok(c.prepare_cached(
+        "SELECT s.branch, s.revision, s.repository, s.project, s.codebase
+         FROM buildset_sourcestamps bs JOIN sourcestamps s ON s.id = bs.sourcestampid
+         WHERE bs.buildsetid = ?1 ORDER BY s.id",
+    )?
+    .query_map(params![bsid], |r| {
+        Ok(SourceStamp {
+            branch: r.get(0)?,
+            revision: r.get(1)?,
+            repository: r.get(2)?,
+            project: r.get(3)?,
+            codebase: r.get(4)?,
+        })
+    })?
+    .collect::<Result<_, _>>()?)
+}
+
+/// Unclaimed, incomplete requests of a builder other than `brid`, oldest
+/// first: the candidates a `collapseRequests` function is asked about.
+pub fn unclaimed_of_builder(c: &Connection, brid: i64) -> anyhow::Result<Vec<BuildRequest>> {
+    let sql = format!(
+        "SELECT {REQUEST_COLUMNS} FROM buildrequests r JOIN builders b ON b.id = r.builderid
+         LEFT JOIN buildrequest_claims c ON c.brid = r.id
+         WHERE r.builderid = (SELECT builderid FROM buildrequests WHERE id = ?1)
+           AND r.id != ?1 AND r.complete = 0 AND c.brid IS NULL
+         ORDER BY r.id"
+    );
+    Ok(c.prepare_cached(&sql)?
+        .query_map(params![brid], request_row)?
+        .collect::<Result<_, _>>()?)
+}
+
 /// Claims `brid` for `masterid`; false if it was claimed or complete already.
 pub fn claim_request(c: &Connection, brid: i64, masterid: i64) -> anyhow::Result<bool> {
     let n = c
@@ -475,6 +520,14 @@ impl Store {
         self.call(move |c| unclaimed_requests(c, limit)).await
     }
 
+    pub async fn buildset_sourcestamps(&self, bsid: i64) -> anyhow::Result<Vec<SourceStamp>> {
+        self.call(move |c| buildset_sourcestamps(c, bsid)).await
+    }
+
+    pub async fn unclaimed_of_builder(&self, brid: i64) -> anyhow::Result<Vec<BuildRequest>> {
+        self.call(move |c| unclaimed_of_builder(c, brid)).await
+    }
+
     pub async fn claim_request(&self, brid: i64, masterid: i64) -> anyhow::Result<bool> {
         self.call(move |c| claim_request(c, brid, masterid)).await
     }
@@ -486,7 +539,7 @@ impl Store {
         &self,
         brid: i64,
         masterid: i64,
-        collapse: bool,
+        collapse: Collapse,
     ) -> anyhow::Result<Vec<i64>> {
         self.call(move |c| {
             let tx = c.transaction()?;
@@ -494,11 +547,16 @@ impl Store {
                 return Ok(vec![]);
             }
             let mut ids = vec![brid];
-            if collapse {
-                for other in collapsible(&tx, brid)? {
-                    if claim_request(&tx, other, masterid)? {
-                        ids.push(other);
-                    }
+            let others = match collapse {
+                Collapse::None => vec![],
+                Collapse::Default => collapsible(&tx, brid)?,
+                Collapse::These(v) => v,
+            };
+            for other in others {
+                // Another master may have claimed it meanwhile: then it is
+                // not ours to complete.
+                if claim_request(&tx, other, masterid)? {
+                    ids.push(other);
                 }
             }
             tx.commit()?;
