@@ -216,6 +216,7 @@ async fn serve(
         schedulers.clone(),
         runtime,
         master_id,
+        dir.to_path_buf(),
     );
     let distributor_task = tokio::spawn(distributor.run(cancel.clone()));
 

@@ -8,8 +8,9 @@
 //! and workdir; stdout and stderr are streamed as they come; `timeout` (no
 //! output for N s) and `maxTime` (N s in all) kill the whole group, as
 //! does an interrupt. File commands: mkdir, rmdir, rmfile, stat, glob,
-//! listdir, cpdir. (Uploads and downloads need the master's side, which
-//! kiln does not have yet: the worker answers them with an error.)
+//! listdir, cpdir, and the transfers upload_file, upload_directory (a tar,
+//! optionally gz or bz2) and download_file, which call the master back
+//! block by block and wait for each answer.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -148,6 +149,8 @@ enum Ended {
 
 /// Running commands: id → interrupt sender.
 type Running = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<String>>>>;
+/// The master's answers we wait for, by sequence number.
+type Waiting = Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Result<Value, String>>>>>;
 
 async fn session(cfg: &WorkerFile, basedir: &Path) -> anyhow::Result<Ended> {
     use base64::Engine as _;
@@ -179,6 +182,7 @@ async fn session(cfg: &WorkerFile, basedir: &Path) -> anyhow::Result<Ended> {
         }
     });
     let running: Running = Arc::default();
+    let waiting: Waiting = Arc::default();
     let seq = Arc::new(std::sync::atomic::AtomicU64::new(1));
     let ended = loop {
         let data = match stream.next().await {
@@ -192,8 +196,18 @@ async fn session(cfg: &WorkerFile, basedir: &Path) -> anyhow::Result<Ended> {
         };
         let (seq_no, op, msg) = match protocol::decode(&data) {
             Ok(Frame::Request { seq, op, msg }) => (seq, op, msg),
-            // Acknowledgements of our updates.
-            Ok(Frame::Response { .. }) => continue,
+            // Answers to our requests; most (acknowledgements of updates)
+            // nobody waits for.
+            Ok(Frame::Response { seq, result }) => {
+                if let Some(tx) = waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&seq)
+                {
+                    let _ = tx.send(result);
+                }
+                continue;
+            }
             Err(e) => break Ended::Lost(format!("malformed message from the master: {e}")),
         };
         let reply = |result: Result<Value, String>| match result {
@@ -264,11 +278,17 @@ async fn session(cfg: &WorkerFile, basedir: &Path) -> anyhow::Result<Ended> {
                     id: id.clone(),
                     out: out.clone(),
                     seq: seq.clone(),
+                    waiting: waiting.clone(),
                 };
                 let running = running.clone();
                 tokio::spawn(async move {
                     let failure = match name.as_str() {
                         "shell" => shell(&ctx, &args, irx).await,
+                        "upload_file" | "uploadFile" => upload(&ctx, &args, false, irx).await,
+                        "upload_directory" | "uploadDirectory" => {
+                            upload(&ctx, &args, true, irx).await
+                        }
+                        "download_file" | "downloadFile" => download(&ctx, &args, irx).await,
                         other => file_command(&ctx, other, &args).await,
                     };
                     ctx.send(
@@ -286,6 +306,8 @@ async fn session(cfg: &WorkerFile, basedir: &Path) -> anyhow::Result<Ended> {
             }
         }
     };
+    // Nobody will answer now.
+    waiting.lock().unwrap_or_else(|e| e.into_inner()).clear();
     // Commands of a lost connection are killed: their results could not be
     // reported.
     for (_, tx) in running.lock().unwrap_or_else(|e| e.into_inner()).drain() {
@@ -301,7 +323,17 @@ fn worker_info(basedir: &Path) -> Value {
         .map(|(k, v)| (Value::from(k), Value::from(v)))
         .collect();
     let commands: Vec<(Value, Value)> = [
-        "shell", "mkdir", "rmdir", "rmfile", "stat", "glob", "listdir", "cpdir",
+        "shell",
+        "mkdir",
+        "rmdir",
+        "rmfile",
+        "stat",
+        "glob",
+        "listdir",
+        "cpdir",
+        "upload_file",
+        "upload_directory",
+        "download_file",
     ]
     .iter()
     .map(|c| (Value::from(*c), Value::from("3.3")))
@@ -345,9 +377,41 @@ struct CommandCtx {
     id: String,
     out: mpsc::UnboundedSender<Vec<u8>>,
     seq: Arc<std::sync::atomic::AtomicU64>,
+    waiting: Waiting,
 }
 
+/// How long the worker waits for the master to answer a transfer call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl CommandCtx {
+    /// Sends a request about this command and waits for the master's answer.
+    async fn call(&self, op: &str, mut fields: Vec<(&str, Value)>) -> Result<Value, String> {
+        fields.push(("command_id", Value::from(self.id.as_str())));
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(seq, tx);
+        if self.out.send(protocol::request(seq, op, fields)).is_err() {
+            return Err("the connection to the master is gone".into());
+        }
+        match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("the connection to the master is gone".into()),
+            Err(_) => {
+                self.waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&seq);
+                Err(format!(
+                    "the master did not answer `{op}` within {} s",
+                    CALL_TIMEOUT.as_secs()
+                ))
+            }
+        }
+    }
+
     fn send(&self, op: &str, mut fields: Vec<(&str, Value)>) {
         fields.push(("command_id", Value::from(self.id.as_str())));
         let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -698,6 +762,234 @@ async fn file_command(ctx: &CommandCtx, name: &str, args: &Value) -> Option<Stri
         }
         other => Some(format!("command {other} is not supported by kiln's worker")),
     }
+}
+
+/// The end of a transfer: `rc`, and `stderr` when something went wrong
+/// (as Buildbot's transfer commands report it).
+fn transfer_result(ctx: &CommandCtx, stderr: Option<String>) -> Option<String> {
+    let mut pairs = vec![("rc", Value::from(i64::from(stderr.is_some())))];
+    if let Some(e) = stderr {
+        pairs.push(("stderr", Value::from(format!("{e}\n"))));
+    }
+    ctx.update(pairs);
+    None
+}
+
+fn transfer_sizes(args: &Value) -> (Option<u64>, usize) {
+    let maxsize = map_get(args, "maxsize").and_then(Value::as_u64);
+    let blocksize = map_get(args, "blocksize")
+        .and_then(Value::as_u64)
+        .unwrap_or(16 * 1024)
+        .clamp(1, 16 << 20) as usize;
+    (maxsize, blocksize)
+}
+
+/// A tarball of `dir` in a temporary file, compressed as asked.
+fn tar_directory(dir: &Path, compress: Option<&str>) -> std::io::Result<std::fs::File> {
+    let mut file = tempfile::tempfile()?;
+    {
+        let w: Box<dyn std::io::Write> = match compress {
+            Some("gz") => Box::new(flate2::write::GzEncoder::new(
+                &mut file,
+                flate2::Compression::default(),
+            )),
+            Some("bz2") => Box::new(bzip2::write::BzEncoder::new(
+                &mut file,
+                bzip2::Compression::default(),
+            )),
+            _ => Box::new(&mut file),
+        };
+        let mut b = tar::Builder::new(w);
+        b.follow_symlinks(false);
+        b.append_dir_all(".", dir)?;
+        b.into_inner()?.flush()?;
+    }
+    use std::io::Seek;
+    file.rewind()?;
+    Ok(file)
+}
+
+/// `upload_file` / `upload_directory`: the file (or a tar of the
+/// directory) to the master in `blocksize` blocks, then close (and utime
+/// with `keepstamp`) or unpack.
+async fn upload(
+    ctx: &CommandCtx,
+    args: &Value,
+    directory: bool,
+    mut interrupt: mpsc::UnboundedReceiver<String>,
+) -> Option<String> {
+    use std::io::Read;
+    let Some(path) = arg_str(args, "path") else {
+        return Some("an upload needs a path".into());
+    };
+    let (maxsize, blocksize) = transfer_sizes(args);
+    let keepstamp = map_get(args, "keepstamp")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let opened = if directory {
+        let compress = arg_str(args, "compress");
+        tar_directory(Path::new(&path), compress.as_deref())
+            .map_err(|e| format!("Cannot read directory '{path}' for upload: {e}"))
+    } else {
+        std::fs::File::open(&path).map_err(|_| format!("Cannot open file '{path}' for upload"))
+    };
+    let write_op = if directory {
+        "update_upload_directory_write"
+    } else {
+        "update_upload_file_write"
+    };
+    let mut stderr = None;
+    if let (true, Err(e)) = (directory, &opened) {
+        // Buildbot's worker reports an unreadable directory without calling
+        // the master back.
+        return transfer_result(ctx, Some(e.clone()));
+    }
+    ctx.header(&format!("sending {path}"));
+    let mut failed_call = None;
+    if let Ok(mut file) = opened {
+        let mut remaining = maxsize;
+        let mut buf = vec![0u8; blocksize];
+        loop {
+            if let Ok(why) = interrupt.try_recv() {
+                stderr = Some(format!("upload interrupted: {why}"));
+                break;
+            }
+            let want = remaining.map_or(blocksize, |r| (r as usize).min(blocksize));
+            if want == 0 {
+                // At the limit: anything more is truncated.
+                let mut probe = [0u8; 1];
+                if matches!(file.read(&mut probe), Ok(n) if n > 0) {
+                    stderr = Some(format!(
+                        "Maximum filesize reached, truncating file '{path}'"
+                    ));
+                }
+                break;
+            }
+            let n = match file.read(&mut buf[..want]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    stderr = Some(format!("cannot read '{path}': {e}"));
+                    break;
+                }
+            };
+            remaining = remaining.map(|r| r - n as u64);
+            if let Err(e) = ctx
+                .call(write_op, vec![("args", Value::Binary(buf[..n].to_vec()))])
+                .await
+            {
+                failed_call = Some(e);
+                break;
+            }
+        }
+    } else if let Err(e) = opened {
+        stderr = Some(e);
+    }
+    if directory {
+        if failed_call.is_none() && stderr.is_none() {
+            if let Err(e) = ctx.call("update_upload_directory_unpack", vec![]).await {
+                failed_call = Some(e);
+            }
+        }
+    } else {
+        let closed = ctx.call("update_upload_file_close", vec![]).await;
+        if failed_call.is_none() {
+            failed_call = closed.err();
+        }
+        if keepstamp && failed_call.is_none() && stderr.is_none() {
+            if let Ok(m) = std::fs::metadata(&path) {
+                use std::os::unix::fs::MetadataExt;
+                let at = m.atime() as f64 + m.atime_nsec() as f64 / 1e9;
+                let mt = m.mtime() as f64 + m.mtime_nsec() as f64 / 1e9;
+                failed_call = ctx
+                    .call(
+                        "update_upload_file_utime",
+                        vec![
+                            ("access_time", Value::F64(at)),
+                            ("modified_time", Value::F64(mt)),
+                        ],
+                    )
+                    .await
+                    .err();
+            }
+        }
+    }
+    transfer_result(ctx, failed_call.or(stderr))
+}
+
+/// `download_file`: asks the master for `blocksize` blocks until an empty
+/// one, writing them to `path` (its directory created, `mode` applied).
+async fn download(
+    ctx: &CommandCtx,
+    args: &Value,
+    mut interrupt: mpsc::UnboundedReceiver<String>,
+) -> Option<String> {
+    use std::io::Write;
+    let Some(path) = arg_str(args, "path") else {
+        return Some("a download needs a path".into());
+    };
+    let (maxsize, blocksize) = transfer_sizes(args);
+    let mode = map_get(args, "mode").and_then(Value::as_u64);
+    let opened = (|| {
+        if let Some(dir) = Path::new(&path).parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let f = std::fs::File::create(&path)?;
+        if let Some(mode) = mode {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(mode as u32))?;
+        }
+        Ok::<_, std::io::Error>(f)
+    })();
+    let mut stderr = None;
+    match opened {
+        Err(_) => stderr = Some(format!("Cannot open file '{path}' for download")),
+        Ok(mut file) => {
+            let mut remaining = maxsize;
+            loop {
+                if let Ok(why) = interrupt.try_recv() {
+                    stderr = Some(format!("download interrupted: {why}"));
+                    break;
+                }
+                let want = remaining.map_or(blocksize as u64, |r| r.min(blocksize as u64));
+                if want == 0 {
+                    stderr = Some(format!(
+                        "Maximum filesize reached, truncating file '{path}'"
+                    ));
+                    break;
+                }
+                let data = match ctx
+                    .call("update_read_file", vec![("length", Value::from(want))])
+                    .await
+                {
+                    Ok(v) => v,
+                    Err(e) => {
+                        stderr = Some(e);
+                        break;
+                    }
+                };
+                let bytes: &[u8] = match &data {
+                    Value::Binary(b) => b,
+                    Value::String(s) => s.as_bytes(),
+                    _ => &[],
+                };
+                if bytes.is_empty() {
+                    break;
+                }
+                let n = (bytes.len() as u64).min(want) as usize;
+                if let Err(e) = file.write_all(&bytes[..n]) {
+                    stderr = Some(format!("cannot write '{path}': {e}"));
+                    break;
+                }
+                remaining = remaining.map(|r| r - n as u64);
+            }
+        }
+    }
+    let closed = ctx.call("update_read_file_close", vec![]).await;
+    if stderr.is_none() {
+        stderr = closed.err();
+    }
+    transfer_result(ctx, stderr)
 }
 
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {

@@ -948,3 +948,109 @@ f.addStep(ShellCommand(#{ name: "s", command: "if [ -e ../../../first ]; then ec
     assert!(master.log().contains("cannot decide"), "{}", master.log());
     assert_eq!(master.stop(), Some(0));
 }
+
+/// Downloads, a command that uses them, and uploads back, on one worker.
+fn transfer_run(kiln_worker: bool) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(StringDownload(#{ name: "greet", s: "hello\n", workerdest: "greeting.txt", mode: 0o600 }));
+f.addStep(FileDownload(#{ name: "tool", mastersrc: "tool.sh", workerdest: "bin/tool.sh", mode: 0o755, blocksize: 7 }));
+f.addStep(ShellCommand(#{ name: "use", command: "test \"$(stat -c %a greeting.txt)\" = 600 && bin/tool.sh > out.txt && cat greeting.txt >> out.txt && mkdir -p dist/sub && echo a > dist/a && echo b > dist/sub/b && touch -d 2001-02-03T04:05:06 out.txt" }));
+f.addStep(FileUpload(#{ name: "up", workersrc: "out.txt", masterdest: "uploads/out.txt", keepstamp: true, blocksize: 5 }));
+f.addStep(DirectoryUpload(#{ name: "updir", workersrc: "dist", masterdest: "uploads/dist", compress: "gz" }));
+f.addStep(FileUpload(#{ name: "missing", workersrc: "nothing-here", masterdest: "uploads/missing" }));
+f.addStep(FileUpload(#{ name: "toobig", workersrc: "out.txt", masterdest: "uploads/big", maxsize: 3 }));
+f.addStep(FileDownload(#{ name: "nosrc", mastersrc: "no-such-file", workerdest: "x" }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    std::fs::write(dir.join("tool.sh"), "#!/bin/sh\necho made by the tool\n").expect("tool");
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let (_stock, _kiln);
+    if kiln_worker {
+        _kiln = Some(KilnWorker::start(tmp.path(), "w1", "pw-one", port));
+    } else {
+        _stock = Some(StockWorker::start(tmp.path(), "w1", "pw-one", port));
+    }
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(90), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    let steps: Vec<(&str, Option<i64>)> = b[0].3.iter().map(|(n, r)| (n.as_str(), *r)).collect();
+    assert_eq!(
+        steps,
+        [
+            ("greet", Some(0)),
+            ("tool", Some(0)),
+            ("use", Some(0)),
+            ("up", Some(0)),
+            ("updir", Some(0)),
+            ("missing", Some(2)),
+            ("toobig", Some(2)),
+            ("nosrc", Some(2)),
+        ],
+        "use: {}\nmissing: {}\ntoobig: {}",
+        stdio(&dir, "use"),
+        stdio(&dir, "missing"),
+        stdio(&dir, "toobig")
+    );
+    assert_eq!(b[0].1, Some(2));
+    let up = dir.join("uploads");
+    assert_eq!(
+        std::fs::read_to_string(up.join("out.txt")).expect("out.txt"),
+        "made by the tool\nhello\n"
+    );
+    // keepstamp: the worker's modification time came along.
+    let mtime = std::fs::metadata(up.join("out.txt"))
+        .expect("meta")
+        .modified()
+        .expect("mtime");
+    let secs = mtime
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("epoch")
+        .as_secs();
+    let local_2001 = 981_173_106i64; // 2001-02-03T04:05:06 UTC
+    assert!(
+        (secs as i64 - local_2001).abs() <= 14 * 3600,
+        "mtime {secs} is not 2001-02-03"
+    );
+    assert_eq!(
+        std::fs::read_to_string(up.join("dist/a")).expect("a"),
+        "a\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(up.join("dist/sub/b")).expect("b"),
+        "b\n"
+    );
+    // Failed uploads leave nothing behind, not even temporary files.
+    let mut names: Vec<String> = std::fs::read_dir(&up)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["dist", "out.txt"]);
+    assert!(stdio(&dir, "nosrc").contains("not available on the master"));
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn a_stock_worker_transfers_files_both_ways() {
+    transfer_run(false);
+}
+
+#[test]
+fn kilns_worker_transfers_files_both_ways() {
+    transfer_run(true);
+}

@@ -21,12 +21,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{
     Arg, BoolOrCallback, BuilderConfig, Command, LockAccess, LockMode, LockScope, MasterConfig,
-    Results, Step,
+    Results, Step, StepKind,
 };
 use crate::schedulers::{BuildsetDone, Schedulers};
 use crate::script::ScriptRuntime;
 use crate::store::buildsets::{BuildRequest, Collapse};
 use crate::store::{Properties, Store};
+use crate::workers::transfer::{self, Download, Upload, UploadKind};
 use crate::workers::{protocol, CommandEvent, Registry, WorkerConn};
 
 /// How often the distributor looks for work when nothing wakes it.
@@ -96,6 +97,8 @@ pub struct Distributor {
     schedulers: Schedulers,
     runtime: ScriptRuntime,
     masterid: i64,
+    /// The master dir: transfer steps' master-side paths are relative to it.
+    master_dir: std::path::PathBuf,
     busy: Mutex<Busy>,
     /// Wakes the distributor (a build ended).
     pub wake: Notify,
@@ -123,6 +126,7 @@ impl Distributor {
         schedulers: Schedulers,
         runtime: ScriptRuntime,
         masterid: i64,
+        master_dir: std::path::PathBuf,
     ) -> Arc<Distributor> {
         Arc::new(Distributor {
             config,
@@ -131,6 +135,7 @@ impl Distributor {
             schedulers,
             runtime,
             masterid,
+            master_dir,
             busy: Mutex::default(),
             wake: Notify::new(),
             warned: Mutex::default(),
@@ -664,41 +669,22 @@ impl Distributor {
                 lost: false,
             })
         };
-        let Some(command) = &step.command else {
-            return exception(format!(
-                "step `{}` ({}) has no command; this kiln runs command steps only so far",
-                step.name,
-                step.kind.type_name()
-            ))
-            .await;
-        };
-        let command = match command_value(command) {
-            Ok(c) => c,
-            Err(why) => return exception(why).await,
-        };
-        let mut env = Vec::new();
-        for (k, v) in builder.env.iter().chain(step.env.iter()) {
-            match arg_text(v) {
-                Ok(t) => env.push((Value::from(k.as_str()), Value::from(t))),
-                Err(why) => return exception(why).await,
-            }
-        }
         let workdir = join_path(builddir, step.workdir.as_deref().unwrap_or("build"));
-        let mut args = vec![
-            ("workdir", Value::from(workdir.as_str())),
-            ("command", command),
-            ("env", Value::Map(env)),
-            ("want_stdout", Value::Boolean(true)),
-            ("want_stderr", Value::Boolean(true)),
-            ("logEnviron", Value::Boolean(true)),
-            ("timeout", Value::from(step.timeout.unwrap_or(1200))),
-            ("usePTY", Value::Boolean(false)),
-        ];
-        if let Some(t) = step.max_time {
-            args.push(("maxTime", Value::from(t)));
-        }
-        let (_, mut events) = match worker
-            .start_command(&builder.name, "shell", protocol::map(args))
+        let prepared = match self.prepare_command(step, builder, &workdir) {
+            Ok(p) => p,
+            Err(Prepared::Exception(why)) => return exception(why).await,
+            Err(Prepared::Failure(why)) => {
+                self.store.append_log(log, vec![format!("h{why}")]).await?;
+                self.store.finish_log(log).await?;
+                return Ok(StepOutcome {
+                    result: Results::Failure,
+                    lost: false,
+                });
+            }
+        };
+        let (command_name, args, transfer) = prepared;
+        let (command_id, mut events) = match worker
+            .start_transfer(&builder.name, command_name, args, transfer)
             .await
         {
             Ok(x) => x,
@@ -712,7 +698,7 @@ impl Distributor {
             Err(e) => return exception(format!("cannot start the command: {e:#}")).await,
         };
         let mut rc: Option<i64> = None;
-        let outcome = loop {
+        let mut outcome = loop {
             let Some(ev) = events.recv().await else {
                 break StepOutcome {
                     result: Results::Retry,
@@ -766,9 +752,180 @@ impl Distributor {
                 }
             }
         };
+        // A transfer ends here: an upload lands only if the command
+        // succeeded.
+        if let Some(transfer::Transfer::Upload(u)) = worker.take_transfer(&command_id) {
+            match u.finish(outcome.result == Results::Success) {
+                Ok(what) => {
+                    self.store
+                        .append_log(log, vec![format!("huploaded {what}")])
+                        .await?
+                }
+                Err(why) if outcome.result == Results::Success => {
+                    self.store.append_log(log, vec![format!("h{why}")]).await?;
+                    outcome.result = Results::Failure;
+                }
+                Err(why) => self.store.append_log(log, vec![format!("h{why}")]).await?,
+            }
+        }
         self.store.finish_log(log).await?;
         Ok(outcome)
     }
+
+    /// The worker command a step runs: its name, its arguments and, for a
+    /// transfer, the master's end of it.
+    fn prepare_command(
+        &self,
+        step: &Step,
+        builder: &BuilderConfig,
+        workdir: &str,
+    ) -> Result<(&'static str, Value, Option<transfer::Transfer>), Prepared> {
+        let exception = Prepared::Exception;
+        let opt_u64 = |v: Option<u64>| v.map_or(Value::Nil, Value::from);
+        let master_path = |p: &str| self.master_dir.join(p);
+        match &step.kind {
+            StepKind::FileUpload {
+                workersrc,
+                masterdest,
+                transfer,
+                keepstamp,
+            } => {
+                let src = join_path(workdir, &arg_text(workersrc).map_err(exception)?);
+                let dest = master_path(masterdest);
+                let upload = Upload::new(
+                    dest.clone(),
+                    transfer.maxsize,
+                    UploadKind::File {
+                        mode: transfer.mode,
+                    },
+                )
+                .map_err(|e| exception(format!("cannot write {}: {e}", dest.display())))?;
+                let args = protocol::map(vec![
+                    ("path", Value::from(src)),
+                    ("maxsize", opt_u64(transfer.maxsize)),
+                    ("blocksize", Value::from(transfer.blocksize)),
+                    ("keepstamp", Value::Boolean(*keepstamp)),
+                ]);
+                Ok((
+                    "upload_file",
+                    args,
+                    Some(transfer::Transfer::Upload(upload)),
+                ))
+            }
+            StepKind::DirectoryUpload {
+                workersrc,
+                masterdest,
+                transfer,
+                compress,
+            } => {
+                let src = join_path(workdir, &arg_text(workersrc).map_err(exception)?);
+                let dest = master_path(masterdest);
+                let upload = Upload::new(
+                    dest.clone(),
+                    transfer.maxsize,
+                    UploadKind::Directory {
+                        compress: compress.clone(),
+                    },
+                )
+                .map_err(|e| exception(format!("cannot write into {}: {e}", dest.display())))?;
+                let args = protocol::map(vec![
+                    ("path", Value::from(src)),
+                    ("maxsize", opt_u64(transfer.maxsize)),
+                    ("blocksize", Value::from(transfer.blocksize)),
+                    (
+                        "compress",
+                        compress.as_deref().map_or(Value::Nil, Value::from),
+                    ),
+                ]);
+                Ok((
+                    "upload_directory",
+                    args,
+                    Some(transfer::Transfer::Upload(upload)),
+                ))
+            }
+            StepKind::FileDownload {
+                mastersrc,
+                workerdest,
+                transfer,
+            } => {
+                let src = master_path(mastersrc);
+                let file = std::fs::File::open(&src).map_err(|e| {
+                    Prepared::Failure(format!(
+                        "{} is not available on the master: {e}",
+                        src.display()
+                    ))
+                })?;
+                let dest = join_path(workdir, &arg_text(workerdest).map_err(exception)?);
+                Ok((
+                    "download_file",
+                    download_args(&dest, transfer),
+                    Some(transfer::Transfer::Download(Download::new(Box::new(file)))),
+                ))
+            }
+            StepKind::StringDownload {
+                s,
+                workerdest,
+                transfer,
+            } => {
+                let text = arg_text(s).map_err(exception)?;
+                let dest = join_path(workdir, &arg_text(workerdest).map_err(exception)?);
+                Ok((
+                    "download_file",
+                    download_args(&dest, transfer),
+                    Some(transfer::Transfer::Download(Download::new(Box::new(
+                        std::io::Cursor::new(text.into_bytes()),
+                    )))),
+                ))
+            }
+            _ => {
+                let Some(command) = &step.command else {
+                    return Err(exception(format!(
+                        "step `{}` ({}) has no command; this kiln runs command and transfer steps only so far",
+                        step.name,
+                        step.kind.type_name()
+                    )));
+                };
+                let command = command_value(command).map_err(exception)?;
+                let mut env = Vec::new();
+                for (k, v) in builder.env.iter().chain(step.env.iter()) {
+                    let t = arg_text(v).map_err(exception)?;
+                    env.push((Value::from(k.as_str()), Value::from(t)));
+                }
+                let mut args = vec![
+                    ("workdir", Value::from(workdir)),
+                    ("command", command),
+                    ("env", Value::Map(env)),
+                    ("want_stdout", Value::Boolean(true)),
+                    ("want_stderr", Value::Boolean(true)),
+                    ("logEnviron", Value::Boolean(true)),
+                    ("timeout", Value::from(step.timeout.unwrap_or(1200))),
+                    ("usePTY", Value::Boolean(false)),
+                ];
+                if let Some(t) = step.max_time {
+                    args.push(("maxTime", Value::from(t)));
+                }
+                Ok(("shell", protocol::map(args), None))
+            }
+        }
+    }
+}
+
+/// Why a step's command could not be prepared.
+enum Prepared {
+    /// A fault in the config or the master: EXCEPTION.
+    Exception(String),
+    /// What the step was asked to do cannot be done (a missing master
+    /// file): FAILURE, as Buildbot's transfer steps report it.
+    Failure(String),
+}
+
+fn download_args(dest: &str, t: &crate::config::TransferOptions) -> Value {
+    protocol::map(vec![
+        ("path", Value::from(dest)),
+        ("maxsize", t.maxsize.map_or(Value::Nil, Value::from)),
+        ("blocksize", Value::from(t.blocksize)),
+        ("mode", t.mode.map_or(Value::Nil, Value::from)),
+    ])
 }
 
 /// A builder's pending requests, as the distributor serves them.

@@ -278,6 +278,53 @@ pub enum StepKind {
         wait_for_finish: bool,
         set_properties: Properties,
     },
+    /// A file from the worker to the master (`masterdest`, relative to the
+    /// master dir).
+    FileUpload {
+        workersrc: Arg,
+        masterdest: String,
+        #[serde(flatten)]
+        transfer: TransferOptions,
+        keepstamp: bool,
+    },
+    /// A directory from the worker to the master, as a tarball unpacked
+    /// into `masterdest`.
+    DirectoryUpload {
+        workersrc: Arg,
+        masterdest: String,
+        #[serde(flatten)]
+        transfer: TransferOptions,
+        /// `()`, `"gz"` or `"bz2"`.
+        compress: Option<String>,
+    },
+    /// A file from the master (`mastersrc`, relative to the master dir) to
+    /// the worker.
+    FileDownload {
+        mastersrc: String,
+        workerdest: Arg,
+        #[serde(flatten)]
+        transfer: TransferOptions,
+    },
+    /// A string to a file on the worker.
+    StringDownload {
+        s: Arg,
+        workerdest: Arg,
+        #[serde(flatten)]
+        transfer: TransferOptions,
+    },
+}
+
+/// What every file transfer step takes (Buildbot's defaults).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TransferOptions {
+    /// Largest size in bytes; `None` for no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maxsize: Option<u64>,
+    /// Bytes per message (16 KiB).
+    pub blocksize: u64,
+    /// Permission bits of the written file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
 }
 
 impl StepKind {
@@ -290,6 +337,10 @@ impl StepKind {
             StepKind::MockCommand { .. } => "MockCommand",
             StepKind::DisconnectStep { .. } => "DisconnectStep",
             StepKind::Trigger { .. } => "Trigger",
+            StepKind::FileUpload { .. } => "FileUpload",
+            StepKind::DirectoryUpload { .. } => "DirectoryUpload",
+            StepKind::FileDownload { .. } => "FileDownload",
+            StepKind::StringDownload { .. } => "StringDownload",
         }
     }
 }

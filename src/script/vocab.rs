@@ -397,6 +397,7 @@ fn register_steps(engine: &mut Engine, state: &Arc<LoadState>) {
         };
         step(kw, StepKind::DisconnectStep { force_disconnect }, true)
     });
+    register_transfer_steps(engine, state);
     ctor(engine, state, "Trigger", |kw| {
         let scheduler_names = kw.req_str_list("schedulerNames")?;
         let wait_for_finish = kw.bool("waitForFinish", false)?;
@@ -407,6 +408,117 @@ fn register_steps(engine: &mut Engine, state: &Arc<LoadState>) {
                 scheduler_names,
                 wait_for_finish,
                 set_properties,
+            },
+            false,
+        )
+    });
+}
+
+fn transfer_options(kw: &mut Kwargs) -> ScriptResult<TransferOptions> {
+    let mode = match kw.uint("mode")? {
+        None => None,
+        Some(m) if m <= 0o7777 => Some(m as u32),
+        Some(m) => {
+            return fail_focus(
+                format!(
+                    "`mode` in {} must be permission bits such as 0o644, got {m}",
+                    kw.what()
+                ),
+                "mode",
+            )
+        }
+    };
+    let blocksize = kw.uint("blocksize")?.unwrap_or(16 * 1024);
+    if blocksize == 0 {
+        return fail_focus(
+            format!("`blocksize` in {} must be at least 1", kw.what()),
+            "blocksize",
+        );
+    }
+    Ok(TransferOptions {
+        maxsize: kw.uint("maxsize")?,
+        blocksize,
+        mode,
+    })
+}
+
+fn register_transfer_steps(engine: &mut Engine, state: &Arc<LoadState>) {
+    ctor(engine, state, "FileUpload", |kw| {
+        let workersrc = kw
+            .arg("workersrc")?
+            .ok_or_else(|| kw.missing("workersrc", "the file on the worker"))?;
+        let masterdest = kw.req_str("masterdest")?;
+        let keepstamp = kw.bool("keepstamp", false)?;
+        let transfer = transfer_options(kw)?;
+        step(
+            kw,
+            StepKind::FileUpload {
+                workersrc,
+                masterdest,
+                transfer,
+                keepstamp,
+            },
+            false,
+        )
+    });
+    ctor(engine, state, "DirectoryUpload", |kw| {
+        let workersrc = kw
+            .arg("workersrc")?
+            .ok_or_else(|| kw.missing("workersrc", "the directory on the worker"))?;
+        let masterdest = kw.req_str("masterdest")?;
+        let compress = kw.str("compress")?;
+        if let Some(c) = &compress {
+            if c != "gz" && c != "bz2" {
+                return fail_focus(
+                    format!(
+                        "`compress` in DirectoryUpload must be \"gz\", \"bz2\" or (), got {c:?}"
+                    ),
+                    "compress",
+                );
+            }
+        }
+        let transfer = transfer_options(kw)?;
+        step(
+            kw,
+            StepKind::DirectoryUpload {
+                workersrc,
+                masterdest,
+                transfer,
+                compress,
+            },
+            false,
+        )
+    });
+    ctor(engine, state, "FileDownload", |kw| {
+        let mastersrc = kw.req_str("mastersrc")?;
+        let workerdest = kw
+            .arg("workerdest")?
+            .ok_or_else(|| kw.missing("workerdest", "the file to write on the worker"))?;
+        let transfer = transfer_options(kw)?;
+        step(
+            kw,
+            StepKind::FileDownload {
+                mastersrc,
+                workerdest,
+                transfer,
+            },
+            false,
+        )
+    });
+    ctor(engine, state, "StringDownload", |kw| {
+        let s = kw
+            .arg("s")?
+            .ok_or_else(|| kw.missing("s", "the text to write"))?;
+        let workerdest = kw
+            .arg("workerdest")?
+            .ok_or_else(|| kw.missing("workerdest", "the file to write on the worker"))?;
+        let transfer = transfer_options(kw)?;
+        step(
+            kw,
+            StepKind::StringDownload {
+                s,
+                workerdest,
+                transfer,
             },
             false,
         )

@@ -14,6 +14,7 @@
 //! wins).
 
 pub mod protocol;
+pub mod transfer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -76,6 +77,8 @@ pub struct WorkerConn {
     out: mpsc::Sender<Message>,
     pending: Pending,
     commands: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<CommandEvent>>>>,
+    /// The master's end of running file transfers, by command id.
+    transfers: Mutex<HashMap<String, transfer::Transfer>>,
     seq: AtomicU64,
     next_command: AtomicU64,
     /// Fires when the connection is gone.
@@ -126,12 +129,27 @@ impl WorkerConn {
         command_name: &str,
         args: Value,
     ) -> anyhow::Result<(String, mpsc::UnboundedReceiver<CommandEvent>)> {
+        self.start_transfer(builder, command_name, args, None).await
+    }
+
+    /// Starts a command whose file transfer requests `transfer` answers;
+    /// take it back with [`WorkerConn::take_transfer`] when it completes.
+    pub async fn start_transfer(
+        &self,
+        builder: &str,
+        command_name: &str,
+        args: Value,
+        transfer: Option<transfer::Transfer>,
+    ) -> anyhow::Result<(String, mpsc::UnboundedReceiver<CommandEvent>)> {
         let id = self
             .next_command
             .fetch_add(1, Ordering::Relaxed)
             .to_string();
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.commands).insert(id.clone(), tx);
+        if let Some(t) = transfer {
+            lock(&self.transfers).insert(id.clone(), t);
+        }
         let r = self
             .request(
                 "start_command",
@@ -145,9 +163,21 @@ impl WorkerConn {
             .await;
         if let Err(e) = r {
             lock(&self.commands).remove(&id);
+            lock(&self.transfers).remove(&id);
             return Err(e);
         }
         Ok((id, rx))
+    }
+
+    /// The transfer a command was started with (once it has completed).
+    pub fn take_transfer(&self, command_id: &str) -> Option<transfer::Transfer> {
+        lock(&self.transfers).remove(command_id)
+    }
+
+    /// Asks the worker to shut down (Buildbot's graceful shutdown: the
+    /// worker process exits).
+    pub async fn shutdown(&self) -> anyhow::Result<()> {
+        self.request("shutdown", vec![]).await.map(|_| ())
     }
 
     pub async fn interrupt_command(
@@ -328,6 +358,7 @@ async fn connection(
         out: out_tx,
         pending: Arc::default(),
         commands: Arc::default(),
+        transfers: Mutex::default(),
         seq: AtomicU64::new(1),
         next_command: AtomicU64::new(1),
         closed: closed.clone(),
@@ -379,7 +410,7 @@ async fn connection(
                 Ok(Frame::Request { seq, op, msg }) => {
                     let answer = handle_worker_request(&reader_conn, &op, &msg);
                     let reply = match answer {
-                        Ok(()) => protocol::response(seq, Value::Nil, false),
+                        Ok(v) => protocol::response(seq, v, false),
                         Err(e) => protocol::response(seq, Value::from(e.as_str()), true),
                     };
                     if reader_conn
@@ -475,6 +506,8 @@ async fn connection(
         }
     }
     let _ = tokio::join!(reader, writer);
+    // Unfinished uploads are discarded.
+    lock(&conn.transfers).clear();
     // Running commands learn that their worker is gone.
     for (_, tx) in lock(&conn.commands).drain() {
         let _ = tx.send(CommandEvent::Complete(Some(
@@ -505,8 +538,9 @@ fn frame_kind(m: &Message) -> &'static str {
     }
 }
 
-/// What the worker asks of the master: command updates and completion.
-fn handle_worker_request(conn: &WorkerConn, op: &str, msg: &Value) -> Result<(), String> {
+/// What the worker asks of the master: command updates and completion,
+/// and the file transfer calls of a transfer command.
+fn handle_worker_request(conn: &WorkerConn, op: &str, msg: &Value) -> Result<Value, String> {
     let command_id = map_get(msg, "command_id")
         .and_then(str_of)
         .map(String::from);
@@ -525,7 +559,7 @@ fn handle_worker_request(conn: &WorkerConn, op: &str, msg: &Value) -> Result<(),
             let args = map_get(msg, "args").ok_or("`update` without args")?;
             let pairs = protocol::update_pairs(args)?;
             let _ = tx.send(CommandEvent::Update(pairs));
-            Ok(())
+            Ok(Value::Nil)
         }
         "complete" => {
             let tx = sender(&command_id)?;
@@ -537,10 +571,16 @@ fn handle_worker_request(conn: &WorkerConn, op: &str, msg: &Value) -> Result<(),
             if let Some(id) = &command_id {
                 lock(&conn.commands).remove(id);
             }
-            Ok(())
+            Ok(Value::Nil)
         }
-        // File transfers are answered by the build step that started them;
-        // until one exists for this command, refuse.
+        op if op.starts_with("update_upload_") || op.starts_with("update_read_file") => {
+            let id = command_id.ok_or_else(|| format!("`{op}` without a command_id"))?;
+            let mut transfers = lock(&conn.transfers);
+            let t = transfers
+                .get_mut(&id)
+                .ok_or_else(|| format!("`{op}` for command {id}, which transfers no file"))?;
+            t.handle(op, msg)
+        }
         other => Err(format!("unexpected request `{other}`")),
     }
 }
