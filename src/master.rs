@@ -151,6 +151,17 @@ async fn serve(
         &cancel,
     );
 
+    let registry = std::sync::Arc::new(crate::workers::Registry::default());
+    let distributor = crate::builds::Distributor::new(
+        std::sync::Arc::new(config.clone()),
+        registry.clone(),
+        store.clone(),
+        schedulers.clone(),
+        runtime,
+        master_id,
+        dir.to_path_buf(),
+    );
+
     let server = match &config.www {
         Some(www) => {
             let listener = tokio::net::TcpListener::bind((www.host.as_str(), www.port))
@@ -162,6 +173,7 @@ async fn serve(
                 store: store.clone(),
                 bus: bus.clone(),
                 schedulers: schedulers.clone(),
+                builds: distributor.clone(),
                 users: www.users.clone(),
                 started_at: Instant::now(),
             });
@@ -181,7 +193,6 @@ async fn serve(
         }
     };
 
-    let registry = std::sync::Arc::new(crate::workers::Registry::default());
     store.master_connections_reset(master_id).await?;
     let worker_server = match config.protocols.msgpack_port {
         Some(port) => {
@@ -209,15 +220,6 @@ async fn serve(
             retried.len()
         );
     }
-    let distributor = crate::builds::Distributor::new(
-        std::sync::Arc::new(config.clone()),
-        registry.clone(),
-        store.clone(),
-        schedulers.clone(),
-        runtime,
-        master_id,
-        dir.to_path_buf(),
-    );
     let distributor_task = tokio::spawn(distributor.run(cancel.clone()));
 
     let pollers = changes::spawn_all(&config.change_source, &ctx, &cancel);

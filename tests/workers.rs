@@ -1054,3 +1054,171 @@ fn a_stock_worker_transfers_files_both_ways() {
 fn kilns_worker_transfers_files_both_ways() {
     transfer_run(true);
 }
+
+/// A JSON-RPC call to the master's control API: (status, answer).
+fn rpc(master: &Master, path: &str, method: &str, params: serde_json::Value) -> (u16, String) {
+    let url = format!("{}{path}", master.http_url());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(&url)
+            .json(&serde_json::json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params }))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .expect("POST");
+        (r.status().as_u16(), r.text().await.expect("body"))
+    })
+}
+
+fn stop_run(kiln_worker: bool) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "long", command: "touch ../../../started; sleep 120" }));
+f.addStep(ShellCommand(#{ name: "after", command: "touch ../../../after" }));
+f.addStep(ShellCommand(#{ name: "cleanup", command: "touch ../../../cleanup", alwaysRun: true }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let (_stock, _kiln);
+    if kiln_worker {
+        _kiln = Some(KilnWorker::start(tmp.path(), "w1", "pw-one", port));
+    } else {
+        _stock = Some(StockWorker::start(tmp.path(), "w1", "pw-one", port));
+    }
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let (status, body) = rpc(&master, "/api/v2/builds/1", "stop", serde_json::json!({}));
+    assert_eq!(status, 404, "no build is running yet: {body}");
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the command to start", || {
+        tmp.path().join("started").exists().then_some(())
+    });
+    let (status, body) = rpc(
+        &master,
+        "/api/v2/builds/1",
+        "stop",
+        serde_json::json!({ "reason": "wrong push" }),
+    );
+    assert_eq!(status, 200, "{body}");
+    // Bounded well below the command's 120 s: the interrupt killed it.
+    wait_until(Duration::from_secs(40), "the stopped build to end", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(b[0].1, Some(6), "{b:?}");
+    assert!(b[0].2.contains("wrong push"), "{b:?}");
+    assert_eq!(
+        b[0].3,
+        [
+            ("long".to_string(), Some(6)),
+            ("after".to_string(), Some(3)),
+            ("cleanup".to_string(), Some(0))
+        ]
+    );
+    assert!(
+        !tmp.path().join("after").exists(),
+        "no step runs after a stop"
+    );
+    assert!(tmp.path().join("cleanup").exists(), "but alwaysRun ones do");
+    assert_eq!(request_states(&dir), [(1, 6)]);
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn a_stopped_build_interrupts_its_command_on_a_stock_worker() {
+    stop_run(false);
+}
+
+#[test]
+fn a_stopped_build_interrupts_its_command_on_kilns_worker() {
+    stop_run(true);
+}
+
+#[test]
+fn workers_shut_down_gracefully_or_at_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "s", command: "touch ../../../started; while [ ! -e ../../../release ]; do sleep 0.1; done" }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let mut w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    let mut w2 = StockWorker::start(tmp.path(), "w2", "pw-two", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    master.wait_for_log("connected worker=w2", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build to start", || {
+        tmp.path().join("started").exists().then_some(())
+    });
+    // Graceful: w1 finishes its build, takes no new one, then goes.
+    let (status, body) = rpc(&master, "/api/v2/workers/w1", "stop", serde_json::json!({}));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("when its 1 running build(s) end"), "{body}");
+    force(&master, "b");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        builds(&dir).len(),
+        1,
+        "a draining worker takes no new build"
+    );
+    assert!(
+        w1.child.try_wait().expect("wait").is_none(),
+        "w1 is still up"
+    );
+    std::fs::write(tmp.path().join("release"), "").expect("release");
+    wait_until(Duration::from_secs(30), "w1 to exit", || {
+        w1.child.try_wait().expect("wait")
+    });
+    let b = builds(&dir);
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert_eq!(b[0].1, Some(0), "{b:?}");
+    assert_eq!(
+        request_states(&dir),
+        [(1, 0), (0, -1)],
+        "the second request waits"
+    );
+    // At once: the stock worker's process ends.
+    let (status, body) = rpc(&master, "/api/v2/workers/w2", "kill", serde_json::json!({}));
+    assert_eq!(status, 200, "{body}");
+    wait_until(Duration::from_secs(30), "w2 to exit", || {
+        w2.child.try_wait().expect("wait")
+    });
+    wait_until(Duration::from_secs(30), "no worker connected", || {
+        connected(&dir).is_empty().then_some(())
+    });
+    let (status, body) = rpc(&master, "/api/v2/workers/w2", "stop", serde_json::json!({}));
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = rpc(
+        &master,
+        "/api/v2/workers/w2",
+        "pause",
+        serde_json::json!({}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(master.stop(), Some(0));
+}

@@ -30,6 +30,9 @@ use crate::store::{Properties, Store};
 use crate::workers::transfer::{self, Download, Upload, UploadKind};
 use crate::workers::{protocol, CommandEvent, Registry, WorkerConn};
 
+/// How long a stopped build waits for its interrupted command to end.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(30);
+
 /// How often the distributor looks for work when nothing wakes it.
 const IDLE_POLL: Duration = Duration::from_millis(250);
 
@@ -105,6 +108,18 @@ pub struct Distributor {
     /// Callback failures already logged (each is logged once, not every
     /// round).
     warned: Mutex<HashSet<String>>,
+    /// Builds running now, by build id, so that they can be stopped.
+    running_builds: Mutex<HashMap<i64, Arc<RunningBuild>>>,
+    /// Workers asked to shut down gracefully: they take no new builds and
+    /// are shut down when idle.
+    draining: Mutex<HashSet<String>>,
+}
+
+/// A running build's stop signal.
+struct RunningBuild {
+    worker: String,
+    stop: CancellationToken,
+    reason: Mutex<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -139,6 +154,8 @@ impl Distributor {
             busy: Mutex::default(),
             wake: Notify::new(),
             warned: Mutex::default(),
+            running_builds: Mutex::default(),
+            draining: Mutex::default(),
         })
     }
 
@@ -176,10 +193,12 @@ impl Distributor {
     /// The connected workers that may build for `builder` now, least busy
     /// first.
     fn candidates(&self, builder: &BuilderConfig) -> Vec<Arc<WorkerConn>> {
+        let draining = lock(&self.draining).clone();
         let busy = lock(&self.busy);
         let mut v: Vec<Arc<WorkerConn>> = builder
             .worker_names
             .iter()
+            .filter(|w| !draining.contains(*w))
             .filter_map(|w| self.registry.get(w))
             .filter(|conn| {
                 let running = busy.running.get(&conn.name);
@@ -538,8 +557,71 @@ impl Distributor {
                 }
                 busy.release_locks(&builder.locks, &wname);
             }
+            me.shutdown_if_drained(&wname).await;
             me.wake.notify_one();
         });
+    }
+
+    /// Stops a running build: its current command is interrupted, the
+    /// steps after it do not run, and the build and its requests end
+    /// CANCELLED. False if the build is not running here.
+    pub fn stop_build(&self, buildid: i64, reason: &str) -> bool {
+        let Some(b) = lock(&self.running_builds).get(&buildid).cloned() else {
+            return false;
+        };
+        *lock(&b.reason) = reason.to_string();
+        b.stop.cancel();
+        tracing::info!(worker = %b.worker, "build {buildid} stopped: {reason}");
+        true
+    }
+
+    /// Shuts a connected worker down: gracefully (it takes no new builds
+    /// and is told to shut down once its running builds end) or at once
+    /// (its running builds end RETRY and run again elsewhere).
+    pub async fn shutdown_worker(&self, name: &str, graceful: bool) -> anyhow::Result<String> {
+        let Some(conn) = self.registry.get(name) else {
+            anyhow::bail!("worker `{name}` is not connected");
+        };
+        if graceful {
+            lock(&self.draining).insert(name.to_string());
+            let running = lock(&self.busy).running.get(name).map_or(0, HashSet::len);
+            if running > 0 {
+                tracing::info!(worker = %name, "will shut down when its {running} build(s) end");
+                return Ok(format!(
+                    "worker `{name}` takes no new builds and shuts down when its {running} running build(s) end"
+                ));
+            }
+            self.shutdown_if_drained(name).await;
+            return Ok(format!("worker `{name}` was told to shut down"));
+        }
+        tracing::info!(worker = %name, "shutting down at once");
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(5), conn.shutdown()).await {
+            tracing::warn!(worker = %name, "no answer to shutdown ({e}); disconnecting it");
+        }
+        conn.closed.cancel();
+        Ok(format!("worker `{name}` was shut down"))
+    }
+
+    /// Tells a draining worker to shut down when it has no builds left.
+    async fn shutdown_if_drained(&self, name: &str) {
+        if !lock(&self.draining).contains(name) {
+            return;
+        }
+        if lock(&self.busy)
+            .running
+            .get(name)
+            .is_some_and(|r| !r.is_empty())
+        {
+            return;
+        }
+        lock(&self.draining).remove(name);
+        if let Some(conn) = self.registry.get(name) {
+            tracing::info!(worker = %name, "idle: telling it to shut down");
+            if let Err(e) = conn.shutdown().await {
+                // It may well have gone before answering.
+                tracing::info!(worker = %name, "shutdown: {e:#}");
+            }
+        }
     }
 
     /// Runs one build for the requests `claimed` (collapsed ones after the
@@ -591,7 +673,28 @@ impl Distributor {
             )
             .await?;
         tracing::info!(builder = %builder.name, worker = %worker.name, "build {number} started (request {})", req.buildrequestid);
+        let running = Arc::new(RunningBuild {
+            worker: worker.name.clone(),
+            stop: CancellationToken::new(),
+            reason: Mutex::new(String::new()),
+        });
+        lock(&self.running_builds).insert(buildid, running.clone());
+        let outcome = self
+            .run_steps(buildid, number, claimed, builder, worker, &running)
+            .await;
+        lock(&self.running_builds).remove(&buildid);
+        outcome
+    }
 
+    async fn run_steps(
+        &self,
+        buildid: i64,
+        number: i64,
+        claimed: &[i64],
+        builder: &BuilderConfig,
+        worker: &Arc<WorkerConn>,
+        running: &RunningBuild,
+    ) -> anyhow::Result<()> {
         let basedir = worker
             .info
             .get()
@@ -604,14 +707,23 @@ impl Distributor {
         let mut lost = false;
         for (i, step) in builder.factory.steps.iter().enumerate() {
             let stepid = self.store.new_step(buildid, i as i64, &step.name).await?;
-            if halted && !step.always_run {
+            let stopped = running.stop.is_cancelled();
+            // As Buildbot: after a failure that halts, or a stop, only
+            // `alwaysRun` steps run (cleanup), and a stop interrupts only
+            // the step running when it came.
+            if (stopped || halted) && !step.always_run {
                 self.store
                     .finish_step(stepid, Results::Skipped as i64, "skipped")
                     .await?;
                 continue;
             }
+            let stop = if stopped {
+                CancellationToken::new()
+            } else {
+                running.stop.clone()
+            };
             let out = self
-                .run_step(stepid, step, builder, worker, &builddir)
+                .run_step(stepid, step, builder, worker, &builddir, &stop)
                 .await?;
             self.store
                 .finish_step(stepid, out.result as i64, out.result.name())
@@ -637,8 +749,14 @@ impl Distributor {
             tracing::warn!(builder = %builder.name, worker = %worker.name, "build {number}: worker lost; the request will run again");
             return Ok(());
         }
+        let state = if running.stop.is_cancelled() {
+            results = Results::Cancelled;
+            format!("cancelled: {}", lock(&running.reason))
+        } else {
+            results.name().to_string()
+        };
         self.store
-            .finish_build(buildid, results as i64, results.name())
+            .finish_build(buildid, results as i64, &state)
             .await?;
         tracing::info!(builder = %builder.name, "build {number}: {}", results.name());
         for (bsid, r) in self
@@ -659,6 +777,7 @@ impl Distributor {
         builder: &BuilderConfig,
         worker: &WorkerConn,
         builddir: &str,
+        stop: &CancellationToken,
     ) -> anyhow::Result<StepOutcome> {
         let log = self.store.new_log(stepid, "stdio", "s").await?;
         let exception = |why: String| async move {
@@ -698,8 +817,31 @@ impl Distributor {
             Err(e) => return exception(format!("cannot start the command: {e:#}")).await,
         };
         let mut rc: Option<i64> = None;
+        // When the build is stopped: the command is interrupted, and if the
+        // worker does not report it ended within this time, the step ends
+        // anyway.
+        let mut interrupted: Option<tokio::time::Instant> = None;
         let mut outcome = loop {
-            let Some(ev) = events.recv().await else {
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
+                _ = stop.cancelled(), if interrupted.is_none() => {
+                    interrupted = Some(tokio::time::Instant::now() + INTERRUPT_GRACE);
+                    if let Err(e) = worker
+                        .interrupt_command(&builder.name, &command_id, "the build was stopped")
+                        .await
+                    {
+                        tracing::warn!(builder = %builder.name, "interrupting the command: {e:#}");
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(interrupted.unwrap_or_else(tokio::time::Instant::now)), if interrupted.is_some() => {
+                    self.store
+                        .append_log(log, vec![format!("hthe worker did not end the command within {} s of the interrupt", INTERRUPT_GRACE.as_secs())])
+                        .await?;
+                    break StepOutcome { result: Results::Cancelled, lost: false };
+                }
+            };
+            let Some(ev) = ev else {
                 break StepOutcome {
                     result: Results::Retry,
                     lost: true,
@@ -725,6 +867,12 @@ impl Distributor {
                         }
                     }
                     self.store.append_log(log, lines).await?;
+                }
+                CommandEvent::Complete(_) if interrupted.is_some() => {
+                    break StepOutcome {
+                        result: Results::Cancelled,
+                        lost: false,
+                    };
                 }
                 CommandEvent::Complete(None) => {
                     let result = match rc {

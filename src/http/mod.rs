@@ -24,6 +24,8 @@ pub struct AppState {
     pub store: Store,
     pub bus: ChangeBus,
     pub schedulers: Schedulers,
+    /// Running builds and connected workers, for stop and shutdown.
+    pub builds: Arc<crate::builds::Distributor>,
     /// `www.users`: who may write (force, ...). With none configured, writes
     /// are accepted from loopback addresses only.
     pub users: BTreeMap<String, WwwUser>,
@@ -38,6 +40,8 @@ pub fn router(state: AppState) -> Router {
         .route("/change_hook/base", post(change_hook_base))
         .route("/api/v2/forceschedulers", get(list_force_schedulers))
         .route("/api/v2/forceschedulers/{name}", post(force_rpc))
+        .route("/api/v2/builds/{id}", post(build_rpc))
+        .route("/api/v2/workers/{name}", post(worker_rpc))
         .with_state(Arc::new(state))
 }
 
@@ -139,13 +143,6 @@ async fn force_rpc(
         Ok(u) => u,
         Err(d) => return d.into_response(),
     };
-    let rpc_error = |status: StatusCode, id: &Value, code: i64, msg: String| {
-        (
-            status,
-            Json(json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": msg } })),
-        )
-            .into_response()
-    };
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -220,6 +217,146 @@ async fn force_rpc(
             Json(json!({ "jsonrpc": "2.0", "id": id, "result": [ids.bsid, brids] })).into_response()
         }
         Err(e) => rpc_error(StatusCode::BAD_REQUEST, &id, -32602, format!("{e:#}")),
+    }
+}
+
+/// A JSON-RPC 2.0 error answer, as Buildbot's control API gives them.
+fn rpc_error(status: StatusCode, id: &Value, code: i64, msg: String) -> Response {
+    (
+        status,
+        Json(json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": msg } })),
+    )
+        .into_response()
+}
+
+/// A JSON-RPC call: (id, method, params), or the error answer.
+#[allow(clippy::result_large_err)] // the error is the response itself, answered at once
+fn rpc_call(body: &[u8]) -> Result<(Value, String, Value), Response> {
+    let req: Value = serde_json::from_slice(body).map_err(|e| {
+        rpc_error(
+            StatusCode::BAD_REQUEST,
+            &Value::Null,
+            -32700,
+            format!("not JSON: {e}"),
+        )
+    })?;
+    let id = req.get("id").cloned().unwrap_or(Value::Null);
+    let Some(method) = req.get("method").and_then(Value::as_str) else {
+        return Err(rpc_error(
+            StatusCode::BAD_REQUEST,
+            &id,
+            -32600,
+            "no `method`".into(),
+        ));
+    };
+    let params = req.get("params").cloned().unwrap_or_else(|| json!({}));
+    Ok((id.clone(), method.to_string(), params))
+}
+
+/// `POST /api/v2/builds/{id}` with `{"method": "stop", "params": {"reason"}}`:
+/// Buildbot's stop control.
+async fn build_rpc(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let who = match writer(&st, &headers, peer) {
+        Ok(u) => u,
+        Err(d) => return d.into_response(),
+    };
+    let (rpc_id, method, params) = match rpc_call(&body) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let Ok(buildid) = id.parse::<i64>() else {
+        return rpc_error(
+            StatusCode::NOT_FOUND,
+            &rpc_id,
+            -32602,
+            format!("`{id}` is not a build id"),
+        );
+    };
+    if method != "stop" {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            &rpc_id,
+            -32601,
+            format!("builds have the method `stop`, not `{method}`"),
+        );
+    }
+    let mut reason = params
+        .get("reason")
+        .and_then(Value::as_str)
+        .filter(|r| !r.is_empty())
+        .unwrap_or("no reason given")
+        .to_string();
+    if !who.is_empty() {
+        reason = format!("{reason} (by {who})");
+    }
+    if st.builds.stop_build(buildid, &reason) {
+        Json(json!({ "jsonrpc": "2.0", "id": rpc_id, "result": null })).into_response()
+    } else {
+        rpc_error(
+            StatusCode::NOT_FOUND,
+            &rpc_id,
+            -32602,
+            format!("build {buildid} is not running"),
+        )
+    }
+}
+
+/// `POST /api/v2/workers/{name or id}` with the method `stop` (graceful:
+/// no new builds, then shut down) or `kill` (shut down now; its builds end
+/// RETRY and run again).
+async fn worker_rpc(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(d) = writer(&st, &headers, peer) {
+        return d.into_response();
+    }
+    let (rpc_id, method, _params) = match rpc_call(&body) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let graceful = match method.as_str() {
+        "stop" => true,
+        "kill" => false,
+        other => {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                &rpc_id,
+                -32601,
+                format!("workers have the methods `stop` and `kill`, not `{other}`"),
+            )
+        }
+    };
+    // A worker id, as Buildbot's API uses, or its name.
+    let name = match name.parse::<i64>() {
+        Ok(id) => match st.store.workers().await {
+            Ok(ws) => ws
+                .into_iter()
+                .find(|w| w.workerid == id)
+                .map_or(name, |w| w.name),
+            Err(e) => {
+                return rpc_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &rpc_id,
+                    -32603,
+                    format!("{e:#}"),
+                )
+            }
+        },
+        Err(_) => name,
+    };
+    match st.builds.shutdown_worker(&name, graceful).await {
+        Ok(msg) => Json(json!({ "jsonrpc": "2.0", "id": rpc_id, "result": msg })).into_response(),
+        Err(e) => rpc_error(StatusCode::NOT_FOUND, &rpc_id, -32602, format!("{e:#}")),
     }
 }
 
