@@ -408,7 +408,10 @@ fn a_master_killed_mid_build_retries_it_on_the_next_start() {
     let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
     master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
     force(&master, "b");
-    master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
+    // Mid-build: the command is running on the worker.
+    wait_until(Duration::from_secs(60), "the command to start", || {
+        tmp.path().join("second").exists().then_some(())
+    });
     drop(master); // SIGKILL: no clean stop
     drop(w1);
     // The same port, so that a worker can come back.
@@ -1220,5 +1223,77 @@ f.addStep(ShellCommand(#{ name: "s", command: "touch ../../../started; while [ !
         serde_json::json!({}),
     );
     assert_eq!(status, 400, "{body}");
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn step_arguments_render_build_properties_and_a_missing_one_is_named() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "show",
+    command: ["echo", WithProperties("%(buildername)s #%(buildnumber)s on %(workername)s for %(who:-nobody)s"),
+              Interpolate("pool=%(prop:pool)s global=%(prop:site)s")],
+    env: #{ KILN_WHERE: WithProperties("%(builddir)s") } }));
+f.addStep(ShellCommand(#{ name: "env", command: "echo where=$KILN_WHERE",
+    env: #{ KILN_WHERE: WithProperties("%(builddir)s") } }));
+f.addStep(ShellCommand(#{ name: "missing", command: Interpolate("hg clone %(prop:repo_path)s") }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    properties: #{ site: "staging", pool: "global-pool" },
+    workers: [Worker("w1", "pw-one", #{ properties: #{ pool: "build-pool" } })],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let out = common::kiln(
+        &master.dir,
+        &[
+            "force",
+            "--master",
+            &master.http_url(),
+            "b",
+            "--property",
+            "who=alice",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(
+        b[0].3,
+        [
+            ("show".to_string(), Some(0)),
+            ("env".to_string(), Some(0)),
+            ("missing".to_string(), Some(4)),
+        ]
+    );
+    assert!(
+        stdio(&dir, "show").contains("ob #1 on w1 for alice pool=build-pool global=staging"),
+        "{}",
+        stdio(&dir, "show")
+    );
+    let builddir = tmp.path().join("kiln-worker-w1/b");
+    assert!(
+        stdio(&dir, "env").contains(&format!("owhere={}", builddir.display())),
+        "{}",
+        stdio(&dir, "env")
+    );
+    assert!(
+        stdio(&dir, "missing").contains("no property `repo_path`"),
+        "{}",
+        stdio(&dir, "missing")
+    );
     assert_eq!(master.stop(), Some(0));
 }

@@ -11,6 +11,8 @@
 //! as RETRY and gives the request back, and builds a dead master left
 //! unfinished end as RETRY when the master starts again.
 
+mod render;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -110,9 +112,6 @@ pub struct Distributor {
     warned: Mutex<HashSet<String>>,
     /// Builds running now, by build id, so that they can be stopped.
     running_builds: Mutex<HashMap<i64, Arc<RunningBuild>>>,
-    /// Workers asked to shut down gracefully: they take no new builds and
-    /// are shut down when idle.
-    draining: Mutex<HashSet<String>>,
 }
 
 /// A running build's stop signal.
@@ -155,7 +154,6 @@ impl Distributor {
             wake: Notify::new(),
             warned: Mutex::default(),
             running_builds: Mutex::default(),
-            draining: Mutex::default(),
         })
     }
 
@@ -193,13 +191,12 @@ impl Distributor {
     /// The connected workers that may build for `builder` now, least busy
     /// first.
     fn candidates(&self, builder: &BuilderConfig) -> Vec<Arc<WorkerConn>> {
-        let draining = lock(&self.draining).clone();
         let busy = lock(&self.busy);
         let mut v: Vec<Arc<WorkerConn>> = builder
             .worker_names
             .iter()
-            .filter(|w| !draining.contains(*w))
             .filter_map(|w| self.registry.get(w))
+            .filter(|conn| !conn.draining.load(std::sync::atomic::Ordering::SeqCst))
             .filter(|conn| {
                 let running = busy.running.get(&conn.name);
                 let n = running.map_or(0, HashSet::len);
@@ -583,7 +580,8 @@ impl Distributor {
             anyhow::bail!("worker `{name}` is not connected");
         };
         if graceful {
-            lock(&self.draining).insert(name.to_string());
+            conn.draining
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             let running = lock(&self.busy).running.get(name).map_or(0, HashSet::len);
             if running > 0 {
                 tracing::info!(worker = %name, "will shut down when its {running} build(s) end");
@@ -602,9 +600,14 @@ impl Distributor {
         Ok(format!("worker `{name}` was shut down"))
     }
 
-    /// Tells a draining worker to shut down when it has no builds left.
+    /// Tells a draining worker to shut down when it has no builds left
+    /// (once per connection).
     async fn shutdown_if_drained(&self, name: &str) {
-        if !lock(&self.draining).contains(name) {
+        use std::sync::atomic::Ordering;
+        let Some(conn) = self.registry.get(name) else {
+            return;
+        };
+        if !conn.draining.load(Ordering::SeqCst) {
             return;
         }
         if lock(&self.busy)
@@ -614,13 +617,13 @@ impl Distributor {
         {
             return;
         }
-        lock(&self.draining).remove(name);
-        if let Some(conn) = self.registry.get(name) {
-            tracing::info!(worker = %name, "idle: telling it to shut down");
-            if let Err(e) = conn.shutdown().await {
-                // It may well have gone before answering.
-                tracing::info!(worker = %name, "shutdown: {e:#}");
-            }
+        if conn.shutdown_sent.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::info!(worker = %name, "idle: telling it to shut down");
+        if let Err(e) = conn.shutdown().await {
+            // It may well have gone before answering.
+            tracing::info!(worker = %name, "shutdown: {e:#}");
         }
     }
 
@@ -647,21 +650,56 @@ impl Distributor {
             tracing::info!(builder = %builder.name, "requests {claimed:?} collapsed into one build of request {newest}");
         }
         let workerid = self.store.worker_id(&worker.name).await?;
+        let basedir = worker
+            .info
+            .get()
+            .and_then(|i| i["basedir"].as_str())
+            .unwrap_or(".")
+            .to_string();
+        let builddir = join_path(&basedir, &builder.worker_builddir);
+        // Buildbot's layering, later ones winning: global, builder, the
+        // buildset's (scheduler, change, force), worker, then the build's own.
         let mut props: Properties = Properties::new();
+        let layer = |props: &mut Properties, from: &crate::config::Properties, source: &str| {
+            for (k, v) in from {
+                props.insert(k.clone(), (v.clone(), source.to_string()));
+            }
+        };
+        layer(&mut props, &self.config.properties, "Global");
+        layer(&mut props, &builder.properties, "Builder");
         if let Some(bs) = self.store.get_buildset(req.buildsetid).await? {
             props.extend(bs.properties);
         }
-        for (k, v) in &builder.properties {
-            props.insert(k.clone(), (v.clone(), "Builder".into()));
+        if let Some(w) = self.config.workers.iter().find(|w| w.name == worker.name) {
+            layer(&mut props, &w.properties, "Worker");
         }
-        props.insert(
-            "buildername".into(),
-            (builder.name.clone().into(), "Builder".into()),
-        );
-        props.insert(
-            "workername".into(),
-            (worker.name.clone().into(), "Worker".into()),
-        );
+        let mut own = |k: &str, v: serde_json::Value, source: &str| {
+            props.insert(k.to_string(), (v, source.to_string()));
+        };
+        own("buildername", builder.name.clone().into(), "Builder");
+        own("workername", worker.name.clone().into(), "Worker");
+        own("builddir", builddir.clone().into(), "Worker");
+        if let Some(ss) = self
+            .store
+            .buildset_sourcestamps(req.buildsetid)
+            .await?
+            .into_iter()
+            .next()
+        {
+            own(
+                "branch",
+                ss.branch.map_or(serde_json::Value::Null, Into::into),
+                "Build",
+            );
+            own(
+                "revision",
+                ss.revision.map_or(serde_json::Value::Null, Into::into),
+                "Build",
+            );
+            own("repository", ss.repository.into(), "Build");
+            own("project", ss.project.into(), "Build");
+            own("codebase", ss.codebase.into(), "Build");
+        }
         let (buildid, number) = self
             .store
             .new_build(
@@ -669,9 +707,10 @@ impl Distributor {
                 req.buildrequestid,
                 workerid,
                 self.masterid,
-                props,
+                props.clone(),
             )
             .await?;
+        props.insert("buildnumber".into(), (number.into(), "Build".into()));
         tracing::info!(builder = %builder.name, worker = %worker.name, "build {number} started (request {})", req.buildrequestid);
         let running = Arc::new(RunningBuild {
             worker: worker.name.clone(),
@@ -680,28 +719,31 @@ impl Distributor {
         });
         lock(&self.running_builds).insert(buildid, running.clone());
         let outcome = self
-            .run_steps(buildid, number, claimed, builder, worker, &running)
+            .run_steps(&Build {
+                id: buildid,
+                number,
+                claimed,
+                builder,
+                worker,
+                running: &running,
+                builddir: &builddir,
+                props: &props,
+            })
             .await;
         lock(&self.running_builds).remove(&buildid);
         outcome
     }
 
-    async fn run_steps(
-        &self,
-        buildid: i64,
-        number: i64,
-        claimed: &[i64],
-        builder: &BuilderConfig,
-        worker: &Arc<WorkerConn>,
-        running: &RunningBuild,
-    ) -> anyhow::Result<()> {
-        let basedir = worker
-            .info
-            .get()
-            .and_then(|i| i["basedir"].as_str())
-            .unwrap_or(".")
-            .to_string();
-        let builddir = join_path(&basedir, &builder.worker_builddir);
+    async fn run_steps(&self, b: &Build<'_>) -> anyhow::Result<()> {
+        let Build {
+            id: buildid,
+            number,
+            claimed,
+            builder,
+            worker,
+            running,
+            ..
+        } = *b;
         let mut results = Results::Success;
         let mut halted = false;
         let mut lost = false;
@@ -722,9 +764,7 @@ impl Distributor {
             } else {
                 running.stop.clone()
             };
-            let out = self
-                .run_step(stepid, step, builder, worker, &builddir, &stop)
-                .await?;
+            let out = self.run_step(b, stepid, step, &stop).await?;
             self.store
                 .finish_step(stepid, out.result as i64, out.result.name())
                 .await?;
@@ -772,13 +812,12 @@ impl Distributor {
 
     async fn run_step(
         &self,
+        b: &Build<'_>,
         stepid: i64,
         step: &Step,
-        builder: &BuilderConfig,
-        worker: &WorkerConn,
-        builddir: &str,
         stop: &CancellationToken,
     ) -> anyhow::Result<StepOutcome> {
+        let (builder, worker, builddir, props) = (b.builder, b.worker, b.builddir, b.props);
         let log = self.store.new_log(stepid, "stdio", "s").await?;
         let exception = |why: String| async move {
             let _ = self.store.append_log(log, vec![format!("h{why}")]).await;
@@ -789,7 +828,7 @@ impl Distributor {
             })
         };
         let workdir = join_path(builddir, step.workdir.as_deref().unwrap_or("build"));
-        let prepared = match self.prepare_command(step, builder, &workdir) {
+        let prepared = match self.prepare_command(step, builder, &workdir, props) {
             Ok(p) => p,
             Err(Prepared::Exception(why)) => return exception(why).await,
             Err(Prepared::Failure(why)) => {
@@ -927,7 +966,9 @@ impl Distributor {
         step: &Step,
         builder: &BuilderConfig,
         workdir: &str,
+        props: &Properties,
     ) -> Result<(&'static str, Value, Option<transfer::Transfer>), Prepared> {
+        let arg_text = |a: &Arg| arg_text(a, props);
         let exception = Prepared::Exception;
         let opt_u64 = |v: Option<u64>| v.map_or(Value::Nil, Value::from);
         let master_path = |p: &str| self.master_dir.join(p);
@@ -1033,7 +1074,7 @@ impl Distributor {
                         step.kind.type_name()
                     )));
                 };
-                let command = command_value(command).map_err(exception)?;
+                let command = command_value(command, props).map_err(exception)?;
                 let mut env = Vec::new();
                 for (k, v) in builder.env.iter().chain(step.env.iter()) {
                     let t = arg_text(v).map_err(exception)?;
@@ -1074,6 +1115,21 @@ fn download_args(dest: &str, t: &crate::config::TransferOptions) -> Value {
         ("blocksize", Value::from(t.blocksize)),
         ("mode", t.mode.map_or(Value::Nil, Value::from)),
     ])
+}
+
+/// One running build, as its steps see it.
+#[derive(Clone, Copy)]
+struct Build<'a> {
+    id: i64,
+    number: i64,
+    /// The requests it builds (collapsed ones after the first).
+    claimed: &'a [i64],
+    builder: &'a BuilderConfig,
+    worker: &'a Arc<WorkerConn>,
+    running: &'a RunningBuild,
+    /// The build's directory on the worker.
+    builddir: &'a str,
+    props: &'a Properties,
 }
 
 /// A builder's pending requests, as the distributor serves them.
@@ -1123,22 +1179,20 @@ fn join_path(base: &str, rel: &str) -> String {
     }
 }
 
-fn arg_text(a: &Arg) -> Result<String, String> {
+fn arg_text(a: &Arg, props: &Properties) -> Result<String, String> {
     match a {
         Arg::Literal(s) => Ok(s.clone()),
         Arg::Secret(s) => Ok(s.expose().to_string()),
-        Arg::Render(r) => Err(format!(
-            "`{r}` needs properties rendered, which this kiln does not do yet"
-        )),
+        Arg::Render(r) => render::render(r, props).map_err(|e| e.message),
     }
 }
 
-fn command_value(c: &Command) -> Result<Value, String> {
+fn command_value(c: &Command, props: &Properties) -> Result<Value, String> {
     match c {
-        Command::Shell(a) => Ok(Value::from(arg_text(a)?)),
+        Command::Shell(a) => Ok(Value::from(arg_text(a, props)?)),
         Command::Argv(v) => Ok(Value::Array(
             v.iter()
-                .map(|a| arg_text(a).map(Value::from))
+                .map(|a| arg_text(a, props).map(Value::from))
                 .collect::<Result<_, _>>()?,
         )),
     }

@@ -55,7 +55,11 @@ impl Store {
                 params![number, builderid, brid, workerid, masterid, now()],
             )?;
             let id = tx.last_insert_rowid();
-            for (name, (value, source)) in &properties {
+            let number_prop = (serde_json::Value::from(number), "Build".to_string());
+            for (name, (value, source)) in properties
+                .iter()
+                .chain(std::iter::once((&"buildnumber".to_string(), &number_prop)))
+            {
                 tx.execute(
                     "INSERT OR REPLACE INTO build_properties (buildid, name, value_json, source) VALUES (?1, ?2, ?3, ?4)",
                     params![id, name, value.to_string(), source],

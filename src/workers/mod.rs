@@ -83,6 +83,11 @@ pub struct WorkerConn {
     next_command: AtomicU64,
     /// Fires when the connection is gone.
     pub closed: CancellationToken,
+    /// Asked to shut down gracefully: it takes no new builds on this
+    /// connection (a new connection starts afresh).
+    pub draining: std::sync::atomic::AtomicBool,
+    /// `shutdown` was sent on this connection.
+    pub shutdown_sent: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -362,6 +367,8 @@ async fn connection(
         seq: AtomicU64::new(1),
         next_command: AtomicU64::new(1),
         closed: closed.clone(),
+        draining: Default::default(),
+        shutdown_sent: Default::default(),
     });
 
     // Writer: everything to the socket goes through one task.
