@@ -525,6 +525,12 @@ async fn shell(
     let Some(workdir) = arg_str(args, "workdir") else {
         return Some("shell needs a workdir".into());
     };
+    // Without `.` components: `create_dir_all("a/b/.")` would not create b.
+    let workdir: String = Path::new(&workdir)
+        .components()
+        .collect::<PathBuf>()
+        .to_string_lossy()
+        .into_owned();
     let argv: Vec<String> = match map_get(args, "command") {
         Some(Value::Array(a)) => a.iter().filter_map(str_of).map(String::from).collect(),
         Some(v) => match str_of(v) {

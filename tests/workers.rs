@@ -1297,3 +1297,104 @@ f.addStep(ShellCommand(#{ name: "missing", command: Interpolate("hg clone %(prop
     );
     assert_eq!(master.stop(), Some(0));
 }
+
+#[test]
+fn set_property_do_step_if_and_log_rules_decide_the_steps() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(SetProperty(#{ name: "where", property: "basedir", command: ["pwd"], workdir: "." }));
+f.addStep(SetProperty(#{ name: "fixed", property: "flavour", value: WithProperties("%(buildername)s-opt") }));
+f.addStep(ShellCommand(#{ name: "use", command: ["echo", WithProperties("in %(basedir)s as %(flavour)s")] }));
+f.addStep(ShellCommand(#{ name: "skipped", command: "touch ../../../skipped",
+    doStepIf: |step| step.properties.flavour == "nope" }));
+f.addStep(ShellCommand(#{ name: "ran", command: "true", doStepIf: |step| step.properties.flavour == "b-opt" }));
+f.addStep(ShellCommand(#{ name: "rcmap", command: "exit 3", warnOnWarnings: true,
+    log_eval_func: rc_eval_func(#{ "0": SUCCESS, "3": WARNINGS }) }));
+// Known infrastructure trouble in the output means RETRY, on the first build only.
+f.addStep(ShellCommand(#{ name: "infra", command: "echo 'remote: timed out'; exit 1",
+    log_eval_func: |step, rc, log| if log.contains("timed out") && step.properties.buildnumber == 1 { RETRY } else { SUCCESS } }));
+f.addStep(ShellCommand(#{ name: "after", command: "true" }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    for _ in 0..300 {
+        if finished(&dir, 2) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        finished(&dir, 2),
+        "{:?}\n{}\n{}\n{}",
+        builds(&dir),
+        master.log(),
+        stdio(&dir, "where"),
+        stdio(&dir, "use")
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let b = builds(&dir);
+    let results = |i: usize| -> Vec<Option<i64>> { b[i].3.iter().map(|s| s.1).collect() };
+    // where, fixed, use, skipped, ran, rcmap, infra, after
+    assert_eq!(
+        results(0),
+        [
+            Some(0),
+            Some(0),
+            Some(0),
+            Some(3),
+            Some(0),
+            Some(1),
+            Some(5),
+            Some(3)
+        ]
+    );
+    assert_eq!(b[0].1, Some(5), "RETRY: {b:?}");
+    assert_eq!(
+        results(1),
+        [
+            Some(0),
+            Some(0),
+            Some(0),
+            Some(3),
+            Some(0),
+            Some(1),
+            Some(0),
+            Some(0)
+        ]
+    );
+    assert_eq!(b[1].1, Some(1), "WARNINGS: {b:?}");
+    assert_eq!(b.len(), 2);
+    assert_eq!(request_states(&dir), [(1, 1)]);
+    assert!(!tmp.path().join("skipped").exists());
+    let basedir = tmp.path().join("kiln-worker-w1/b");
+    assert!(
+        stdio(&dir, "use").contains(&format!("oin {} as b-opt", basedir.display())),
+        "{}",
+        stdio(&dir, "use")
+    );
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let (value, source): (String, String) = c
+        .query_row(
+            "SELECT value_json, source FROM build_properties WHERE buildid = 1 AND name = 'basedir'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("basedir property");
+    assert_eq!(value, format!("{:?}", basedir.display().to_string()));
+    assert_eq!(source, "SetProperty");
+    assert_eq!(master.stop(), Some(0));
+}

@@ -22,8 +22,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    Arg, BoolOrCallback, BuilderConfig, Command, LockAccess, LockMode, LockScope, MasterConfig,
-    Results, Step, StepKind,
+    Arg, BoolOrCallback, BuilderConfig, Command, LockAccess, LockMode, LockScope, LogEval,
+    MasterConfig, Results, Step, StepKind,
 };
 use crate::schedulers::{BuildsetDone, Schedulers};
 use crate::script::ScriptRuntime;
@@ -130,6 +130,25 @@ struct StepOutcome {
     result: Results,
     /// The worker went away during the step.
     lost: bool,
+    /// A property the step set (`SetProperty`).
+    set_property: Option<(String, serde_json::Value)>,
+}
+
+impl StepOutcome {
+    fn of(result: Results) -> StepOutcome {
+        StepOutcome {
+            result,
+            lost: false,
+            set_property: None,
+        }
+    }
+    fn lost() -> StepOutcome {
+        StepOutcome {
+            result: Results::Retry,
+            lost: true,
+            set_property: None,
+        }
+    }
 }
 
 impl Distributor {
@@ -744,6 +763,7 @@ impl Distributor {
             running,
             ..
         } = *b;
+        let mut props = b.props.clone();
         let mut results = Results::Success;
         let mut halted = false;
         let mut lost = false;
@@ -764,7 +784,22 @@ impl Distributor {
             } else {
                 running.stop.clone()
             };
-            let out = self.run_step(b, stepid, step, &stop).await?;
+            let out = match self.do_step_if(step, &props).await {
+                Ok(true) => self.run_step(b, stepid, step, &stop, &props).await?,
+                Ok(false) => StepOutcome::of(Results::Skipped),
+                Err(why) => {
+                    let log = self.store.new_log(stepid, "stdio", "s").await?;
+                    self.store.append_log(log, vec![format!("h{why}")]).await?;
+                    self.store.finish_log(log).await?;
+                    StepOutcome::of(Results::Exception)
+                }
+            };
+            if let Some((name, value)) = &out.set_property {
+                self.store
+                    .set_build_property(buildid, name, value, "SetProperty")
+                    .await?;
+                props.insert(name.clone(), (value.clone(), "SetProperty".into()));
+            }
             self.store
                 .finish_step(stepid, out.result as i64, out.result.name())
                 .await?;
@@ -773,8 +808,13 @@ impl Distributor {
                 break;
             }
             results = combine(results, step, out.result);
+            // Buildbot's termination rule: a failure that halts, or
+            // EXCEPTION, RETRY or CANCELLED.
             if out.result == Results::Failure && step.halt_on_failure
-                || out.result == Results::Exception
+                || matches!(
+                    out.result,
+                    Results::Exception | Results::Retry | Results::Cancelled
+                )
             {
                 halted = true;
             }
@@ -799,6 +839,15 @@ impl Distributor {
             .finish_build(buildid, results as i64, &state)
             .await?;
         tracing::info!(builder = %builder.name, "build {number}: {}", results.name());
+        if results == Results::Retry {
+            // As Buildbot: a build that ends RETRY (a step's log rules said
+            // so) gives its requests back to run again.
+            for brid in claimed {
+                self.store.unclaim_request(*brid).await?;
+            }
+            tracing::warn!(builder = %builder.name, "build {number} ended RETRY; its request(s) will run again");
+            return Ok(());
+        }
         for (bsid, r) in self
             .store
             .complete_requests(claimed.to_vec(), results as i64)
@@ -816,17 +865,37 @@ impl Distributor {
         stepid: i64,
         step: &Step,
         stop: &CancellationToken,
+        props: &Properties,
     ) -> anyhow::Result<StepOutcome> {
-        let (builder, worker, builddir, props) = (b.builder, b.worker, b.builddir, b.props);
+        let (builder, worker, builddir) = (b.builder, b.worker, b.builddir);
         let log = self.store.new_log(stepid, "stdio", "s").await?;
         let exception = |why: String| async move {
             let _ = self.store.append_log(log, vec![format!("h{why}")]).await;
             let _ = self.store.finish_log(log).await;
-            Ok(StepOutcome {
-                result: Results::Exception,
-                lost: false,
-            })
+            Ok(StepOutcome::of(Results::Exception))
         };
+        if let (
+            StepKind::SetProperty {
+                property,
+                value: Some(value),
+            },
+            None,
+        ) = (&step.kind, &step.command)
+        {
+            return match arg_text(value, props) {
+                Ok(v) => {
+                    self.store
+                        .append_log(log, vec![format!("h{property} = {v:?}")])
+                        .await?;
+                    self.store.finish_log(log).await?;
+                    Ok(StepOutcome {
+                        set_property: Some((property.clone(), v.into())),
+                        ..StepOutcome::of(Results::Success)
+                    })
+                }
+                Err(why) => exception(why).await,
+            };
+        }
         let workdir = join_path(builddir, step.workdir.as_deref().unwrap_or("build"));
         let prepared = match self.prepare_command(step, builder, &workdir, props) {
             Ok(p) => p,
@@ -834,10 +903,7 @@ impl Distributor {
             Err(Prepared::Failure(why)) => {
                 self.store.append_log(log, vec![format!("h{why}")]).await?;
                 self.store.finish_log(log).await?;
-                return Ok(StepOutcome {
-                    result: Results::Failure,
-                    lost: false,
-                });
+                return Ok(StepOutcome::of(Results::Failure));
             }
         };
         let (command_name, args, transfer) = prepared;
@@ -848,14 +914,15 @@ impl Distributor {
             Ok(x) => x,
             Err(e) if worker.closed.is_cancelled() => {
                 tracing::warn!("{e:#}");
-                return Ok(StepOutcome {
-                    result: Results::Retry,
-                    lost: true,
-                });
+                return Ok(StepOutcome::lost());
             }
             Err(e) => return exception(format!("cannot start the command: {e:#}")).await,
         };
         let mut rc: Option<i64> = None;
+        // SetProperty keeps the command's stdout (bounded).
+        let capture = matches!(step.kind, StepKind::SetProperty { .. });
+        let mut captured = String::new();
+        let mut completed = false;
         // When the build is stopped: the command is interrupted, and if the
         // worker does not report it ended within this time, the step ends
         // anyway.
@@ -877,14 +944,11 @@ impl Distributor {
                     self.store
                         .append_log(log, vec![format!("hthe worker did not end the command within {} s of the interrupt", INTERRUPT_GRACE.as_secs())])
                         .await?;
-                    break StepOutcome { result: Results::Cancelled, lost: false };
+                    break StepOutcome::of(Results::Cancelled);
                 }
             };
             let Some(ev) = ev else {
-                break StepOutcome {
-                    result: Results::Retry,
-                    lost: true,
-                };
+                break StepOutcome::lost();
             };
             match ev {
                 CommandEvent::Update(pairs) => {
@@ -898,6 +962,10 @@ impl Distributor {
                                     _ => 'h',
                                 };
                                 for l in update_lines(&value) {
+                                    if capture && prefix == 'o' && captured.len() < CAPTURE_LIMIT {
+                                        captured.push_str(&l);
+                                        captured.push('\n');
+                                    }
                                     lines.push(format!("{prefix}{l}"));
                                 }
                             }
@@ -908,37 +976,39 @@ impl Distributor {
                     self.store.append_log(log, lines).await?;
                 }
                 CommandEvent::Complete(_) if interrupted.is_some() => {
-                    break StepOutcome {
-                        result: Results::Cancelled,
-                        lost: false,
-                    };
+                    break StepOutcome::of(Results::Cancelled);
                 }
                 CommandEvent::Complete(None) => {
-                    let result = match rc {
-                        Some(0) => Results::Success,
-                        Some(_) => Results::Failure,
-                        None => Results::Exception,
-                    };
-                    break StepOutcome {
-                        result,
-                        lost: false,
-                    };
+                    completed = true;
+                    break StepOutcome::of(Results::Success);
                 }
                 CommandEvent::Complete(Some(why)) => {
                     if worker.closed.is_cancelled() {
-                        break StepOutcome {
-                            result: Results::Retry,
-                            lost: true,
-                        };
+                        break StepOutcome::lost();
                     }
                     self.store.append_log(log, vec![format!("h{why}")]).await?;
-                    break StepOutcome {
-                        result: Results::Exception,
-                        lost: false,
-                    };
+                    break StepOutcome::of(Results::Exception);
                 }
             }
         };
+        if completed {
+            outcome.result = match self.evaluate(step, rc, log, props).await {
+                Ok(r) => r,
+                Err(why) => {
+                    self.store.append_log(log, vec![format!("h{why}")]).await?;
+                    Results::Exception
+                }
+            };
+            if let (StepKind::SetProperty { property, .. }, Results::Success) =
+                (&step.kind, outcome.result)
+            {
+                let v = captured.trim().to_string();
+                self.store
+                    .append_log(log, vec![format!("h{property} = {v:?}")])
+                    .await?;
+                outcome.set_property = Some((property.clone(), v.into()));
+            }
+        }
         // A transfer ends here: an upload lands only if the command
         // succeeded.
         if let Some(transfer::Transfer::Upload(u)) = worker.take_transfer(&command_id) {
@@ -957,6 +1027,73 @@ impl Distributor {
         }
         self.store.finish_log(log).await?;
         Ok(outcome)
+    }
+
+    /// Whether a step runs (`doStepIf`): a bool, or a function given
+    /// `#{ name, properties }` that returns one. A failing function is the
+    /// step's EXCEPTION, as in Buildbot.
+    async fn do_step_if(&self, step: &Step, props: &Properties) -> Result<bool, String> {
+        match &step.do_step_if {
+            None => Ok(true),
+            Some(BoolOrCallback::Enabled(b)) => Ok(*b),
+            Some(BoolOrCallback::Callback(cb)) => {
+                let v = self.call(cb, (step_map(step, props),)).await?;
+                v.as_bool().map_err(|t| {
+                    format!(
+                        "doStepIf of step `{}` returned a {t}, not a bool",
+                        step.name
+                    )
+                })
+            }
+        }
+    }
+
+    /// A finished command's result: the step's `log_eval_func` (an rc map,
+    /// or a function given `#{ name, properties }`, the exit code and the
+    /// command's output, returning a result), else Buildbot's rule (0 is
+    /// SUCCESS, anything else FAILURE).
+    async fn evaluate(
+        &self,
+        step: &Step,
+        rc: Option<i64>,
+        log: i64,
+        props: &Properties,
+    ) -> Result<Results, String> {
+        let plain = |rc: Option<i64>| match rc {
+            Some(0) => Ok(Results::Success),
+            Some(_) => Ok(Results::Failure),
+            None => Err("the worker reported no exit code".to_string()),
+        };
+        match &step.log_eval {
+            None => plain(rc),
+            Some(LogEval::RcMap { codes, default }) => {
+                match (rc.and_then(|rc| codes.get(&rc)), default) {
+                    (Some(r), _) => Ok(*r),
+                    (None, Some(d)) => Ok(*d),
+                    (None, None) => plain(rc),
+                }
+            }
+            Some(LogEval::Callback(cb)) => {
+                let text = self
+                    .store
+                    .log_text(log)
+                    .await
+                    .map_err(|e| format!("cannot read the log: {e:#}"))?;
+                let output: String = text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix('o').or_else(|| l.strip_prefix('e')))
+                    .flat_map(|l| [l, "\n"])
+                    .collect();
+                let rc = rc.map_or(rhai::Dynamic::UNIT, rhai::Dynamic::from);
+                let v = self.call(cb, (step_map(step, props), rc, output)).await?;
+                v.as_int().ok().and_then(Results::from_code).ok_or_else(|| {
+                    format!(
+                        "log_eval_func of step `{}` returned {v:?}, not a result such as SUCCESS",
+                        step.name
+                    )
+                })
+            }
+        }
     }
 
     /// The worker command a step runs: its name, its arguments and, for a
@@ -1117,6 +1254,24 @@ fn download_args(dest: &str, t: &crate::config::TransferOptions) -> Value {
     ])
 }
 
+/// The most of a command's stdout a `SetProperty` keeps.
+const CAPTURE_LIMIT: usize = 1 << 20;
+
+/// A step as a callback sees it.
+fn step_map(step: &Step, props: &Properties) -> rhai::Map {
+    let mut m = rhai::Map::new();
+    m.insert("name".into(), step.name.clone().into());
+    let mut p = rhai::Map::new();
+    for (k, (v, _)) in props {
+        p.insert(
+            k.into(),
+            rhai::serde::to_dynamic(v).unwrap_or(rhai::Dynamic::UNIT),
+        );
+    }
+    m.insert("properties".into(), p.into());
+    m
+}
+
 /// One running build, as its steps see it.
 #[derive(Clone, Copy)]
 struct Build<'a> {
@@ -1174,6 +1329,8 @@ fn update_lines(v: &Value) -> Vec<String> {
 fn join_path(base: &str, rel: &str) -> String {
     if rel.starts_with('/') {
         rel.to_string()
+    } else if rel.is_empty() || rel == "." {
+        base.to_string()
     } else {
         format!("{}/{}", base.trim_end_matches('/'), rel)
     }

@@ -71,6 +71,25 @@ impl Store {
         .await
     }
 
+    /// Sets (or replaces) a property of a running build.
+    pub async fn set_build_property(
+        &self,
+        buildid: i64,
+        name: &str,
+        value: &serde_json::Value,
+        source: &str,
+    ) -> anyhow::Result<()> {
+        let (name, value, source) = (name.to_string(), value.to_string(), source.to_string());
+        self.call(move |c| {
+            c.prepare_cached(
+                "INSERT OR REPLACE INTO build_properties (buildid, name, value_json, source) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![buildid, name, value, source])?;
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn finish_build(
         &self,
         buildid: i64,
