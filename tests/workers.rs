@@ -1398,3 +1398,39 @@ f.addStep(ShellCommand(#{ name: "after", command: "true" }));
     assert_eq!(source, "SetProperty");
     assert_eq!(master.stop(), Some(0));
 }
+
+#[test]
+fn a_log_is_cut_at_log_max_size_with_a_marker() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "chatty", command: "for i in $(seq 1 5000); do echo line-$i; done; echo rc-still-counts >&2; exit 0" }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    logMaxSize: 20000,
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(b[0].3, [("chatty".to_string(), Some(0))]);
+    let log = stdio(&dir, "chatty");
+    assert!(log.contains("oline-1\n"), "{log}");
+    assert!(!log.contains("line-5000"), "the tail is dropped");
+    assert!(log.contains("reached logMaxSize (20000 bytes)"), "{log}");
+    assert!(log.len() < 20000 + 4096, "{} bytes kept", log.len());
+    assert_eq!(master.stop(), Some(0));
+}

@@ -923,6 +923,9 @@ impl Distributor {
         let capture = matches!(step.kind, StepKind::SetProperty { .. });
         let mut captured = String::new();
         let mut completed = false;
+        // Bytes of output kept in the log, and whether it was cut off.
+        let mut kept: u64 = 0;
+        let mut truncated = false;
         // When the build is stopped: the command is interrupted, and if the
         // worker does not report it ended within this time, the step ends
         // anyway.
@@ -966,6 +969,18 @@ impl Distributor {
                                         captured.push_str(&l);
                                         captured.push('\n');
                                     }
+                                    if truncated {
+                                        continue;
+                                    }
+                                    kept += l.len() as u64 + 1;
+                                    if kept > self.config.log_max_size {
+                                        truncated = true;
+                                        lines.push(format!(
+                                            "h[kiln] this log reached logMaxSize ({} bytes): the rest of the output is not kept",
+                                            self.config.log_max_size
+                                        ));
+                                        continue;
+                                    }
                                     lines.push(format!("{prefix}{l}"));
                                 }
                             }
@@ -973,7 +988,9 @@ impl Distributor {
                             _ => {}
                         }
                     }
-                    self.store.append_log(log, lines).await?;
+                    if !lines.is_empty() {
+                        self.store.append_log(log, lines).await?;
+                    }
                 }
                 CommandEvent::Complete(_) if interrupted.is_some() => {
                     break StepOutcome::of(Results::Cancelled);

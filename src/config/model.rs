@@ -762,4 +762,7 @@ pub struct MasterConfig {
     pub prioritize_builders: Option<Callback>,
     #[serde(rename = "collapseRequests")]
     pub collapse_requests: BoolOrCallback,
+    /// Bytes one step log keeps; the rest is dropped behind a marker.
+    #[serde(rename = "logMaxSize")]
+    pub log_max_size: u64,
 }

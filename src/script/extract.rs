@@ -121,6 +121,7 @@ fn build(map: Map, state: &Arc<LoadState>) -> ScriptResult<MasterConfig> {
     let prioritize_builders = kw.callback("prioritizeBuilders")?;
     let collapse_requests = super::vocab::bool_or_callback(&mut kw, "collapseRequests")?
         .unwrap_or(BoolOrCallback::Enabled(true));
+    let log_max_size = kw.uint("logMaxSize")?.unwrap_or(DEFAULT_LOG_MAX_SIZE);
     // Buildbot's usage reporting: kiln reports nothing, whatever it says.
     let _ = kw.raw("buildbotNetUsageData");
     kw.finish()?;
@@ -139,8 +140,12 @@ fn build(map: Map, state: &Arc<LoadState>) -> ScriptResult<MasterConfig> {
         status,
         prioritize_builders,
         collapse_requests,
+        log_max_size,
     })
 }
+
+/// The most one step log keeps unless `logMaxSize` says otherwise.
+pub const DEFAULT_LOG_MAX_SIZE: u64 = 64 << 20;
 
 fn sub_map(v: Dynamic, key: &str) -> ScriptResult<Map> {
     let t = type_name(&v);
