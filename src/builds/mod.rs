@@ -29,6 +29,7 @@ use crate::schedulers::{BuildsetDone, Schedulers};
 use crate::script::ScriptRuntime;
 use crate::store::buildsets::{BuildRequest, Collapse};
 use crate::store::{Properties, Store};
+use crate::workers::protocol::map_get;
 use crate::workers::transfer::{self, Download, Upload, UploadKind};
 use crate::workers::{protocol, CommandEvent, Registry, WorkerConn};
 
@@ -907,125 +908,62 @@ impl Distributor {
             }
         };
         let (command_name, args, transfer) = prepared;
-        let (command_id, mut events) = match worker
-            .start_transfer(&builder.name, command_name, args, transfer)
-            .await
-        {
-            Ok(x) => x,
-            Err(e) if worker.closed.is_cancelled() => {
-                tracing::warn!("{e:#}");
-                return Ok(StepOutcome::lost());
-            }
-            Err(e) => return exception(format!("cannot start the command: {e:#}")).await,
-        };
-        let mut rc: Option<i64> = None;
-        // SetProperty keeps the command's stdout (bounded).
+        let mut sink = LogSink::new(log, stop.clone());
         let capture = matches!(step.kind, StepKind::SetProperty { .. });
-        let mut captured = String::new();
-        let mut completed = false;
-        // Bytes of output kept in the log, and whether it was cut off.
-        let mut kept: u64 = 0;
-        let mut truncated = false;
-        // When the build is stopped: the command is interrupted, and if the
-        // worker does not report it ended within this time, the step ends
-        // anyway.
-        let mut interrupted: Option<tokio::time::Instant> = None;
-        let mut outcome = loop {
-            let ev = tokio::select! {
-                ev = events.recv() => ev,
-                _ = stop.cancelled(), if interrupted.is_none() => {
-                    interrupted = Some(tokio::time::Instant::now() + INTERRUPT_GRACE);
-                    if let Err(e) = worker
-                        .interrupt_command(&builder.name, &command_id, "the build was stopped")
-                        .await
-                    {
-                        tracing::warn!(builder = %builder.name, "interrupting the command: {e:#}");
+        let hg = match (&step.kind, &args) {
+            (StepKind::MercurialCloneCommand { .. }, _) if command_name == "shell" => {
+                let argv: Option<Vec<String>> = match map_get(&args, "command") {
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .map(|v| protocol::str_of(v).map(String::from))
+                        .collect(),
+                    _ => None,
+                };
+                match argv {
+                    Some(argv) => {
+                        self.hg_clone(b, &mut sink, step, &argv, &workdir, props)
+                            .await?
                     }
-                    continue;
+                    None => None,
                 }
-                _ = tokio::time::sleep_until(interrupted.unwrap_or_else(tokio::time::Instant::now)), if interrupted.is_some() => {
-                    self.store
-                        .append_log(log, vec![format!("hthe worker did not end the command within {} s of the interrupt", INTERRUPT_GRACE.as_secs())])
-                        .await?;
-                    break StepOutcome::of(Results::Cancelled);
-                }
-            };
-            let Some(ev) = ev else {
-                break StepOutcome::lost();
-            };
-            match ev {
-                CommandEvent::Update(pairs) => {
-                    let mut lines = Vec::new();
-                    for (key, value) in pairs {
-                        match key.as_str() {
-                            "stdout" | "stderr" | "header" => {
-                                let prefix = match key.as_str() {
-                                    "stdout" => 'o',
-                                    "stderr" => 'e',
-                                    _ => 'h',
-                                };
-                                for l in update_lines(&value) {
-                                    if capture && prefix == 'o' && captured.len() < CAPTURE_LIMIT {
-                                        captured.push_str(&l);
-                                        captured.push('\n');
-                                    }
-                                    if truncated {
-                                        continue;
-                                    }
-                                    kept += l.len() as u64 + 1;
-                                    if kept > self.config.log_max_size {
-                                        truncated = true;
-                                        lines.push(format!(
-                                            "h[kiln] this log reached logMaxSize ({} bytes): the rest of the output is not kept",
-                                            self.config.log_max_size
-                                        ));
-                                        continue;
-                                    }
-                                    lines.push(format!("{prefix}{l}"));
-                                }
-                            }
-                            "rc" => rc = value.as_i64(),
-                            _ => {}
-                        }
-                    }
-                    if !lines.is_empty() {
-                        self.store.append_log(log, lines).await?;
-                    }
-                }
-                CommandEvent::Complete(_) if interrupted.is_some() => {
-                    break StepOutcome::of(Results::Cancelled);
-                }
-                CommandEvent::Complete(None) => {
-                    completed = true;
-                    break StepOutcome::of(Results::Success);
-                }
-                CommandEvent::Complete(Some(why)) => {
-                    if worker.closed.is_cancelled() {
-                        break StepOutcome::lost();
-                    }
-                    self.store.append_log(log, vec![format!("h{why}")]).await?;
-                    break StepOutcome::of(Results::Exception);
-                }
+            }
+            _ => None,
+        };
+        let run = match hg {
+            Some(run) => run,
+            None => {
+                self.run_command(b, &mut sink, command_name, args, transfer, capture)
+                    .await?
             }
         };
-        if completed {
-            outcome.result = match self.evaluate(step, rc, log, props).await {
-                Ok(r) => r,
-                Err(why) => {
-                    self.store.append_log(log, vec![format!("h{why}")]).await?;
-                    Results::Exception
-                }
-            };
-            if let (StepKind::SetProperty { property, .. }, Results::Success) =
-                (&step.kind, outcome.result)
-            {
-                let v = captured.trim().to_string();
-                self.store
-                    .append_log(log, vec![format!("h{property} = {v:?}")])
-                    .await?;
-                outcome.set_property = Some((property.clone(), v.into()));
+        let command_id = run.command_id.clone();
+        let mut outcome = match run.ended {
+            Ended::Lost => StepOutcome::lost(),
+            Ended::Cancelled => StepOutcome::of(Results::Cancelled),
+            Ended::Failed(why) => {
+                self.store.append_log(log, vec![format!("h{why}")]).await?;
+                StepOutcome::of(Results::Exception)
             }
-        }
+            Ended::Done { rc } => {
+                let mut o = StepOutcome::of(match self.evaluate(step, rc, log, props).await {
+                    Ok(r) => r,
+                    Err(why) => {
+                        self.store.append_log(log, vec![format!("h{why}")]).await?;
+                        Results::Exception
+                    }
+                });
+                if let (StepKind::SetProperty { property, .. }, Results::Success) =
+                    (&step.kind, o.result)
+                {
+                    let v = run.captured.trim().to_string();
+                    self.store
+                        .append_log(log, vec![format!("h{property} = {v:?}")])
+                        .await?;
+                    o.set_property = Some((property.clone(), v.into()));
+                }
+                o
+            }
+        };
         // A transfer ends here: an upload lands only if the command
         // succeeded.
         if let Some(transfer::Transfer::Upload(u)) = worker.take_transfer(&command_id) {
@@ -1229,28 +1167,320 @@ impl Distributor {
                     )));
                 };
                 let command = command_value(command, props).map_err(exception)?;
-                let mut env = Vec::new();
-                for (k, v) in builder.env.iter().chain(step.env.iter()) {
-                    let t = arg_text(v).map_err(exception)?;
-                    env.push((Value::from(k.as_str()), Value::from(t)));
-                }
-                let mut args = vec![
-                    ("workdir", Value::from(workdir)),
-                    ("command", command),
-                    ("env", Value::Map(env)),
-                    ("want_stdout", Value::Boolean(true)),
-                    ("want_stderr", Value::Boolean(true)),
-                    ("logEnviron", Value::Boolean(true)),
-                    ("timeout", Value::from(step.timeout.unwrap_or(1200))),
-                    ("usePTY", Value::Boolean(false)),
-                ];
-                if let Some(t) = step.max_time {
-                    args.push(("maxTime", Value::from(t)));
-                }
-                Ok(("shell", protocol::map(args), None))
+                let args = shell_args(step, builder, workdir, command, props).map_err(exception)?;
+                Ok(("shell", args, None))
             }
         }
     }
+
+    /// Runs one command of a step on the worker, streaming its output into
+    /// `sink`'s log, until it completes, fails, is cancelled by `stop`
+    /// (interrupted, with a grace period) or its worker is lost. With
+    /// `capture`, its stdout is also returned (bounded).
+    async fn run_command(
+        &self,
+        b: &Build<'_>,
+        sink: &mut LogSink,
+        command_name: &str,
+        args: Value,
+        transfer: Option<transfer::Transfer>,
+        capture: bool,
+    ) -> anyhow::Result<CommandRun> {
+        let (builder, worker, log) = (b.builder, b.worker, sink.log);
+        let stop = sink.stop.clone();
+        let mut run = CommandRun {
+            ended: Ended::Lost,
+            captured: String::new(),
+            command_id: String::new(),
+        };
+        let (command_id, mut events) = match worker
+            .start_transfer(&builder.name, command_name, args, transfer)
+            .await
+        {
+            Ok(x) => x,
+            Err(e) if worker.closed.is_cancelled() => {
+                tracing::warn!("{e:#}");
+                return Ok(run);
+            }
+            Err(e) => {
+                run.ended = Ended::Failed(format!("cannot start the command: {e:#}"));
+                return Ok(run);
+            }
+        };
+        run.command_id = command_id.clone();
+        let mut rc: Option<i64> = None;
+        // When the build is stopped: the command is interrupted, and if the
+        // worker does not report it ended within this time, the step ends
+        // anyway.
+        let mut interrupted: Option<tokio::time::Instant> = None;
+        run.ended = loop {
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
+                _ = stop.cancelled(), if interrupted.is_none() => {
+                    interrupted = Some(tokio::time::Instant::now() + INTERRUPT_GRACE);
+                    if let Err(e) = worker
+                        .interrupt_command(&builder.name, &command_id, "the build was stopped")
+                        .await
+                    {
+                        tracing::warn!(builder = %builder.name, "interrupting the command: {e:#}");
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(interrupted.unwrap_or_else(tokio::time::Instant::now)), if interrupted.is_some() => {
+                    self.store
+                        .append_log(log, vec![format!("hthe worker did not end the command within {} s of the interrupt", INTERRUPT_GRACE.as_secs())])
+                        .await?;
+                    break Ended::Cancelled;
+                }
+            };
+            let Some(ev) = ev else {
+                break Ended::Lost;
+            };
+            match ev {
+                CommandEvent::Update(pairs) => {
+                    let mut lines = Vec::new();
+                    for (key, value) in pairs {
+                        match key.as_str() {
+                            "stdout" | "stderr" | "header" => {
+                                let prefix = match key.as_str() {
+                                    "stdout" => 'o',
+                                    "stderr" => 'e',
+                                    _ => 'h',
+                                };
+                                for l in update_lines(&value) {
+                                    if capture
+                                        && prefix == 'o'
+                                        && run.captured.len() < CAPTURE_LIMIT
+                                    {
+                                        run.captured.push_str(&l);
+                                        run.captured.push('\n');
+                                    }
+                                    if let Some(line) =
+                                        sink.keep(prefix, &l, self.config.log_max_size)
+                                    {
+                                        lines.push(line);
+                                    }
+                                }
+                            }
+                            "rc" => rc = value.as_i64(),
+                            _ => {}
+                        }
+                    }
+                    if !lines.is_empty() {
+                        self.store.append_log(log, lines).await?;
+                    }
+                }
+                CommandEvent::Complete(_) if interrupted.is_some() => break Ended::Cancelled,
+                CommandEvent::Complete(None) => break Ended::Done { rc },
+                CommandEvent::Complete(Some(why)) => {
+                    if worker.closed.is_cancelled() {
+                        break Ended::Lost;
+                    }
+                    break Ended::Failed(why);
+                }
+            }
+        };
+        Ok(run)
+    }
+
+    /// `MercurialCloneCommand` (`hg clone SRC [DEST]`): when DEST already
+    /// holds a repository (a `stat` of DEST/.hg), `hg pull SRC` and
+    /// `hg update --clean` there instead of cloning; with `retry`, a clone
+    /// that fails is tried once more into a removed DEST.
+    async fn hg_clone(
+        &self,
+        b: &Build<'_>,
+        sink: &mut LogSink,
+        step: &Step,
+        argv: &[String],
+        workdir: &str,
+        props: &Properties,
+    ) -> anyhow::Result<Option<CommandRun>> {
+        let retry = matches!(step.kind, StepKind::MercurialCloneCommand { retry: true });
+        let Some(at) = argv.iter().position(|a| a == "clone") else {
+            return Ok(None);
+        };
+        let positional: Vec<&String> = argv[at + 1..]
+            .iter()
+            .filter(|a| !a.starts_with('-'))
+            .collect();
+        let Some(src) = positional.first() else {
+            return Ok(None);
+        };
+        let dest = match positional.get(1) {
+            Some(d) => d.to_string(),
+            None => src
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or("repo")
+                .to_string(),
+        };
+        let dest_path = join_path(workdir, &dest);
+        let stat = self
+            .run_command(
+                b,
+                sink,
+                "stat",
+                protocol::map(vec![("path", Value::from(join_path(&dest_path, ".hg")))]),
+                None,
+                false,
+            )
+            .await?;
+        let hg = argv[0].as_str();
+        let shell = |cmd: Vec<&str>, dir: &str| {
+            let command = Value::Array(cmd.into_iter().map(Value::from).collect());
+            shell_args(step, b.builder, dir, command, props)
+        };
+        if matches!(stat.ended, Ended::Done { rc: Some(0) }) {
+            self.store
+                .append_log(
+                    sink.log,
+                    vec![format!(
+                        "h{dest} is a repository already: pulling and updating it"
+                    )],
+                )
+                .await?;
+            let args =
+                shell(vec![hg, "pull", src.as_str()], &dest_path).map_err(anyhow::Error::msg)?;
+            let pull = self
+                .run_command(b, sink, "shell", args, None, false)
+                .await?;
+            if !matches!(pull.ended, Ended::Done { rc: Some(0) }) {
+                return Ok(Some(pull));
+            }
+            let args =
+                shell(vec![hg, "update", "--clean"], &dest_path).map_err(anyhow::Error::msg)?;
+            return Ok(Some(
+                self.run_command(b, sink, "shell", args, None, false)
+                    .await?,
+            ));
+        }
+        if !matches!(stat.ended, Ended::Done { .. }) {
+            return Ok(Some(stat));
+        }
+        let argv_refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let args = shell(argv_refs.clone(), workdir).map_err(anyhow::Error::msg)?;
+        let clone = self
+            .run_command(b, sink, "shell", args, None, false)
+            .await?;
+        if !retry || !matches!(clone.ended, Ended::Done { rc: Some(rc) } if rc != 0) {
+            return Ok(Some(clone));
+        }
+        self.store
+            .append_log(
+                sink.log,
+                vec![format!(
+                    "hthe clone failed: removing {dest} and cloning again"
+                )],
+            )
+            .await?;
+        let rm = self
+            .run_command(
+                b,
+                sink,
+                "rmdir",
+                protocol::map(vec![(
+                    "paths",
+                    Value::Array(vec![Value::from(dest_path.as_str())]),
+                )]),
+                None,
+                false,
+            )
+            .await?;
+        if !matches!(rm.ended, Ended::Done { .. }) {
+            return Ok(Some(rm));
+        }
+        let args = shell(argv_refs, workdir).map_err(anyhow::Error::msg)?;
+        Ok(Some(
+            self.run_command(b, sink, "shell", args, None, false)
+                .await?,
+        ))
+    }
+}
+
+/// How one worker command ended.
+enum Ended {
+    /// It completed, with this exit code (if the worker sent one).
+    Done { rc: Option<i64> },
+    /// The worker could not run it.
+    Failed(String),
+    /// The build was stopped.
+    Cancelled,
+    /// The worker went away.
+    Lost,
+}
+
+struct CommandRun {
+    ended: Ended,
+    /// Its stdout, when asked for.
+    captured: String,
+    command_id: String,
+}
+
+/// A step's log and how much of it is kept (`logMaxSize`).
+struct LogSink {
+    log: i64,
+    /// Fires when the build is stopped.
+    stop: CancellationToken,
+    kept: u64,
+    truncated: bool,
+}
+
+impl LogSink {
+    fn new(log: i64, stop: CancellationToken) -> LogSink {
+        LogSink {
+            log,
+            stop,
+            kept: 0,
+            truncated: false,
+        }
+    }
+
+    /// The stored form of an output line, or `None` once the log is full
+    /// (the first dropped line becomes the marker).
+    fn keep(&mut self, prefix: char, line: &str, max: u64) -> Option<String> {
+        if self.truncated {
+            return None;
+        }
+        self.kept += line.len() as u64 + 1;
+        if self.kept > max {
+            self.truncated = true;
+            return Some(format!(
+                "h[kiln] this log reached logMaxSize ({max} bytes): the rest of the output is not kept"
+            ));
+        }
+        Some(format!("{prefix}{line}"))
+    }
+}
+
+/// The arguments of a `shell` command for a step.
+fn shell_args(
+    step: &Step,
+    builder: &BuilderConfig,
+    workdir: &str,
+    command: Value,
+    props: &Properties,
+) -> Result<Value, String> {
+    let mut env = Vec::new();
+    for (k, v) in builder.env.iter().chain(step.env.iter()) {
+        let t = arg_text(v, props)?;
+        env.push((Value::from(k.as_str()), Value::from(t)));
+    }
+    let mut args = vec![
+        ("workdir", Value::from(workdir)),
+        ("command", command),
+        ("env", Value::Map(env)),
+        ("want_stdout", Value::Boolean(true)),
+        ("want_stderr", Value::Boolean(true)),
+        ("logEnviron", Value::Boolean(true)),
+        ("timeout", Value::from(step.timeout.unwrap_or(1200))),
+        ("usePTY", Value::Boolean(false)),
+    ];
+    if let Some(t) = step.max_time {
+        args.push(("maxTime", Value::from(t)));
+    }
+    Ok(protocol::map(args))
 }
 
 /// Why a step's command could not be prepared.
