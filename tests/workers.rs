@@ -1434,3 +1434,99 @@ f.addStep(ShellCommand(#{ name: "chatty", command: "for i in $(seq 1 5000); do e
     assert!(log.len() < 20000 + 4096, "{} bytes kept", log.len());
     assert_eq!(master.stop(), Some(0));
 }
+
+#[test]
+fn mercurial_clone_clones_then_pulls_and_retries_into_a_fresh_directory() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("mozharness");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    common::run(&src, "hg", &["init"]);
+    common::hg_commit(&src, "rel@m.org", &["VERSION"], "one");
+    let path = common::tools_path().into_string().expect("PATH");
+    let dir = master_script(
+        tmp.path(),
+        &format!(
+            r#"
+let f = BuildFactory();
+f.addStep(MercurialCloneCommand(#{{ name: "clone", command: ["hg", "clone", "{src}", "scripts"],
+    workdir: ".", haltOnFailure: true }}));
+f.addStep(ShellCommand(#{{ name: "show", command: "cat scripts/VERSION", workdir: "." }}));
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f,
+        env: #{{ PATH: "{path}", HGPLAIN: "1", HGRCPATH: "" }} }})],
+}}
+"#,
+            src = src.display()
+        ),
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let step_log = |n: i64, step: &str| -> String {
+        let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+        let chunks: Vec<Vec<u8>> = c
+            .prepare(
+                "SELECT lc.content FROM logchunks lc JOIN logs l ON l.id = lc.logid
+                 JOIN steps s ON s.id = l.stepid JOIN builds b ON b.id = s.buildid
+                 WHERE b.number = ?1 AND s.name = ?2 ORDER BY lc.first_line",
+            )
+            .expect("prepare")
+            .query_map(rusqlite::params![n, step], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        chunks
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    };
+    // 1: a fresh clone.
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "build 1", || {
+        finished(&dir, 1).then_some(())
+    });
+    assert!(
+        step_log(1, "show").contains("oone"),
+        "{}",
+        step_log(1, "clone")
+    );
+    // 2: the clone is there: pull and update bring the new changeset.
+    common::hg_commit(&src, "rel@m.org", &["VERSION"], "two");
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "build 2", || {
+        finished(&dir, 2).then_some(())
+    });
+    assert!(
+        step_log(2, "clone").contains("is a repository already"),
+        "{}",
+        step_log(2, "clone")
+    );
+    assert!(
+        step_log(2, "show").contains("otwo"),
+        "{}",
+        step_log(2, "show")
+    );
+    // 3: a directory that is not a repository makes the clone fail; with
+    // retry (the default) it is removed and cloned again.
+    let scripts = w1.dir.join("b/scripts");
+    std::fs::remove_dir_all(scripts.join(".hg")).expect("rm .hg");
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "build 3", || {
+        finished(&dir, 3).then_some(())
+    });
+    assert!(
+        step_log(3, "clone").contains("removing scripts and cloning again"),
+        "{}",
+        step_log(3, "clone")
+    );
+    let b = builds(&dir);
+    let results: Vec<Option<i64>> = b.iter().map(|x| x.1).collect();
+    assert_eq!(results, [Some(0), Some(0), Some(0)], "{b:?}");
+    assert!(step_log(3, "show").contains("otwo"));
+    assert_eq!(master.stop(), Some(0));
+}
