@@ -1530,3 +1530,66 @@ f.addStep(ShellCommand(#{{ name: "show", command: "cat scripts/VERSION", workdir
     assert!(step_log(3, "show").contains("otwo"));
     assert_eq!(master.stop(), Some(0));
 }
+
+#[test]
+fn a_disconnect_step_lets_the_worker_go_without_failing_or_retrying() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let reboot = BuildFactory();
+reboot.addStep(ShellCommand(#{ name: "work", command: "true" }));
+reboot.addStep(DisconnectStep(#{ name: "reboot", command: "echo SCHEDULED REBOOT",
+    force_disconnect: "SCHEDULED REBOOT", alwaysRun: true, flunkOnFailure: false, warnOnFailure: false }));
+reboot.addStep(ShellCommand(#{ name: "after", command: "touch ../../../after", alwaysRun: true }));
+let die = BuildFactory();
+// The command takes its worker down with it, as a reboot does.
+die.addStep(DisconnectStep(#{ name: "die", command: "kill -9 $PPID; sleep 5", flunkOnFailure: false }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b", "d"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: reboot }),
+               BuilderConfig(#{ name: "d", workernames: ["w1"], factory: die })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let mut w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    // The master dropped the connection; kiln's worker comes back.
+    master.wait_for_log("disconnecting the worker", 1, Duration::from_secs(30));
+    master.wait_for_log("connected worker=w1", 2, Duration::from_secs(60));
+    let b = builds(&dir);
+    assert_eq!(b[0].1, Some(0), "{b:?}");
+    assert_eq!(
+        b[0].3,
+        [
+            ("work".to_string(), Some(0)),
+            ("reboot".to_string(), Some(0)),
+            ("after".to_string(), Some(3)),
+        ]
+    );
+    assert!(!tmp.path().join("after").exists());
+    // A worker that dies under a DisconnectStep: SUCCESS, not RETRY.
+    force(&master, "d");
+    wait_until(Duration::from_secs(60), "the second build", || {
+        finished(&dir, 2).then_some(())
+    });
+    wait_until(Duration::from_secs(30), "the worker to be gone", || {
+        w1.child.try_wait().expect("wait")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let b = builds(&dir);
+    assert_eq!(b.len(), 2, "not retried: {b:?}");
+    assert_eq!(b[1].1, Some(0), "{b:?}");
+    assert_eq!(request_states(&dir), [(1, 0), (1, 0)]);
+    assert!(stdio(&dir, "die").contains("went away, as this step expects"));
+    assert_eq!(master.stop(), Some(0));
+}

@@ -22,8 +22,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    Arg, BoolOrCallback, BuilderConfig, Command, LockAccess, LockMode, LockScope, LogEval,
-    MasterConfig, Results, Step, StepKind,
+    Arg, BoolOrCallback, BuilderConfig, Command, Disconnect as DisconnectWhen, LockAccess,
+    LockMode, LockScope, LogEval, MasterConfig, Results, Step, StepKind,
 };
 use crate::schedulers::{BuildsetDone, Schedulers};
 use crate::script::ScriptRuntime;
@@ -133,6 +133,17 @@ struct StepOutcome {
     lost: bool,
     /// A property the step set (`SetProperty`).
     set_property: Option<(String, serde_json::Value)>,
+    /// A `DisconnectStep` saw its worker go, or wants it gone: the build
+    /// ends after this step, as it is.
+    disconnect: Option<Disconnected>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Disconnected {
+    /// The worker went away during the step (it rebooted).
+    Gone,
+    /// The master is to drop the worker's connection once the build ends.
+    Drop,
 }
 
 impl StepOutcome {
@@ -141,6 +152,7 @@ impl StepOutcome {
             result,
             lost: false,
             set_property: None,
+            disconnect: None,
         }
     }
     fn lost() -> StepOutcome {
@@ -148,6 +160,7 @@ impl StepOutcome {
             result: Results::Retry,
             lost: true,
             set_property: None,
+            disconnect: None,
         }
     }
 }
@@ -768,13 +781,16 @@ impl Distributor {
         let mut results = Results::Success;
         let mut halted = false;
         let mut lost = false;
+        let mut disconnected: Option<Disconnected> = None;
         for (i, step) in builder.factory.steps.iter().enumerate() {
             let stepid = self.store.new_step(buildid, i as i64, &step.name).await?;
             let stopped = running.stop.is_cancelled();
             // As Buildbot: after a failure that halts, or a stop, only
             // `alwaysRun` steps run (cleanup), and a stop interrupts only
             // the step running when it came.
-            if (stopped || halted) && !step.always_run {
+            // After a DisconnectStep the worker is gone (or going): nothing
+            // more runs on it.
+            if disconnected.is_some() || (stopped || halted) && !step.always_run {
                 self.store
                     .finish_step(stepid, Results::Skipped as i64, "skipped")
                     .await?;
@@ -807,6 +823,9 @@ impl Distributor {
             if out.lost {
                 lost = true;
                 break;
+            }
+            if out.disconnect.is_some() {
+                disconnected = out.disconnect;
             }
             results = combine(results, step, out.result);
             // Buildbot's termination rule: a failure that halts, or
@@ -856,6 +875,10 @@ impl Distributor {
         {
             self.schedulers
                 .buildset_done(BuildsetDone { bsid, results: r });
+        }
+        if disconnected == Some(Disconnected::Drop) {
+            tracing::info!(worker = %worker.name, "disconnecting the worker, as build {number}'s DisconnectStep asked");
+            worker.closed.cancel();
         }
         Ok(())
     }
@@ -909,7 +932,10 @@ impl Distributor {
         };
         let (command_name, args, transfer) = prepared;
         let mut sink = LogSink::new(log, stop.clone());
-        let capture = matches!(step.kind, StepKind::SetProperty { .. });
+        let capture = matches!(
+            step.kind,
+            StepKind::SetProperty { .. } | StepKind::DisconnectStep { .. }
+        );
         let hg = match (&step.kind, &args) {
             (StepKind::MercurialCloneCommand { .. }, _) if command_name == "shell" => {
                 let argv: Option<Vec<String>> = match map_get(&args, "command") {
@@ -938,6 +964,18 @@ impl Distributor {
         };
         let command_id = run.command_id.clone();
         let mut outcome = match run.ended {
+            Ended::Lost if matches!(step.kind, StepKind::DisconnectStep { .. }) => {
+                self.store
+                    .append_log(
+                        log,
+                        vec!["hthe worker went away, as this step expects".into()],
+                    )
+                    .await?;
+                StepOutcome {
+                    disconnect: Some(Disconnected::Gone),
+                    ..StepOutcome::of(Results::Success)
+                }
+            }
             Ended::Lost => StepOutcome::lost(),
             Ended::Cancelled => StepOutcome::of(Results::Cancelled),
             Ended::Failed(why) => {
@@ -960,6 +998,38 @@ impl Distributor {
                         .append_log(log, vec![format!("h{property} = {v:?}")])
                         .await?;
                     o.set_property = Some((property.clone(), v.into()));
+                }
+                if let StepKind::DisconnectStep { force_disconnect } = &step.kind {
+                    let wanted = match force_disconnect {
+                        DisconnectWhen::Always(b) => Ok(*b),
+                        DisconnectWhen::OutputContains(text) => {
+                            Ok(run.captured.contains(text.as_str()))
+                        }
+                        DisconnectWhen::Callback(cb) => self
+                            .call(cb, (step_map(step, props), run.captured.clone()))
+                            .await
+                            .and_then(|v| {
+                                v.as_bool().map_err(|t| {
+                                    format!("force_disconnect returned a {t}, not a bool")
+                                })
+                            }),
+                    };
+                    match wanted {
+                        Ok(true) => {
+                            self.store
+                                .append_log(
+                                    log,
+                                    vec!["hthe worker will be disconnected when the build ends"
+                                        .into()],
+                                )
+                                .await?;
+                            o.disconnect = Some(Disconnected::Drop);
+                        }
+                        Ok(false) => {}
+                        Err(why) => {
+                            self.store.append_log(log, vec![format!("h{why}")]).await?;
+                        }
+                    }
                 }
                 o
             }
