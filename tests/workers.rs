@@ -1593,3 +1593,66 @@ die.addStep(DisconnectStep(#{ name: "die", command: "kill -9 $PPID; sleep 5", fl
     assert!(stdio(&dir, "die").contains("went away, as this step expects"));
     assert_eq!(master.stop(), Some(0));
 }
+
+#[test]
+fn a_trigger_step_waits_for_the_triggered_builds_and_takes_their_result() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let parent = BuildFactory();
+parent.addStep(Trigger(#{ name: "trigger", schedulerNames: ["tr"], waitForFinish: true,
+    set_properties: #{ flavour: "debug" } }));
+parent.addStep(ShellCommand(#{ name: "after", command: "true" }));
+let child = BuildFactory();
+child.addStep(ShellCommand(#{ name: "child", command: ["sh", "-c", WithProperties("echo %(flavour)s; exit 1")] }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["parent"] }),
+                 Triggerable(#{ name: "tr", builderNames: ["child"] })],
+    builders: [BuilderConfig(#{ name: "parent", workernames: ["w1"], factory: parent }),
+               BuilderConfig(#{ name: "child", workernames: ["w1"], factory: child })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "parent");
+    wait_until(Duration::from_secs(60), "both builds", || {
+        finished(&dir, 2).then_some(())
+    });
+    let b = builds(&dir);
+    // The child finished first (FAILURE); the parent waited, took FAILURE
+    // from its trigger step, and went on (flunkOnFailure, no halt).
+    assert_eq!(b.len(), 2, "{b:?}");
+    let parent = b.iter().find(|x| x.3[0].0 == "trigger").expect("parent");
+    let child = b.iter().find(|x| x.3[0].0 == "child").expect("child");
+    assert_eq!(child.1, Some(2));
+    assert_eq!(
+        parent.3,
+        [
+            ("trigger".to_string(), Some(2)),
+            ("after".to_string(), Some(0))
+        ]
+    );
+    assert_eq!(parent.1, Some(2));
+    assert!(
+        stdio(&dir, "child").contains("odebug"),
+        "{}",
+        stdio(&dir, "child")
+    );
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let linked: i64 = c
+        .query_row(
+            "SELECT count(*) FROM buildsets WHERE parent_buildid = 1",
+            [],
+            |r| r.get(0),
+        )
+        .expect("query");
+    assert_eq!(linked, 1);
+    assert_eq!(master.stop(), Some(0));
+}

@@ -755,6 +755,7 @@ impl Distributor {
             .run_steps(&Build {
                 id: buildid,
                 number,
+                buildsetid: req.buildsetid,
                 claimed,
                 builder,
                 worker,
@@ -920,6 +921,32 @@ impl Distributor {
                 Err(why) => exception(why).await,
             };
         }
+        if let StepKind::Trigger {
+            scheduler_names,
+            wait_for_finish,
+            set_properties,
+        } = &step.kind
+        {
+            let result = match self
+                .trigger(
+                    b,
+                    log,
+                    scheduler_names,
+                    *wait_for_finish,
+                    set_properties,
+                    stop,
+                )
+                .await?
+            {
+                Ok(r) => r,
+                Err(why) => {
+                    self.store.append_log(log, vec![format!("h{why}")]).await?;
+                    Results::Exception
+                }
+            };
+            self.store.finish_log(log).await?;
+            return Ok(StepOutcome::of(result));
+        }
         let workdir = join_path(builddir, step.workdir.as_deref().unwrap_or("build"));
         let prepared = match self.prepare_command(step, builder, &workdir, props) {
             Ok(p) => p,
@@ -1052,6 +1079,97 @@ impl Distributor {
         }
         self.store.finish_log(log).await?;
         Ok(outcome)
+    }
+
+    /// `Trigger`: a buildset from each Triggerable scheduler named, on this
+    /// build's sourcestamps with `set_properties`, linked to this build;
+    /// with `waitForFinish`, the step waits for them and takes the worst
+    /// of their results (a stop cancels the wait).
+    async fn trigger(
+        &self,
+        b: &Build<'_>,
+        log: i64,
+        names: &[String],
+        wait: bool,
+        set_properties: &crate::config::Properties,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Result<Results, String>> {
+        let sourcestamps = self.store.buildset_sourcestamps(b.buildsetid).await?;
+        let props: Properties = set_properties
+            .iter()
+            .map(|(k, v)| (k.clone(), (v.clone(), "Trigger".to_string())))
+            .collect();
+        let mut done = self.schedulers.subscribe_done();
+        let mut waiting = HashSet::new();
+        for name in names {
+            match self
+                .schedulers
+                .trigger(name, sourcestamps.clone(), props.clone(), Some(b.id))
+                .await
+            {
+                Ok(ids) => {
+                    self.store
+                        .append_log(
+                            log,
+                            vec![format!(
+                                "htriggered {name}: buildset {} ({} request(s))",
+                                ids.bsid,
+                                ids.brids.len()
+                            )],
+                        )
+                        .await?;
+                    waiting.insert(ids.bsid);
+                }
+                Err(e) => return Ok(Err(format!("cannot trigger `{name}`: {e:#}"))),
+            }
+        }
+        if !wait {
+            return Ok(Ok(Results::Success));
+        }
+        let mut worst = Results::Success;
+        while !waiting.is_empty() {
+            let d = tokio::select! {
+                d = done.recv() => d,
+                _ = stop.cancelled() => return Ok(Ok(Results::Cancelled)),
+            };
+            match d {
+                Ok(d) => {
+                    if waiting.remove(&d.bsid) {
+                        let r = Results::from_code(d.results).unwrap_or(Results::Exception);
+                        self.store
+                            .append_log(
+                                log,
+                                vec![format!("hbuildset {} finished: {}", d.bsid, r.name())],
+                            )
+                            .await?;
+                        if (r as i64) > (worst as i64) && r != Results::Skipped {
+                            worst = r;
+                        }
+                    }
+                }
+                // Missed notices: look the buildsets up instead.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    for bsid in waiting.clone() {
+                        if let Some(bs) = self.store.get_buildset(bsid).await? {
+                            if bs.complete {
+                                waiting.remove(&bsid);
+                                let r = bs
+                                    .results
+                                    .and_then(Results::from_code)
+                                    .unwrap_or(Results::Exception);
+                                if (r as i64) > (worst as i64) && r != Results::Skipped {
+                                    worst = r;
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    return Ok(Err("the master is stopping".into()))
+                }
+            }
+        }
+        Ok(Ok(worst))
     }
 
     /// Whether a step runs (`doStepIf`): a bool, or a function given
@@ -1594,6 +1712,8 @@ fn step_map(step: &Step, props: &Properties) -> rhai::Map {
 struct Build<'a> {
     id: i64,
     number: i64,
+    /// The buildset built (the newest request's).
+    buildsetid: i64,
     /// The requests it builds (collapsed ones after the first).
     claimed: &'a [i64],
     builder: &'a BuilderConfig,

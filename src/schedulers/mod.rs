@@ -183,9 +183,15 @@ impl Schedulers {
         self.shared.requests_added.clone()
     }
 
-    /// Tells `Dependent` schedulers that a buildset finished.
+    /// Tells `Dependent` schedulers (and waiting `Trigger` steps) that a
+    /// buildset finished.
     pub fn buildset_done(&self, d: BuildsetDone) {
         let _ = self.done.send(d);
+    }
+
+    /// Finished buildsets from now on.
+    pub fn subscribe_done(&self) -> broadcast::Receiver<BuildsetDone> {
+        self.done.subscribe()
     }
 
     /// The ForceSchedulers, for the API.
