@@ -1656,3 +1656,54 @@ child.addStep(ShellCommand(#{ name: "child", command: ["sh", "-c", WithPropertie
     assert_eq!(linked, 1);
     assert_eq!(master.stop(), Some(0));
 }
+
+#[test]
+fn log_rules_raise_a_result_when_the_output_matches() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let script = r#"
+let rules = [["^abort: error: .*refused", WARNINGS]];
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "hit", command: "echo 'abort: error: Connection refused'", log_rules: rules, warnOnWarnings: true }));
+f.addStep(ShellCommand(#{ name: "miss", command: "echo fine", log_rules: rules }));
+f.addStep(ShellCommand(#{ name: "worse", command: "echo 'abort: error: refused'; exit 2", log_rules: rules }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#;
+    let dir = master_script(tmp.path(), script);
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    let results: Vec<Option<i64>> = b[0].3.iter().map(|s| s.1).collect();
+    assert_eq!(results, [Some(1), Some(0), Some(2)], "{b:?}");
+    assert_eq!(b[0].1, Some(2));
+    assert!(
+        stdio(&dir, "hit").contains("matched"),
+        "{}",
+        stdio(&dir, "hit")
+    );
+    assert_eq!(master.stop(), Some(0));
+    // A pattern that is not a regular expression is a config error.
+    std::fs::write(
+        dir.join("master.rhai"),
+        script.replace(".*refused", "(refused"),
+    )
+    .expect("write");
+    let out = common::kiln(&dir, &["checkconfig"], Duration::from_secs(60));
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("is not a regular expression"),
+        "{}",
+        out.stderr
+    );
+}

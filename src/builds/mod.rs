@@ -1142,7 +1142,7 @@ impl Distributor {
                                 vec![format!("hbuildset {} finished: {}", d.bsid, r.name())],
                             )
                             .await?;
-                        if (r as i64) > (worst as i64) && r != Results::Skipped {
+                        if severity(r) > severity(worst) {
                             worst = r;
                         }
                     }
@@ -1157,7 +1157,7 @@ impl Distributor {
                                     .results
                                     .and_then(Results::from_code)
                                     .unwrap_or(Results::Exception);
-                                if (r as i64) > (worst as i64) && r != Results::Skipped {
+                                if severity(r) > severity(worst) {
                                     worst = r;
                                 }
                             }
@@ -1196,6 +1196,52 @@ impl Distributor {
     /// command's output, returning a result), else Buildbot's rule (0 is
     /// SUCCESS, anything else FAILURE).
     async fn evaluate(
+        &self,
+        step: &Step,
+        rc: Option<i64>,
+        log: i64,
+        props: &Properties,
+    ) -> Result<Results, String> {
+        let by_rc = self.evaluate_rc(step, rc, log, props).await?;
+        if step.log_rules.is_empty() {
+            return Ok(by_rc);
+        }
+        let text = self
+            .store
+            .log_text(log)
+            .await
+            .map_err(|e| format!("cannot read the log: {e:#}"))?;
+        let mut result = by_rc;
+        for rule in &step.log_rules {
+            // Checked when the config was loaded.
+            let Ok(re) = regex::Regex::new(&rule.pattern) else {
+                continue;
+            };
+            let hit = text
+                .lines()
+                .filter_map(|l| l.strip_prefix('o').or_else(|| l.strip_prefix('e')))
+                .find(|l| re.is_match(l));
+            if let Some(line) = hit {
+                if severity(rule.result) > severity(result) {
+                    self.store
+                        .append_log(
+                            log,
+                            vec![format!(
+                                "h[kiln] log rule {:?} matched {line:?}: {}",
+                                rule.pattern,
+                                rule.result.name()
+                            )],
+                        )
+                        .await
+                        .map_err(|e| format!("{e:#}"))?;
+                    result = rule.result;
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    async fn evaluate_rc(
         &self,
         step: &Step,
         rc: Option<i64>,
@@ -1687,6 +1733,15 @@ fn download_args(dest: &str, t: &crate::config::TransferOptions) -> Value {
         ("blocksize", Value::from(t.blocksize)),
         ("mode", t.mode.map_or(Value::Nil, Value::from)),
     ])
+}
+
+/// Buildbot's `worst_status` order: SKIPPED < SUCCESS < WARNINGS <
+/// FAILURE < EXCEPTION < RETRY < CANCELLED.
+fn severity(r: Results) -> i64 {
+    match r {
+        Results::Skipped => -1,
+        other => other as i64,
+    }
 }
 
 /// The most of a command's stdout a `SetProperty` keeps.

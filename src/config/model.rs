@@ -394,8 +394,19 @@ pub struct Step {
     pub do_step_if: Option<BoolOrCallback>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_eval: Option<LogEval>,
+    /// Regular expressions over the command's output, each with the result
+    /// a match makes the step at least (Mozilla's known-failure lists).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub log_rules: Vec<LogRule>,
     #[serde(skip)]
     pub origin: Option<Origin>,
+}
+
+/// `[pattern, result]` in a step's `log_rules`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LogRule {
+    pub pattern: String,
+    pub result: Results,
 }
 
 /// An ordered list of steps.

@@ -239,6 +239,7 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
         always_run: false,
         do_step_if: None,
         log_eval: None,
+        log_rules: vec![],
         origin: origin.clone(),
     };
 

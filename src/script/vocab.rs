@@ -284,7 +284,12 @@ fn step(kw: &mut Kwargs, kind: StepKind, needs_command: bool) -> ScriptResult<St
             }
         }
     };
+    let log_rules = match kw.raw("log_rules") {
+        None => vec![],
+        Some(v) => log_rules_of(v, kw.what())?,
+    };
     Ok(Step {
+        log_rules,
         name,
         description: kw.str("description")?,
         command,
@@ -303,6 +308,46 @@ fn step(kw: &mut Kwargs, kind: StepKind, needs_command: bool) -> ScriptResult<St
         origin: kw.origin(),
         kind,
     })
+}
+
+/// `log_rules: [["regex", RETRY], ...]`, each pattern checked here.
+fn log_rules_of(v: Dynamic, what: &str) -> ScriptResult<Vec<LogRule>> {
+    let bad = || {
+        fail_focus(
+            format!("`log_rules` in {what} must be a list of [\"regex\", RESULT] pairs"),
+            "log_rules",
+        )
+    };
+    let Some(items) = v.try_cast::<Array>() else {
+        return bad();
+    };
+    let mut rules = Vec::new();
+    for item in items {
+        let Some(pair) = item.try_cast::<Array>() else {
+            return bad();
+        };
+        let [pattern, result] = pair.as_slice() else {
+            return bad();
+        };
+        let (Some(pattern), Ok(code)) = (pattern.clone().into_string().ok(), result.as_int())
+        else {
+            return bad();
+        };
+        if let Err(e) = regex::Regex::new(&pattern) {
+            return fail_focus(
+                format!("`log_rules` in {what}: {pattern:?} is not a regular expression: {e}"),
+                "log_rules",
+            );
+        }
+        let Some(result) = Results::from_code(code) else {
+            return fail_focus(
+                format!("`log_rules` in {what}: {code} is not a result such as RETRY"),
+                "log_rules",
+            );
+        };
+        rules.push(LogRule { pattern, result });
+    }
+    Ok(rules)
 }
 
 fn register_steps(engine: &mut Engine, state: &Arc<LoadState>) {
