@@ -1707,3 +1707,104 @@ f.addStep(ShellCommand(#{ name: "worse", command: "echo 'abort: error: refused';
         out.stderr
     );
 }
+
+#[test]
+fn a_git_step_clones_then_fetches_and_checks_out_the_build_revision() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src.git");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    common::run(&src, "git", &["init", "-q", "-b", "main"]);
+    let commit = |text: &str| {
+        std::fs::write(src.join("VERSION"), format!("{text}\n")).expect("write");
+        common::run(&src, "git", &["add", "VERSION"]);
+        common::run(&src, "git", &["commit", "-q", "-m", text]);
+        common::run(&src, "git", &["rev-parse", "HEAD"])
+            .trim()
+            .to_string()
+    };
+    let first = commit("one");
+    let dir = master_script(
+        tmp.path(),
+        &format!(
+            r#"
+let f = BuildFactory();
+f.addStep(Git(#{{ name: "git", repourl: "{src}", branch: "main" }}));
+f.addStep(ShellCommand(#{{ name: "show", command: ["sh", "-c", WithProperties("cat VERSION; echo got=%(got_revision)s")] }}));
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f }})],
+}}
+"#,
+            src = src.display()
+        ),
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let show = |n: usize| -> String {
+        let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+        let chunks: Vec<Vec<u8>> = c
+            .prepare(
+                "SELECT lc.content FROM logchunks lc JOIN logs l ON l.id = lc.logid
+                 JOIN steps s ON s.id = l.stepid JOIN builds b ON b.id = s.buildid
+                 WHERE b.number = ?1 AND s.name = 'show' ORDER BY lc.first_line",
+            )
+            .expect("prepare")
+            .query_map([n as i64], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        chunks
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    };
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "build 1", || {
+        finished(&dir, 1).then_some(())
+    });
+    assert!(
+        show(1).contains(&format!("oone\nogot={first}")),
+        "{}",
+        show(1)
+    );
+    let second = commit("two");
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "build 2", || {
+        finished(&dir, 2).then_some(())
+    });
+    assert!(
+        show(2).contains(&format!("otwo\nogot={second}")),
+        "{}",
+        show(2)
+    );
+    // A build of a given revision checks that one out.
+    let out = common::kiln(
+        &master.dir,
+        &[
+            "force",
+            "--master",
+            &master.http_url(),
+            "b",
+            "--revision",
+            &first,
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_until(Duration::from_secs(60), "build 3", || {
+        finished(&dir, 3).then_some(())
+    });
+    assert!(
+        show(3).contains(&format!("oone\nogot={first}")),
+        "{}",
+        show(3)
+    );
+    let b = builds(&dir);
+    assert!(b.iter().all(|x| x.1 == Some(0)), "{b:?}");
+    assert_eq!(master.stop(), Some(0));
+}

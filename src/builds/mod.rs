@@ -948,45 +948,56 @@ impl Distributor {
             return Ok(StepOutcome::of(result));
         }
         let workdir = join_path(builddir, step.workdir.as_deref().unwrap_or("build"));
-        let prepared = match self.prepare_command(step, builder, &workdir, props) {
-            Ok(p) => p,
-            Err(Prepared::Exception(why)) => return exception(why).await,
-            Err(Prepared::Failure(why)) => {
-                self.store.append_log(log, vec![format!("h{why}")]).await?;
-                self.store.finish_log(log).await?;
-                return Ok(StepOutcome::of(Results::Failure));
-            }
-        };
-        let (command_name, args, transfer) = prepared;
+        let git_step = matches!(step.kind, StepKind::Git { .. }) && step.command.is_none();
         let mut sink = LogSink::new(log, stop.clone());
-        let capture = matches!(
-            step.kind,
-            StepKind::SetProperty { .. } | StepKind::DisconnectStep { .. }
-        );
-        let hg = match (&step.kind, &args) {
-            (StepKind::MercurialCloneCommand { .. }, _) if command_name == "shell" => {
-                let argv: Option<Vec<String>> = match map_get(&args, "command") {
-                    Some(Value::Array(a)) => a
-                        .iter()
-                        .map(|v| protocol::str_of(v).map(String::from))
-                        .collect(),
-                    _ => None,
-                };
-                match argv {
-                    Some(argv) => {
-                        self.hg_clone(b, &mut sink, step, &argv, &workdir, props)
-                            .await?
-                    }
-                    None => None,
-                }
+        let run = if git_step {
+            match self
+                .git_checkout(b, &mut sink, step, &workdir, props)
+                .await?
+            {
+                Ok(run) => run,
+                Err(why) => return exception(why).await,
             }
-            _ => None,
-        };
-        let run = match hg {
-            Some(run) => run,
-            None => {
-                self.run_command(b, &mut sink, command_name, args, transfer, capture)
-                    .await?
+        } else {
+            let prepared = match self.prepare_command(step, builder, &workdir, props) {
+                Ok(p) => p,
+                Err(Prepared::Exception(why)) => return exception(why).await,
+                Err(Prepared::Failure(why)) => {
+                    self.store.append_log(log, vec![format!("h{why}")]).await?;
+                    self.store.finish_log(log).await?;
+                    return Ok(StepOutcome::of(Results::Failure));
+                }
+            };
+            let (command_name, args, transfer) = prepared;
+            let capture = matches!(
+                step.kind,
+                StepKind::SetProperty { .. } | StepKind::DisconnectStep { .. }
+            );
+            let hg = match (&step.kind, &args) {
+                (StepKind::MercurialCloneCommand { .. }, _) if command_name == "shell" => {
+                    let argv: Option<Vec<String>> = match map_get(&args, "command") {
+                        Some(Value::Array(a)) => a
+                            .iter()
+                            .map(|v| protocol::str_of(v).map(String::from))
+                            .collect(),
+                        _ => None,
+                    };
+                    match argv {
+                        Some(argv) => {
+                            self.hg_clone(b, &mut sink, step, &argv, &workdir, props)
+                                .await?
+                        }
+                        None => None,
+                    }
+                }
+                _ => None,
+            };
+            match hg {
+                Some(run) => run,
+                None => {
+                    self.run_command(b, &mut sink, command_name, args, transfer, capture)
+                        .await?
+                }
             }
         };
         let command_id = run.command_id.clone();
@@ -1017,6 +1028,12 @@ impl Distributor {
                         Results::Exception
                     }
                 });
+                if let (StepKind::Git { .. }, Results::Success) = (&step.kind, o.result) {
+                    let v = run.captured.trim().to_string();
+                    if !v.is_empty() {
+                        o.set_property = Some(("got_revision".into(), v.into()));
+                    }
+                }
                 if let (StepKind::SetProperty { property, .. }, Results::Success) =
                     (&step.kind, o.result)
                 {
@@ -1515,6 +1532,108 @@ impl Distributor {
             }
         };
         Ok(run)
+    }
+
+    /// `Git` (without a command of its own): when the workdir is a clone
+    /// and `mode` is incremental, `git fetch REPOURL BRANCH` there;
+    /// otherwise the workdir is removed and cloned afresh. Then the build's
+    /// revision (or what was fetched) is checked out, and `git rev-parse
+    /// HEAD` becomes the `got_revision` property.
+    async fn git_checkout(
+        &self,
+        b: &Build<'_>,
+        sink: &mut LogSink,
+        step: &Step,
+        workdir: &str,
+        props: &Properties,
+    ) -> anyhow::Result<Result<CommandRun, String>> {
+        let StepKind::Git {
+            repourl,
+            branch,
+            mode,
+        } = &step.kind
+        else {
+            return Ok(Err("not a Git step".into()));
+        };
+        let repourl = match arg_text(repourl, props) {
+            Ok(r) => r,
+            Err(why) => return Ok(Err(why)),
+        };
+        let branch = match branch.as_ref().map(|a| arg_text(a, props)).transpose() {
+            Ok(b) => b,
+            Err(why) => return Ok(Err(why)),
+        };
+        let revision = props
+            .get("revision")
+            .and_then(|(v, _)| v.as_str())
+            .filter(|r| !r.is_empty())
+            .map(String::from);
+        let shell = |cmd: Vec<&str>| {
+            let command = Value::Array(cmd.into_iter().map(Value::from).collect());
+            shell_args(step, b.builder, workdir, command, props)
+        };
+        macro_rules! run_ok {
+            ($args:expr, $capture:expr) => {{
+                let args = match $args {
+                    Ok(a) => a,
+                    Err(why) => return Ok(Err(why)),
+                };
+                let run = self
+                    .run_command(b, sink, "shell", args, None, $capture)
+                    .await?;
+                if !matches!(run.ended, Ended::Done { rc: Some(0) }) {
+                    return Ok(Ok(run));
+                }
+                run
+            }};
+        }
+        let stat = self
+            .run_command(
+                b,
+                sink,
+                "stat",
+                protocol::map(vec![("path", Value::from(join_path(workdir, ".git")))]),
+                None,
+                false,
+            )
+            .await?;
+        if !matches!(stat.ended, Ended::Done { .. }) {
+            return Ok(Ok(stat));
+        }
+        let is_clone = matches!(stat.ended, Ended::Done { rc: Some(0) });
+        let fetched = if is_clone && mode == "incremental" {
+            let mut cmd = vec!["git", "fetch", repourl.as_str()];
+            if let Some(br) = &branch {
+                cmd.push(br);
+            }
+            run_ok!(shell(cmd), false);
+            "FETCH_HEAD".to_string()
+        } else {
+            let rm = self
+                .run_command(
+                    b,
+                    sink,
+                    "rmdir",
+                    protocol::map(vec![("paths", Value::Array(vec![Value::from(workdir)]))]),
+                    None,
+                    false,
+                )
+                .await?;
+            if !matches!(rm.ended, Ended::Done { .. }) {
+                return Ok(Ok(rm));
+            }
+            let mut cmd = vec!["git", "clone"];
+            if let Some(br) = &branch {
+                cmd.extend(["--branch", br.as_str()]);
+            }
+            cmd.extend([repourl.as_str(), "."]);
+            run_ok!(shell(cmd), false);
+            "HEAD".to_string()
+        };
+        let target = revision.unwrap_or(fetched);
+        run_ok!(shell(vec!["git", "checkout", "-f", target.as_str()]), false);
+        let rev = run_ok!(shell(vec!["git", "rev-parse", "HEAD"]), true);
+        Ok(Ok(rev))
     }
 
     /// `MercurialCloneCommand` (`hg clone SRC [DEST]`): when DEST already
