@@ -1808,3 +1808,68 @@ f.addStep(ShellCommand(#{{ name: "show", command: ["sh", "-c", WithProperties("c
     assert!(b.iter().all(|x| x.1 == Some(0)), "{b:?}");
     assert_eq!(master.stop(), Some(0));
 }
+
+#[test]
+fn a_mock_command_runs_inside_mock_mozilla_when_asked() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // A stand-in for mock_mozilla: records its arguments, runs the shell.
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    std::fs::write(
+        bin.join("mock_mozilla"),
+        "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$(dirname \"$0\")/mock-args\"\nwhile [ \"$1\" != --shell ]; do shift; done\nexec sh -c \"$2\"\n",
+    )
+    .expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        bin.join("mock_mozilla"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod");
+    let path = format!("{}:/usr/bin:/bin", bin.display());
+    let dir = master_script(
+        tmp.path(),
+        &format!(
+            r#"
+let f = BuildFactory();
+f.addStep(MockCommand(#{{ name: "in_mock", command: ["sh", "-c", "echo in mock: $FLAVOUR"],
+    mock: true, target: "mozilla-centos6-x86_64", env: #{{ FLAVOUR: "opt" }} }}));
+f.addStep(MockCommand(#{{ name: "plain", command: ["sh", "-c", "echo plain: $FLAVOUR"],
+    env: #{{ FLAVOUR: "dbg" }} }}));
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f, env: #{{ PATH: "{path}" }} }})],
+}}
+"#
+        ),
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(b[0].1, Some(0), "{b:?} {}", stdio(&dir, "in_mock"));
+    assert!(
+        stdio(&dir, "in_mock").contains("oin mock: opt"),
+        "{}",
+        stdio(&dir, "in_mock")
+    );
+    assert!(stdio(&dir, "plain").contains("oplain: dbg"));
+    let args = std::fs::read_to_string(bin.join("mock-args")).expect("mock ran");
+    let workdir = tmp.path().join("kiln-worker-w1/b/build");
+    assert_eq!(
+        args,
+        format!(
+            "-r\nmozilla-centos6-x86_64\n--cwd\n{}\n--unpriv\n--shell\n/usr/bin/env FLAVOUR=opt sh -c 'echo in mock: $FLAVOUR'\n",
+            workdir.display()
+        )
+    );
+    assert_eq!(master.stop(), Some(0));
+}

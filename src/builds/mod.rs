@@ -1417,7 +1417,21 @@ impl Distributor {
                         step.kind.type_name()
                     )));
                 };
-                let command = command_value(command, props).map_err(exception)?;
+                let mut command = command_value(command, props).map_err(exception)?;
+                if let StepKind::MockCommand {
+                    use_mock: true,
+                    target,
+                } = &step.kind
+                {
+                    let Some(target) = target else {
+                        return Err(exception(format!(
+                            "step `{}`: MockCommand with mock: true needs a `target`",
+                            step.name
+                        )));
+                    };
+                    command =
+                        mock_command(&command, target, workdir, step, props).map_err(exception)?;
+                }
                 let args = shell_args(step, builder, workdir, command, props).map_err(exception)?;
                 Ok(("shell", args, None))
             }
@@ -1805,6 +1819,56 @@ impl LogSink {
         }
         Some(format!("{prefix}{line}"))
     }
+}
+
+/// A command run inside Mozilla's mock chroot, as its MockCommand did:
+/// `mock_mozilla -r TARGET --cwd WORKDIR --unpriv --shell "/usr/bin/env
+/// K=V ... CMD"`, the step's env passed inside.
+fn mock_command(
+    command: &Value,
+    target: &str,
+    workdir: &str,
+    step: &Step,
+    props: &Properties,
+) -> Result<Value, String> {
+    let quote = |s: &str| {
+        if !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+        {
+            s.to_string()
+        } else {
+            format!("'{}'", s.replace('\'', r"'\''"))
+        }
+    };
+    let cmd = match command {
+        Value::Array(a) => a
+            .iter()
+            .map(|v| protocol::str_of(v).map(quote).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => protocol::str_of(other).unwrap_or_default().to_string(),
+    };
+    let mut inner = vec!["/usr/bin/env".to_string()];
+    for (k, v) in &step.env {
+        inner.push(quote(&format!("{k}={}", arg_text(v, props)?)));
+    }
+    inner.push(cmd);
+    Ok(Value::Array(
+        [
+            "mock_mozilla",
+            "-r",
+            target,
+            "--cwd",
+            workdir,
+            "--unpriv",
+            "--shell",
+            &inner.join(" "),
+        ]
+        .into_iter()
+        .map(Value::from)
+        .collect(),
+    ))
 }
 
 /// The arguments of a `shell` command for a step.
