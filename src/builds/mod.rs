@@ -2029,3 +2029,55 @@ fn command_value(c: &Command, props: &Properties) -> Result<Value, String> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(flags: &[&str]) -> Step {
+        let on = |f: &str| flags.contains(&f);
+        Step {
+            name: "s".into(),
+            kind: StepKind::ShellCommand,
+            description: None,
+            command: None,
+            workdir: None,
+            env: Default::default(),
+            timeout: None,
+            max_time: None,
+            halt_on_failure: on("haltOnFailure"),
+            flunk_on_failure: !on("!flunkOnFailure"),
+            flunk_on_warnings: on("flunkOnWarnings"),
+            warn_on_failure: on("warnOnFailure"),
+            warn_on_warnings: on("warnOnWarnings"),
+            always_run: false,
+            do_step_if: None,
+            log_eval: None,
+            log_rules: vec![],
+            origin: None,
+        }
+    }
+
+    #[test]
+    fn step_results_fold_into_the_build_as_buildbot_folds_them() {
+        use Results::*;
+        let fold = |flags: &[&str], r| combine(Success, &step(flags), r);
+        assert_eq!(fold(&[], Failure), Failure);
+        assert_eq!(fold(&["!flunkOnFailure"], Failure), Success);
+        assert_eq!(
+            fold(&["!flunkOnFailure", "warnOnFailure"], Failure),
+            Warnings
+        );
+        // flunkOnFailure wins over warnOnFailure, as in Buildbot.
+        assert_eq!(fold(&["warnOnFailure"], Failure), Failure);
+        assert_eq!(fold(&[], Warnings), Success);
+        assert_eq!(fold(&["warnOnWarnings"], Warnings), Warnings);
+        assert_eq!(fold(&["flunkOnWarnings"], Warnings), Failure);
+        assert_eq!(fold(&[], Skipped), Success);
+        assert_eq!(fold(&[], Retry), Retry);
+        assert_eq!(combine(Exception, &step(&[]), Failure), Exception);
+        assert_eq!(combine(Warnings, &step(&[]), Success), Warnings);
+        assert!(severity(Skipped) < severity(Success));
+        assert!(severity(Retry) < severity(Cancelled));
+    }
+}
