@@ -1483,12 +1483,14 @@ impl Distributor {
                 ev = events.recv() => ev,
                 _ = stop.cancelled(), if interrupted.is_none() => {
                     interrupted = Some(tokio::time::Instant::now() + INTERRUPT_GRACE);
-                    if let Err(e) = worker
-                        .interrupt_command(&builder.name, &command_id, "the build was stopped")
-                        .await
-                    {
-                        tracing::warn!(builder = %builder.name, "interrupting the command: {e:#}");
-                    }
+                    // In its own task: the answer comes through the same
+                    // connection as the updates this loop must keep taking.
+                    let (w, bname, id) = (worker.clone(), builder.name.clone(), command_id.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = w.interrupt_command(&bname, &id, "the build was stopped").await {
+                            tracing::warn!(builder = %bname, "interrupting the command: {e:#}");
+                        }
+                    });
                     continue;
                 }
                 _ = tokio::time::sleep_until(interrupted.unwrap_or_else(tokio::time::Instant::now)), if interrupted.is_some() => {

@@ -37,6 +37,9 @@ use crate::config::MasterConfig;
 use crate::store::Store;
 use protocol::{map_get, str_of, Frame};
 
+/// Updates of one command that may wait for the build runner.
+const COMMAND_EVENTS: usize = 16;
+
 /// How long the master waits for a worker to answer a request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -76,7 +79,7 @@ pub struct WorkerConn {
     pub info: std::sync::OnceLock<serde_json::Value>,
     out: mpsc::Sender<Message>,
     pending: Pending,
-    commands: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<CommandEvent>>>>,
+    commands: Arc<Mutex<HashMap<String, mpsc::Sender<CommandEvent>>>>,
     /// The master's end of running file transfers, by command id.
     transfers: Mutex<HashMap<String, transfer::Transfer>>,
     seq: AtomicU64,
@@ -133,7 +136,7 @@ impl WorkerConn {
         builder: &str,
         command_name: &str,
         args: Value,
-    ) -> anyhow::Result<(String, mpsc::UnboundedReceiver<CommandEvent>)> {
+    ) -> anyhow::Result<(String, mpsc::Receiver<CommandEvent>)> {
         self.start_transfer(builder, command_name, args, None).await
     }
 
@@ -145,12 +148,14 @@ impl WorkerConn {
         command_name: &str,
         args: Value,
         transfer: Option<transfer::Transfer>,
-    ) -> anyhow::Result<(String, mpsc::UnboundedReceiver<CommandEvent>)> {
+    ) -> anyhow::Result<(String, mpsc::Receiver<CommandEvent>)> {
         let id = self
             .next_command
             .fetch_add(1, Ordering::Relaxed)
             .to_string();
-        let (tx, rx) = mpsc::unbounded_channel();
+        // Bounded: a command's output waits in the socket (and the worker),
+        // not in the master's memory, while the store catches up.
+        let (tx, rx) = mpsc::channel(COMMAND_EVENTS);
         lock(&self.commands).insert(id.clone(), tx);
         if let Some(t) = transfer {
             lock(&self.transfers).insert(id.clone(), t);
@@ -417,7 +422,17 @@ async fn connection(
                 Ok(Frame::Request { seq, op, msg }) => {
                     let answer = handle_worker_request(&reader_conn, &op, &msg);
                     let reply = match answer {
-                        Ok(v) => protocol::response(seq, v, false),
+                        Ok((v, deliver)) => {
+                            if let Some((tx, ev)) = deliver {
+                                // Waits while the runner is behind; a
+                                // runner that has gone drops the event.
+                                tokio::select! {
+                                    _ = tx.send(ev) => {}
+                                    _ = reader_closed.cancelled() => break None,
+                                }
+                            }
+                            protocol::response(seq, v, false)
+                        }
                         Err(e) => protocol::response(seq, Value::from(e.as_str()), true),
                     };
                     if reader_conn
@@ -517,7 +532,9 @@ async fn connection(
     lock(&conn.transfers).clear();
     // Running commands learn that their worker is gone.
     for (_, tx) in lock(&conn.commands).drain() {
-        let _ = tx.send(CommandEvent::Complete(Some(
+        // If the queue is full the runner still learns it: the channel
+        // closes when this sender is dropped.
+        let _ = tx.try_send(CommandEvent::Complete(Some(
             "the worker disconnected".into(),
         )));
     }
@@ -547,11 +564,18 @@ fn frame_kind(m: &Message) -> &'static str {
 
 /// What the worker asks of the master: command updates and completion,
 /// and the file transfer calls of a transfer command.
-fn handle_worker_request(conn: &WorkerConn, op: &str, msg: &Value) -> Result<Value, String> {
+/// An event for a command's runner, to be delivered before the answer.
+type Deliver = Option<(mpsc::Sender<CommandEvent>, CommandEvent)>;
+
+fn handle_worker_request(
+    conn: &WorkerConn,
+    op: &str,
+    msg: &Value,
+) -> Result<(Value, Deliver), String> {
     let command_id = map_get(msg, "command_id")
         .and_then(str_of)
         .map(String::from);
-    let sender = |id: &Option<String>| -> Result<mpsc::UnboundedSender<CommandEvent>, String> {
+    let sender = |id: &Option<String>| -> Result<mpsc::Sender<CommandEvent>, String> {
         let id = id
             .as_ref()
             .ok_or_else(|| format!("`{op}` without a command_id"))?;
@@ -565,8 +589,7 @@ fn handle_worker_request(conn: &WorkerConn, op: &str, msg: &Value) -> Result<Val
             let tx = sender(&command_id)?;
             let args = map_get(msg, "args").ok_or("`update` without args")?;
             let pairs = protocol::update_pairs(args)?;
-            let _ = tx.send(CommandEvent::Update(pairs));
-            Ok(Value::Nil)
+            Ok((Value::Nil, Some((tx, CommandEvent::Update(pairs)))))
         }
         "complete" => {
             let tx = sender(&command_id)?;
@@ -574,11 +597,10 @@ fn handle_worker_request(conn: &WorkerConn, op: &str, msg: &Value) -> Result<Val
                 None | Some(Value::Nil) => None,
                 Some(v) => Some(str_of(v).map(String::from).unwrap_or_else(|| v.to_string())),
             };
-            let _ = tx.send(CommandEvent::Complete(failure));
             if let Some(id) = &command_id {
                 lock(&conn.commands).remove(id);
             }
-            Ok(Value::Nil)
+            Ok((Value::Nil, Some((tx, CommandEvent::Complete(failure)))))
         }
         op if op.starts_with("update_upload_") || op.starts_with("update_read_file") => {
             let id = command_id.ok_or_else(|| format!("`{op}` without a command_id"))?;
@@ -586,7 +608,7 @@ fn handle_worker_request(conn: &WorkerConn, op: &str, msg: &Value) -> Result<Val
             let t = transfers
                 .get_mut(&id)
                 .ok_or_else(|| format!("`{op}` for command {id}, which transfers no file"))?;
-            t.handle(op, msg)
+            t.handle(op, msg).map(|v| (v, None))
         }
         other => Err(format!("unexpected request `{other}`")),
     }

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Log throughput: one step writes SIZE_MB of output (lines of 100 bytes);
+# how fast it goes from the worker's process into the stored log, and the
+# master's peak memory meanwhile.
+# usage: bench/logs.sh [SIZE_MB] [kiln|stock]   (defaults: 100 kiln)
+# KILN_BIN=path measures that binary instead of building the release one.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+size=${1:-100}
+kind=${2:-kiln}
+work=$(mktemp -d /tmp/kiln-bench-logs.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  pkill -f "$work/w1" 2>/dev/null || true
+  sleep 0.5; rm -rf "$work"
+}
+trap cleanup EXIT
+if [ -z "${KILN_BIN:-}" ]; then
+  cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+fi
+kiln="${KILN_BIN:-$root/target/release/kiln}"
+
+mkdir -p "$work/m"
+cat > "$work/m/master.rhai" <<EOF
+let f = BuildFactory();
+// $size MB as 100-byte lines (99 characters and a newline).
+f.addStep(ShellCommand(#{ name: "chatty", command: ["python3", "-c",
+    "import sys\nline = 'x' * 99 + '\\\\n'\nw = sys.stdout.write\nfor _ in range($size * 10000): w(line)"] }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 19996 } },
+    www: #{ port: 18016 },
+    logMaxSize: $(( (size + 10) * 1024 * 1024 )),
+    workers: [Worker("w1", "pw")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+EOF
+(cd "$work/m" && exec "$kiln" start . 2>"$work/m.err") &
+pids+=($!)
+for _ in $(seq 1 300); do grep -q "HTTP listening" "$work/m.err" 2>/dev/null && break; sleep 0.1; done
+if [ "$kind" = stock ]; then
+  worker="$root/target/tools/venv/bin/buildbot-worker"
+  [ -x "$worker" ] || { echo "run bash .ci/test first (it installs buildbot-worker)" >&2; exit 1; }
+  "$worker" create-worker --protocol msgpack_experimental_v7 "$work/w1" 127.0.0.1:19996 w1 pw >/dev/null
+  ("$worker" start --nodaemon "$work/w1" >/dev/null 2>&1 &)
+else
+  "$kiln" worker create "$work/w1" --master 127.0.0.1:19996 --name w1 --password pw >/dev/null
+  ("$kiln" worker start "$work/w1" >/dev/null 2>&1 &)
+fi
+for _ in $(seq 1 300); do grep -q 'INFO connected' "$work/m.err" && break; sleep 0.1; done
+q() { python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(sys.argv[2]).fetchone()[0])" "$work/m/state.sqlite" "$1"; }
+hwm() { awk '/VmHWM/ {print $2}' "/proc/${pids[0]}/status"; }
+before=$(hwm)
+t0=$(date +%s.%N)
+"$kiln" force --master http://127.0.0.1:18016 b >/dev/null
+for _ in $(seq 1 6000); do [ "$(q 'select count(*) from builds where complete_at is not null')" -ge 1 ] && break; sleep 0.1; done
+t1=$(date +%s.%N)
+secs=$(echo "$t1 - $t0" | bc -l)
+stored=$(q 'select coalesce(sum(length(content)), 0) from logchunks')
+echo "kiln, $kind worker: $size MB of output in $(printf %.2f "$secs") s: $(echo "$size / $secs" | bc -l | xargs printf %.1f) MB/s; stored $((stored / 1024 / 1024)) MB; results $(q 'select results from builds'); master peak RSS $((before / 1024)) MB before, $(( $(hwm) / 1024 )) MB after"
+"$kiln" stop "$work/m" >/dev/null
