@@ -1223,21 +1223,14 @@ impl Distributor {
         if step.log_rules.is_empty() {
             return Ok(by_rc);
         }
-        let text = self
-            .store
-            .log_text(log)
-            .await
-            .map_err(|e| format!("cannot read the log: {e:#}"))?;
+        let text = self.output_text(log).await?;
         let mut result = by_rc;
         for rule in &step.log_rules {
             // Checked when the config was loaded.
             let Ok(re) = regex::Regex::new(&rule.pattern) else {
                 continue;
             };
-            let hit = text
-                .lines()
-                .filter_map(|l| l.strip_prefix('o').or_else(|| l.strip_prefix('e')))
-                .find(|l| re.is_match(l));
+            let hit = text.lines().find(|l| re.is_match(l));
             if let Some(line) = hit {
                 if severity(rule.result) > severity(result) {
                     self.store
@@ -1280,16 +1273,7 @@ impl Distributor {
                 }
             }
             Some(LogEval::Callback(cb)) => {
-                let text = self
-                    .store
-                    .log_text(log)
-                    .await
-                    .map_err(|e| format!("cannot read the log: {e:#}"))?;
-                let output: String = text
-                    .lines()
-                    .filter_map(|l| l.strip_prefix('o').or_else(|| l.strip_prefix('e')))
-                    .flat_map(|l| [l, "\n"])
-                    .collect();
+                let output = self.output_text(log).await?;
                 let rc = rc.map_or(rhai::Dynamic::UNIT, rhai::Dynamic::from);
                 let v = self.call(cb, (step_map(step, props), rc, output)).await?;
                 v.as_int().ok().and_then(Results::from_code).ok_or_else(|| {
@@ -1603,16 +1587,7 @@ impl Distributor {
                 run
             }};
         }
-        let stat = self
-            .run_command(
-                b,
-                sink,
-                "stat",
-                protocol::map(vec![("path", Value::from(join_path(workdir, ".git")))]),
-                None,
-                false,
-            )
-            .await?;
+        let stat = self.stat(b, sink, &join_path(workdir, ".git")).await?;
         if !matches!(stat.ended, Ended::Done { .. }) {
             return Ok(Ok(stat));
         }
@@ -1625,16 +1600,7 @@ impl Distributor {
             run_ok!(shell(cmd), false);
             "FETCH_HEAD".to_string()
         } else {
-            let rm = self
-                .run_command(
-                    b,
-                    sink,
-                    "rmdir",
-                    protocol::map(vec![("paths", Value::Array(vec![Value::from(workdir)]))]),
-                    None,
-                    false,
-                )
-                .await?;
+            let rm = self.remove_dir(b, sink, workdir).await?;
             if !matches!(rm.ended, Ended::Done { .. }) {
                 return Ok(Ok(rm));
             }
@@ -1650,6 +1616,42 @@ impl Distributor {
         run_ok!(shell(vec!["git", "checkout", "-f", target.as_str()]), false);
         let rev = run_ok!(shell(vec!["git", "rev-parse", "HEAD"]), true);
         Ok(Ok(rev))
+    }
+
+    /// The protocol's `stat` of `path`: done with rc 0 when it exists.
+    async fn stat(
+        &self,
+        b: &Build<'_>,
+        sink: &mut LogSink,
+        path: &str,
+    ) -> anyhow::Result<CommandRun> {
+        let args = protocol::map(vec![("path", Value::from(path))]);
+        self.run_command(b, sink, "stat", args, None, false).await
+    }
+
+    /// The protocol's `rmdir` of `path` (and what is in it).
+    async fn remove_dir(
+        &self,
+        b: &Build<'_>,
+        sink: &mut LogSink,
+        path: &str,
+    ) -> anyhow::Result<CommandRun> {
+        let args = protocol::map(vec![("paths", Value::Array(vec![Value::from(path)]))]);
+        self.run_command(b, sink, "rmdir", args, None, false).await
+    }
+
+    /// A step log's stdout and stderr text, without the header lines.
+    async fn output_text(&self, log: i64) -> Result<String, String> {
+        let text = self
+            .store
+            .log_text(log)
+            .await
+            .map_err(|e| format!("cannot read the log: {e:#}"))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.strip_prefix('o').or_else(|| l.strip_prefix('e')))
+            .flat_map(|l| [l, "\n"])
+            .collect())
     }
 
     /// `MercurialCloneCommand` (`hg clone SRC [DEST]`): when DEST already
@@ -1686,16 +1688,7 @@ impl Distributor {
                 .to_string(),
         };
         let dest_path = join_path(workdir, &dest);
-        let stat = self
-            .run_command(
-                b,
-                sink,
-                "stat",
-                protocol::map(vec![("path", Value::from(join_path(&dest_path, ".hg")))]),
-                None,
-                false,
-            )
-            .await?;
+        let stat = self.stat(b, sink, &join_path(&dest_path, ".hg")).await?;
         let hg = argv[0].as_str();
         let shell = |cmd: Vec<&str>, dir: &str| {
             let command = Value::Array(cmd.into_iter().map(Value::from).collect());
@@ -1744,19 +1737,7 @@ impl Distributor {
                 )],
             )
             .await?;
-        let rm = self
-            .run_command(
-                b,
-                sink,
-                "rmdir",
-                protocol::map(vec![(
-                    "paths",
-                    Value::Array(vec![Value::from(dest_path.as_str())]),
-                )]),
-                None,
-                false,
-            )
-            .await?;
+        let rm = self.remove_dir(b, sink, dest_path.as_str()).await?;
         if !matches!(rm.ended, Ended::Done { .. }) {
             return Ok(Some(rm));
         }

@@ -143,19 +143,11 @@ async fn force_rpc(
         Ok(u) => u,
         Err(d) => return d.into_response(),
     };
-    let req: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            return rpc_error(
-                StatusCode::BAD_REQUEST,
-                &Value::Null,
-                -32700,
-                format!("not JSON: {e}"),
-            )
-        }
+    let (id, method, params) = match rpc_call(&body) {
+        Ok(c) => c,
+        Err(r) => return r,
     };
-    let id = req.get("id").cloned().unwrap_or(Value::Null);
-    if req.get("method").and_then(Value::as_str) != Some("force") {
+    if method != "force" {
         return rpc_error(
             StatusCode::BAD_REQUEST,
             &id,
@@ -163,7 +155,6 @@ async fn force_rpc(
             "the only method is `force`".into(),
         );
     }
-    let params = req.get("params").cloned().unwrap_or_else(|| json!({}));
     let text = |k: &str| params.get(k).and_then(Value::as_str).map(String::from);
     let builders = match params.get("builderNames") {
         None | Some(Value::Null) => vec![],

@@ -697,18 +697,7 @@ pub fn builder_config(kw: &mut Kwargs) -> ScriptResult<BuilderConfig> {
             None => return fail_focus("`nextWorker` must be a function".into(), "nextWorker"),
         },
     };
-    let can_start_build = match kw.raw("canStartBuild") {
-        None => None,
-        Some(v) => match v.try_cast::<FnPtr>() {
-            Some(fn_ptr) => Some(Callback {
-                fn_ptr,
-                origin: kw.origin(),
-            }),
-            None => {
-                return fail_focus("`canStartBuild` must be a function".into(), "canStartBuild")
-            }
-        },
-    };
+    let can_start_build = kw.callback("canStartBuild")?;
     let collapse_requests = bool_or_callback(kw, "collapseRequests")?;
     let locks = match kw.raw("locks") {
         None => vec![],
