@@ -14,6 +14,8 @@ pub struct Output {
     pub stderr: String,
 }
 
+pub mod workers;
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
