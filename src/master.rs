@@ -172,6 +172,7 @@ async fn serve(
             let app = crate::http::router(crate::http::AppState {
                 store: store.clone(),
                 bus: bus.clone(),
+                poll_now: ctx.poll_now.clone(),
                 schedulers: schedulers.clone(),
                 builds: distributor.clone(),
                 users: www.users.clone(),

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{hg_commit, kiln, run, wait_until, Master};
+use common::{hg_commit, http_get, kiln, post_form, run, wait_until, Master};
 
 /// One stored change, as the tests look at it.
 #[derive(Debug, Clone, PartialEq)]
@@ -462,7 +462,7 @@ fn a_missing_repository_is_logged_and_the_master_recovers_when_it_appears() {
     assert!(master.log().contains(&path.display().to_string()));
     // Still serving.
     let url = master.http_url();
-    let health = ureq_get(&format!("{url}/health"));
+    let health = http_get(&format!("{url}/health"));
     assert!(health.contains("\"ok\""), "{health}");
 
     run(tmp.path(), "hg", &["init", "-q", "later"]);
@@ -473,42 +473,6 @@ fn a_missing_repository_is_logged_and_the_master_recovers_when_it_appears() {
         "a change from the new repository",
         || (revisions(&changes(&dir)) == [one.clone()]).then_some(()),
     );
-}
-
-/// A blocking GET with a bounded wait; the body.
-fn ureq_get(url: &str) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        reqwest::Client::new()
-            .get(url)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .expect("GET")
-            .text()
-            .await
-            .expect("body")
-    })
-}
-
-fn post_form(url: &str, form: &[(&str, &str)]) -> (u16, String) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let r = reqwest::Client::new()
-            .post(url)
-            .form(form)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .expect("POST");
-        (r.status().as_u16(), r.text().await.expect("body"))
-    })
 }
 
 #[test]
@@ -628,4 +592,53 @@ fn a_second_master_in_the_same_dir_is_refused() {
         "{}",
         out.stderr
     );
+}
+
+#[test]
+fn the_poller_hook_polls_the_named_pollers_now() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let repo = hg_repo(tmp.path(), "repo");
+    let other = hg_repo(tmp.path(), "other");
+    let zero = hg_commit(&repo, "A <a@x>", &["a"], "zero");
+    // An hour between polls: only the hook makes the second one happen.
+    let dir = master_dir(
+        tmp.path(),
+        &format!(
+            r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 3600 }}),
+               HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 3600 }})"#,
+            repo.display(),
+            other.display()
+        ),
+    );
+    let master = Master::start(&dir);
+    let url = master.http_url();
+    master.wait_for_log("first poll:", 2, Duration::from_secs(60));
+    let one = hg_commit(&repo, "A <a@x>", &["a"], "one");
+    hg_commit(&other, "B <b@x>", &["b"], "elsewhere");
+
+    let (status, body) = post_form(&format!("{url}/change_hook/poller?poller=nonesuch"), &[]);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("no poller is called nonesuch"), "{body}");
+
+    // Named by its repository, as Buildbot names a poller by default.
+    let (status, body) = post_form(
+        &format!("{url}/change_hook/poller?poller={}", repo.display()),
+        &[],
+    );
+    assert_eq!(status, 200, "{body}");
+    wait_until(
+        Duration::from_secs(60),
+        "the change the hook polled",
+        || revisions(&changes(&dir)).contains(&one).then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // The other poller was not asked, and the first poll saw `zero` as the start.
+    assert_eq!(revisions(&changes(&dir)), [one]);
+    assert!(!revisions(&changes(&dir)).contains(&zero));
+
+    // No `poller`: all of them (GET works as in Buildbot).
+    http_get(&format!("{url}/change_hook/poller"));
+    wait_until(Duration::from_secs(60), "the other poller's change", || {
+        (changes(&dir).len() == 2).then_some(())
+    });
 }

@@ -51,11 +51,57 @@ impl ChangeBus {
     }
 }
 
+/// Pollers that can be asked to poll at once (Buildbot's `poller` change
+/// hook): each registers the names it answers to and a wake-up.
+#[derive(Clone, Default)]
+pub struct PollNow(Arc<std::sync::Mutex<Vec<Wakeable>>>);
+
+/// The names a poller answers to, and its wake-up.
+type Wakeable = (Vec<String>, Arc<tokio::sync::Notify>);
+
+impl PollNow {
+    fn register(&self, names: Vec<String>) -> Arc<tokio::sync::Notify> {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        self.lock().push((names, notify.clone()));
+        notify
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Wakeable>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the pollers named (every poller when `names` is empty) and
+    /// returns the names they answer to; a name no poller answers to is
+    /// an error listing those, and then none is woken.
+    pub fn poll(&self, names: &[String]) -> Result<Vec<String>, Vec<String>> {
+        let pollers = self.lock();
+        let unknown: Vec<String> = names
+            .iter()
+            .filter(|n| !pollers.iter().any(|(known, _)| known.contains(n)))
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            return Err(unknown);
+        }
+        let mut woken = Vec::new();
+        for (known, notify) in pollers.iter() {
+            if names.is_empty() || names.iter().any(|n| known.contains(n)) {
+                // A wake-up during a poll is kept: the next poll follows at once.
+                notify.notify_one();
+                woken.push(known[0].clone());
+            }
+        }
+        Ok(woken)
+    }
+}
+
 /// What every change source needs.
 #[derive(Clone)]
 pub struct Context {
     pub store: Store,
     pub bus: ChangeBus,
+    /// Where the `poller` change hook wakes pollers up.
+    pub poll_now: PollNow,
     /// Pollers keep their mirrors under `DIR/pollers/`.
     pub master_dir: PathBuf,
     pub http: reqwest::Client,
@@ -75,6 +121,7 @@ impl Context {
         Ok(Context {
             store,
             bus,
+            poll_now: PollNow::default(),
             master_dir: master_dir.to_path_buf(),
             http,
             timeout: POLL_TIMEOUT,
@@ -139,6 +186,15 @@ impl Poller {
         }
     }
 
+    /// What the `poller` change hook may call it: its name, or its
+    /// repository (Buildbot's default name for a poller).
+    fn hook_names(&self) -> Vec<String> {
+        match self {
+            Poller::Hg(p) => vec![p.name(), p.cfg.repository()],
+            Poller::Git(p) => vec![p.name(), p.cfg.repourl.clone()],
+        }
+    }
+
     fn interval(&self) -> Duration {
         Duration::from_secs(match self {
             Poller::Hg(p) => p.cfg.poll_interval,
@@ -158,6 +214,7 @@ impl Poller {
     /// Polls until `cancel` fires.
     pub async fn run(mut self, ctx: Context, cancel: CancellationToken) {
         let name = self.name();
+        let wake = ctx.poll_now.register(self.hook_names());
         let mut failures: u32 = 0;
         loop {
             let outcome = tokio::select! {
@@ -192,6 +249,9 @@ impl Poller {
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = wake.notified() => {
+                    tracing::info!(poller = %name, "polling now, as asked");
+                }
                 _ = cancel.cancelled() => break,
             }
         }

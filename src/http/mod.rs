@@ -23,6 +23,8 @@ use crate::store::{NewChange, Properties, Store};
 pub struct AppState {
     pub store: Store,
     pub bus: ChangeBus,
+    /// The pollers the `poller` change hook can wake.
+    pub poll_now: crate::changes::PollNow,
     pub schedulers: Schedulers,
     /// Running builds and connected workers, for stop and shutdown.
     pub builds: Arc<crate::builds::Distributor>,
@@ -38,6 +40,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/change_hook/base", post(change_hook_base))
+        .route(
+            "/change_hook/poller",
+            get(change_hook_poller).post(change_hook_poller),
+        )
         .route("/api/v2/forceschedulers", get(list_force_schedulers))
         .route("/api/v2/forceschedulers/{name}", post(force_rpc))
         .route("/api/v2/builds/{id}", post(build_rpc))
@@ -360,7 +366,7 @@ async fn health(State(st): State<Arc<AppState>>) -> Json<Value> {
 
 fn bad_request(reason: impl Into<String>) -> Response {
     let reason = reason.into();
-    tracing::warn!("change hook: refused a change: {reason}");
+    tracing::warn!("change hook: refused: {reason}");
     (StatusCode::BAD_REQUEST, Json(json!({ "error": reason }))).into_response()
 }
 
@@ -435,6 +441,37 @@ pub fn change_from_form(form: &BTreeMap<String, String>) -> Result<NewChange, St
         files,
         properties,
     })
+}
+
+/// Buildbot's `poller` change hook: `?poller=NAME` (repeatable; a poller's
+/// name or repository) polls those pollers now, no `poller` polls them all.
+async fn change_hook_poller(
+    State(st): State<Arc<AppState>>,
+    query: Result<
+        axum::extract::Query<Vec<(String, String)>>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Response {
+    let axum::extract::Query(pairs) = match query {
+        Ok(q) => q,
+        Err(e) => return bad_request(format!("bad query string: {}", e.body_text())),
+    };
+    let mut names = Vec::new();
+    for (k, v) in pairs {
+        if k != "poller" {
+            return bad_request(format!(
+                "unknown parameter `{k}`; the poller hook takes `poller`"
+            ));
+        }
+        names.push(v);
+    }
+    match st.poll_now.poll(&names) {
+        Ok(polled) => {
+            tracing::info!("poller hook: polling {polled:?}");
+            (StatusCode::OK, Json(json!({ "polled": polled }))).into_response()
+        }
+        Err(unknown) => bad_request(format!("no poller is called {}", unknown.join(", "))),
+    }
 }
 
 async fn change_hook_base(
