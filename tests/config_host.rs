@@ -118,7 +118,13 @@ fn staging_master_has_the_seeds_builders_schedulers_and_pollers() {
     // win32 has no reboot_command in config.rhai, so no reboot step.
     assert_eq!(
         steps,
-        ["get_basedir", "clone_scripts", "run_script", "cleanup"]
+        [
+            "get_basedir",
+            "clone_scripts",
+            "download_props",
+            "run_script",
+            "cleanup"
+        ]
     );
     assert_eq!(
         argv(&b.factory.steps[0].command),
@@ -260,7 +266,10 @@ fn generate_branch_objects_and_merge_leave_their_inputs_alone() {
     let args: Vec<Vec<String>> = c
         .builders
         .iter()
-        .map(|b| argv(&b.factory.steps[2].command))
+        .map(|b| {
+            let run = b.factory.steps.iter().find(|s| s.name == "run_script");
+            argv(&run.expect("run_script").command)
+        })
         .collect();
     assert_eq!(
         args[0],

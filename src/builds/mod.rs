@@ -959,6 +959,26 @@ impl Distributor {
                 Err(why) => return exception(why).await,
             }
         } else {
+            // JSONPropertiesDownload is a StringDownload of the build's
+            // properties and sourcestamp as they are now.
+            let props_step;
+            let step = match &step.kind {
+                StepKind::JsonPropertiesDownload {
+                    workerdest,
+                    transfer,
+                } => {
+                    props_step = Step {
+                        kind: StepKind::StringDownload {
+                            s: Arg::Literal(self.properties_json(b, props).await?),
+                            workerdest: workerdest.clone(),
+                            transfer: transfer.clone(),
+                        },
+                        ..step.clone()
+                    };
+                    &props_step
+                }
+                _ => step,
+            };
             let prepared = match self.prepare_command(step, builder, &workdir, props) {
                 Ok(p) => p,
                 Err(Prepared::Exception(why)) => return exception(why).await,
@@ -1288,6 +1308,63 @@ impl Distributor {
 
     /// The worker command a step runs: its name, its arguments and, for a
     /// transfer, the master's end of it.
+    /// What `JSONPropertiesDownload` writes: Buildbot 0.8's
+    /// `{"properties": {name: value}, "sourcestamp": {..., "changes": [...]}}`,
+    /// the shape mozharness reads from `buildprops.json`.
+    async fn properties_json(&self, b: &Build<'_>, props: &Properties) -> anyhow::Result<String> {
+        let properties: serde_json::Map<String, serde_json::Value> = props
+            .iter()
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
+            .collect();
+        let changeids = self
+            .store
+            .get_buildset(b.buildsetid)
+            .await?
+            .map(|bs| bs.changeids)
+            .unwrap_or_default();
+        let mut changes = Vec::with_capacity(changeids.len());
+        for id in changeids {
+            let Some(c) = self.store.get_change(id).await? else {
+                continue;
+            };
+            let ch = &c.change;
+            changes.push(serde_json::json!({
+                "number": c.changeid,
+                "who": ch.author,
+                "comments": ch.comments,
+                "branch": ch.branch,
+                "revision": ch.revision,
+                "revlink": ch.revlink,
+                "when": ch.when_timestamp,
+                "category": ch.category,
+                "repository": ch.repository,
+                "project": ch.project,
+                "files": ch.files.iter().map(|f| serde_json::json!({"name": f})).collect::<Vec<_>>(),
+            }));
+        }
+        let sourcestamp = match self
+            .store
+            .buildset_sourcestamps(b.buildsetid)
+            .await?
+            .into_iter()
+            .next()
+        {
+            Some(ss) => serde_json::json!({
+                "branch": ss.branch,
+                "revision": ss.revision,
+                "repository": ss.repository,
+                "project": ss.project,
+                "codebase": ss.codebase,
+                "changes": changes,
+            }),
+            None => serde_json::json!({ "changes": changes }),
+        };
+        Ok(serde_json::to_string_pretty(&serde_json::json!({
+            "properties": properties,
+            "sourcestamp": sourcestamp,
+        }))?)
+    }
+
     fn prepare_command(
         &self,
         step: &Step,

@@ -312,6 +312,14 @@ pub enum StepKind {
         #[serde(flatten)]
         transfer: TransferOptions,
     },
+    /// The build's properties and sourcestamp as JSON to a file on the
+    /// worker (Buildbot 0.8's shape, which mozharness reads).
+    #[serde(rename = "JSONPropertiesDownload")]
+    JsonPropertiesDownload {
+        workerdest: Arg,
+        #[serde(flatten)]
+        transfer: TransferOptions,
+    },
 }
 
 /// What every file transfer step takes (Buildbot's defaults).
@@ -325,6 +333,16 @@ pub struct TransferOptions {
     /// Permission bits of the written file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<u32>,
+}
+
+impl Default for TransferOptions {
+    fn default() -> Self {
+        TransferOptions {
+            maxsize: None,
+            blocksize: 16 * 1024,
+            mode: None,
+        }
+    }
 }
 
 impl StepKind {
@@ -341,6 +359,7 @@ impl StepKind {
             StepKind::DirectoryUpload { .. } => "DirectoryUpload",
             StepKind::FileDownload { .. } => "FileDownload",
             StepKind::StringDownload { .. } => "StringDownload",
+            StepKind::JsonPropertiesDownload { .. } => "JSONPropertiesDownload",
         }
     }
 }

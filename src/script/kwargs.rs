@@ -158,6 +158,17 @@ impl Kwargs {
         modern
     }
 
+    /// Reads Buildbot 0.8's name for a key as the modern one (warning), so
+    /// that the modern key's typed getter applies to either spelling.
+    pub fn rename_legacy(&mut self, key: &'static str, legacy: &'static str) {
+        if let Some(old) = self.map.remove(legacy) {
+            self.warn_legacy(legacy, key);
+            if !self.map.contains_key(key) {
+                self.map.insert(key.into(), old);
+            }
+        }
+    }
+
     pub fn warn_legacy(&self, legacy: &str, modern: &str) {
         self.state.warn(
             Diagnostic::warning(format!(

@@ -272,6 +272,19 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
             ],
         )
     });
+    // What mozharness reads as the build's properties ($PROPERTIES_FILE).
+    steps.push(Step {
+        command: None,
+        halt_on_failure: true,
+        ..base(
+            "download_props",
+            StepKind::JsonPropertiesDownload {
+                workerdest: lit(&properties_file),
+                transfer: Default::default(),
+            },
+            vec![],
+        )
+    });
     let script_path = if script_name.starts_with('/') {
         script_name.clone()
     } else {

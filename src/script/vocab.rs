@@ -568,6 +568,21 @@ fn register_transfer_steps(engine: &mut Engine, state: &Arc<LoadState>) {
             false,
         )
     });
+    ctor(engine, state, "JSONPropertiesDownload", |kw| {
+        kw.rename_legacy("workerdest", "slavedest");
+        let workerdest = kw
+            .arg("workerdest")?
+            .ok_or_else(|| kw.missing("workerdest", "the file to write on the worker"))?;
+        let transfer = transfer_options(kw)?;
+        step(
+            kw,
+            StepKind::JsonPropertiesDownload {
+                workerdest,
+                transfer,
+            },
+            false,
+        )
+    });
 }
 
 fn steps_of(arr: Array) -> ScriptResult<Vec<Step>> {
