@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{hg_commit, http_get, kiln, post_form, run, wait_until, Master};
+use common::{hg_commit, http_get, kiln, post_form, run, wait_until, HgServe, Master};
 
 /// One stored change, as the tests look at it.
 #[derive(Debug, Clone, PartialEq)]
@@ -246,75 +246,12 @@ fn an_empty_repository_reports_its_first_pushes() {
     assert_eq!(revisions(&changes(&dir)), [one, two]);
 }
 
-/// `hg serve` on 127.0.0.1, port 0; killed when dropped.
-struct HgServe {
-    child: std::process::Child,
-    url: String,
-}
-
-impl HgServe {
-    fn start(repo: &Path) -> HgServe {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new("hg")
-            .args([
-                "serve",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                "0",
-                "--config",
-                "ui.quiet=false",
-            ])
-            .current_dir(repo)
-            .env("PATH", common::tools_path())
-            .env("HGRCPATH", "")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("hg serve");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = std::io::BufReader::new(out).lines();
-            if let Some(Ok(l)) = lines.next() {
-                let _ = tx.send(l);
-            }
-            for _ in lines {}
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("hg serve did not start");
-            }
-        };
-        // "listening at http://localhost:PORT/ (bound to 127.0.0.1:PORT)"
-        let bound = line
-            .rsplit("bound to ")
-            .next()
-            .unwrap_or("")
-            .trim_end_matches(')');
-        HgServe {
-            child,
-            url: format!("http://{bound}"),
-        }
-    }
-}
-
-impl Drop for HgServe {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn plain_hg_over_hg_serve_falls_back_from_the_pushlog() {
     let tmp = tempfile::tempdir().expect("tmp");
     let repo = hg_repo(tmp.path(), "repo");
     hg_commit(&repo, "A <a@x>", &["a"], "one");
-    let server = HgServe::start(&repo);
+    let server = HgServe::start(&repo, &[]);
     let dir = master_dir(
         tmp.path(),
         &format!(

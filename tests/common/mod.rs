@@ -311,3 +311,68 @@ pub fn post_form(url: &str, form: &[(&str, &str)]) -> (u16, String) {
         (r.status().as_u16(), r.text().await.expect("body"))
     })
 }
+
+/// `hg serve` on 127.0.0.1, port 0; killed when dropped.
+pub struct HgServe {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl HgServe {
+    /// Serves `dir` (a repository, or with `--web-conf` in `args` several).
+    pub fn start(dir: &Path, args: &[&str]) -> HgServe {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("hg")
+            .args([
+                "serve",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                "0",
+                "--config",
+                "ui.quiet=false",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .env("PATH", tools_path())
+            .env("HGRCPATH", "")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("hg serve");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(out).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("hg serve did not start");
+            }
+        };
+        // "listening at http://localhost:PORT/ (bound to 127.0.0.1:PORT)"
+        let bound = line
+            .rsplit("bound to ")
+            .next()
+            .unwrap_or("")
+            .trim_end_matches(')');
+        HgServe {
+            child,
+            url: format!("http://{bound}"),
+        }
+    }
+}
+
+impl Drop for HgServe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
