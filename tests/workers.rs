@@ -1099,6 +1099,101 @@ f.addStep(ShellCommand(#{ name: "missing", command: Interpolate("hg clone %(prop
 }
 
 #[test]
+fn interpolate_reads_the_sourcestamp_worker_keywords_and_secrets_and_logs_hide_secrets() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "kinds",
+    command: ["echo", Interpolate("branch=%(src::branch)s rev=%(src::revision:-none)s other=%(src:other:branch:-elsewhere)s"),
+              Interpolate("in=%(worker:basedir)s say=%(kw:greeting)s n=%(kw:n)s", #{ greeting: "hello", n: 3 })] }));
+// The token reaches the command as an argument and in the environment; the
+// stock worker writes both into the log's header, and kiln hides them.
+f.addStep(ShellCommand(#{ name: "token",
+    command: ["sh", "-c", Interpolate("echo arg=%(secret:token)s env=$TOKEN")],
+    env: #{ TOKEN: secret("token") } }));
+f.addStep(ShellCommand(#{ name: "nosecret", command: ["echo", Interpolate("%(secret:missing)s")] }));
+f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(worker:nonesuch)s")], alwaysRun: true }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    std::fs::create_dir_all(dir.join("secrets")).expect("secrets");
+    std::fs::write(dir.join("secrets/token"), "s3cr3t-t0ken\n").expect("token");
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let out = common::kiln(
+        &master.dir,
+        &[
+            "force",
+            "--master",
+            &master.http_url(),
+            "b",
+            "--branch",
+            "release",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(
+        b[0].3,
+        [
+            ("kinds".to_string(), Some(0)),
+            ("token".to_string(), Some(0)),
+            ("nosecret".to_string(), Some(4)),
+            ("noworker".to_string(), Some(4)),
+        ]
+    );
+    let kinds = stdio(&dir, "kinds");
+    assert!(
+        kinds.contains("obranch=release rev=none other=elsewhere"),
+        "{kinds}"
+    );
+    assert!(
+        kinds.contains(&format!("in={} say=hello n=3", w1.dir.display())),
+        "{kinds}"
+    );
+    let token = stdio(&dir, "token");
+    assert!(token.contains("oarg=<secret> env=<secret>"), "{token}");
+    assert!(
+        token.contains("TOKEN=<secret>"),
+        "the header shows the env: {token}"
+    );
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let leaked: i64 = c
+        .query_row(
+            "SELECT count(*) FROM logchunks WHERE instr(content, 's3cr3t-t0ken') > 0",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(leaked, 0, "the secret is in no stored log");
+    let nosecret = stdio(&dir, "nosecret");
+    assert!(
+        nosecret.contains("secret `missing` cannot be read"),
+        "{nosecret}"
+    );
+    let noworker = stdio(&dir, "noworker");
+    assert!(
+        noworker.contains("the worker did not report `nonesuch`"),
+        "{noworker}"
+    );
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
 fn set_property_do_step_if_and_log_rules_decide_the_steps() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = master_script(

@@ -894,6 +894,10 @@ impl Distributor {
     ) -> anyhow::Result<StepOutcome> {
         let (builder, worker, builddir) = (b.builder, b.worker, b.builddir);
         let log = self.store.new_log(stepid, "stdio", "s").await?;
+        let secrets_dir = self.master_dir.join(crate::script::SECRETS_DIR);
+        let scope = render::Scope::of(props)
+            .with_worker(worker.info.get())
+            .with_secrets(&secrets_dir);
         let exception = |why: String| async move {
             let _ = self.store.append_log(log, vec![format!("h{why}")]).await;
             let _ = self.store.finish_log(log).await;
@@ -907,7 +911,7 @@ impl Distributor {
             None,
         ) = (&step.kind, &step.command)
         {
-            return match arg_text(value, props) {
+            return match arg_text(value, &scope) {
                 Ok(v) => {
                     self.store
                         .append_log(log, vec![format!("h{property} = {v:?}")])
@@ -949,10 +953,26 @@ impl Distributor {
         }
         let workdir = join_path(builddir, step.workdir.as_deref().unwrap_or("build"));
         let git_step = matches!(step.kind, StepKind::Git { .. }) && step.command.is_none();
-        let mut sink = LogSink::new(log, stop.clone());
+        // Secrets given as they are (env, command) are hidden from the
+        // start; rendered `%(secret:...)s` ones as they are rendered.
+        for arg in builder
+            .env
+            .values()
+            .chain(step.env.values())
+            .chain(match &step.command {
+                Some(Command::Argv(v)) => v.iter().collect::<Vec<_>>(),
+                Some(Command::Shell(a)) => vec![a],
+                None => vec![],
+            })
+        {
+            if let Arg::Secret(secret) = arg {
+                scope.add_secret(secret.expose());
+            }
+        }
+        let mut sink = LogSink::new(log, stop.clone(), scope.secrets());
         let run = if git_step {
             match self
-                .git_checkout(b, &mut sink, step, &workdir, props)
+                .git_checkout(b, &mut sink, step, &workdir, &scope)
                 .await?
             {
                 Ok(run) => run,
@@ -979,7 +999,7 @@ impl Distributor {
                 }
                 _ => step,
             };
-            let prepared = match self.prepare_command(step, builder, &workdir, props) {
+            let prepared = match self.prepare_command(step, builder, &workdir, &scope) {
                 Ok(p) => p,
                 Err(Prepared::Exception(why)) => return exception(why).await,
                 Err(Prepared::Failure(why)) => {
@@ -1004,7 +1024,7 @@ impl Distributor {
                     };
                     match argv {
                         Some(argv) => {
-                            self.hg_clone(b, &mut sink, step, &argv, &workdir, props)
+                            self.hg_clone(b, &mut sink, step, &argv, &workdir, &scope)
                                 .await?
                         }
                         None => None,
@@ -1370,7 +1390,7 @@ impl Distributor {
         step: &Step,
         builder: &BuilderConfig,
         workdir: &str,
-        props: &Properties,
+        props: &render::Scope<'_>,
     ) -> Result<(&'static str, Value, Option<transfer::Transfer>), Prepared> {
         let arg_text = |a: &Arg| arg_text(a, props);
         let exception = Prepared::Exception;
@@ -1622,7 +1642,7 @@ impl Distributor {
         sink: &mut LogSink,
         step: &Step,
         workdir: &str,
-        props: &Properties,
+        props: &render::Scope<'_>,
     ) -> anyhow::Result<Result<CommandRun, String>> {
         let StepKind::Git {
             repourl,
@@ -1641,6 +1661,7 @@ impl Distributor {
             Err(why) => return Ok(Err(why)),
         };
         let revision = props
+            .props
             .get("revision")
             .and_then(|(v, _)| v.as_str())
             .filter(|r| !r.is_empty())
@@ -1742,7 +1763,7 @@ impl Distributor {
         step: &Step,
         argv: &[String],
         workdir: &str,
-        props: &Properties,
+        props: &render::Scope<'_>,
     ) -> anyhow::Result<Option<CommandRun>> {
         let retry = matches!(step.kind, StepKind::MercurialCloneCommand { retry: true });
         let Some(at) = argv.iter().position(|a| a == "clone") else {
@@ -1852,16 +1873,35 @@ struct LogSink {
     stop: CancellationToken,
     kept: u64,
     truncated: bool,
+    /// Secret values the step was given: shown as `<secret>` (a stock
+    /// worker writes the command and its environment into the header).
+    secrets: std::sync::Arc<Mutex<Vec<String>>>,
 }
 
 impl LogSink {
-    fn new(log: i64, stop: CancellationToken) -> LogSink {
+    fn new(
+        log: i64,
+        stop: CancellationToken,
+        secrets: std::sync::Arc<Mutex<Vec<String>>>,
+    ) -> LogSink {
         LogSink {
             log,
             stop,
             kept: 0,
             truncated: false,
+            secrets,
         }
+    }
+
+    fn redact(&self, line: &str) -> String {
+        let secrets = lock(&self.secrets);
+        let mut out = line.to_string();
+        for s in secrets.iter().filter(|s| !s.is_empty()) {
+            if out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), "<secret>");
+            }
+        }
+        out
     }
 
     /// The stored form of an output line, or `None` once the log is full
@@ -1877,7 +1917,7 @@ impl LogSink {
                 "h[kiln] this log reached logMaxSize ({max} bytes): the rest of the output is not kept"
             ));
         }
-        Some(format!("{prefix}{line}"))
+        Some(format!("{prefix}{}", self.redact(line)))
     }
 }
 
@@ -1889,7 +1929,7 @@ fn mock_command(
     target: &str,
     workdir: &str,
     step: &Step,
-    props: &Properties,
+    props: &render::Scope<'_>,
 ) -> Result<Value, String> {
     let quote = |s: &str| {
         if !s.is_empty()
@@ -1937,7 +1977,7 @@ fn shell_args(
     builder: &BuilderConfig,
     workdir: &str,
     command: Value,
-    props: &Properties,
+    props: &render::Scope<'_>,
 ) -> Result<Value, String> {
     let mut env = Vec::new();
     for (k, v) in builder.env.iter().chain(step.env.iter()) {
@@ -2071,7 +2111,7 @@ fn join_path(base: &str, rel: &str) -> String {
     }
 }
 
-fn arg_text(a: &Arg, props: &Properties) -> Result<String, String> {
+fn arg_text(a: &Arg, props: &render::Scope<'_>) -> Result<String, String> {
     match a {
         Arg::Literal(s) => Ok(s.clone()),
         Arg::Secret(s) => Ok(s.expose().to_string()),
@@ -2079,7 +2119,7 @@ fn arg_text(a: &Arg, props: &Properties) -> Result<String, String> {
     }
 }
 
-fn command_value(c: &Command, props: &Properties) -> Result<Value, String> {
+fn command_value(c: &Command, props: &render::Scope<'_>) -> Result<Value, String> {
     match c {
         Command::Shell(a) => Ok(Value::from(arg_text(a, props)?)),
         Command::Argv(v) => Ok(Value::Array(

@@ -1,16 +1,23 @@
-//! Rendering `WithProperties` and `Interpolate` against a build's
-//! properties when a step starts.
+//! Rendering `WithProperties` and `Interpolate` when a step starts.
 //!
 //! `WithProperties("%(prop)s")` takes property names, with `:-default`
 //! (used when the property is missing) and `:+alt` (used when it is set,
-//! else empty). `Interpolate("%(prop:name)s")` takes `prop:`, plus
-//! `:-default`, `:~default` (also when the value is empty or false) and
-//! `:+alt`, and `kw:`-less forms are refused. `%%` is a literal `%`.
-//! A property that is missing with no default is an error that names it:
-//! kiln refuses to run a command with a silently empty argument (Buildbot
-//! renders such an Interpolate as an empty string).
+//! else empty). `Interpolate("%(kind:name)s")` takes Buildbot's kinds:
+//! `prop:NAME`, `src:CODEBASE:ATTR` (the sourcestamp's branch, revision,
+//! repository, project or codebase), `worker:ATTR` (what the worker
+//! reported: os, basedir, admin, host, ...), `kw:KEY` (from
+//! `Interpolate(fmt, #{ KEY: value })`) and `secret:NAME` (the master's
+//! `secrets/NAME`), each with `:-default`, `:~default` (also when the value
+//! is empty or false) and `:+alt`. `%%` is a literal `%`.
+//!
+//! A value that is missing with no default is an error that names it: kiln
+//! refuses to run a command with a silently empty argument (Buildbot
+//! renders such an Interpolate as an empty string). Secrets rendered are
+//! remembered so that the step's log can hide them.
 
 use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
@@ -59,10 +66,58 @@ fn truthy(v: &Value) -> bool {
     }
 }
 
-pub fn render(r: &Renderable, props: &Properties) -> Result<String, RenderError> {
-    let (template, interpolate) = match r {
-        Renderable::WithProperties(t) => (t, false),
-        Renderable::Interpolate(t) => (t, true),
+/// What a step's values are rendered against.
+pub struct Scope<'a> {
+    pub props: &'a Properties,
+    /// The worker's info, for `worker:`.
+    pub worker: Option<&'a Value>,
+    /// Where `secret:` names are read (the master's `secrets/`).
+    pub secrets_dir: Option<&'a Path>,
+    /// Secret values rendered so far.
+    used_secrets: Arc<Mutex<Vec<String>>>,
+}
+
+impl<'a> Scope<'a> {
+    /// Properties only: `worker:` and `secret:` lookups find nothing.
+    pub fn of(props: &'a Properties) -> Scope<'a> {
+        Scope {
+            props,
+            worker: None,
+            secrets_dir: None,
+            used_secrets: Arc::default(),
+        }
+    }
+
+    pub fn with_worker(mut self, info: Option<&'a Value>) -> Self {
+        self.worker = info;
+        self
+    }
+
+    pub fn with_secrets(mut self, dir: &'a Path) -> Self {
+        self.secrets_dir = Some(dir);
+        self
+    }
+
+    /// Counts `secret` among the values to hide (a secret given to the
+    /// step as it is, not rendered).
+    pub fn add_secret(&self, secret: &str) {
+        self.used_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(secret.to_string());
+    }
+
+    /// The secret values rendered through this scope (or added), as they
+    /// grow: a step's log hides each of them.
+    pub fn secrets(&self) -> Arc<Mutex<Vec<String>>> {
+        self.used_secrets.clone()
+    }
+}
+
+pub fn render(r: &Renderable, scope: &Scope) -> Result<String, RenderError> {
+    let (template, kw, interpolate) = match r {
+        Renderable::WithProperties(t) => (t, None, false),
+        Renderable::Interpolate(t, kw) => (t, Some(kw), true),
     };
     let mut out = String::with_capacity(template.len());
     let mut rest = template.as_str();
@@ -90,54 +145,135 @@ pub fn render(r: &Renderable, props: &Properties) -> Result<String, RenderError>
             return err(format!("{r}: `%({spec})` must be followed by `s` (or `d`)"));
         }
         rest = chars.as_str();
-        let name_and_op = if interpolate {
-            match spec.split_once(':') {
-                Some(("prop", rest)) => rest,
-                Some((kind, _)) => {
+        if !interpolate {
+            let props = scope.props;
+            out.push_str(&lookup(r, "", spec, |name| {
+                props.get(name).map(|(v, _)| v.clone())
+            })?);
+            continue;
+        }
+        let Some((kind, spec)) = spec.split_once(':') else {
+            return err(format!(
+                "{r}: `%({spec})s` needs a kind, as in `%(prop:{spec})s`"
+            ));
+        };
+        let text = match kind {
+            "prop" => lookup(r, "prop:", spec, |name| {
+                scope.props.get(name).map(|(v, _)| v.clone())
+            })?,
+            "src" => {
+                let Some((codebase, spec)) = spec.split_once(':') else {
                     return err(format!(
-                        "{r}: `%({spec})s`: kiln renders `prop:` only, not `{kind}:`"
-                    ))
-                }
-                None => {
-                    return err(format!(
-                        "{r}: `%({spec})s` needs a kind, as in `%(prop:{spec})s`"
-                    ))
+                        "{r}: `%(src:{spec})s` needs a codebase and an attribute, as in `%(src::revision)s`"
+                    ));
+                };
+                let ours = scope
+                    .props
+                    .get("codebase")
+                    .and_then(|(v, _)| v.as_str())
+                    .unwrap_or("");
+                let kind = format!("src:{codebase}:");
+                lookup(r, &kind, spec, |attr| {
+                    if codebase != ours
+                        || !["branch", "revision", "repository", "project", "codebase"]
+                            .contains(&attr)
+                    {
+                        return None;
+                    }
+                    scope
+                        .props
+                        .get(attr)
+                        .map(|(v, _)| v.clone())
+                        .filter(|v| !v.is_null())
+                })?
+            }
+            "worker" => lookup(r, "worker:", spec, |attr| {
+                scope.worker.and_then(|w| w.get(attr)).cloned()
+            })?,
+            "kw" => lookup(r, "kw:", spec, |key| {
+                kw.and_then(|kw| kw.get(key))
+                    .map(|v| Value::String(v.clone()))
+            })?,
+            "secret" => {
+                let mut unreadable = None;
+                let text = lookup(r, "secret:", spec, |name| {
+                    let dir = scope.secrets_dir?;
+                    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+                        return None;
+                    }
+                    match std::fs::read_to_string(dir.join(name)) {
+                        Ok(v) => {
+                            let v = v.trim_end_matches(['\n', '\r']).to_string();
+                            scope
+                                .used_secrets
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(v.clone());
+                            Some(Value::String(v))
+                        }
+                        Err(e) => {
+                            unreadable = Some(format!("{}: {e}", dir.join(name).display()));
+                            None
+                        }
+                    }
+                });
+                match (text, unreadable) {
+                    (Ok(t), _) => t,
+                    (Err(_), Some(why)) => {
+                        return err(format!("{r}: secret `{spec}` cannot be read: {why}"))
+                    }
+                    (Err(e), None) => return Err(e),
                 }
             }
-        } else {
-            spec
+            other => {
+                return err(format!(
+                    "{r}: `%({other}:...)s`: the kinds are prop:, src:, worker:, kw: and secret:"
+                ))
+            }
         };
-        out.push_str(&lookup(r, name_and_op, props)?);
+        out.push_str(&text);
     }
     out.push_str(rest);
     Ok(out)
 }
 
-/// `name`, `name:-default`, `name:~default` or `name:+alt`.
-fn lookup(r: &Renderable, spec: &str, props: &Properties) -> Result<String, RenderError> {
+/// `name`, `name:-default`, `name:~default` or `name:+alt`, looked up with
+/// `get`; `kind` is the `prop:`-like prefix, for messages.
+fn lookup(
+    r: &Renderable,
+    kind: &str,
+    spec: &str,
+    get: impl FnOnce(&str) -> Option<Value>,
+) -> Result<String, RenderError> {
     let (name, op) = match spec.find(':') {
         Some(i) => (&spec[..i], Some(&spec[i + 1..])),
         None => (spec, None),
     };
     if name.is_empty() {
-        return err(format!("{r}: an empty property name"));
+        return err(format!("{r}: an empty name in `%({kind}{spec})s`"));
     }
-    let value = props.get(name).map(|(v, _)| v);
+    let value = get(name);
     match op {
         None => match value {
-            Some(v) => Ok(text_of(v)),
-            None => err(format!(
-                "{r}: the build has no property `{name}` (give a default with `%({}{name}:-default)s`)",
-                if matches!(r, Renderable::Interpolate(_)) {
-                    "prop:"
-                } else {
-                    ""
-                }
-            )),
+            Some(v) => Ok(text_of(&v)),
+            None => {
+                let what = match kind {
+                    "" | "prop:" => format!("the build has no property `{name}`"),
+                    "worker:" => format!("the worker did not report `{name}`"),
+                    "kw:" => format!("the Interpolate has no keyword `{name}`"),
+                    "secret:" => format!("there is no secret `{name}`"),
+                    _ => format!("the build's sourcestamp has no `{kind}{name}`"),
+                };
+                err(format!(
+                    "{r}: {what} (give a default with `%({kind}{name}:-default)s`)"
+                ))
+            }
         },
-        Some(op) if op.starts_with('-') => Ok(value.map_or_else(|| op[1..].to_string(), text_of)),
+        Some(op) if op.starts_with('-') => {
+            Ok(value.map_or_else(|| op[1..].to_string(), |v| text_of(&v)))
+        }
         Some(op) if op.starts_with('~') => Ok(match value {
-            Some(v) if truthy(v) => text_of(v),
+            Some(v) if truthy(&v) => text_of(&v),
             _ => op[1..].to_string(),
         }),
         Some(op) if op.starts_with('+') => Ok(if value.is_some() {
@@ -166,11 +302,14 @@ mod tests {
     }
 
     fn wp(t: &str) -> Result<String, RenderError> {
-        render(&Renderable::WithProperties(t.into()), &props())
+        render(&Renderable::WithProperties(t.into()), &Scope::of(&props()))
     }
 
     fn ip(t: &str) -> Result<String, RenderError> {
-        render(&Renderable::Interpolate(t.into()), &props())
+        render(
+            &Renderable::Interpolate(t.into(), Default::default()),
+            &Scope::of(&props()),
+        )
     }
 
     #[test]
@@ -212,10 +351,10 @@ mod tests {
             .unwrap_err()
             .message
             .contains("needs a kind"));
-        assert!(ip("%(src::branch)s")
+        assert!(ip("%(bogus:branch)s")
             .unwrap_err()
             .message
-            .contains("not `src:`"));
+            .contains("the kinds are prop:, src:, worker:, kw: and secret:"));
         assert!(wp("50% done").unwrap_err().message.contains("%%"));
         assert!(wp("%(branch)")
             .unwrap_err()

@@ -126,19 +126,44 @@ impl Serialize for Callback {
     }
 }
 
-/// `WithProperties("%(prop)s")` or `Interpolate("%(prop:name)s")`, rendered
-/// against build properties when a step starts.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// `WithProperties("%(prop)s")` or `Interpolate("%(prop:name)s"[, kw])`,
+/// rendered when a step starts.
+#[derive(Clone, Debug, PartialEq)]
 pub enum Renderable {
     WithProperties(String),
-    Interpolate(String),
+    /// The format and its keywords (`%(kw:name)s`).
+    Interpolate(String, BTreeMap<String, String>),
+}
+
+impl Serialize for Renderable {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        match self {
+            Renderable::WithProperties(t) => m.serialize_entry("WithProperties", t)?,
+            Renderable::Interpolate(t, kw) => {
+                m.serialize_entry("Interpolate", t)?;
+                if !kw.is_empty() {
+                    m.serialize_entry("kw", kw)?;
+                }
+            }
+        }
+        m.end()
+    }
 }
 
 impl fmt::Display for Renderable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Renderable::WithProperties(s) => write!(f, "WithProperties({s:?})"),
-            Renderable::Interpolate(s) => write!(f, "Interpolate({s:?})"),
+            Renderable::Interpolate(s, kw) if kw.is_empty() => write!(f, "Interpolate({s:?})"),
+            Renderable::Interpolate(s, kw) => {
+                write!(f, "Interpolate({s:?}, #{{")?;
+                for (i, (k, v)) in kw.iter().enumerate() {
+                    write!(f, "{}{k}: {v:?}", if i == 0 { " " } else { ", " })?;
+                }
+                f.write_str(" })")
+            }
         }
     }
 }

@@ -10,6 +10,7 @@
 mod errors;
 mod extract;
 mod host;
+pub use host::SECRETS_DIR;
 pub mod kwargs;
 mod mozilla;
 mod resolver;

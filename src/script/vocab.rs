@@ -114,8 +114,28 @@ fn register_values(engine: &mut Engine) {
     });
     engine.register_fn("Interpolate", |fmt: &str| -> ScriptResult<Renderable> {
         check_format(fmt, true)?;
-        Ok(Renderable::Interpolate(fmt.to_string()))
+        Ok(Renderable::Interpolate(fmt.to_string(), BTreeMap::new()))
     });
+    engine.register_fn(
+        "Interpolate",
+        |fmt: &str, kw: Map| -> ScriptResult<Renderable> {
+            check_format(fmt, true)?;
+            let mut keywords = BTreeMap::new();
+            for (k, v) in kw {
+                let v = v.flatten();
+                let text = if v.is_string() || v.is_int() || v.is_float() || v.is_bool() {
+                    v.to_string()
+                } else {
+                    return fail(format!(
+                        "Interpolate keyword `{k}` must be a string, number or bool, not a {}",
+                        super::kwargs::type_name(&v)
+                    ));
+                };
+                keywords.insert(k.to_string(), text);
+            }
+            Ok(Renderable::Interpolate(fmt.to_string(), keywords))
+        },
+    );
 
     engine.register_type_with_name::<LogEval>("LogEval");
     engine.register_fn("to_string", |l: &mut LogEval| describe("LogEval", l));
