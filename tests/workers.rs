@@ -1193,6 +1193,100 @@ f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(wor
     assert_eq!(master.stop(), Some(0));
 }
 
+/// A step that prints forever hits maxTime; one that prints nothing hits
+/// timeout; both end FAILURE "(timed out)", with the worker's line and the
+/// master's in the log.
+fn timeout_run(kiln_worker: bool) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "chatty", command: "while true; do echo tick; sleep 0.2; done",
+    timeout: 30, maxTime: 2, flunkOnFailure: true }));
+f.addStep(ShellCommand(#{ name: "silent", command: ["sleep", "30"], timeout: 1, alwaysRun: true }));
+f.addStep(ShellCommand(#{ name: "after", command: ["true"], alwaysRun: true }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let (_k, _s) = if kiln_worker {
+        (
+            Some(KilnWorker::start(tmp.path(), "w1", "pw-one", port)),
+            None,
+        )
+    } else {
+        (
+            None,
+            Some(StockWorker::start(tmp.path(), "w1", "pw-one", port)),
+        )
+    };
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(90), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(b[0].1, Some(2), "{b:?}");
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let states: Vec<(String, i64, String)> = c
+        .prepare("SELECT name, results, state_string FROM steps ORDER BY number")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let fail = states[0].2.replace(" (timed out)", "");
+    assert_eq!(
+        states,
+        [
+            ("chatty".to_string(), 2, format!("{fail} (timed out)")),
+            ("silent".to_string(), 2, format!("{fail} (timed out)")),
+            ("after".to_string(), 0, states[2].2.clone()),
+        ]
+    );
+    assert!(!states[2].2.contains("timed out"));
+    let chatty = stdio(&dir, "chatty");
+    assert!(chatty.contains("otick"), "{chatty}");
+    assert!(
+        chatty.contains("command timed out: 2 seconds elapsed"),
+        "{chatty}"
+    );
+    assert!(
+        chatty.contains("h[kiln] the worker killed the command: it ran longer than maxTime (2 s)"),
+        "{chatty}"
+    );
+    let silent = stdio(&dir, "silent");
+    assert!(
+        silent.contains("command timed out: 1 seconds without output"),
+        "{silent}"
+    );
+    assert!(
+        silent.contains(
+            "h[kiln] the worker killed the command: it printed nothing for timeout (1 s)"
+        ),
+        "{silent}"
+    );
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn timeout_and_max_time_end_commands_on_a_stock_worker() {
+    timeout_run(false);
+}
+
+#[test]
+fn timeout_and_max_time_end_commands_on_kilns_worker() {
+    timeout_run(true);
+}
+
 #[test]
 fn set_property_do_step_if_and_log_rules_decide_the_steps() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -136,6 +136,8 @@ struct StepOutcome {
     /// A `DisconnectStep` saw its worker go, or wants it gone: the build
     /// ends after this step, as it is.
     disconnect: Option<Disconnected>,
+    /// The worker killed the command for `timeout` or `maxTime`.
+    timed_out: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -153,6 +155,7 @@ impl StepOutcome {
             lost: false,
             set_property: None,
             disconnect: None,
+            timed_out: false,
         }
     }
     fn lost() -> StepOutcome {
@@ -161,6 +164,7 @@ impl StepOutcome {
             lost: true,
             set_property: None,
             disconnect: None,
+            timed_out: false,
         }
     }
 }
@@ -818,8 +822,13 @@ impl Distributor {
                     .await?;
                 props.insert(name.clone(), (value.clone(), "SetProperty".into()));
             }
+            let state = if out.timed_out {
+                format!("{} (timed out)", out.result.name())
+            } else {
+                out.result.name().to_string()
+            };
             self.store
-                .finish_step(stepid, out.result as i64, out.result.name())
+                .finish_step(stepid, out.result as i64, &state)
                 .await?;
             if out.lost {
                 lost = true;
@@ -1061,6 +1070,25 @@ impl Distributor {
                 StepOutcome::of(Results::Exception)
             }
             Ended::Done { rc } => {
+                let timed_out = match run.failure_reason.as_deref() {
+                    Some("timeout") => Some(format!(
+                        "it ran longer than maxTime ({} s)",
+                        step.max_time.unwrap_or_default()
+                    )),
+                    Some("timeout_without_output") => Some(format!(
+                        "it printed nothing for timeout ({} s)",
+                        step.timeout.unwrap_or(DEFAULT_TIMEOUT)
+                    )),
+                    _ => None,
+                };
+                if let Some(why) = &timed_out {
+                    self.store
+                        .append_log(
+                            log,
+                            vec![format!("h[kiln] the worker killed the command: {why}")],
+                        )
+                        .await?;
+                }
                 let mut o = StepOutcome::of(match self.evaluate(step, rc, log, props).await {
                     Ok(r) => r,
                     Err(why) => {
@@ -1068,6 +1096,7 @@ impl Distributor {
                         Results::Exception
                     }
                 });
+                o.timed_out = timed_out.is_some();
                 if let (StepKind::Git { .. }, Results::Success) = (&step.kind, o.result) {
                     let v = run.captured.trim().to_string();
                     if !v.is_empty() {
@@ -1538,6 +1567,7 @@ impl Distributor {
             ended: Ended::Lost,
             captured: String::new(),
             command_id: String::new(),
+            failure_reason: None,
         };
         let (command_id, mut events) = match worker
             .start_transfer(&builder.name, command_name, args, transfer)
@@ -1611,6 +1641,9 @@ impl Distributor {
                                 }
                             }
                             "rc" => rc = value.as_i64(),
+                            "failure_reason" => {
+                                run.failure_reason = protocol::str_of(&value).map(String::from)
+                            }
                             _ => {}
                         }
                     }
@@ -1864,7 +1897,14 @@ struct CommandRun {
     /// Its stdout, when asked for.
     captured: String,
     command_id: String,
+    /// Why the worker ended it, when it did (`timeout` for maxTime,
+    /// `timeout_without_output` for timeout).
+    failure_reason: Option<String>,
 }
+
+/// Buildbot's default `timeout`: seconds without output before the worker
+/// kills a command.
+const DEFAULT_TIMEOUT: u64 = 1200;
 
 /// A step's log and how much of it is kept (`logMaxSize`).
 struct LogSink {
@@ -1991,7 +2031,10 @@ fn shell_args(
         ("want_stdout", Value::Boolean(true)),
         ("want_stderr", Value::Boolean(true)),
         ("logEnviron", Value::Boolean(true)),
-        ("timeout", Value::from(step.timeout.unwrap_or(1200))),
+        (
+            "timeout",
+            Value::from(step.timeout.unwrap_or(DEFAULT_TIMEOUT)),
+        ),
         ("usePTY", Value::Boolean(false)),
     ];
     if let Some(t) = step.max_time {
