@@ -597,8 +597,15 @@ async fn shell(
     };
     let (want_stdout, want_stderr) = (flag("want_stdout"), flag("want_stderr"));
     let mut last_output = Instant::now();
-    let mut obuf = vec![0u8; 16 * 1024];
-    let mut ebuf = vec![0u8; 16 * 1024];
+    let mut obuf = vec![0u8; 64 * 1024];
+    let mut ebuf = vec![0u8; 64 * 1024];
+    // Output is sent in whole lines, gathered for up to FLUSH_EVERY or
+    // FLUSH_BYTES, as buildbot-worker buffers it: one update per read
+    // would be one message (and one store write) per few kilobytes.
+    let mut pending_out = Pending::default();
+    let mut pending_err = Pending::default();
+    let mut flush = tokio::time::interval(FLUSH_EVERY);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut killed: Option<(&str, String)> = None;
     loop {
         let deadline = {
@@ -618,21 +625,35 @@ async fn shell(
         tokio::select! {
             n = async { match out.as_mut() { Some(o) => o.read(&mut obuf).await, None => std::future::pending().await } } => {
                 match n {
-                    Ok(0) | Err(_) => out = None,
+                    Ok(0) | Err(_) => {
+                        out = None;
+                        pending_out.send_all(ctx, "stdout");
+                    }
                     Ok(n) => {
                         last_output = Instant::now();
-                        if want_stdout { ctx.text("stdout", &String::from_utf8_lossy(&obuf[..n])); }
+                        if want_stdout && pending_out.add(&obuf[..n]) {
+                            pending_out.send_lines(ctx, "stdout");
+                        }
                     }
                 }
             }
             n = async { match err.as_mut() { Some(e) => e.read(&mut ebuf).await, None => std::future::pending().await } } => {
                 match n {
-                    Ok(0) | Err(_) => err = None,
+                    Ok(0) | Err(_) => {
+                        err = None;
+                        pending_err.send_all(ctx, "stderr");
+                    }
                     Ok(n) => {
                         last_output = Instant::now();
-                        if want_stderr { ctx.text("stderr", &String::from_utf8_lossy(&ebuf[..n])); }
+                        if want_stderr && pending_err.add(&ebuf[..n]) {
+                            pending_err.send_lines(ctx, "stderr");
+                        }
                     }
                 }
+            }
+            _ = flush.tick() => {
+                pending_out.send_lines(ctx, "stdout");
+                pending_err.send_lines(ctx, "stderr");
             }
             status = child.wait(), if out.is_none() && err.is_none() => {
                 let rc = match status {
@@ -647,6 +668,8 @@ async fn shell(
                 return None;
             }
             _ = sleep, if killed.is_none() => {
+                pending_out.send_all(ctx, "stdout");
+                pending_err.send_all(ctx, "stderr");
                 let now = Instant::now();
                 let (reason, text) = if max_time.is_some_and(|t| now >= started + t) {
                     ("timeout", format!("command timed out: {} seconds elapsed running {}, attempting to kill", max_time.map_or(0, |t| t.as_secs()), argv.join(" ")))
@@ -661,6 +684,56 @@ async fn shell(
                 killed = Some(("interrupted", format!("killing the command: {}", why.unwrap_or_default())));
             }
         }
+    }
+}
+
+/// How long output may wait on the worker before it is sent.
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// How much output makes an update at once.
+const FLUSH_BYTES: usize = 64 * 1024;
+
+/// A stream's output not sent yet.
+#[derive(Default)]
+struct Pending(Vec<u8>);
+
+impl Pending {
+    /// Adds output; true when there is enough to send now.
+    fn add(&mut self, bytes: &[u8]) -> bool {
+        self.0.extend_from_slice(bytes);
+        self.0.len() >= FLUSH_BYTES
+    }
+
+    /// Sends the whole lines gathered, keeping a partial last line (unless
+    /// it alone is FLUSH_BYTES long: a line without end still streams).
+    fn send_lines(&mut self, ctx: &CommandCtx, stream: &str) {
+        let end = match self.0.iter().rposition(|b| *b == b'\n') {
+            Some(i) => i + 1,
+            None if self.0.len() >= FLUSH_BYTES => utf8_prefix(&self.0),
+            None => return,
+        };
+        if end == 0 {
+            return;
+        }
+        let rest = self.0.split_off(end);
+        ctx.text(stream, &String::from_utf8_lossy(&self.0));
+        self.0 = rest;
+    }
+
+    /// Sends everything (the stream ended, or the command is killed).
+    fn send_all(&mut self, ctx: &CommandCtx, stream: &str) {
+        if !self.0.is_empty() {
+            ctx.text(stream, &String::from_utf8_lossy(&self.0));
+            self.0.clear();
+        }
+    }
+}
+
+/// The length of `bytes` without an incomplete UTF-8 character at its end.
+fn utf8_prefix(bytes: &[u8]) -> usize {
+    match std::str::from_utf8(bytes) {
+        Ok(_) => bytes.len(),
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        Err(_) => bytes.len(),
     }
 }
 

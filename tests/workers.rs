@@ -1202,6 +1202,8 @@ fn timeout_run(kiln_worker: bool) {
         tmp.path(),
         r#"
 let f = BuildFactory();
+// A line longer than any read or update, and a last line without newline.
+f.addStep(ShellCommand(#{ name: "long", command: ["python3", "-c", "import sys; sys.stdout.write('x' * 100000 + '\\n' + 'tail')"] }));
 f.addStep(ShellCommand(#{ name: "chatty", command: "while true; do echo tick; sleep 0.2; done",
     timeout: 30, maxTime: 2, flunkOnFailure: true }));
 f.addStep(ShellCommand(#{ name: "silent", command: ["sleep", "30"], timeout: 1, alwaysRun: true }));
@@ -1243,16 +1245,28 @@ f.addStep(ShellCommand(#{ name: "after", command: ["true"], alwaysRun: true }));
         .expect("query")
         .collect::<Result<_, _>>()
         .expect("rows");
-    let fail = states[0].2.replace(" (timed out)", "");
+    let fail = states[1].2.replace(" (timed out)", "");
     assert_eq!(
         states,
         [
+            ("long".to_string(), 0, states[0].2.clone()),
             ("chatty".to_string(), 2, format!("{fail} (timed out)")),
             ("silent".to_string(), 2, format!("{fail} (timed out)")),
-            ("after".to_string(), 0, states[2].2.clone()),
+            ("after".to_string(), 0, states[3].2.clone()),
         ]
     );
-    assert!(!states[2].2.contains("timed out"));
+    assert!(!states[3].2.contains("timed out"));
+    // Stored as two lines, whichever way the workers cut the output.
+    let long = stdio(&dir, "long");
+    let body: Vec<&str> = long.lines().filter(|l| l.starts_with('o')).collect();
+    assert_eq!(
+        body.len(),
+        2,
+        "{:?}",
+        body.iter().map(|l| l.len()).collect::<Vec<_>>()
+    );
+    assert_eq!(body[0], format!("o{}", "x".repeat(100000)));
+    assert_eq!(body[1], "otail");
     let chatty = stdio(&dir, "chatty");
     assert!(chatty.contains("otick"), "{chatty}");
     assert!(

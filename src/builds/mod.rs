@@ -1625,7 +1625,7 @@ impl Distributor {
                                     "stderr" => 'e',
                                     _ => 'h',
                                 };
-                                for l in update_lines(&value) {
+                                for l in sink.split(prefix, update_text(&value)) {
                                     if capture
                                         && prefix == 'o'
                                         && run.captured.len() < CAPTURE_LIMIT
@@ -1661,6 +1661,18 @@ impl Distributor {
                 }
             }
         };
+        // Output that ended without a newline is a line of its own.
+        let mut lines = Vec::new();
+        for (prefix, l) in sink.take_partial() {
+            if capture && prefix == 'o' && run.captured.len() < CAPTURE_LIMIT {
+                run.captured.push_str(&l);
+                run.captured.push('\n');
+            }
+            if let Some(line) = sink.keep(prefix, &l, self.config.log_max_size) {
+                lines.push(line);
+            }
+        }
+        self.store.append_log(log, lines).await?;
         Ok(run)
     }
 
@@ -1916,6 +1928,8 @@ struct LogSink {
     /// Secret values the step was given: shown as `<secret>` (a stock
     /// worker writes the command and its environment into the header).
     secrets: std::sync::Arc<Mutex<Vec<String>>>,
+    /// Per stream (`o`, `e`, `h`), the start of a line not yet ended.
+    partial: Vec<(char, String)>,
 }
 
 impl LogSink {
@@ -1930,7 +1944,43 @@ impl LogSink {
             kept: 0,
             truncated: false,
             secrets,
+            partial: Vec::new(),
         }
+    }
+
+    /// Splits a stream's text into whole lines (without `\r\n`/`\n`). A
+    /// last line without its newline waits for the rest of it, which the
+    /// next update of the same stream brings (workers cut output where
+    /// their reads end, not at newlines).
+    fn split(&mut self, prefix: char, text: &str) -> Vec<String> {
+        let slot = match self.partial.iter().position(|(p, _)| *p == prefix) {
+            Some(i) => i,
+            None => {
+                self.partial.push((prefix, String::new()));
+                self.partial.len() - 1
+            }
+        };
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(i) = rest.find('\n') {
+            let mut line = std::mem::take(&mut self.partial[slot].1);
+            line.push_str(&rest[..i]);
+            if line.ends_with('\r') {
+                line.pop();
+            }
+            out.push(line);
+            rest = &rest[i + 1..];
+        }
+        self.partial[slot].1.push_str(rest);
+        out
+    }
+
+    /// The lines still waiting for their newline, once the command ended.
+    fn take_partial(&mut self) -> Vec<(char, String)> {
+        std::mem::take(&mut self.partial)
+            .into_iter()
+            .filter(|(_, l)| !l.is_empty())
+            .collect()
     }
 
     fn redact(&self, line: &str) -> String {
@@ -2136,12 +2186,13 @@ fn combine(build: Results, step: &Step, r: Results) -> Results {
 
 /// The lines of a `stdout`/`stderr`/`header` update: `[text, [newline
 /// positions], [times]]`, or plain text.
-fn update_lines(v: &Value) -> Vec<String> {
-    let text = match v {
+/// The text of a stdio update: Buildbot's `[text, newlines, times]` or a
+/// plain string.
+fn update_text(v: &Value) -> &str {
+    match v {
         Value::Array(a) => a.first().and_then(protocol::str_of).unwrap_or_default(),
         other => protocol::str_of(other).unwrap_or_default(),
-    };
-    text.lines().map(String::from).collect()
+    }
 }
 
 fn join_path(base: &str, rel: &str) -> String {
@@ -2199,6 +2250,17 @@ mod tests {
             log_rules: vec![],
             origin: None,
         }
+    }
+
+    #[test]
+    fn log_lines_cut_anywhere_are_joined_per_stream() {
+        let mut sink = LogSink::new(1, CancellationToken::new(), Default::default());
+        assert_eq!(sink.split('o', "ab"), Vec::<String>::new());
+        assert_eq!(sink.split('e', "err"), Vec::<String>::new());
+        assert_eq!(sink.split('o', "c\r\nd\n\ne"), ["abc", "d", ""]);
+        assert_eq!(sink.split('e', "or\n"), ["error"]);
+        assert_eq!(sink.take_partial(), [('o', "e".to_string())]);
+        assert!(sink.take_partial().is_empty());
     }
 
     #[test]

@@ -43,6 +43,9 @@ const COMMAND_EVENTS: usize = 16;
 /// How long the master waits for a worker to answer a request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The longest line a stock worker sends whole (`max_line_length`).
+const MAX_LINE_LENGTH: u64 = 1024 * 1024;
+
 /// What the master needs of the config to accept workers.
 #[derive(Clone)]
 pub struct WorkerSetup {
@@ -482,7 +485,12 @@ async fn connection(
                             r"(\r\n|\r(?=.)|\033\[u|\033\[[0-9]+;[0-9]+[Hf]|\033\[2J|\x08+)",
                         ),
                     ),
-                    ("max_line_length", Value::from(4096)),
+                    // Buildbot says 4096, and buildbot-worker 4.3 cuts a
+                    // longer line into one piece and empty lines (its
+                    // LineBoundaryFinder slices from the line's start).
+                    // kiln joins lines cut anywhere, so only a runaway line
+                    // is cut.
+                    ("max_line_length", Value::from(MAX_LINE_LENGTH)),
                 ]),
             )],
         )
