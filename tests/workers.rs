@@ -1302,6 +1302,87 @@ fn timeout_and_max_time_end_commands_on_kilns_worker() {
 }
 
 #[test]
+fn each_result_flag_changes_the_builds_result() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Each builder: one step that fails (exit 1) or warns (exit 1 read as
+    // WARNINGS), then a step that succeeds; only the flags differ.
+    // (builder, flags, the first step's result, the build's result)
+    let cases = [
+        ("flunk", "", 2, 2),
+        ("noflunk", "flunkOnFailure: false", 2, 0),
+        (
+            "warnfail",
+            "flunkOnFailure: false, warnOnFailure: true",
+            2,
+            1,
+        ),
+        ("warnings", "log_eval_func: warn", 1, 0),
+        (
+            "warnwarn",
+            "log_eval_func: warn, warnOnWarnings: true",
+            1,
+            1,
+        ),
+        (
+            "flunkwarn",
+            "log_eval_func: warn, flunkOnWarnings: true",
+            1,
+            2,
+        ),
+    ];
+    let mut script = String::from(
+        "let warn = rc_eval_func(#{ \"0\": SUCCESS, \"1\": WARNINGS });\nlet builders = [];\n",
+    );
+    for (name, flags, _, _) in cases {
+        script.push_str(&format!(
+            "let f = BuildFactory();\n\
+             f.addStep(ShellCommand(#{{ name: \"first\", command: \"exit 1\", {flags} }}));\n\
+             f.addStep(ShellCommand(#{{ name: \"second\", command: \"true\" }}));\n\
+             builders.push(BuilderConfig(#{{ name: \"{name}\", workernames: [\"w1\"], factory: f }}));\n"
+        ));
+    }
+    let names: Vec<String> = cases.iter().map(|c| format!("\"{}\"", c.0)).collect();
+    script.push_str(&format!(
+        "#{{\n    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},\n    www: #{{ port: 0 }},\n\
+         workers: [Worker(\"w1\", \"pw-one\")],\n\
+         schedulers: [ForceScheduler(#{{ name: \"force\", builderNames: [{}] }})],\n\
+         builders: builders,\n}}\n",
+        names.join(", ")
+    ));
+    let dir = master_script(tmp.path(), &script);
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    for (name, _, _, _) in cases {
+        force(&master, name);
+    }
+    wait_until(Duration::from_secs(90), "every build", || {
+        finished(&dir, cases.len()).then_some(())
+    });
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    for (name, flags, step, expected) in cases {
+        let (build, first, second): (i64, i64, i64) = c
+            .query_row(
+                "SELECT b.results, s1.results, s2.results FROM builds b
+                 JOIN builders r ON r.id = b.builderid
+                 JOIN steps s1 ON s1.buildid = b.id AND s1.name = 'first'
+                 JOIN steps s2 ON s2.buildid = b.id AND s2.name = 'second'
+                 WHERE r.name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("build");
+        assert_eq!(
+            (build, first, second),
+            (expected, step, 0),
+            "builder {name} ({flags})"
+        );
+    }
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
 fn set_property_do_step_if_and_log_rules_decide_the_steps() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = master_script(
