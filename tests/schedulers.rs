@@ -390,6 +390,48 @@ async fn a_failing_closure_is_logged_and_the_change_counts_as_important() {
     m.stop().await;
 }
 
+#[tokio::test]
+async fn a_closure_written_in_a_module_runs_with_that_modules_functions() {
+    let (logs, _guard) = capture_logs();
+    let tmp = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir_all(tmp.path()).expect("mkdir");
+    // The seed's kind of layout: the rules live in a module the master
+    // imports (config.py's fileIsImportant), and call a helper of their own.
+    std::fs::write(
+        tmp.path().join("rules.rhai"),
+        r#"
+fn is_docs(f) { f.starts_with("docs/") }
+export const important = |c| c.files.some(|f| !is_docs(f));
+"#,
+    )
+    .expect("rules.rhai");
+    let loaded = load(
+        tmp.path(),
+        r#"{
+        import "rules" as rules;
+        Scheduler(#{ name: "code", branch: "a", treeStableTimer: (), builderNames: ["linux"],
+                     onlyImportant: true, fileIsImportant: rules::important })
+        }"#,
+        Limits::default(),
+    );
+    let store = open_store(tmp.path()).await;
+    let m = Running::start(&loaded, &store);
+    settle().await;
+    let docs = m.change("a", &["docs/a.md"]).await;
+    let code = m.change("a", &["dom/a.cpp", "docs/b.md"]).await;
+    m.handled("code", code).await;
+    let bs = m.buildsets().await;
+    let changes: Vec<Vec<i64>> = bs.iter().map(|b| b.changeids.clone()).collect();
+    assert_eq!(
+        changes,
+        [vec![code]],
+        "docs-only change {docs} is not important"
+    );
+    let text = String::from_utf8_lossy(&logs.lock().unwrap_or_else(|e| e.into_inner())).to_string();
+    assert!(!text.contains("failed"), "{text}");
+    m.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn nightly_builds_on_its_minutes_and_only_if_changed_waits_for_a_change() {
     let (logs, _guard) = capture_logs();

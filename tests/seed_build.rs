@@ -131,13 +131,18 @@ fn a_push_to_mozilla_central_builds_every_enabled_platform_with_the_script_facto
         assert_eq!(
             b.1,
             Some(0),
-            "every build succeeds: {all:?}\n{}",
+            "every build succeeds: {all:?}\nclone_scripts of build 1: {}\n{}",
+            step_log(&dir, 1, "clone_scripts"),
             master.log()
         );
         let names: Vec<String> = b.3.iter().map(|s| s.0.clone()).collect();
         assert_eq!(names, steps, "{all:?}");
         assert!(b.3.iter().all(|s| s.1 == Some(0)), "{all:?}");
     }
+
+    // config.rhai's fileIsImportant (a closure in a module) ran cleanly.
+    let log = master.log();
+    assert!(!log.contains("closure at"), "{log}");
 
     let mut built = who_built(&dir);
     built.sort_by(|a, b| a.1.cmp(&b.1));

@@ -231,7 +231,11 @@ thread_local! {
 #[derive(Clone)]
 pub struct ScriptRuntime {
     engine: Arc<Engine>,
-    ast: Arc<AST>,
+    /// The functions of the entry script, then of each module: a function
+    /// pointer is called against the first that defines its function.
+    /// (Rhai resolves a pointer only in the AST it is called with, and a
+    /// closure written in a module lives in that module's.)
+    libs: Arc<Vec<AST>>,
     limits: Limits,
 }
 
@@ -250,7 +254,16 @@ impl ScriptRuntime {
         let secs = CALLBACK_TIME_LIMIT.as_secs();
         let outer =
             CALL_DEADLINE.with(|d| d.replace(Some((Instant::now() + CALLBACK_TIME_LIMIT, secs))));
-        let r = cb.fn_ptr.call::<Dynamic>(&self.engine, &self.ast, args);
+        let name = cb.fn_ptr.fn_name();
+        let lib = self
+            .libs
+            .iter()
+            .find(|ast| ast.iter_functions().any(|f| f.name == name))
+            .or_else(|| self.libs.first());
+        let empty = AST::empty();
+        let r = cb
+            .fn_ptr
+            .call::<Dynamic>(&self.engine, lib.unwrap_or(&empty), args);
         CALL_DEADLINE.with(|d| d.set(outer));
         r.map_err(|e| {
             let entry = cb
@@ -282,9 +295,9 @@ pub struct Loaded {
     pub files: Vec<PathBuf>,
     pub warnings: Vec<Diagnostic>,
     pub sources: Sources,
-    /// The engine and script the config's callbacks belong to.
+    /// The engine and functions the config's callbacks belong to.
     pub engine: Arc<Engine>,
-    pub ast: Arc<AST>,
+    pub libs: Arc<Vec<AST>>,
     pub limits: Limits,
 }
 
@@ -292,7 +305,7 @@ impl Loaded {
     pub fn runtime(&self) -> ScriptRuntime {
         ScriptRuntime {
             engine: self.engine.clone(),
-            ast: self.ast.clone(),
+            libs: self.libs.clone(),
             limits: self.limits.clone(),
         }
     }
@@ -415,7 +428,11 @@ pub fn load_master(dir: &Path, limits: Limits) -> Result<Loaded, LoadFailure> {
         warnings,
         sources: state.sources(),
         engine: Arc::new(engine),
-        ast: Arc::new(ast),
+        libs: Arc::new(
+            std::iter::once(ast.clone_functions_only())
+                .chain(state.modules.functions())
+                .collect(),
+        ),
         limits: state.limits.clone(),
     })
 }

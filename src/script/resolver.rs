@@ -28,6 +28,18 @@ pub struct ModuleCache {
     /// Modules being evaluated, outermost first, for cycle detection.
     stack: Mutex<Vec<String>>,
     count: Mutex<usize>,
+    /// The functions of every module evaluated, in load order: a closure
+    /// written in a module is called against its module's functions.
+    functions: Mutex<Vec<rhai::AST>>,
+}
+
+impl ModuleCache {
+    pub fn functions(&self) -> Vec<rhai::AST> {
+        self.functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 pub struct KilnResolver {
@@ -104,6 +116,7 @@ impl KilnResolver {
         let mut module =
             result.map_err(|e| Box::new(EvalAltResult::ErrorInModule(id.to_string(), e, pos)))?;
         module.set_id(id.to_string());
+        lock(&cache.functions).push(ast.clone_functions_only());
         let module: SharedModule = module.into();
         lock(&cache.done).insert(id.to_string(), module.clone());
         Ok(module)

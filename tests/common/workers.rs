@@ -48,6 +48,9 @@ impl StockWorker {
         let child = std::process::Command::new(&bin)
             .args(["start", "--nodaemon"])
             .arg(&dir)
+            // Builds run the tools .ci/test installs (hg) from the worker's PATH.
+            .env("PATH", super::tools_path())
+            .env("HGRCPATH", "")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -191,6 +194,8 @@ impl KilnWorker {
             .args(["worker", "start"])
             .arg(&dir)
             .env("NO_COLOR", "1")
+            .env("PATH", super::tools_path())
+            .env("HGRCPATH", "")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
