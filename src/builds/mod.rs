@@ -234,6 +234,9 @@ impl Distributor {
             .iter()
             .filter_map(|w| self.registry.get(w))
             .filter(|conn| !conn.draining.load(std::sync::atomic::Ordering::SeqCst))
+            // A connection being closed (a DisconnectStep, a changed
+            // password) is still registered until its tasks end.
+            .filter(|conn| !conn.closed.is_cancelled())
             .filter(|conn| {
                 let running = busy.running.get(&conn.name);
                 let n = running.map_or(0, HashSet::len);
