@@ -60,7 +60,7 @@ fn run_schedulers(
     rt.block_on(async {
         let bus = ChangeBus::default();
         let cancel = CancellationToken::new();
-        let (sched, tasks) = Schedulers::start(
+        let sched = Schedulers::start(
             &loaded.config,
             loaded.runtime(),
             store.clone(),
@@ -112,9 +112,7 @@ fn run_schedulers(
         let all = started.elapsed();
         let cpu = cpu_seconds() - cpu0;
         cancel.cancel();
-        for t in tasks {
-            let _ = t.await;
-        }
+        sched.stopped().await;
         // Rows written: per change its sourcestamp, change, file; per
         // buildset its row, sourcestamp and change links, scheduler
         // property, and a request per builder.

@@ -84,9 +84,28 @@ enum Command {
         json: bool,
     },
     /// Run the master in the foreground (logs to stderr and DIR/kiln.log).
+    /// It reloads its config when a file it was read from changes, on
+    /// SIGHUP, on `kiln reconfig`, and on `POST /api/v2/reconfig`.
     Start {
         #[arg(default_value = ".")]
         dir: PathBuf,
+        /// Do not watch the config's files (reload on SIGHUP, `kiln
+        /// reconfig` and the API only).
+        #[arg(long)]
+        no_watch: bool,
+        /// A burst of saves is one reload once no file changed for this
+        /// many milliseconds.
+        #[arg(long, default_value_t = 300)]
+        reload_quiet_ms: u64,
+    },
+    /// Ask the master running in DIR to reload its config; print what
+    /// changed, or the errors (exit 1: the old config keeps running).
+    Reconfig {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Give up waiting for the reload after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
     },
     /// Stop the master running in DIR, waiting until it has stopped.
     Stop {
@@ -191,7 +210,7 @@ struct ForceArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
-        Command::Start { dir } => {
+        Command::Start { dir, .. } => {
             if let Err(e) = init_master_logging(dir) {
                 eprintln!("error: {e:#}");
                 return ExitCode::FAILURE;
@@ -335,13 +354,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             std::mem::forget(loaded); // as in checkconfig
             Ok(ExitCode::SUCCESS)
         }
-        Command::Start { dir } => {
+        Command::Start {
+            dir,
+            no_watch,
+            reload_quiet_ms,
+        } => {
             let loaded = match load(&dir, Limits::default()) {
                 Ok(l) => l,
                 Err(code) => return Ok(code),
             };
-            crate::master::run(&dir, loaded)?;
+            let options = crate::master::ReloadOptions {
+                watch: !no_watch,
+                quiet: std::time::Duration::from_millis(reload_quiet_ms),
+            };
+            crate::master::run(&dir, loaded, options)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Reconfig { dir, wait } => {
+            let r = crate::master::reconfig(&dir, std::time::Duration::from_secs(wait))?;
+            if r.applied {
+                println!("config reloaded in {:.1} ms\n{}", r.duration_ms, r.diff);
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprint!("{}", r.errors);
+                if !r.errors.ends_with('\n') {
+                    eprintln!();
+                }
+                eprintln!(
+                    "the reload failed; the master in {} keeps running its previous config",
+                    display_pathbuf(&dir)
+                );
+                Ok(ExitCode::FAILURE)
+            }
         }
         Command::Stop { dir, wait } => {
             crate::master::stop(&dir, std::time::Duration::from_secs(wait))?;

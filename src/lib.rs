@@ -10,6 +10,7 @@ pub mod diagnostics;
 pub mod http;
 pub mod master;
 pub mod memory;
+pub mod reconfig;
 pub mod schedulers;
 pub mod script;
 pub mod store;

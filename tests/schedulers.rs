@@ -49,7 +49,6 @@ struct Running {
     bus: ChangeBus,
     schedulers: Schedulers,
     cancel: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -60,7 +59,7 @@ impl Running {
     fn start_with(loaded: &Loaded, store: &Store, clock: Clock) -> Running {
         let bus = ChangeBus::default();
         let cancel = CancellationToken::new();
-        let (schedulers, tasks) = Schedulers::start(
+        let schedulers = Schedulers::start(
             &loaded.config,
             loaded.runtime(),
             store.clone(),
@@ -73,15 +72,12 @@ impl Running {
             bus,
             schedulers,
             cancel,
-            tasks,
         }
     }
 
     async fn stop(self) {
         self.cancel.cancel();
-        for t in self.tasks {
-            t.await.expect("scheduler task");
-        }
+        self.schedulers.stopped().await;
     }
 
     async fn change(&self, branch: &str, files: &[&str]) -> i64 {

@@ -96,12 +96,19 @@ impl Busy {
     }
 }
 
+/// One loaded config and the functions its callbacks run against. A build
+/// keeps the generation it started with to its end; a reload makes a new
+/// one for the builds after it.
+pub struct Generation {
+    pub config: Arc<MasterConfig>,
+    pub runtime: ScriptRuntime,
+}
+
 pub struct Distributor {
-    config: Arc<MasterConfig>,
+    gen: std::sync::RwLock<Arc<Generation>>,
     registry: Arc<Registry>,
     store: Store,
     schedulers: Schedulers,
-    runtime: ScriptRuntime,
     masterid: i64,
     /// The master dir: transfer steps' master-side paths are relative to it.
     master_dir: std::path::PathBuf,
@@ -180,11 +187,10 @@ impl Distributor {
         master_dir: std::path::PathBuf,
     ) -> Arc<Distributor> {
         Arc::new(Distributor {
-            config,
+            gen: std::sync::RwLock::new(Arc::new(Generation { config, runtime })),
             registry,
             store,
             schedulers,
-            runtime,
             masterid,
             master_dir,
             busy: Mutex::default(),
@@ -212,12 +218,36 @@ impl Distributor {
         }
     }
 
-    fn builder(&self, name: &str) -> Option<&BuilderConfig> {
-        self.config.builders.iter().find(|b| b.name == name)
+    /// The config new builds start with.
+    pub fn generation(&self) -> Arc<Generation> {
+        self.gen.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn max_builds(&self, worker: &str) -> usize {
-        self.config
+    /// Applies a reload: the next builds use `config`; running builds
+    /// finish with the generation they started with.
+    pub fn reconfigure(&self, config: Arc<MasterConfig>, runtime: ScriptRuntime) {
+        *self.gen.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(Generation { config, runtime });
+        lock(&self.warned).clear();
+        self.wake.notify_one();
+    }
+
+    /// The builds of `builder` running now.
+    pub fn running_of_builder(&self, builder: &str) -> usize {
+        lock(&self.busy)
+            .running
+            .values()
+            .filter(|b| b.contains(builder))
+            .count()
+    }
+
+    /// The builds running on `worker` now.
+    pub fn running_on(&self, worker: &str) -> usize {
+        lock(&self.busy).running.get(worker).map_or(0, HashSet::len)
+    }
+
+    fn max_builds(gen: &Generation, worker: &str) -> usize {
+        gen.config
             .workers
             .iter()
             .find(|w| w.name == worker)
@@ -227,7 +257,7 @@ impl Distributor {
 
     /// The connected workers that may build for `builder` now, least busy
     /// first.
-    fn candidates(&self, builder: &BuilderConfig) -> Vec<Arc<WorkerConn>> {
+    fn candidates(&self, gen: &Generation, builder: &BuilderConfig) -> Vec<Arc<WorkerConn>> {
         let busy = lock(&self.busy);
         let mut v: Vec<Arc<WorkerConn>> = builder
             .worker_names
@@ -240,7 +270,7 @@ impl Distributor {
             .filter(|conn| {
                 let running = busy.running.get(&conn.name);
                 let n = running.map_or(0, HashSet::len);
-                n < self.max_builds(&conn.name)
+                n < Self::max_builds(gen, &conn.name)
                     && !running.is_some_and(|r| r.contains(&builder.name))
                     && busy.can_lock(&builder.locks, &conn.name)
             })
@@ -260,10 +290,11 @@ impl Distributor {
     /// Calls a script callback off the async runtime.
     async fn call(
         &self,
+        gen: &Generation,
         cb: &crate::config::Callback,
         args: impl rhai::FuncArgs + Send + 'static,
     ) -> Result<rhai::Dynamic, String> {
-        let rt = self.runtime.clone();
+        let rt = gen.runtime.clone();
         let what = cb.describe();
         let cb = cb.clone();
         match tokio::task::spawn_blocking(move || rt.call(&cb, args)).await {
@@ -313,6 +344,7 @@ impl Distributor {
     /// least busy worker, and "yes, it can start".
     async fn pick_worker(
         &self,
+        gen: &Generation,
         builder: &BuilderConfig,
         req: &BuildRequest,
         mut candidates: Vec<Arc<WorkerConn>>,
@@ -334,7 +366,7 @@ impl Distributor {
                         names,
                         request.clone().unwrap_or_default(),
                     );
-                    match self.call(cb, args).await {
+                    match self.call(gen, cb, args).await {
                         Ok(v) if v.is_unit() => return Ok(None),
                         Ok(v) => {
                             let name = v.clone().into_string().unwrap_or_default();
@@ -365,7 +397,7 @@ impl Distributor {
                 worker.name.clone(),
                 request.clone().unwrap_or_default(),
             );
-            match self.call(cb, args).await {
+            match self.call(gen, cb, args).await {
                 Ok(v) => match v.as_bool() {
                     Ok(true) => return Ok(Some(worker)),
                     Ok(false) => continue,
@@ -394,13 +426,14 @@ impl Distributor {
     /// collapse" (every request still builds).
     async fn collapse_for(
         &self,
+        gen: &Generation,
         builder: &BuilderConfig,
         req: &BuildRequest,
     ) -> anyhow::Result<Collapse> {
         let rule = builder
             .collapse_requests
             .as_ref()
-            .unwrap_or(&self.config.collapse_requests);
+            .unwrap_or(&gen.config.collapse_requests);
         let cb = match rule {
             BoolOrCallback::Enabled(true) => return Ok(Collapse::Default),
             BoolOrCallback::Enabled(false) => return Ok(Collapse::None),
@@ -415,7 +448,7 @@ impl Distributor {
         for other in others {
             let theirs = self.request_map(&other).await?;
             match self
-                .call(cb, (builder.name.clone(), mine.clone(), theirs))
+                .call(gen, cb, (builder.name.clone(), mine.clone(), theirs))
                 .await
             {
                 Ok(v) => match v.as_bool() {
@@ -440,7 +473,7 @@ impl Distributor {
     /// the names, or those maps, in the order to serve; a builder it
     /// leaves out waits for the next round), else oldest request first,
     /// then highest priority. A failing function means the default order.
-    async fn prioritize(&self, pending: &[BuilderQueue<'_>]) -> Vec<usize> {
+    async fn prioritize(&self, gen: &Generation, pending: &[BuilderQueue<'_>]) -> Vec<usize> {
         let mut order: Vec<usize> = (0..pending.len()).collect();
         order.sort_by_key(|&i| {
             let q = &pending[i];
@@ -450,7 +483,7 @@ impl Distributor {
                 q.builder.name.as_str(),
             )
         });
-        let Some(cb) = &self.config.prioritize_builders else {
+        let Some(cb) = &gen.config.prioritize_builders else {
             return order;
         };
         let offered: rhai::Array = order
@@ -474,7 +507,7 @@ impl Distributor {
                 m.into()
             })
             .collect();
-        let answer = match self.call(cb, (offered,)).await {
+        let answer = match self.call(gen, cb, (offered,)).await {
             Ok(v) => v,
             Err(msg) => {
                 self.warn_once("", format!("{msg}; using the default builder order"));
@@ -510,12 +543,19 @@ impl Distributor {
     }
 
     async fn distribute(self: Arc<Self>) -> anyhow::Result<()> {
+        let gen = self.generation();
         let pending = self.store.unclaimed_requests(1000).await?;
         // The pending requests of each builder, in the store's order
         // (highest priority, then oldest, first).
         let mut queues: Vec<BuilderQueue<'_>> = Vec::new();
         for req in pending {
-            let Some(builder) = self.builder(&req.buildername) else {
+            // A removed builder's requests stay in the store, unclaimed.
+            let Some(builder) = gen
+                .config
+                .builders
+                .iter()
+                .find(|b| b.name == req.buildername)
+            else {
                 continue;
             };
             match queues.iter_mut().find(|q| q.builder.name == builder.name) {
@@ -535,17 +575,17 @@ impl Distributor {
         if queues.is_empty() {
             return Ok(());
         }
-        for i in self.prioritize(&queues).await {
+        for i in self.prioritize(&gen, &queues).await {
             let builder = queues[i].builder;
             for req in &queues[i].requests {
-                let candidates = self.candidates(builder);
+                let candidates = self.candidates(&gen, builder);
                 if candidates.is_empty() {
                     break;
                 }
-                let Some(worker) = self.pick_worker(builder, req, candidates).await? else {
+                let Some(worker) = self.pick_worker(&gen, builder, req, candidates).await? else {
                     continue;
                 };
-                let collapse = self.collapse_for(builder, req).await?;
+                let collapse = self.collapse_for(&gen, builder, req).await?;
                 let claimed = self
                     .store
                     .claim_with_collapsed(req.buildrequestid, self.masterid, collapse)
@@ -553,7 +593,7 @@ impl Distributor {
                 if claimed.is_empty() {
                     continue;
                 }
-                self.start(claimed, req.clone(), builder.clone(), worker);
+                self.start(gen.clone(), claimed, req.clone(), builder.clone(), worker);
             }
         }
         Ok(())
@@ -563,6 +603,7 @@ impl Distributor {
     /// in its own task.
     fn start(
         self: &Arc<Self>,
+        gen: Arc<Generation>,
         claimed: Vec<i64>,
         req: BuildRequest,
         builder: BuilderConfig,
@@ -580,7 +621,7 @@ impl Distributor {
         tokio::spawn(async move {
             let wname = worker.name.clone();
             let bname = builder.name.clone();
-            if let Err(e) = me.run_build(&claimed, &req, &builder, &worker).await {
+            if let Err(e) = me.run_build(&gen, &claimed, &req, &builder, &worker).await {
                 tracing::error!(builder = %bname, worker = %wname, "build of request {} failed: {e:#}", req.buildrequestid);
                 // Give the requests back rather than lose them.
                 for brid in &claimed {
@@ -671,6 +712,7 @@ impl Distributor {
     /// first). The newest request's buildset is the one built.
     async fn run_build(
         &self,
+        gen: &Generation,
         claimed: &[i64],
         first: &BuildRequest,
         builder: &BuilderConfig,
@@ -705,12 +747,12 @@ impl Distributor {
                 props.insert(k.clone(), (v.clone(), source.to_string()));
             }
         };
-        layer(&mut props, &self.config.properties, "Global");
+        layer(&mut props, &gen.config.properties, "Global");
         layer(&mut props, &builder.properties, "Builder");
         if let Some(bs) = self.store.get_buildset(req.buildsetid).await? {
             props.extend(bs.properties);
         }
-        if let Some(w) = self.config.workers.iter().find(|w| w.name == worker.name) {
+        if let Some(w) = gen.config.workers.iter().find(|w| w.name == worker.name) {
             layer(&mut props, &w.properties, "Worker");
         }
         let mut own = |k: &str, v: serde_json::Value, source: &str| {
@@ -760,6 +802,7 @@ impl Distributor {
         lock(&self.running_builds).insert(buildid, running.clone());
         let outcome = self
             .run_steps(&Build {
+                gen,
                 id: buildid,
                 number,
                 buildsetid: req.buildsetid,
@@ -809,7 +852,7 @@ impl Distributor {
             } else {
                 running.stop.clone()
             };
-            let out = match self.do_step_if(step, &props).await {
+            let out = match self.do_step_if(b.gen, step, &props).await {
                 Ok(true) => self.run_step(b, stepid, step, &stop, &props).await?,
                 Ok(false) => StepOutcome::of(Results::Skipped),
                 Err(why) => {
@@ -1092,13 +1135,14 @@ impl Distributor {
                         )
                         .await?;
                 }
-                let mut o = StepOutcome::of(match self.evaluate(step, rc, log, props).await {
-                    Ok(r) => r,
-                    Err(why) => {
-                        self.store.append_log(log, vec![format!("h{why}")]).await?;
-                        Results::Exception
-                    }
-                });
+                let mut o =
+                    StepOutcome::of(match self.evaluate(b.gen, step, rc, log, props).await {
+                        Ok(r) => r,
+                        Err(why) => {
+                            self.store.append_log(log, vec![format!("h{why}")]).await?;
+                            Results::Exception
+                        }
+                    });
                 o.timed_out = timed_out.is_some();
                 if let (StepKind::Git { .. }, Results::Success) = (&step.kind, o.result) {
                     let v = run.captured.trim().to_string();
@@ -1122,7 +1166,7 @@ impl Distributor {
                             Ok(run.captured.contains(text.as_str()))
                         }
                         DisconnectWhen::Callback(cb) => self
-                            .call(cb, (step_map(step, props), run.captured.clone()))
+                            .call(b.gen, cb, (step_map(step, props), run.captured.clone()))
                             .await
                             .and_then(|v| {
                                 v.as_bool().map_err(|t| {
@@ -1264,12 +1308,17 @@ impl Distributor {
     /// Whether a step runs (`doStepIf`): a bool, or a function given
     /// `#{ name, properties }` that returns one. A failing function is the
     /// step's EXCEPTION, as in Buildbot.
-    async fn do_step_if(&self, step: &Step, props: &Properties) -> Result<bool, String> {
+    async fn do_step_if(
+        &self,
+        gen: &Generation,
+        step: &Step,
+        props: &Properties,
+    ) -> Result<bool, String> {
         match &step.do_step_if {
             None => Ok(true),
             Some(BoolOrCallback::Enabled(b)) => Ok(*b),
             Some(BoolOrCallback::Callback(cb)) => {
-                let v = self.call(cb, (step_map(step, props),)).await?;
+                let v = self.call(gen, cb, (step_map(step, props),)).await?;
                 v.as_bool().map_err(|t| {
                     format!(
                         "doStepIf of step `{}` returned a {t}, not a bool",
@@ -1286,12 +1335,13 @@ impl Distributor {
     /// SUCCESS, anything else FAILURE).
     async fn evaluate(
         &self,
+        gen: &Generation,
         step: &Step,
         rc: Option<i64>,
         log: i64,
         props: &Properties,
     ) -> Result<Results, String> {
-        let by_rc = self.evaluate_rc(step, rc, log, props).await?;
+        let by_rc = self.evaluate_rc(gen, step, rc, log, props).await?;
         if step.log_rules.is_empty() {
             return Ok(by_rc);
         }
@@ -1325,6 +1375,7 @@ impl Distributor {
 
     async fn evaluate_rc(
         &self,
+        gen: &Generation,
         step: &Step,
         rc: Option<i64>,
         log: i64,
@@ -1347,7 +1398,9 @@ impl Distributor {
             Some(LogEval::Callback(cb)) => {
                 let output = self.output_text(log).await?;
                 let rc = rc.map_or(rhai::Dynamic::UNIT, rhai::Dynamic::from);
-                let v = self.call(cb, (step_map(step, props), rc, output)).await?;
+                let v = self
+                    .call(gen, cb, (step_map(step, props), rc, output))
+                    .await?;
                 v.as_int().ok().and_then(Results::from_code).ok_or_else(|| {
                     format!(
                         "log_eval_func of step `{}` returned {v:?}, not a result such as SUCCESS",
@@ -1637,7 +1690,7 @@ impl Distributor {
                                         run.captured.push('\n');
                                     }
                                     if let Some(line) =
-                                        sink.keep(prefix, &l, self.config.log_max_size)
+                                        sink.keep(prefix, &l, b.gen.config.log_max_size)
                                     {
                                         lines.push(line);
                                     }
@@ -1671,7 +1724,7 @@ impl Distributor {
                 run.captured.push_str(&l);
                 run.captured.push('\n');
             }
-            if let Some(line) = sink.keep(prefix, &l, self.config.log_max_size) {
+            if let Some(line) = sink.keep(prefix, &l, b.gen.config.log_max_size) {
                 lines.push(line);
             }
         }
@@ -2144,6 +2197,8 @@ fn step_map(step: &Step, props: &Properties) -> rhai::Map {
 /// One running build, as its steps see it.
 #[derive(Clone, Copy)]
 struct Build<'a> {
+    /// The config the build started with; it keeps it to its end.
+    gen: &'a Generation,
     id: i64,
     number: i64,
     /// The buildset built (the newest request's).

@@ -59,11 +59,28 @@ pub struct PollNow(Arc<std::sync::Mutex<Vec<Wakeable>>>);
 /// The names a poller answers to, and its wake-up.
 type Wakeable = (Vec<String>, Arc<tokio::sync::Notify>);
 
+/// A poller's place in [`PollNow`], given up when the poller stops.
+struct Registered {
+    poll_now: PollNow,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.poll_now
+            .lock()
+            .retain(|(_, n)| !Arc::ptr_eq(n, &self.notify));
+    }
+}
+
 impl PollNow {
-    fn register(&self, names: Vec<String>) -> Arc<tokio::sync::Notify> {
+    fn register(&self, names: Vec<String>) -> Registered {
         let notify = Arc::new(tokio::sync::Notify::new());
         self.lock().push((names, notify.clone()));
-        notify
+        Registered {
+            poll_now: self.clone(),
+            notify,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Wakeable>> {
@@ -211,12 +228,15 @@ impl Poller {
         }
     }
 
-    /// Polls until `cancel` fires.
-    pub async fn run(mut self, ctx: Context, cancel: CancellationToken) {
+    /// Polls until `cancel` fires (which ends a poll in flight) or
+    /// `retire` does (which lets a poll in flight finish: a reload
+    /// replacing this poller must not lose what it has fetched).
+    pub async fn run(mut self, ctx: Context, cancel: CancellationToken, retire: CancellationToken) {
         let name = self.name();
-        let wake = ctx.poll_now.register(self.hook_names());
+        let registered = ctx.poll_now.register(self.hook_names());
+        let wake = registered.notify.clone();
         let mut failures: u32 = 0;
-        loop {
+        while !retire.is_cancelled() {
             let outcome = tokio::select! {
                 r = self.poll(&ctx) => r,
                 _ = cancel.cancelled() => break,
@@ -253,8 +273,10 @@ impl Poller {
                     tracing::info!(poller = %name, "polling now, as asked");
                 }
                 _ = cancel.cancelled() => break,
+                _ = retire.cancelled() => break,
             }
         }
+        drop(registered);
         tracing::debug!(poller = %name, "stopped");
     }
 }
@@ -294,19 +316,91 @@ pub async fn run_command(
     String::from_utf8(out.stdout).with_context(|| format!("`{shown}` printed non-UTF-8 output"))
 }
 
-/// Starts one task per change source; they stop when `cancel` fires.
-pub fn spawn_all(
-    sources: &[ChangeSource],
-    ctx: &Context,
-    cancel: &CancellationToken,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    sources
-        .iter()
-        .map(|s| {
-            let poller = Poller::new(s);
-            tokio::spawn(poller.run(ctx.clone(), cancel.clone()))
-        })
-        .collect()
+/// The running change sources, by name.
+pub struct Pollers {
+    running: Vec<RunningPoller>,
+    ctx: Context,
+    cancel: CancellationToken,
+}
+
+struct RunningPoller {
+    name: String,
+    source: ChangeSource,
+    retire: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How long a reload waits for a replaced poller's poll in flight.
+const RETIRE_WAIT: Duration = Duration::from_secs(120);
+
+impl Pollers {
+    /// Starts one task per change source; they stop when `cancel` fires.
+    pub fn start(sources: &[ChangeSource], ctx: &Context, cancel: &CancellationToken) -> Pollers {
+        let mut me = Pollers {
+            running: Vec::new(),
+            ctx: ctx.clone(),
+            cancel: cancel.clone(),
+        };
+        for s in sources {
+            me.spawn(s);
+        }
+        me
+    }
+
+    fn spawn(&mut self, source: &ChangeSource) {
+        let poller = Poller::new(source);
+        let retire = self.cancel.child_token();
+        let task = tokio::spawn(poller.run(self.ctx.clone(), self.cancel.clone(), retire.clone()));
+        self.running.push(RunningPoller {
+            name: source.name(),
+            source: source.clone(),
+            retire,
+            task,
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// Applies a reload: sources that are gone or changed stop once their
+    /// poll in flight is stored; changed and new ones start from the state
+    /// stored (the last push seen), so no push is missed or seen twice. An
+    /// unchanged source is not touched.
+    pub async fn reconfigure(&mut self, sources: &[ChangeSource]) {
+        let (keep, retired): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|r| {
+                sources
+                    .iter()
+                    .any(|s| s.name() == r.name && crate::reconfig::same_printed(s, &r.source))
+            });
+        self.running = keep;
+        for r in &retired {
+            r.retire.cancel();
+        }
+        for r in retired {
+            if tokio::time::timeout(RETIRE_WAIT, r.task).await.is_err() {
+                tracing::warn!(poller = %r.name, "did not stop within {} s", RETIRE_WAIT.as_secs());
+            }
+        }
+        for s in sources {
+            if !self.running.iter().any(|r| r.name == s.name()) {
+                self.spawn(s);
+            }
+        }
+    }
+
+    /// Waits (after the master's cancel) until every poller has stopped.
+    pub async fn stopped(self) {
+        for r in self.running {
+            let _ = r.task.await;
+        }
+    }
 }
 
 /// hg and git are mostly CPU: two per core keeps the machine busy without

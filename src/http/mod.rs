@@ -29,8 +29,10 @@ pub struct AppState {
     /// Running builds and connected workers, for stop and shutdown.
     pub builds: Arc<crate::builds::Distributor>,
     /// `www.users`: who may write (force, ...). With none configured, writes
-    /// are accepted from loopback addresses only.
-    pub users: BTreeMap<String, WwwUser>,
+    /// are accepted from loopback addresses only. A reload replaces them.
+    pub users: Arc<std::sync::RwLock<BTreeMap<String, WwwUser>>>,
+    /// Where `POST /api/v2/reconfig` asks the master to reload.
+    pub reload: tokio::sync::mpsc::Sender<crate::reconfig::ReloadAsk>,
     pub started_at: std::time::Instant,
 }
 
@@ -48,6 +50,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v2/forceschedulers/{name}", post(force_rpc))
         .route("/api/v2/builds/{id}", post(build_rpc))
         .route("/api/v2/workers/{name}", post(worker_rpc))
+        .route("/api/v2/reconfig", post(reconfig))
+        .route("/api/v2/reloads", get(list_reloads))
         .with_state(Arc::new(state))
 }
 
@@ -80,7 +84,8 @@ impl IntoResponse for Denied {
 /// Who is writing, or why not: HTTP Basic auth against `www.users`, or
 /// any loopback client when no users are configured.
 fn writer(st: &AppState, headers: &HeaderMap, peer: SocketAddr) -> Result<String, Denied> {
-    if st.users.is_empty() {
+    let users = st.users.read().unwrap_or_else(|e| e.into_inner());
+    if users.is_empty() {
         return if peer.ip().is_loopback() {
             Ok(String::new())
         } else {
@@ -94,7 +99,7 @@ fn writer(st: &AppState, headers: &HeaderMap, peer: SocketAddr) -> Result<String
         .ok_or(Denied::NeedsUser)?;
     let decoded = decode_base64(auth.trim()).ok_or(Denied::NeedsUser)?;
     let (user, password) = decoded.split_once(':').ok_or(Denied::NeedsUser)?;
-    match st.users.get(user) {
+    match users.get(user) {
         Some(u) if constant_time_eq(u.password.expose().as_bytes(), password.as_bytes()) => {
             Ok(user.to_string())
         }
@@ -110,6 +115,78 @@ fn decode_base64(s: &str) -> Option<String> {
     use base64::Engine as _;
     let bytes = base64::engine::general_purpose::STANDARD.decode(s).ok()?;
     String::from_utf8(bytes).ok()
+}
+
+/// `POST /api/v2/reconfig`: reloads the config now and answers with the
+/// reload's record: 200 when applied, 422 with the errors when not.
+async fn reconfig(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let user = match writer(&st, &headers, peer) {
+        Ok(u) => u,
+        Err(d) => return d.into_response(),
+    };
+    let trigger = if user.is_empty() {
+        format!("api ({})", peer.ip())
+    } else {
+        format!("api ({user})")
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let ask = crate::reconfig::ReloadAsk {
+        trigger,
+        reply: Some(reply),
+    };
+    if st.reload.send(ask).await.is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": "the master is stopping" })),
+        )
+            .into_response();
+    }
+    match answer.await {
+        Ok(r) => {
+            let status = if r.applied {
+                StatusCode::OK
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            (
+                status,
+                Json(json!({ "reloads": [r], "meta": { "total": 1 } })),
+            )
+                .into_response()
+        }
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": "the master stopped before the reload finished" })),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /api/v2/reloads`: the newest reloads first (`?limit=N`, default 20).
+async fn list_reloads(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>,
+) -> Response {
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(20)
+        .clamp(1, 1000);
+    match st.store.reloads(limit).await {
+        Ok(list) => {
+            let n = list.len();
+            Json(json!({ "reloads": list, "meta": { "total": n } })).into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": format!("{e:#}") })),
+        )
+            .into_response(),
+    }
 }
 
 async fn list_force_schedulers(State(st): State<Arc<AppState>>) -> Json<Value> {

@@ -105,20 +105,37 @@ enum Command {
 /// The running schedulers.
 #[derive(Clone)]
 pub struct Schedulers {
-    commands: Arc<HashMap<String, (SchedulerConfig, mpsc::Sender<Command>)>>,
+    running: Arc<std::sync::RwLock<HashMap<String, Entry>>>,
     done: broadcast::Sender<BuildsetDone>,
     shared: Arc<Shared>,
+    bus: ChangeBus,
+    /// The master's: stops every scheduler.
+    cancel: CancellationToken,
+}
+
+/// One running scheduler.
+struct Entry {
+    cfg: SchedulerConfig,
+    tx: mpsc::Sender<Command>,
+    /// Stops this scheduler alone (a reload that removes or changes it).
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct Shared {
     store: Store,
-    runtime: ScriptRuntime,
+    /// The current config's functions; a reload replaces them.
+    runtime: std::sync::RwLock<ScriptRuntime>,
     clock: Clock,
     /// The last change each change-based scheduler has handled.
     progress: std::sync::Mutex<HashMap<String, i64>>,
     /// Woken when build requests are stored.
     requests_added: Arc<tokio::sync::Notify>,
 }
+
+/// How long a reload waits for a replaced scheduler to finish what it is
+/// doing (a store write) before starting its successor anyway.
+const STOP_WAIT: Duration = Duration::from_secs(30);
 
 impl Schedulers {
     /// Starts a task per scheduler; they stop when `cancel` fires.
@@ -129,42 +146,123 @@ impl Schedulers {
         bus: &ChangeBus,
         clock: Clock,
         cancel: &CancellationToken,
-    ) -> (Schedulers, Vec<tokio::task::JoinHandle<()>>) {
+    ) -> Schedulers {
         let (done, _) = broadcast::channel(1024);
         let shared = Arc::new(Shared {
             store,
-            runtime,
+            runtime: std::sync::RwLock::new(runtime),
             clock,
             progress: Default::default(),
             requests_added: Arc::default(),
         });
-        let mut commands = HashMap::new();
-        let mut tasks = Vec::new();
+        let me = Schedulers {
+            running: Arc::default(),
+            done,
+            shared,
+            bus: bus.clone(),
+            cancel: cancel.clone(),
+        };
+        let mut running = me.write();
         for cfg in &config.schedulers {
-            let (tx, rx) = mpsc::channel(64);
-            commands.insert(cfg.name.clone(), (cfg.clone(), tx));
-            let task = Task {
-                cfg: cfg.clone(),
-                shared: shared.clone(),
-                object: None,
-            };
-            let wake = bus.subscribe();
-            let done_rx = done.subscribe();
-            let cancel = cancel.clone();
-            tasks.push(tokio::spawn(async move {
-                let name = task.cfg.name.clone();
-                task.run(wake, done_rx, rx, cancel).await;
-                tracing::debug!(scheduler = %name, "stopped");
-            }));
+            running.insert(cfg.name.clone(), me.spawn(cfg));
         }
-        (
-            Schedulers {
-                commands: Arc::new(commands),
-                done,
-                shared,
-            },
-            tasks,
-        )
+        drop(running);
+        me
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Entry>> {
+        self.running.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
+        self.running.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn spawn(&self, cfg: &SchedulerConfig) -> Entry {
+        let (tx, rx) = mpsc::channel(64);
+        let task = Task {
+            cfg: cfg.clone(),
+            shared: self.shared.clone(),
+            object: None,
+        };
+        let wake = self.bus.subscribe();
+        let done_rx = self.done.subscribe();
+        let stop = self.cancel.child_token();
+        let until = stop.clone();
+        let handle = tokio::spawn(async move {
+            let name = task.cfg.name.clone();
+            task.run(wake, done_rx, rx, until).await;
+            tracing::debug!(scheduler = %name, "stopped");
+        });
+        Entry {
+            cfg: cfg.clone(),
+            tx,
+            stop,
+            task: Some(handle),
+        }
+    }
+
+    /// Applies a reload: schedulers that are gone or changed stop (each
+    /// finishing what it is doing), changed and new ones start; the others
+    /// keep running and use the new config's functions from now on. A
+    /// scheduler that keeps its name keeps its stored state (last change
+    /// handled, classified changes, timers): its successor reads it.
+    pub async fn reconfigure(&self, config: &MasterConfig, runtime: ScriptRuntime) {
+        *self
+            .shared
+            .runtime
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = runtime;
+        let wanted: HashMap<&str, &SchedulerConfig> = config
+            .schedulers
+            .iter()
+            .map(|c| (c.name.as_str(), c))
+            .collect();
+        let mut stopping = Vec::new();
+        {
+            let mut running = self.write();
+            let names: Vec<String> = running.keys().cloned().collect();
+            for name in names {
+                let keep = match (running.get(&name), wanted.get(name.as_str())) {
+                    (Some(e), Some(new)) => crate::reconfig::same_printed(&e.cfg, *new),
+                    _ => false,
+                };
+                if !keep {
+                    if let Some(mut e) = running.remove(&name) {
+                        e.stop.cancel();
+                        stopping.push((name, e.task.take()));
+                    }
+                }
+            }
+        }
+        for (name, task) in stopping {
+            if let Some(t) = task {
+                if tokio::time::timeout(STOP_WAIT, t).await.is_err() {
+                    tracing::warn!(scheduler = %name, "did not stop within {} s", STOP_WAIT.as_secs());
+                }
+            }
+        }
+        let mut running = self.write();
+        for cfg in &config.schedulers {
+            if !running.contains_key(&cfg.name) {
+                let e = self.spawn(cfg);
+                running.insert(cfg.name.clone(), e);
+            }
+        }
+    }
+
+    /// Waits (after the master's cancel) until every scheduler has stopped.
+    pub async fn stopped(&self) {
+        let tasks: Vec<_> = self
+            .write()
+            .values_mut()
+            .filter_map(|e| e.task.take())
+            .collect();
+        for t in tasks {
+            if let Err(e) = t.await {
+                tracing::warn!("a scheduler task failed: {e}");
+            }
+        }
     }
 
     /// The last change the scheduler `name` has handled (change-based
@@ -195,12 +293,13 @@ impl Schedulers {
     }
 
     /// The ForceSchedulers, for the API.
-    pub fn force_schedulers(&self) -> Vec<&SchedulerConfig> {
-        let mut v: Vec<&SchedulerConfig> = self
-            .commands
+    pub fn force_schedulers(&self) -> Vec<SchedulerConfig> {
+        let mut v: Vec<SchedulerConfig> = self
+            .read()
             .values()
-            .map(|(c, _)| c)
+            .map(|e| &e.cfg)
             .filter(|c| matches!(c.kind, SchedulerKind::ForceScheduler { .. }))
+            .cloned()
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
@@ -211,9 +310,10 @@ impl Schedulers {
         name: &str,
         make: impl FnOnce(oneshot::Sender<anyhow::Result<BuildsetIds>>) -> Command,
     ) -> anyhow::Result<BuildsetIds> {
-        let (_, tx) = self
-            .commands
+        let tx = self
+            .read()
             .get(name)
+            .map(|e| e.tx.clone())
             .ok_or_else(|| anyhow!("no scheduler named `{name}`"))?;
         let (reply, answer) = oneshot::channel();
         tx.send(make(reply))
@@ -226,8 +326,8 @@ impl Schedulers {
 
     /// A forced build through the ForceScheduler `name`.
     pub async fn force(&self, name: &str, req: ForceRequest) -> anyhow::Result<BuildsetIds> {
-        match self.commands.get(name) {
-            Some((c, _)) if matches!(c.kind, SchedulerKind::ForceScheduler { .. }) => {}
+        match self.read().get(name).map(|e| &e.cfg.kind) {
+            Some(SchedulerKind::ForceScheduler { .. }) => {}
             Some(_) => bail!("scheduler `{name}` is not a ForceScheduler"),
             None => bail!("no scheduler named `{name}`"),
         }
@@ -242,8 +342,8 @@ impl Schedulers {
         properties: Properties,
         parent_buildid: Option<i64>,
     ) -> anyhow::Result<BuildsetIds> {
-        match self.commands.get(name) {
-            Some((c, _)) if matches!(c.kind, SchedulerKind::Triggerable) => {}
+        match self.read().get(name).map(|e| &e.cfg.kind) {
+            Some(SchedulerKind::Triggerable) => {}
             Some(_) => bail!("scheduler `{name}` is not Triggerable"),
             None => bail!("no scheduler named `{name}`"),
         }
@@ -720,7 +820,12 @@ impl Task {
     /// `fileIsImportant`, off the async runtime; any failure counts the
     /// change as important (the safe default) and is logged.
     async fn classify(&self, cb: &Callback, c: &Change) -> bool {
-        let rt = self.shared.runtime.clone();
+        let rt = self
+            .shared
+            .runtime
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let cb = cb.clone();
         let arg = change_map(c);
         let r = tokio::task::spawn_blocking(move || rt.call(&cb, (arg,))).await;

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 pub mod builds;
 pub mod buildsets;
+pub mod reloads;
 pub mod workers;
 
 use anyhow::{bail, Context};
@@ -33,6 +34,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "buildset changes",
         include_str!("migrations/0003_buildset_changes.sql"),
+    ),
+    (
+        "reload duration",
+        include_str!("migrations/0004_reload_duration.sql"),
     ),
 ];
 

@@ -46,21 +46,39 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest line a stock worker sends whole (`max_line_length`).
 const MAX_LINE_LENGTH: u64 = 1024 * 1024;
 
-/// What the master needs of the config to accept workers.
+/// What the master needs of the config to accept workers; a reload
+/// replaces it for the connections after it.
 #[derive(Clone)]
 pub struct WorkerSetup {
     /// name → (password, keepalive seconds)
-    workers: HashMap<String, (crate::config::Secret, u64)>,
+    workers: Arc<std::sync::RwLock<HashMap<String, (crate::config::Secret, u64)>>>,
 }
 
 impl WorkerSetup {
     pub fn from_config(c: &MasterConfig) -> WorkerSetup {
+        let setup = WorkerSetup {
+            workers: Arc::default(),
+        };
+        setup.replace(c);
+        setup
+    }
+
+    /// Takes the workers of a reloaded config.
+    pub fn replace(&self, c: &MasterConfig) {
         let workers = c
             .workers
             .iter()
             .map(|w| (w.name.clone(), (w.password.clone(), w.keepalive_interval)))
             .collect();
-        WorkerSetup { workers }
+        *self.workers.write().unwrap_or_else(|e| e.into_inner()) = workers;
+    }
+
+    fn get(&self, name: &str) -> Option<(crate::config::Secret, u64)> {
+        self.workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 }
 
@@ -229,7 +247,9 @@ impl Registry {
     }
 }
 
-/// Accepts workers on `listener` until `cancel` fires.
+/// Accepts workers on `listener` until `cancel` fires (the master
+/// stops: every connection is closed) or `stop_listening` does (a reload
+/// moved the port: the connections stay).
 pub async fn serve(
     listener: TcpListener,
     setup: WorkerSetup,
@@ -237,6 +257,7 @@ pub async fn serve(
     store: Store,
     masterid: i64,
     cancel: CancellationToken,
+    stop_listening: CancellationToken,
 ) {
     let setup = Arc::new(setup);
     loop {
@@ -250,6 +271,7 @@ pub async fn serve(
                 }
             },
             _ = cancel.cancelled() => break,
+            _ = stop_listening.cancelled() => return,
         };
         let (setup, registry, store, cancel) = (
             setup.clone(),
@@ -304,7 +326,7 @@ fn authenticate(setup: &WorkerSetup, req: &Request) -> Result<String, (StatusCod
         StatusCode::UNAUTHORIZED,
         "malformed credentials".to_string(),
     ))?;
-    match setup.workers.get(name) {
+    match setup.get(name) {
         None => Err((StatusCode::UNAUTHORIZED, format!("unknown worker `{name}`"))),
         Some((secret, _)) if !constant_time_eq(secret.expose().as_bytes(), password.as_bytes()) => {
             Err((
@@ -361,7 +383,7 @@ async fn connection(
         Ok(Ok(ws)) => ws,
     };
     let name = who.map_err(|(_, why)| anyhow!("refused: {why}"))?;
-    let keepalive = setup.workers.get(&name).map(|w| w.1).unwrap_or(3600).max(1);
+    let keepalive = setup.get(&name).map(|w| w.1).unwrap_or(3600).max(1);
     let (mut sink, mut stream) = ws.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(256);
     let closed = CancellationToken::new();

@@ -1,0 +1,250 @@
+//! What a reload changes: the difference between the running config and a
+//! newly loaded one, item by item, by name.
+//!
+//! Items are compared as they print (`kiln print-config --json`), which
+//! leaves out where in a script each was written: moving a builder down a
+//! file, or adding a comment above it, changes nothing. Worker passwords,
+//! which print as `<secret>`, are compared by value.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::config::{MasterConfig, Worker};
+
+/// Names added, removed and changed in one kind of item.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+
+    /// Compares two lists of named items; `same` says whether two items of
+    /// one name are alike.
+    fn between<T>(
+        old: &[T],
+        new: &[T],
+        name: impl Fn(&T) -> String,
+        same: impl Fn(&T, &T) -> bool,
+    ) -> Changes {
+        let old: BTreeMap<String, &T> = old.iter().map(|x| (name(x), x)).collect();
+        let new: BTreeMap<String, &T> = new.iter().map(|x| (name(x), x)).collect();
+        let mut c = Changes::default();
+        for (n, x) in &new {
+            match old.get(n) {
+                None => c.added.push(n.clone()),
+                Some(o) if !same(o, x) => c.changed.push(n.clone()),
+                Some(_) => {}
+            }
+        }
+        c.removed = old
+            .keys()
+            .filter(|n| !new.contains_key(*n))
+            .cloned()
+            .collect();
+        c
+    }
+}
+
+/// Whether two values print the same (origins are not printed).
+pub fn same_printed<T: Serialize>(a: &T, b: &T) -> bool {
+    match (serde_json::to_value(a), serde_json::to_value(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        // Not printable: treat as changed, which is always safe.
+        _ => false,
+    }
+}
+
+fn same_worker(a: &Worker, b: &Worker) -> bool {
+    same_printed(a, b) && a.password.expose() == b.password.expose()
+}
+
+/// Everything a reload would change.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ConfigDiff {
+    pub builders: Changes,
+    pub schedulers: Changes,
+    pub change_sources: Changes,
+    pub workers: Changes,
+    /// Workers whose password changed (also in `workers.changed`).
+    pub passwords: Vec<String>,
+    pub status: Changes,
+    /// Global settings that changed, by their config key.
+    pub globals: Vec<String>,
+}
+
+impl ConfigDiff {
+    pub fn between(old: &MasterConfig, new: &MasterConfig) -> ConfigDiff {
+        let builders = Changes::between(
+            &old.builders,
+            &new.builders,
+            |b| b.name.clone(),
+            same_printed,
+        );
+        let schedulers = Changes::between(
+            &old.schedulers,
+            &new.schedulers,
+            |s| s.name.clone(),
+            same_printed,
+        );
+        let change_sources = Changes::between(
+            &old.change_source,
+            &new.change_source,
+            |s| s.name(),
+            same_printed,
+        );
+        let workers = Changes::between(&old.workers, &new.workers, |w| w.name.clone(), same_worker);
+        let passwords = new
+            .workers
+            .iter()
+            .filter(|w| {
+                old.workers
+                    .iter()
+                    .any(|o| o.name == w.name && o.password.expose() != w.password.expose())
+            })
+            .map(|w| w.name.clone())
+            .collect();
+        let status = Changes::between(
+            &old.status,
+            &new.status,
+            |s| serde_json::to_string(s).unwrap_or_default(),
+            same_printed,
+        );
+        let mut globals = Vec::new();
+        let mut global = |key: &str, same: bool| {
+            if !same {
+                globals.push(key.to_string());
+            }
+        };
+        global("title", old.title == new.title);
+        global("titleURL", old.title_url == new.title_url);
+        global("buildbotURL", old.buildbot_url == new.buildbot_url);
+        global("db", old.db == new.db);
+        global("protocols", old.protocols == new.protocols);
+        global(
+            "www",
+            same_printed(&old.www, &new.www)
+                && old.www.as_ref().map(|w| {
+                    w.users
+                        .iter()
+                        .map(|(k, u)| (k.clone(), u.password.expose().to_string()))
+                        .collect::<Vec<_>>()
+                }) == new.www.as_ref().map(|w| {
+                    w.users
+                        .iter()
+                        .map(|(k, u)| (k.clone(), u.password.expose().to_string()))
+                        .collect::<Vec<_>>()
+                }),
+        );
+        global("properties", old.properties == new.properties);
+        global(
+            "prioritizeBuilders",
+            same_printed(&old.prioritize_builders, &new.prioritize_builders),
+        );
+        global(
+            "collapseRequests",
+            same_printed(&old.collapse_requests, &new.collapse_requests),
+        );
+        global("logMaxSize", old.log_max_size == new.log_max_size);
+        ConfigDiff {
+            builders,
+            schedulers,
+            change_sources,
+            workers,
+            passwords,
+            status,
+            globals,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.builders.is_empty()
+            && self.schedulers.is_empty()
+            && self.change_sources.is_empty()
+            && self.workers.is_empty()
+            && self.status.is_empty()
+            && self.globals.is_empty()
+    }
+
+    /// Why this diff cannot be applied to a running master, if it cannot.
+    pub fn needs_restart(old: &MasterConfig, new: &MasterConfig) -> Option<String> {
+        (old.db.db_url != new.db.db_url).then(|| {
+            format!(
+                "db.db_url changed from `{}` to `{}`: the database cannot change while the master runs; \
+                 nothing of this reload was applied (restart the master to use the new database, or undo the change)",
+                old.db.db_url, new.db.db_url
+            )
+        })
+    }
+}
+
+impl fmt::Display for ConfigDiff {
+    /// One line per kind that changed, e.g.
+    /// `builders: +2 (a, b), -1 (c), ~1 (d)`; "no changes" when none did.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("no changes");
+        }
+        let mut first = true;
+        let mut line = |f: &mut fmt::Formatter<'_>, kind: &str, c: &Changes| -> fmt::Result {
+            if c.is_empty() {
+                return Ok(());
+            }
+            if !first {
+                f.write_str("\n")?;
+            }
+            first = false;
+            write!(f, "{kind}:")?;
+            let mut sep = " ";
+            for (sign, names) in [("+", &c.added), ("-", &c.removed), ("~", &c.changed)] {
+                if names.is_empty() {
+                    continue;
+                }
+                write!(f, "{sep}{sign}{} ({})", names.len(), abbreviate(names))?;
+                sep = ", ";
+            }
+            Ok(())
+        };
+        line(f, "builders", &self.builders)?;
+        line(f, "schedulers", &self.schedulers)?;
+        line(f, "change sources", &self.change_sources)?;
+        line(f, "workers", &self.workers)?;
+        line(f, "status", &self.status)?;
+        if !self.globals.is_empty() {
+            if !first {
+                f.write_str("\n")?;
+            }
+            write!(f, "settings: {}", self.globals.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// At most ten names, then how many more.
+fn abbreviate(names: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(", and {} more", names.len() - SHOWN));
+    }
+    s
+}
+
+/// A request to reload now, from the API (which waits for the outcome).
+pub struct ReloadAsk {
+    /// What asked, for the record: `api (user)`, ...
+    pub trigger: String,
+    pub reply: Option<tokio::sync::oneshot::Sender<crate::store::reloads::Reload>>,
+}

@@ -1,0 +1,104 @@
+//! Reconfigurations: every reload the master tried, applied or not.
+
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+
+use super::{now, Store};
+
+/// One reload as the store keeps it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Reload {
+    pub reloadid: i64,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    /// What asked for it: `file change: PATH`, `SIGHUP`, `api (user)`, ...
+    pub trigger: String,
+    pub applied: bool,
+    /// What changed, one line each (empty when nothing did).
+    pub diff: String,
+    /// Why it was not applied: diagnostics as `kiln checkconfig` prints them.
+    pub errors: String,
+    /// Every file the new config was read from.
+    pub files: Vec<String>,
+    pub duration_ms: f64,
+}
+
+/// A finished reload about to be stored.
+#[derive(Clone, Debug, Default)]
+pub struct NewReload {
+    pub started_at: i64,
+    pub trigger: String,
+    pub applied: bool,
+    pub diff: String,
+    pub errors: String,
+    pub files: Vec<String>,
+    pub duration_ms: f64,
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Reload> {
+    let files: String = r.get(7)?;
+    Ok(Reload {
+        reloadid: r.get(0)?,
+        started_at: r.get(1)?,
+        finished_at: r.get(2)?,
+        trigger: r.get(3)?,
+        applied: r.get::<_, i64>(4)? != 0,
+        diff: r.get(5)?,
+        errors: r.get(6)?,
+        files: serde_json::from_str(&files).unwrap_or_default(),
+        duration_ms: r.get(8)?,
+    })
+}
+
+const COLUMNS: &str =
+    "id, started_at, finished_at, trigger, applied, diff, errors, files_json, duration_ms";
+
+impl Store {
+    /// Stores a finished reload; returns its id.
+    pub async fn add_reload(&self, r: NewReload) -> anyhow::Result<i64> {
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO reloads (started_at, finished_at, trigger, applied, diff, errors, files_json, duration_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    r.started_at,
+                    now(),
+                    r.trigger,
+                    r.applied as i64,
+                    r.diff,
+                    r.errors,
+                    serde_json::to_string(&r.files)?,
+                    r.duration_ms
+                ],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    /// The newest reloads first.
+    pub async fn reloads(&self, limit: usize) -> anyhow::Result<Vec<Reload>> {
+        self.call(move |c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {COLUMNS} FROM reloads ORDER BY id DESC LIMIT ?1"
+            ))?;
+            let rows = st
+                .query_map(params![limit as i64], row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    pub async fn reload(&self, id: i64) -> anyhow::Result<Option<Reload>> {
+        self.call(move |c| {
+            Ok(c.query_row(
+                &format!("SELECT {COLUMNS} FROM reloads WHERE id = ?1"),
+                params![id],
+                row,
+            )
+            .optional()?)
+        })
+        .await
+    }
+}
