@@ -97,6 +97,10 @@ enum Command {
         /// many milliseconds.
         #[arg(long, default_value_t = 300)]
         reload_quiet_ms: u64,
+        /// Stop a script (at start and on every reload) after this many
+        /// operations, as `kiln checkconfig --max-operations` does.
+        #[arg(long)]
+        max_operations: Option<u64>,
     },
     /// Ask the master running in DIR to reload its config; print what
     /// changed, or the errors (exit 1: the old config keeps running).
@@ -358,14 +362,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dir,
             no_watch,
             reload_quiet_ms,
+            max_operations,
         } => {
-            let loaded = match load(&dir, Limits::default()) {
+            let mut limits = Limits::default();
+            if let Some(n) = max_operations {
+                limits.max_operations = n;
+            }
+            let loaded = match load(&dir, limits.clone()) {
                 Ok(l) => l,
                 Err(code) => return Ok(code),
             };
             let options = crate::master::ReloadOptions {
                 watch: !no_watch,
                 quiet: std::time::Duration::from_millis(reload_quiet_ms),
+                limits,
             };
             crate::master::run(&dir, loaded, options)?;
             Ok(ExitCode::SUCCESS)

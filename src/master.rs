@@ -130,6 +130,8 @@ pub struct ReloadOptions {
     pub watch: bool,
     /// A burst of saves ends when no file changed for this long.
     pub quiet: Duration,
+    /// The limits every load of the scripts runs under.
+    pub limits: Limits,
 }
 
 impl Default for ReloadOptions {
@@ -137,6 +139,7 @@ impl Default for ReloadOptions {
         ReloadOptions {
             watch: true,
             quiet: Duration::from_millis(300),
+            limits: Limits::default(),
         }
     }
 }
@@ -180,6 +183,7 @@ struct Listening {
 /// Everything a running master is made of; reloads change it in place.
 struct Live {
     dir: PathBuf,
+    limits: Limits,
     store: Store,
     cancel: CancellationToken,
     master_id: i64,
@@ -255,10 +259,9 @@ impl Live {
         let started_at = unix_now();
         tracing::info!("reloading the config ({trigger})");
         let dir = self.dir.clone();
-        let loaded = tokio::task::spawn_blocking(move || {
-            crate::script::load_master(&dir, Limits::default())
-        })
-        .await;
+        let limits = self.limits.clone();
+        let loaded =
+            tokio::task::spawn_blocking(move || crate::script::load_master(&dir, limits)).await;
         let mut record = NewReload {
             started_at,
             trigger: trigger.to_string(),
@@ -549,6 +552,7 @@ async fn serve(
     };
     let mut live = Live {
         dir: dir.to_path_buf(),
+        limits: options.limits.clone(),
         store: store.clone(),
         cancel: cancel.clone(),
         master_id,

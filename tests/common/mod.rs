@@ -171,8 +171,14 @@ pub struct Master {
 
 impl Master {
     pub fn start(dir: &Path) -> Master {
+        Master::start_with(dir, &[])
+    }
+
+    /// `kiln start . ARGS...`
+    pub fn start_with(dir: &Path, args: &[&str]) -> Master {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(["start", "."])
+            .args(args)
             .current_dir(dir)
             .env("NO_COLOR", "1")
             .env("PATH", tools_path())
