@@ -518,3 +518,85 @@ f.addStep(ShellCommand(#{{ command: ["true"] }}));
     );
     assert_eq!(master.log().matches("connected worker=w2").count(), 1);
 }
+
+#[test]
+fn ports_rebind_and_a_reload_that_cannot_be_applied_whole_is_not_applied_at_all() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let script = |www: u16, db: &str, builders: &[&str]| {
+        let list: Vec<String> = builders
+            .iter()
+            .map(|b| {
+                format!(r#"BuilderConfig(#{{ name: "{b}", workernames: ["w1"], factory: f }})"#)
+            })
+            .collect();
+        format!(
+            r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{{ command: ["true"] }}));
+#{{
+    db: #{{ db_url: "{db}" }},
+    www: #{{ port: {www} }},
+    workers: [Worker("w1", "pw-one")],
+    builders: [{}],
+}}
+"#,
+            list.join(", ")
+        )
+    };
+    let db = "sqlite:///state.sqlite";
+    let dir = master_script(tmp.path(), &script(0, db, &["a"]));
+    let master = Master::start(&dir);
+    let old_url = master.http_url();
+    master.wait_for_log("master running", 1, Duration::from_secs(60));
+
+    // A port another process holds: the whole reload is refused, so the
+    // builder added in the same save is not applied either.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy = held.local_addr().expect("addr").port();
+    save(&dir.join("master.rhai"), &script(busy, db, &["a", "b"]));
+    let r = next_reload(&dir, 0);
+    assert!(!r.applied, "{r:?}");
+    assert!(
+        r.errors.contains("nothing of this reload was applied"),
+        "{r:?}"
+    );
+    assert!(
+        r.errors
+            .contains(&format!("cannot listen on 127.0.0.1:{busy}")),
+        "{r:?}"
+    );
+    // The old server still answers.
+    assert!(http_get(&format!("{old_url}/health")).contains(r#""status":"ok""#));
+
+    // A new database needs a restart: refused with a message saying so.
+    save(
+        &dir.join("master.rhai"),
+        &script(0, "sqlite:///other.sqlite", &["a", "b"]),
+    );
+    let r = next_reload(&dir, 1);
+    assert!(!r.applied, "{r:?}");
+    assert!(r.errors.contains("db.db_url changed"), "{r:?}");
+    assert!(r.errors.contains("restart the master"), "{r:?}");
+
+    // A free port: the HTTP server moves there; the old address is closed.
+    drop(held);
+    let free = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    save(&dir.join("master.rhai"), &script(free, db, &["a", "b"]));
+    let r = next_reload(&dir, 2);
+    assert!(r.applied, "{r:?}");
+    assert_eq!(r.diff, "builders: +1 (b)\nsettings: www");
+    let new_url = format!("http://127.0.0.1:{free}");
+    let list: serde_json::Value =
+        serde_json::from_str(&http_get(&format!("{new_url}/api/v2/reloads"))).expect("json");
+    assert_eq!(list["meta"]["total"], 3);
+    assert_eq!(list["reloads"][0]["applied"], true);
+    assert_eq!(list["reloads"][1]["applied"], false);
+    wait_until(Duration::from_secs(10), "the old port to close", || {
+        std::net::TcpStream::connect(old_url.trim_start_matches("http://"))
+            .is_err()
+            .then_some(())
+    });
+}
