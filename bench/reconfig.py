@@ -40,7 +40,7 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-APPLIED = re.compile(r"^(\S+) +INFO config reloaded in ([0-9.]+) ms")
+APPLIED = re.compile(r"^(\S+) +INFO config reloaded in ([0-9.]+) ms \(scripts ([0-9.]+) ms\)")
 
 
 def applied_lines(log):
@@ -50,7 +50,7 @@ def applied_lines(log):
             m = APPLIED.match(line)
             if m:
                 ts = datetime.fromisoformat(m.group(1).replace("Z", "+00:00"))
-                out.append((ts.timestamp(), float(m.group(2))))
+                out.append((ts.timestamp(), float(m.group(2)), float(m.group(3))))
     return out
 
 
@@ -86,6 +86,9 @@ def run_master(*args):
     return p, log
 
 
+scripts = []
+
+
 def saves(p, log, n):
     """Latency save -> applied, and the stored reload time, per save."""
     lat, own = [], []
@@ -94,9 +97,10 @@ def saves(p, log, n):
         t0 = time.time()
         # gen_master.py has written and closed the file: the save time is
         # when it returned.
-        ts, ms = wait_applied(log, i + 1)
+        ts, ms, load = wait_applied(log, i + 1)
         lat.append((ts - t0) * 1000)
         own.append(ms)
+        scripts.append(load)
         time.sleep(0.5)
     return lat, own
 
@@ -138,4 +142,5 @@ stop(p)
 med = statistics.median
 print(f"builders={B * 5} save_to_applied_ms(quiet 300)={med(lat300):.0f} "
       f"save_to_applied_ms(quiet 20)={med(lat20):.0f} reload_ms={med(own + own20):.1f} "
+      f"of_which_scripts_ms={med(scripts):.1f} "
       f"kiln_reconfig_cli_ms={med(cli):.0f} idle_cpu_pct={idle:.2f} rss_mb={rss:.1f}")

@@ -184,6 +184,7 @@ struct Listening {
 struct Live {
     dir: PathBuf,
     limits: Limits,
+    loader: Loader,
     store: Store,
     cancel: CancellationToken,
     master_id: i64,
@@ -258,17 +259,15 @@ impl Live {
         let started = Instant::now();
         let started_at = unix_now();
         tracing::info!("reloading the config ({trigger})");
-        let dir = self.dir.clone();
-        let limits = self.limits.clone();
-        let loaded =
-            tokio::task::spawn_blocking(move || crate::script::load_master(&dir, limits)).await;
+        let loaded = self.loader.load(&self.dir, &self.limits).await;
+        let load_ms = started.elapsed().as_secs_f64() * 1000.0;
         let mut record = NewReload {
             started_at,
             trigger: trigger.to_string(),
             ..Default::default()
         };
         match loaded {
-            Err(e) => record.errors = format!("the reload did not finish: {e}"),
+            Err(e) => record.errors = e,
             Ok(Err(failure)) => {
                 record.errors =
                     crate::diagnostics::render(&failure.diagnostics, &failure.sources, false);
@@ -298,7 +297,7 @@ impl Live {
         record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
         if record.applied {
             tracing::info!(
-                "config reloaded in {:.1} ms ({trigger}): {}",
+                "config reloaded in {:.1} ms (scripts {load_ms:.1} ms) ({trigger}): {}",
                 record.duration_ms,
                 record.diff.replace('\n', "; ")
             );
@@ -428,6 +427,50 @@ impl Live {
     }
 }
 
+type LoadJob = (
+    PathBuf,
+    Limits,
+    tokio::sync::oneshot::Sender<Result<Loaded, crate::script::LoadFailure>>,
+);
+
+/// The thread every reload evaluates the scripts on. Always the same
+/// thread: the allocator gives each thread its own arena, and loads on
+/// the blocking pool's changing threads left a config's worth of freed
+/// memory in each (RSS grew by ~11 MB per reload of a 1000-builder
+/// config until every arena had one).
+struct Loader {
+    jobs: std::sync::mpsc::Sender<LoadJob>,
+}
+
+impl Loader {
+    fn start() -> anyhow::Result<Loader> {
+        let (jobs, rx) = std::sync::mpsc::channel::<LoadJob>();
+        std::thread::Builder::new()
+            .name("kiln-reload".into())
+            .spawn(move || {
+                for (dir, limits, reply) in rx {
+                    let _ = reply.send(crate::script::load_master(&dir, limits));
+                }
+            })
+            .context("cannot start the reload thread")?;
+        Ok(Loader { jobs })
+    }
+
+    async fn load(
+        &self,
+        dir: &Path,
+        limits: &Limits,
+    ) -> Result<Result<Loaded, crate::script::LoadFailure>, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send((dir.to_path_buf(), limits.clone(), reply))
+            .map_err(|_| "the reload thread has stopped; restart the master".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the reload did not finish (the reload thread failed)".to_string())
+    }
+}
+
 fn paths(files: &[PathBuf]) -> Vec<String> {
     files.iter().map(|f| f.display().to_string()).collect()
 }
@@ -553,6 +596,7 @@ async fn serve(
     let mut live = Live {
         dir: dir.to_path_buf(),
         limits: options.limits.clone(),
+        loader: Loader::start()?,
         store: store.clone(),
         cancel: cancel.clone(),
         master_id,

@@ -53,8 +53,13 @@ impl Changes {
     }
 }
 
-/// Whether two values print the same (origins are not printed).
-pub fn same_printed<T: Serialize>(a: &T, b: &T) -> bool {
+/// Whether two values print the same (origins are not printed). Equal
+/// values (origins included) print the same, and that check is much
+/// cheaper: printing is only for those that differ.
+pub fn same_printed<T: Serialize + PartialEq>(a: &T, b: &T) -> bool {
+    if a == b {
+        return true;
+    }
     match (serde_json::to_value(a), serde_json::to_value(b)) {
         (Ok(a), Ok(b)) => a == b,
         // Not printable: treat as changed, which is always safe.
