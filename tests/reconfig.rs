@@ -600,3 +600,60 @@ f.addStep(ShellCommand(#{{ command: ["true"] }}));
             .then_some(())
     });
 }
+
+#[test]
+fn a_removed_worker_finishes_its_build_and_is_let_go() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let script = |workers: &str, on: &str| {
+        format!(
+            r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{{ name: "wait", command: "while [ ! -e ../../../release ]; do sleep 0.1; done" }}));
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [{workers}],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["{on}"], factory: f }})],
+}}
+"#
+        )
+    };
+    let dir = master_script(
+        tmp.path(),
+        &script(r#"Worker("w1", "pw-one"), Worker("w2", "pw-two")"#, "w1"),
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
+
+    save(
+        &dir.join("master.rhai"),
+        &script(r#"Worker("w2", "pw-two")"#, "w2"),
+    );
+    let r = next_reload(&dir, 0);
+    assert!(r.applied, "{r:?}");
+    assert_eq!(r.diff, "builders: ~1 (b)\nworkers: -1 (w1)");
+    master.wait_for_log(
+        "shuts down when its 1 running build(s) end",
+        1,
+        Duration::from_secs(30),
+    );
+    assert_eq!(connected(&dir), ["w1"], "still there while it builds");
+
+    std::fs::write(tmp.path().join("release"), "").expect("release");
+    wait_until(Duration::from_secs(60), "the build to finish", || {
+        finished(&dir, 1).then_some(())
+    });
+    assert_eq!(
+        builds_of(&dir, "b"),
+        [(1, Some(0), vec!["wait".to_string()])]
+    );
+    master.wait_for_log("idle: telling it to shut down", 1, Duration::from_secs(30));
+    wait_until(Duration::from_secs(30), "w1 to be gone", || {
+        connected(&dir).is_empty().then_some(())
+    });
+}

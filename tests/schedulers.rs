@@ -236,6 +236,78 @@ async fn a_pending_timer_survives_a_restart_and_fires_once() {
     m.stop().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_reload_keeps_a_schedulers_classified_changes_and_timer_when_it_keeps_its_name() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let before = load(
+        &tmp.path().join("before"),
+        r#"Scheduler(#{ name: "m-c", branch: "mozilla-central", treeStableTimer: 300, builderNames: ["linux"] }),
+           Scheduler(#{ name: "try", branch: "try", treeStableTimer: 300, builderNames: ["up"] })"#,
+        Limits::default(),
+    );
+    // m-c builds one more builder, try is as it was, "new" is new.
+    let after = load(
+        &tmp.path().join("after"),
+        r#"Scheduler(#{ name: "m-c", branch: "mozilla-central", treeStableTimer: 300, builderNames: ["linux", "win32"] }),
+           Scheduler(#{ name: "try", branch: "try", treeStableTimer: 300, builderNames: ["up"] }),
+           Scheduler(#{ name: "new", branch: "mozilla-central", treeStableTimer: (), builderNames: ["down"] })"#,
+        Limits::default(),
+    );
+    let store = open_store(tmp.path()).await;
+    let m = Running::start(&before, &store);
+    settle().await;
+    let a = m.change("mozilla-central", &["a.c"]).await;
+    let t = m.change("try", &["t.c"]).await;
+    m.handled("m-c", t).await;
+    m.handled("try", t).await;
+    tokio::time::advance(Duration::from_secs(100)).await;
+
+    m.schedulers
+        .reconfigure(&after.config, after.runtime())
+        .await;
+    settle().await;
+    assert!(m.buildsets().await.is_empty(), "no timer fired early");
+    let b = m.change("mozilla-central", &["b.c"]).await;
+    m.handled("new", b).await;
+    m.handled("m-c", b).await;
+    // m-c's window restarted with b; try's deadline is 300 s after t.
+    tokio::time::advance(Duration::from_secs(301)).await;
+    settle().await;
+    let bs = m.buildsets().await;
+    let mut made: Vec<(String, Vec<i64>, Vec<String>)> = Vec::new();
+    for set in &bs {
+        let reqs = store
+            .requests_of_buildset(set.bsid)
+            .await
+            .expect("requests");
+        made.push((
+            set.scheduler.clone().unwrap_or_default(),
+            set.changeids.clone(),
+            reqs.iter().map(|r| r.buildername.clone()).collect(),
+        ));
+    }
+    made.sort();
+    assert_eq!(
+        made,
+        [
+            // The classified change a was kept across the reload, and the
+            // buildset has the new config's builders.
+            (
+                "m-c".to_string(),
+                vec![a, b],
+                vec!["linux".to_string(), "win32".to_string()]
+            ),
+            // A new scheduler starts from now: b, not a.
+            ("new".to_string(), vec![b], vec!["down".to_string()]),
+            ("try".to_string(), vec![t], vec!["up".to_string()]),
+        ]
+    );
+    tokio::time::advance(Duration::from_secs(1000)).await;
+    settle().await;
+    assert_eq!(m.buildsets().await.len(), 3, "each timer fired once");
+    m.stop().await;
+}
+
 #[tokio::test]
 async fn file_is_important_classifies_changes_polled_from_a_real_repository() {
     // The poller runs hg from this process.
