@@ -102,6 +102,20 @@ enum Command {
         #[arg(long)]
         max_operations: Option<u64>,
     },
+    /// An interactive Rhai session over DIR's scripts: the config's values
+    /// in scope, and branches(), builders(), schedulers(), show(name),
+    /// explain(#{branch, files, ...}), help(name); :help, :reload, :diff.
+    /// Reads standard input when it is not a terminal.
+    Repl {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Evaluate this and print the value (exit 1 on an error).
+        #[arg(short = 'e', long = "eval")]
+        expr: Option<String>,
+        /// Stop an evaluation after this many operations.
+        #[arg(long)]
+        max_operations: Option<u64>,
+    },
     /// Ask the master running in DIR to reload its config; print what
     /// changed, or the errors (exit 1: the old config keeps running).
     Reconfig {
@@ -307,6 +321,15 @@ fn load(dir: &Path, limits: Limits) -> Result<Loaded, ExitCode> {
     }
 }
 
+/// The default limits, with `--max-operations` when given.
+fn limits_with(max_operations: Option<u64>) -> Limits {
+    let mut limits = Limits::default();
+    if let Some(n) = max_operations {
+        limits.max_operations = n;
+    }
+    limits
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::CreateMaster { dir, repo } => {
@@ -322,10 +345,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dir,
             max_operations,
         } => {
-            let mut limits = Limits::default();
-            if let Some(n) = max_operations {
-                limits.max_operations = n;
-            }
+            let limits = limits_with(max_operations);
             let loaded = match load(&dir, limits) {
                 Ok(l) => l,
                 Err(code) => return Ok(code),
@@ -364,10 +384,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reload_quiet_ms,
             max_operations,
         } => {
-            let mut limits = Limits::default();
-            if let Some(n) = max_operations {
-                limits.max_operations = n;
-            }
+            let limits = limits_with(max_operations);
             let loaded = match load(&dir, limits.clone()) {
                 Ok(l) => l,
                 Err(code) => return Ok(code),
@@ -379,6 +396,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             crate::master::run(&dir, loaded, options)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Repl {
+            dir,
+            expr,
+            max_operations,
+        } => {
+            let limits = limits_with(max_operations);
+            crate::repl::run(crate::repl::Options { dir, limits, expr })
         }
         Command::Reconfig { dir, wait } => {
             let r = crate::master::reconfig(&dir, std::time::Duration::from_secs(wait))?;
@@ -628,6 +653,13 @@ pub fn to_text(c: &MasterConfig) -> anyhow::Result<String> {
     let mut out = String::new();
     text_value(&v, 0, &mut out);
     Ok(out.trim_end().to_string())
+}
+
+/// Any JSON value as print-config's indented text.
+pub fn text_of(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    text_value(v, 0, &mut out);
+    out.trim_end().to_string()
 }
 
 fn scalar(v: &serde_json::Value) -> Option<String> {

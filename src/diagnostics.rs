@@ -135,6 +135,9 @@ impl Sources {
     pub fn get(&self, file: &str) -> Option<&Arc<str>> {
         self.files.get(file)
     }
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<str>)> {
+        self.files.iter()
+    }
 }
 
 /// A path as the user should see it: relative to the current directory when

@@ -11,6 +11,7 @@ pub mod http;
 pub mod master;
 pub mod memory;
 pub mod reconfig;
+pub mod repl;
 pub mod schedulers;
 pub mod script;
 pub mod store;

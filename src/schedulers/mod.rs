@@ -410,7 +410,14 @@ const BATCH: usize = 500;
 
 impl Task {
     fn filter(&self) -> Option<Filter<'_>> {
-        match &self.cfg.kind {
+        filter_of(&self.cfg)
+    }
+}
+
+/// The change filter of a change-based scheduler; `None` for the others.
+fn filter_of(cfg: &SchedulerConfig) -> Option<Filter<'_>> {
+    {
+        match &cfg.kind {
             SchedulerKind::Scheduler {
                 branch,
                 repository,
@@ -454,7 +461,86 @@ impl Task {
             _ => None,
         }
     }
+}
 
+/// Why the filter `f` turns the change `ch` away, or `None` if it takes it.
+fn rejects(f: &Filter<'_>, ch: &crate::store::NewChange) -> Option<String> {
+    let show = |b: &Option<String>| b.clone().unwrap_or_else(|| "the default branch".into());
+    if let Some(b) = f.branch {
+        if b != &ch.branch {
+            return Some(format!("it takes {}, not {}", show(b), show(&ch.branch)));
+        }
+    }
+    if let Some(bs) = f.branches {
+        match &ch.branch {
+            Some(b) if bs.contains(b) => {}
+            _ => {
+                return Some(format!(
+                    "its branches are {bs:?}, which do not include {}",
+                    show(&ch.branch)
+                ))
+            }
+        }
+    }
+    if let Some(r) = f.repository {
+        if r != ch.repository {
+            return Some(format!("it takes repository {r}, not {}", ch.repository));
+        }
+    }
+    if let Some(p) = f.project {
+        if p != ch.project {
+            return Some(format!("it takes project {p}, not {}", ch.project));
+        }
+    }
+    None
+}
+
+/// What a scheduler would do with a change, as `kiln repl`'s `explain`
+/// tells it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// It builds (at once, or when its treeStableTimer fires).
+    Builds { after_seconds: Option<u64> },
+    /// It keeps the change (not important) for the next important one.
+    Keeps(String),
+    /// It does not take the change, and why.
+    No(String),
+}
+
+/// What `cfg` would do with `change` (its filter, then `fileIsImportant`
+/// run by `runtime`).
+pub fn explain(cfg: &SchedulerConfig, change: &Change, runtime: &ScriptRuntime) -> Verdict {
+    let Some(f) = filter_of(cfg) else {
+        return Verdict::No(format!("a {} takes no changes", cfg.kind.type_name()));
+    };
+    if let Some(why) = rejects(&f, &change.change) {
+        return Verdict::No(why);
+    }
+    let important = match f.file_is_important {
+        None => true,
+        Some(cb) => match runtime.call(cb, (change_map(change),)) {
+            Ok(v) => v.as_bool().unwrap_or(true),
+            // The master counts a failing function's change as important.
+            Err(_) => true,
+        },
+    };
+    match (important, f.only_important) {
+        (true, _) => Verdict::Builds {
+            after_seconds: match f.tree_stable_timer {
+                None | Some(0) | Some(u64::MAX) => None,
+                Some(s) => Some(s),
+            },
+        },
+        (false, true) => Verdict::No(
+            "fileIsImportant says the change is not important, and onlyImportant drops it".into(),
+        ),
+        (false, false) => Verdict::Keeps(
+            "fileIsImportant says the change is not important: it builds with the next important change".into(),
+        ),
+    }
+}
+
+impl Task {
     fn kind_name(&self) -> &'static str {
         match self.cfg.kind {
             SchedulerKind::Scheduler { .. } => "SingleBranchScheduler",
@@ -721,7 +807,7 @@ impl Task {
         let mut timers = state.timers.clone();
         for c in changes {
             let Some(f) = self.filter() else { break };
-            if !self.wanted(&f, c) {
+            if rejects(&f, &c.change).is_some() {
                 continue;
             }
             let important = match f.file_is_important {
@@ -789,32 +875,6 @@ impl Task {
                 ids.brids.len()
             );
         }
-    }
-
-    fn wanted(&self, f: &Filter<'_>, c: &Change) -> bool {
-        let ch = &c.change;
-        if let Some(b) = f.branch {
-            if b != &ch.branch {
-                return false;
-            }
-        }
-        if let Some(bs) = f.branches {
-            match &ch.branch {
-                Some(b) if bs.contains(b) => {}
-                _ => return false,
-            }
-        }
-        if let Some(r) = f.repository {
-            if r != ch.repository {
-                return false;
-            }
-        }
-        if let Some(p) = f.project {
-            if p != ch.project {
-                return false;
-            }
-        }
-        true
     }
 
     /// `fileIsImportant`, off the async runtime; any failure counts the

@@ -7,8 +7,8 @@
 //! scripts. It returns the typed [`MasterConfig`] together with every file
 //! it read (for the reload watcher) or diagnostics that say what is wrong.
 
-mod errors;
-mod extract;
+pub(crate) mod errors;
+pub(crate) mod extract;
 mod host;
 pub use host::SECRETS_DIR;
 pub mod kwargs;
@@ -130,6 +130,16 @@ impl LoadState {
         lock(&self.warnings).clone()
     }
 
+    /// The functions of every module evaluated so far.
+    pub fn module_functions(&self) -> Vec<AST> {
+        self.modules.functions()
+    }
+
+    /// The modules evaluated so far, by id (the REPL completes their members).
+    pub fn modules(&self) -> Vec<(String, rhai::Shared<rhai::Module>)> {
+        self.modules.done()
+    }
+
     /// Restarts the wall-clock bound (each REPL line is its own evaluation).
     pub fn restart_clock(&self) {
         *lock(&self.started) = Instant::now();
@@ -188,6 +198,9 @@ pub fn new_engine(state: &Arc<LoadState>) -> Engine {
             return Some(Dynamic::from(memory_message(limit)));
         }
         if ops % 4096 == 0 {
+            if INTERRUPT.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Some(Dynamic::from("interrupted (Ctrl-C)".to_string()));
+            }
             if let Some((deadline, secs)) = CALL_DEADLINE.with(std::cell::Cell::get) {
                 if Instant::now() > deadline {
                     return Some(Dynamic::from(format!(
@@ -219,6 +232,9 @@ pub fn new_engine(state: &Arc<LoadState>) -> Engine {
     engine
 }
 
+/// Set (by the REPL's Ctrl-C) to stop the evaluation running now.
+pub static INTERRUPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 thread_local! {
     /// While a callback runs on this thread: when it must be done, and the
     /// limit in seconds (for the message).
@@ -243,6 +259,14 @@ pub struct ScriptRuntime {
 pub const CALLBACK_TIME_LIMIT: Duration = Duration::from_secs(10);
 
 impl ScriptRuntime {
+    pub fn new(engine: Arc<Engine>, libs: Vec<AST>, limits: Limits) -> ScriptRuntime {
+        ScriptRuntime {
+            engine,
+            libs: Arc::new(libs),
+            limits,
+        }
+    }
+
     /// Calls `cb` with `args`. An error is a message naming the callback,
     /// where it was written, and where it failed.
     pub fn call(

@@ -34,6 +34,15 @@ pub struct ModuleCache {
 }
 
 impl ModuleCache {
+    pub fn done(&self) -> Vec<(String, SharedModule)> {
+        self.done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     pub fn functions(&self) -> Vec<rhai::AST> {
         self.functions
             .lock()

@@ -1,0 +1,364 @@
+//! `kiln repl` against examples/mozilla-staging and small masters: one
+//! expression (`-e`), piped standard input, a session driven line by line
+//! while its files change (`:reload`, `:diff`), and a pseudo-terminal
+//! (completion, multi-line input, Ctrl-C during an endless loop).
+
+mod common;
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{kiln, repo_root};
+
+fn staging() -> std::path::PathBuf {
+    repo_root().join("examples/mozilla-staging")
+}
+
+fn eval(dir: &Path, expr: &str) -> common::Output {
+    kiln(dir, &["repl", ".", "-e", expr], Duration::from_secs(60))
+}
+
+#[test]
+fn helpers_answer_from_the_staging_config() {
+    let dir = staging();
+    let out = eval(&dir, "branches()");
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(
+        out.stdout.trim(),
+        r#"["cedar", "mozilla-aurora", "mozilla-central", "try"]"#
+    );
+
+    // The builders of one branch are those print-config shows with that category.
+    let printed = kiln(
+        &dir,
+        &["print-config", ".", "--json"],
+        Duration::from_secs(60),
+    );
+    let config: serde_json::Value = serde_json::from_str(&printed.stdout).expect("json");
+    let mut expected: Vec<String> = config["builders"]
+        .as_array()
+        .expect("builders")
+        .iter()
+        .filter(|b| b["category"] == "mozilla-central")
+        .map(|b| format!("{:?}", b["name"].as_str().expect("name")))
+        .collect();
+    expected.sort();
+    let out = eval(&dir, r#"let b = builders("mozilla-central"); b.sort(); b"#);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), format!("[{}]", expected.join(", ")));
+    assert_eq!(expected.len(), 5);
+
+    let out = eval(&dir, "schedulers()");
+    assert!(
+        out.stdout
+            .contains(r#""mozilla-central-firefox (Scheduler)""#),
+        "{}",
+        out.stdout
+    );
+
+    // config.rhai's fileIsImportant ignores docs/: a docs-only push to
+    // mozilla-central reaches its poller and scheduler, and builds nothing.
+    let out = eval(
+        &dir,
+        r#"explain(#{ branch: "mozilla-central", files: ["docs/index.rst"], who: "dev" })"#,
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let text = out.stdout;
+    assert!(
+        text.contains("yes HgPoller:https://hg.mozilla.org/mozilla-central"),
+        "{text}"
+    );
+    assert!(
+        text.contains("no  HgPoller:https://hg.mozilla.org/try"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "mozilla-central-firefox: keeps it: fileIsImportant says the change is not important"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("try-firefox: no: it takes try, not mozilla-central"),
+        "{text}"
+    );
+    assert!(text.contains("builders that get a request: 0"), "{text}");
+
+    // A code change builds every mozilla-central builder.
+    let out = eval(
+        &dir,
+        r#"explain(#{ branch: "mozilla-central", files: ["docs/a.rst", "dom/a.cpp"] })"#,
+    );
+    assert!(
+        out.stdout.contains("mozilla-central-firefox: yes: builds"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("builders that get a request: 5"),
+        "{}",
+        out.stdout
+    );
+    for b in &expected {
+        assert!(
+            out.stdout.contains(b.trim_matches('"')),
+            "{b}: {}",
+            out.stdout
+        );
+    }
+
+    // show: a builder in full, with its steps and commands.
+    let out = eval(&dir, r#"show("Linux mozilla-central build")"#);
+    assert!(
+        out.stdout.contains("builddir: \"mozilla-central-linux\""),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(
+            r#"command: ["hg", "clone", "https://hg.mozilla.org/build/mozharness", "scripts"]"#
+        ),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("--branch"), "{}", out.stdout);
+    let out = eval(&dir, r#"show("nosuch")"#);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr
+            .contains("no builder, scheduler, change source or worker named `nosuch`"),
+        "{}",
+        out.stderr
+    );
+
+    // help: kiln's description and the signature.
+    let out = eval(&dir, r#"help("HgPoller")"#);
+    assert!(
+        out.stdout.contains("polls a Mercurial repository's pushes"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("HgPoller(_: map) -> HgPoller"),
+        "{}",
+        out.stdout
+    );
+
+    // The scripts' own values are in scope, modules included.
+    assert_eq!(eval(&dir, "ACTIVE_BRANCHES.len()").stdout.trim(), "4");
+    assert_eq!(
+        eval(&dir, "config::BRANCHES.contains(\"cedar\")")
+            .stdout
+            .trim(),
+        "true"
+    );
+
+    // An error: the diagnostic, and exit 1.
+    let out = eval(&dir, "let x = ;");
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("<repl>:1:9"), "{}", out.stderr);
+}
+
+#[test]
+fn piped_input_keeps_its_scope_and_continues_unfinished_blocks() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let input = "let a = [1,\n  2,\n  3];\na.len()\nfn twice(x) {\n  x * 2\n}\ntwice(21)\nnot_defined\ntwice(a[2])\n";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["repl"])
+        .arg(staging())
+        .current_dir(tmp.path())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln repl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stdout, "3\n42\n6\n", "{stderr}");
+    assert!(
+        stderr.contains("Variable not found: not_defined"),
+        "{stderr}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an error makes the exit status 1"
+    );
+}
+
+/// A REPL whose lines the test writes one at a time, reading each answer.
+struct Driven {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Driven {
+    fn start(dir: &Path) -> Driven {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["repl", "."])
+            .current_dir(dir)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln repl");
+        let stdin = child.stdin.take().expect("stdin");
+        let (tx, lines) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Driven {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// Sends a line; returns what it printed up to a line with `until`.
+    fn ask(&mut self, line: &str, until: &str) -> String {
+        writeln!(self.stdin, "{line}").expect("write");
+        self.stdin.flush().expect("flush");
+        let mut seen = String::new();
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(30)) {
+                Ok(l) => {
+                    seen.push_str(&l);
+                    seen.push('\n');
+                    if l.contains(until) {
+                        return seen;
+                    }
+                }
+                Err(_) => panic!("no {until:?} after {line:?}; saw:\n{seen}"),
+            }
+        }
+    }
+}
+
+impl Drop for Driven {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn small_master(dir: &Path, builders: &[&str]) {
+    let list: Vec<String> = builders
+        .iter()
+        .map(|b| format!(r#"BuilderConfig(#{{ name: "{b}", workernames: ["w1"], factory: f }})"#))
+        .collect();
+    std::fs::write(
+        dir.join("master.rhai"),
+        format!(
+            r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{{ command: ["true"] }}));
+let c = #{{ workers: [Worker("w1", "pw")], builders: [{}] }};
+c
+"#,
+            list.join(", ")
+        ),
+    )
+    .expect("master.rhai");
+}
+
+#[test]
+fn reload_and_diff_follow_the_files_and_a_broken_edit_keeps_the_old_scope() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    small_master(tmp.path(), &["a"]);
+    let mut r = Driven::start(tmp.path());
+    assert!(r.ask("builders()", "]").contains(r#"["a"]"#));
+    r.ask("let mine = 7; mine", "7");
+
+    std::fs::write(tmp.path().join("master.rhai"), "let c = #{ broken").expect("write");
+    let out = r.ask(":reload", "the reload failed");
+    assert!(out.contains("master.rhai:1:"), "{out}");
+    assert!(
+        r.ask("builders()", "]").contains(r#"["a"]"#),
+        "the old config stays"
+    );
+
+    small_master(tmp.path(), &["a", "b"]);
+    assert_eq!(r.ask(":diff", "builders:").trim(), "builders: +1 (b)");
+    assert!(r
+        .ask(":reload", "reloaded:")
+        .contains("reloaded: 2 builders"));
+    assert!(r.ask("builders()", "]").contains(r#"["a", "b"]"#));
+    // A variable the session made survives the reload.
+    assert!(r.ask("mine + 1", "8").contains('8'));
+}
+
+#[test]
+fn a_terminal_session_completes_continues_blocks_and_interrupts_an_endless_loop() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    small_master(tmp.path(), &["alpha", "beta"]);
+    let bin = env!("CARGO_BIN_EXE_kiln");
+    let mut cmd = Command::new(bin);
+    cmd.args(["repl", "."])
+        .current_dir(tmp.path())
+        .env("NO_COLOR", "1")
+        .env("TERM", "xterm");
+    let mut p = rexpect::session::spawn_command(cmd, Some(30_000)).expect("pty");
+    p.exp_string("kiln> ").expect("prompt");
+
+    // Completion of a map key: `c.bui<Tab>` becomes `c.builders`.
+    p.send("c.bui").expect("send");
+    p.flush().expect("flush");
+    std::thread::sleep(Duration::from_millis(200));
+    p.send("\t").expect("tab");
+    p.flush().expect("flush");
+    p.exp_string("c.builders").expect("completed");
+    p.send(".len() * 1000 + 7\r").expect("enter");
+    p.flush().expect("flush");
+    p.exp_string("2007")
+        .expect("c.builders.len() completed and evaluated");
+    p.exp_string("kiln> ").expect("prompt");
+
+    // An unfinished block continues on the next line.
+    p.send_line("fn three() {").expect("send");
+    p.send_line("  3 }").expect("send");
+    p.exp_string("kiln> ").expect("prompt");
+    p.send_line("three() * 1111").expect("send");
+    p.exp_string("3333").expect("3333");
+    p.exp_string("kiln> ").expect("prompt");
+
+    // Ctrl-C stops an endless loop, not the REPL.
+    p.send_line("loop { }").expect("send");
+    std::thread::sleep(Duration::from_millis(500));
+    p.send_control('c').expect("ctrl-c");
+    p.flush().expect("flush");
+    p.exp_string("interrupted (Ctrl-C)").expect("interrupted");
+    p.exp_string("kiln> ").expect("prompt");
+    p.send_line("4000 + 321").expect("send");
+    p.exp_string("4321").expect("still alive");
+
+    // Ctrl-D leaves, and the history is kept in the master dir.
+    p.send_control('d').expect("ctrl-d");
+    p.flush().expect("flush");
+    p.exp_eof().expect("exit");
+    let history = std::fs::read_to_string(tmp.path().join(".kiln_repl_history")).expect("history");
+    assert!(history.contains("three() * 1111"), "{history}");
+}
