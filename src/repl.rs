@@ -822,6 +822,10 @@ pub fn run(opts: Options) -> anyhow::Result<std::process::ExitCode> {
 /// input, completion, and Ctrl-C for the line or the evaluation.
 fn interactive(session: Session, color: bool) -> anyhow::Result<std::process::ExitCode> {
     use rustyline::error::ReadlineError;
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
     let history = session.dir.join(".kiln_repl_history");
     let shared = Arc::new(std::sync::Mutex::new(session));
     let mut rl: rustyline::Editor<ReplHelper, rustyline::history::DefaultHistory> =

@@ -347,6 +347,7 @@ fn a_terminal_session_completes_continues_blocks_and_interrupts_an_endless_loop(
 
     // Ctrl-C stops an endless loop, not the REPL.
     p.send_line("loop { }").expect("send");
+    p.exp_string("loop { }").expect("echo");
     std::thread::sleep(Duration::from_millis(500));
     p.send_control('c').expect("ctrl-c");
     p.flush().expect("flush");
@@ -354,6 +355,20 @@ fn a_terminal_session_completes_continues_blocks_and_interrupts_an_endless_loop(
     p.exp_string("kiln> ").expect("prompt");
     p.send_line("4000 + 321").expect("send");
     p.exp_string("4321").expect("still alive");
+    p.exp_string("kiln> ").expect("prompt");
+
+    // Ctrl-C at the prompt drops the line being typed.
+    p.send("undefined_name_typed").expect("send");
+    p.flush().expect("flush");
+    std::thread::sleep(Duration::from_millis(200));
+    p.send_control('c').expect("ctrl-c");
+    p.flush().expect("flush");
+    p.exp_string("undefined_name_typed").expect("echo");
+    p.exp_string("kiln> ").expect("a fresh prompt");
+    p.send_line("5000 + 55").expect("send");
+    p.exp_string("5055")
+        .expect("the dropped line was not evaluated");
+    p.exp_string("kiln> ").expect("prompt");
 
     // Ctrl-D leaves, and the history is kept in the master dir.
     p.send_control('d').expect("ctrl-d");
