@@ -112,6 +112,10 @@ enum Command {
         /// Evaluate this and print the value (exit 1 on an error).
         #[arg(short = 'e', long = "eval")]
         expr: Option<String>,
+        /// A running master (its HTTP URL): live() reads its workers and
+        /// waiting requests, :diff compares the files with its config.
+        #[arg(long)]
+        master: Option<String>,
         /// Stop an evaluation after this many operations.
         #[arg(long)]
         max_operations: Option<u64>,
@@ -400,10 +404,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Repl {
             dir,
             expr,
+            master,
             max_operations,
         } => {
             let limits = limits_with(max_operations);
-            crate::repl::run(crate::repl::Options { dir, limits, expr })
+            crate::repl::run(crate::repl::Options {
+                dir,
+                limits,
+                expr,
+                master,
+            })
         }
         Command::Reconfig { dir, wait } => {
             let r = crate::master::reconfig(&dir, std::time::Duration::from_secs(wait))?;

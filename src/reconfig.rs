@@ -253,3 +253,60 @@ pub struct ReloadAsk {
     pub trigger: String,
     pub reply: Option<tokio::sync::oneshot::Sender<crate::store::reloads::Reload>>,
 }
+
+/// The name a change source goes by, from its printed form (as
+/// [`crate::config::ChangeSource::name`] makes it).
+fn printed_source_name(v: &serde_json::Value) -> String {
+    let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+    match v["type"].as_str() {
+        Some("HgPoller") => format!(
+            "HgPoller:{}",
+            crate::config::join_url(&s("hgURL"), &s("branch"))
+        ),
+        Some(t) => format!("{t}:{}", s("repourl")),
+        None => v.to_string(),
+    }
+}
+
+impl ConfigDiff {
+    /// The diff between two configs as `kiln print-config --json` prints
+    /// them (the REPL compares its files with a running master's
+    /// `/api/v2/config`). Passwords print as `<secret>`, so a changed
+    /// password does not show here.
+    pub fn between_printed(old: &serde_json::Value, new: &serde_json::Value) -> ConfigDiff {
+        use serde_json::Value;
+        let list = |v: &Value, key: &str| v[key].as_array().cloned().unwrap_or_default();
+        let by_name = |v: &Value| v["name"].as_str().unwrap_or_default().to_string();
+        let kind = |key: &str, name: &dyn Fn(&Value) -> String| {
+            Changes::between(&list(old, key), &list(new, key), name, |a, b| a == b)
+        };
+        let mut globals = Vec::new();
+        let keys: std::collections::BTreeSet<&String> = old
+            .as_object()
+            .into_iter()
+            .chain(new.as_object())
+            .flat_map(|m| m.keys())
+            .collect();
+        for k in keys {
+            let listed = [
+                "builders",
+                "schedulers",
+                "change_source",
+                "workers",
+                "status",
+            ];
+            if !listed.contains(&k.as_str()) && old.get(k) != new.get(k) {
+                globals.push(k.clone());
+            }
+        }
+        ConfigDiff {
+            builders: kind("builders", &by_name),
+            schedulers: kind("schedulers", &by_name),
+            change_sources: kind("change_source", &printed_source_name),
+            workers: kind("workers", &by_name),
+            passwords: Vec::new(),
+            status: kind("status", &|v: &Value| v.to_string()),
+            globals,
+        }
+    }
+}

@@ -26,9 +26,76 @@ use crate::script::{self, Limits, LoadState, ScriptRuntime, ENTRY_SCRIPT, INTERR
 struct Shared {
     config: RwLock<Option<Arc<MasterConfig>>>,
     runtime: RwLock<Option<ScriptRuntime>>,
+    /// `--master URL`: a running master to read live state from.
+    master: RwLock<Option<String>>,
+}
+
+/// GET `url`, as JSON (the REPL is not async: a small runtime per call).
+fn fetch_json(url: &str) -> Result<serde_json::Value, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start an HTTP client: {e}"))?;
+    rt.block_on(async {
+        let r = reqwest::Client::new()
+            .get(url)
+            .timeout(std::time::Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach {url}: {e}"))?;
+        let status = r.status();
+        let body = r
+            .text()
+            .await
+            .map_err(|e| format!("cannot read {url}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("{url} answered {status}: {}", body.trim()));
+        }
+        serde_json::from_str(&body).map_err(|e| format!("{url} did not answer JSON: {e}"))
+    })
+}
+
+/// The running master's connected workers and waiting requests.
+fn live_state(url: &str) -> Result<String, String> {
+    let workers = fetch_json(&format!("{url}/api/v2/workers"))?;
+    let requests = fetch_json(&format!("{url}/api/v2/buildrequests?claimed=false"))?;
+    let mut connected: Vec<String> = workers["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|w| w["connected_to"].as_array().is_some_and(|c| !c.is_empty()))
+        .filter_map(|w| w["name"].as_str().map(String::from))
+        .collect();
+    connected.sort();
+    let mut pending: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in requests["buildrequests"].as_array().into_iter().flatten() {
+        let name = r["buildername"].as_str().unwrap_or("?").to_string();
+        *pending.entry(name).or_default() += 1;
+    }
+    let mut lines = vec![format!(
+        "{} connected worker(s){}{}",
+        connected.len(),
+        if connected.is_empty() { "" } else { ": " },
+        connected.join(", ")
+    )];
+    lines.push(format!(
+        "{} waiting request(s)",
+        pending.values().sum::<usize>()
+    ));
+    for (b, n) in pending {
+        lines.push(format!("  {b}: {n}"));
+    }
+    Ok(lines.join("\n"))
 }
 
 impl Shared {
+    fn master(&self) -> Option<String> {
+        self.master
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn config(&self) -> Result<Arc<MasterConfig>, Box<rhai::EvalAltResult>> {
         self.config
             .read()
@@ -242,6 +309,11 @@ impl Session {
         }
         session.functions = self.functions.merge(&session.functions);
         session.started = self.started.take();
+        *session
+            .shared
+            .master
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = self.shared.master();
         *self = session;
         problems
     }
@@ -249,6 +321,16 @@ impl Session {
     /// `:diff`: what a reload of the files now would change, against the
     /// config this session started with.
     pub fn diff(&self) -> Result<String, String> {
+        if let Some(url) = self.shared.master() {
+            let running = fetch_json(&format!("{url}/api/v2/config"))?;
+            let now = script::load_master(&self.dir, self.limits.clone())
+                .map_err(|f| render(&f.diagnostics, &f.sources, false))?;
+            let files = serde_json::to_value(&now.config).map_err(|e| e.to_string())?;
+            return Ok(format!(
+                "against the master at {url}:\n{}",
+                ConfigDiff::between_printed(&running["config"], &files)
+            ));
+        }
         let Some(before) = &self.started else {
             return Err(
                 "the config did not load when the session started: nothing to compare".into(),
@@ -388,6 +470,7 @@ const DOCS: &[(&str, &str)] = &[
     ("show", "show(name): a builder, scheduler, change source or worker in full"),
     ("explain", "explain(#{branch, files, who, comments, repository}): which change sources see such a push, which schedulers take it, and which builders get requests"),
     ("help", "help(name): what a function is and how to call it"),
+    ("live", "live(): the running master's connected workers and waiting requests per builder (--master URL)"),
 ];
 
 fn help_text(signatures: &[String], name: &str) -> String {
@@ -506,6 +589,16 @@ fn register_helpers(engine: &mut Engine, shared: &Arc<Shared>) {
         };
         Ok(crate::cli::text_of(&value))
     });
+    let s = shared.clone();
+    engine.register_fn(
+        "live",
+        move || -> Result<String, Box<rhai::EvalAltResult>> {
+            let url = s
+                .master()
+                .ok_or("live() reads a running master: start the REPL with --master URL")?;
+            live_state(&url).map_err(Into::into)
+        },
+    );
     let s = shared.clone();
     engine.register_fn(
         "explain",
@@ -632,6 +725,8 @@ pub struct Options {
     pub limits: Limits,
     /// `-e EXPR`: evaluate, print, exit.
     pub expr: Option<String>,
+    /// `--master URL`: a running master for `live()` and `:diff`.
+    pub master: Option<String>,
 }
 
 /// Whether `text` is an unfinished block (more brackets opened than
@@ -689,7 +784,7 @@ fn handle(
                 let text = if arg.is_empty() {
                     "kiln repl: type Rhai; the config's values are in scope (c, BRANCHES, ...).\n\
                      helpers: branches(), builders(), builders(branch), schedulers(), show(name), \
-                     explain(#{branch, files, who, comments}), help(name)\n\
+                     explain(#{branch, files, who, comments}), help(name), live() (with --master URL)\n\
                      commands: :help NAME, :reload, :diff, :quit (or Ctrl-D)"
                         .to_string()
                 } else {
@@ -753,6 +848,12 @@ pub fn run(opts: Options) -> anyhow::Result<std::process::ExitCode> {
         mut session,
         problems,
     } = Session::open(&opts.dir, opts.limits.clone());
+    *session
+        .shared
+        .master
+        .write()
+        .unwrap_or_else(|e| e.into_inner()) =
+        opts.master.map(|m| m.trim_end_matches('/').to_string());
     let failed_load = session.config().is_none();
     if !problems.is_empty() {
         eprint!("{}", session.render(&problems, color));

@@ -377,3 +377,70 @@ fn a_terminal_session_completes_continues_blocks_and_interrupts_an_endless_loop(
     let history = std::fs::read_to_string(tmp.path().join(".kiln_repl_history")).expect("history");
     assert!(history.contains("three() * 1111"), "{history}");
 }
+
+#[test]
+fn with_master_live_shows_workers_and_waiting_requests_and_diff_compares_with_the_running_config() {
+    use common::workers::{force, master_script, worker_port, KilnWorker};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let script = |builders: &[&str]| {
+        let list: Vec<String> = builders
+            .iter()
+            .map(|b| {
+                format!(r#"BuilderConfig(#{{ name: "{b}", workernames: ["w2"], factory: f }})"#)
+            })
+            .collect();
+        let names: Vec<String> = builders.iter().map(|b| format!("\"{b}\"")).collect();
+        format!(
+            r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{{ command: ["true"] }}));
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    // w2 never connects: its builders' requests wait.
+    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: [{}] }})],
+    builders: [{}],
+}}
+"#,
+            names.join(", "),
+            list.join(", ")
+        )
+    };
+    let dir = master_script(tmp.path(), &script(&["b"]));
+    let master = common::Master::start_with(&dir, &["--no-watch"]);
+    let url = master.http_url();
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    force(&master, "b");
+
+    let out = kiln(
+        &dir,
+        &["repl", ".", "--master", &url, "-e", "live()"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(
+        out.stdout.trim(),
+        "1 connected worker(s): w1\n2 waiting request(s)\n  b: 2"
+    );
+
+    // The files change; the master (not watching) still runs the old config.
+    std::fs::write(dir.join("master.rhai"), script(&["b", "c"])).expect("save");
+    let out = kiln(
+        &dir,
+        &["repl", ".", "--master", &url, "-e", ":diff"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(
+        out.stdout.trim(),
+        format!("against the master at {url}:\nbuilders: +1 (c)\nschedulers: ~1 (force)")
+    );
+    // Without --master, live() says what it needs.
+    let out = eval(&dir, "live()");
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.contains("--master URL"), "{}", out.stderr);
+}

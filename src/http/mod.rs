@@ -52,6 +52,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v2/workers/{name}", post(worker_rpc))
         .route("/api/v2/reconfig", post(reconfig))
         .route("/api/v2/reloads", get(list_reloads))
+        .route("/api/v2/config", get(running_config))
+        .route("/api/v2/workers", get(list_workers))
+        .route("/api/v2/buildrequests", get(list_buildrequests))
         .with_state(Arc::new(state))
 }
 
@@ -163,6 +166,68 @@ async fn reconfig(
             Json(json!({ "error": "the master stopped before the reload finished" })),
         )
             .into_response(),
+    }
+}
+
+fn internal(e: anyhow::Error) -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Json(json!({ "error": format!("{e:#}") })),
+    )
+        .into_response()
+}
+
+/// `GET /api/v2/config`: the config the master runs now, as
+/// `kiln print-config --json` prints it (secrets as `<secret>`).
+async fn running_config(State(st): State<Arc<AppState>>) -> Response {
+    let gen = st.builds.generation();
+    match serde_json::to_value(&*gen.config) {
+        Ok(v) => Json(json!({ "config": v })).into_response(),
+        Err(e) => internal(e.into()),
+    }
+}
+
+/// `GET /api/v2/workers`: every worker the store knows, with the masters
+/// it is connected to (Buildbot's shape).
+async fn list_workers(State(st): State<Arc<AppState>>) -> Response {
+    match st.store.workers().await {
+        Ok(rows) => {
+            let list: Vec<Value> = rows
+                .iter()
+                .map(|w| {
+                    json!({
+                        "workerid": w.workerid,
+                        "name": w.name,
+                        "workerinfo": w.info,
+                        "connected_to": w.connected_to.iter().map(|m| json!({ "masterid": m })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            let n = list.len();
+            Json(json!({ "workers": list, "meta": { "total": n } })).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// `GET /api/v2/buildrequests?claimed=false`: the requests waiting for a
+/// worker, highest priority and oldest first. (The other filters of
+/// Buildbot's data API come with the read API.)
+async fn list_buildrequests(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>,
+) -> Response {
+    if q.get("claimed").map(String::as_str) != Some("false") || q.len() > 1 {
+        return bad_request(
+            "only buildrequests?claimed=false (the waiting requests) is served so far",
+        );
+    }
+    match st.store.unclaimed_requests(100_000).await {
+        Ok(list) => {
+            let n = list.len();
+            Json(json!({ "buildrequests": list, "meta": { "total": n } })).into_response()
+        }
+        Err(e) => internal(e),
     }
 }
 
