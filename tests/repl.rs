@@ -444,3 +444,22 @@ f.addStep(ShellCommand(#{{ command: ["true"] }}));
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("--master URL"), "{}", out.stderr);
 }
+
+#[test]
+fn completion_offers_variables_functions_module_members_and_map_keys() {
+    let opened = kiln::repl::Session::open(&staging(), kiln::script::Limits::default());
+    assert!(opened.problems.iter().all(|d| !d.is_error()));
+    let s = opened.session;
+    let has = |word: &str, want: &str| {
+        let got = s.completions(word);
+        assert!(got.iter().any(|c| c == want), "{word:?} -> {got:?}");
+    };
+    has("ACTIVE_", "ACTIVE_BRANCHES");
+    has("config::BRA", "config::BRANCHES");
+    has("explai", "explain(");
+    has("generateBranch", "generateBranchObjects(");
+    has("c.ti", "c.title");
+    has("c.www.p", "c.www.port");
+    has("conf", "config::");
+    assert!(s.completions("zzz_nothing").is_empty());
+}
