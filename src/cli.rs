@@ -389,6 +389,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_operations,
         } => {
             let limits = limits_with(max_operations);
+            let loaded_at = std::time::SystemTime::now();
             let loaded = match load(&dir, limits.clone()) {
                 Ok(l) => l,
                 Err(code) => return Ok(code),
@@ -397,6 +398,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 watch: !no_watch,
                 quiet: std::time::Duration::from_millis(reload_quiet_ms),
                 limits,
+                loaded_at: Some(loaded_at),
             };
             crate::master::run(&dir, loaded, options)?;
             Ok(ExitCode::SUCCESS)

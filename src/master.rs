@@ -132,6 +132,8 @@ pub struct ReloadOptions {
     pub quiet: Duration,
     /// The limits every load of the scripts runs under.
     pub limits: Limits,
+    /// When the first load began: a file changed since then reloads.
+    pub loaded_at: Option<std::time::SystemTime>,
 }
 
 impl Default for ReloadOptions {
@@ -140,6 +142,7 @@ impl Default for ReloadOptions {
             watch: true,
             quiet: Duration::from_millis(300),
             limits: Limits::default(),
+            loaded_at: None,
         }
     }
 }
@@ -631,15 +634,6 @@ async fn serve(
     }
     let distributor_task = tokio::spawn(distributor.run(cancel.clone()));
 
-    live.pollers.reconfigure(&config.change_source).await;
-    tracing::info!(
-        "master running in {}: {} change source(s), {} scheduler(s), {} builder(s)",
-        dir.display(),
-        live.pollers.len(),
-        config.schedulers.len(),
-        config.builders.len()
-    );
-
     let (fs_tx, mut fs_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
     let mut watcher = if options.watch {
         let mut w = Watcher::new(fs_tx);
@@ -651,11 +645,35 @@ async fn serve(
     };
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    // A file saved between the load and the watcher's start is a burst
+    // already under way.
+    let mut burst: Option<(PathBuf, Instant, tokio::time::Instant)> = None;
+    if let (Some(_), Some(since)) = (&watcher, options.loaded_at) {
+        if let Some(f) = live.files.iter().find(|f| {
+            std::fs::metadata(f)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= since)
+        }) {
+            burst = Some((
+                f.clone(),
+                Instant::now(),
+                tokio::time::Instant::now() + options.quiet,
+            ));
+        }
+    }
+    live.pollers.reconfigure(&config.change_source).await;
+    tracing::info!(
+        "master running in {}: {} change source(s), {} scheduler(s), {} builder(s)",
+        dir.display(),
+        live.pollers.len(),
+        config.schedulers.len(),
+        config.builders.len()
+    );
+
     let stop = shutdown_signal();
     tokio::pin!(stop);
-    // A burst of saves: the first file seen, when it began, and when it
-    // is quiet enough to reload.
-    let mut burst: Option<(PathBuf, Instant, tokio::time::Instant)> = None;
+    // A burst of saves (`burst`): the first file seen, when it began, and
+    // when it is quiet enough to reload.
     let why = loop {
         let quiet_at = burst.as_ref().map(|b| b.2);
         let trigger = tokio::select! {

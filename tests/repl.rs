@@ -156,6 +156,15 @@ fn helpers_answer_from_the_staging_config() {
         "true"
     );
 
+    // kiln's values print readably.
+    let out = eval(&dir, "c.change_source[0]");
+    assert!(
+        out.stdout
+            .starts_with(r#"HgPoller(hgURL: "https://hg.mozilla.org/", branch: "mozilla-central""#),
+        "{}",
+        out.stdout
+    );
+
     // An error: the diagnostic, and exit 1.
     let out = eval(&dir, "let x = ;");
     assert_eq!(out.code, Some(1));
