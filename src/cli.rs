@@ -58,6 +58,19 @@ struct SendchangeArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A demo in one command: a master dir with a local Git repository,
+    /// the master and two local kiln workers, in the foreground (Ctrl-C
+    /// stops them). Commit to DIR/repo and it builds.
+    Quickstart {
+        #[arg(default_value = "kiln-quickstart")]
+        dir: PathBuf,
+        /// The master's HTTP port (0: any free one).
+        #[arg(long, default_value_t = 8010)]
+        http_port: u16,
+        /// The port workers connect to (0: any free one).
+        #[arg(long, default_value_t = 9989)]
+        worker_port: u16,
+    },
     /// Write a working master dir: master.rhai, one worker, one builder, SQLite.
     CreateMaster {
         /// The directory to create (it may exist, but not hold a master.rhai).
@@ -232,6 +245,15 @@ struct ForceArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
+        Command::Quickstart { dir, .. } => {
+            if let Err(e) = std::fs::create_dir_all(dir)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| init_master_logging(dir))
+            {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
         Command::Start { dir, .. } => {
             if let Err(e) = init_master_logging(dir) {
                 eprintln!("error: {e:#}");
@@ -336,6 +358,15 @@ fn limits_with(max_operations: Option<u64>) -> Limits {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Quickstart {
+            dir,
+            http_port,
+            worker_port,
+        } => {
+            let password = crate::quickstart::prepare(&dir, http_port, worker_port)?;
+            crate::quickstart::run(&dir, &password)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CreateMaster { dir, repo } => {
             create_master(&dir, &repo)?;
             println!(
@@ -742,7 +773,7 @@ fn create_master(dir: &Path, repo: &str) -> anyhow::Result<()> {
 }
 
 /// 128 bits from the OS-seeded hasher keys: enough for a local worker password.
-fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut s = String::new();
     for i in 0..2u8 {

@@ -10,6 +10,7 @@ pub mod diagnostics;
 pub mod http;
 pub mod master;
 pub mod memory;
+pub mod quickstart;
 pub mod reconfig;
 pub mod repl;
 pub mod schedulers;

@@ -1,0 +1,172 @@
+//! `kiln quickstart [DIR]`: a demo master with a local Git repository and
+//! two local kiln workers, running in the foreground. A commit to
+//! `DIR/repo` is polled within seconds and built on the workers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context};
+
+/// The demo's master script; `@REPO@`, `@HTTP@` and `@WORKERS@` are filled in.
+const MASTER: &str = r#"// kiln's quickstart master (written by `kiln quickstart`): it polls the
+// Git repository in ./repo and builds each push on two local workers.
+// Edit this file while the master runs: it reloads on save.
+
+let repo = "@REPO@";
+
+let f = BuildFactory();
+f.addStep(Git(#{ name: "checkout", repourl: repo, branch: "main", mode: "full" }));
+f.addStep(ShellCommand(#{ name: "list", command: ["ls", "-la"] }));
+f.addStep(ShellCommand(#{ name: "build", command: ["sh", "-c", "echo building $(git rev-parse --short HEAD): $(git log -1 --format=%s)"] }));
+
+#{
+    title: "kiln quickstart",
+    buildbotURL: "http://127.0.0.1:@HTTP@/",
+    db: #{ db_url: "sqlite:///state.sqlite" },
+    protocols: #{ msgpack_experimental_v7: #{ port: @WORKERS@ } },
+    www: #{ port: @HTTP@ },
+    workers: [Worker("worker1", secret("worker-password")), Worker("worker2", secret("worker-password"))],
+    change_source: [GitPoller(#{ repourl: repo, branches: ["main"], pollInterval: 2 })],
+    schedulers: [
+        Scheduler(#{ name: "on-push", branch: "main", treeStableTimer: (), builderNames: ["build", "test"] }),
+        ForceScheduler(#{ name: "force", builderNames: ["build", "test"] }),
+    ],
+    builders: [
+        BuilderConfig(#{ name: "build", workernames: ["worker1", "worker2"], factory: f }),
+        BuilderConfig(#{ name: "test", workernames: ["worker1", "worker2"], factory: f }),
+    ],
+}
+"#;
+
+/// A free port on 127.0.0.1 when `port` is 0 (the OS picks; the socket is
+/// closed at once, so another process could take it first: a demo's risk).
+fn port_or_free(port: u16) -> anyhow::Result<u16> {
+    if port != 0 {
+        return Ok(port);
+    }
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run git ({e}); the quickstart needs git installed"))?;
+    if !out.status.success() {
+        bail!(
+            "git {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Writes the demo master dir (once; an existing one is used as it is).
+/// Returns the worker password.
+pub fn prepare(dir: &Path, http_port: u16, worker_port: u16) -> anyhow::Result<String> {
+    let entry = dir.join(crate::script::ENTRY_SCRIPT);
+    let secret = dir.join("secrets").join("worker-password");
+    if entry.exists() {
+        let password = std::fs::read_to_string(&secret)
+            .with_context(|| format!("{} is missing", secret.display()))?;
+        return Ok(password.trim().to_string());
+    }
+    std::fs::create_dir_all(dir.join("secrets"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo)?;
+    git(&repo, &["init", "-q"])?;
+    git(&repo, &["symbolic-ref", "HEAD", "refs/heads/main"])?;
+    git(&repo, &["config", "user.name", "kiln quickstart"])?;
+    git(&repo, &["config", "user.email", "quickstart@kiln.invalid"])?;
+    std::fs::write(
+        repo.join("README"),
+        "A repository for kiln's quickstart: commit here, and watch it build.\n",
+    )?;
+    git(&repo, &["add", "README"])?;
+    git(&repo, &["commit", "-q", "-m", "Initial commit"])?;
+    let repo_abs = crate::diagnostics::canonical(&repo);
+    let script = MASTER
+        .replace("@REPO@", &repo_abs.to_string_lossy())
+        .replace("@HTTP@", &port_or_free(http_port)?.to_string())
+        .replace("@WORKERS@", &port_or_free(worker_port)?.to_string());
+    std::fs::write(&entry, script)?;
+    let password = crate::cli::random_token();
+    std::fs::write(&secret, format!("{password}\n"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(password)
+}
+
+/// The local workers; stopped when dropped.
+struct Workers(Vec<Child>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts the demo: the master in the foreground, two kiln workers as
+/// child processes, until Ctrl-C.
+pub fn run(dir: &Path, password: &str) -> anyhow::Result<()> {
+    let loaded =
+        crate::script::load_master(dir, crate::script::Limits::default()).map_err(|f| {
+            anyhow::anyhow!(
+                "the quickstart master does not load:\n{}",
+                crate::diagnostics::render(&f.diagnostics, &f.sources, false)
+            )
+        })?;
+    let port = loaded
+        .config
+        .protocols
+        .msgpack_port
+        .context("the quickstart master has no worker port")?;
+    let http = loaded
+        .config
+        .www
+        .as_ref()
+        .map(|w| format!("http://{}:{}", w.host, w.port))
+        .context("the quickstart master has no www")?;
+    let exe = std::env::current_exe().context("cannot find the kiln executable")?;
+    let mut children = Workers(Vec::new());
+    for name in ["worker1", "worker2"] {
+        let wdir: PathBuf = dir.join("workers").join(name);
+        if !wdir.exists() {
+            crate::worker::create(&wdir, &format!("127.0.0.1:{port}"), name, password)?;
+        }
+        let log = std::fs::File::create(dir.join("workers").join(format!("{name}.log")))?;
+        let child = Command::new(&exe)
+            .args(["worker", "start"])
+            .arg(&wdir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start a local worker")?;
+        children.0.push(child);
+    }
+    let shown = crate::diagnostics::display_pathbuf(dir);
+    eprintln!(
+        "\nkiln quickstart in {shown}: a master polling {shown}/repo every 2 s, with two local workers\n\
+         \x20 the master:   {http}/  (GET /api/v2/reloads, /api/v2/workers, /api/v2/buildrequests?claimed=false)\n\
+         \x20 push:         (cd {shown}/repo && echo change >> README && git commit -qam 'a change')\n\
+         \x20 watch:        kiln repl {shown} --master {http}   then live()\n\
+         \x20 edit:         {shown}/master.rhai reloads on save\n\
+         \x20 Ctrl-C stops the master and its workers.\n"
+    );
+    let options = crate::master::ReloadOptions::default();
+    let r = crate::master::run(dir, loaded, options);
+    drop(children);
+    r
+}

@@ -1,0 +1,85 @@
+//! README's first command: `kiln quickstart` makes a demo master with a
+//! local Git repository and two local workers; a commit builds.
+
+mod common;
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::wait_until;
+use common::workers::builds;
+
+/// kiln processes (the quickstart's workers) whose command line names `dir`.
+fn processes_under(dir: &std::path::Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains("worker start") && cmd.contains(&needle) {
+                found.push(cmd);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn the_quickstart_builds_a_commit_on_its_two_workers_and_stops_them_with_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("demo");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["quickstart"])
+        .arg(&dir)
+        .args(["--http-port", "0", "--worker-port", "0"])
+        .env("NO_COLOR", "1")
+        .env("PATH", common::tools_path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln quickstart");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    let err = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            let mut l = sink.lock().unwrap_or_else(|e| e.into_inner());
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    let text = || log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    wait_until(Duration::from_secs(60), "both workers", || {
+        (text().matches("connected worker=").count() >= 2 && text().contains("first poll"))
+            .then_some(())
+    });
+    assert!(text().contains("kiln quickstart in"), "{}", text());
+
+    let repo = dir.join("repo");
+    std::fs::write(repo.join("README"), "a change\n").expect("edit");
+    common::run(&repo, "git", &["commit", "-qam", "Make a change"]);
+    wait_until(Duration::from_secs(60), "two finished builds", || {
+        (builds(&dir).iter().filter(|b| b.1.is_some()).count() >= 2).then_some(())
+    });
+    let all = builds(&dir);
+    assert_eq!(all.len(), 2, "{all:?}");
+    for b in &all {
+        assert_eq!(b.1, Some(0), "{all:?}\n{}", text());
+        let steps: Vec<&str> = b.3.iter().map(|s| s.0.as_str()).collect();
+        assert_eq!(steps, ["checkout", "list", "build"]);
+    }
+    let out = common::workers::stdio(&dir, "build");
+    assert!(out.contains(": Make a change"), "{out}");
+    assert_eq!(processes_under(&dir).len(), 2);
+
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait_until(Duration::from_secs(60), "the quickstart to end", || {
+        child.try_wait().expect("wait").map(|_| ())
+    });
+    wait_until(Duration::from_secs(10), "its workers to end", || {
+        processes_under(&dir).is_empty().then_some(())
+    });
+}
