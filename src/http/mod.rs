@@ -13,6 +13,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+mod api;
+
 use crate::changes::ChangeBus;
 use crate::config::{SchedulerKind, WwwUser};
 use crate::schedulers::{ForceRequest, Schedulers};
@@ -48,13 +50,30 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v2/forceschedulers", get(list_force_schedulers))
         .route("/api/v2/forceschedulers/{name}", post(force_rpc))
-        .route("/api/v2/builds/{id}", post(build_rpc))
-        .route("/api/v2/workers/{name}", post(worker_rpc))
+        .route("/api/v2/builds/{id}", get(api::build).post(build_rpc))
+        .route("/api/v2/workers/{name}", get(api::worker).post(worker_rpc))
+        .route("/api/v2/builders", get(api::builders))
+        .route("/api/v2/builders/{id}", get(api::builder))
+        .route("/api/v2/builders/{id}/builds", get(api::builder_builds))
+        .route("/api/v2/builds", get(api::builds))
+        .route("/api/v2/builds/{id}/steps", get(api::build_steps))
+        .route("/api/v2/steps", get(api::steps))
+        .route("/api/v2/steps/{id}", get(api::step))
+        .route("/api/v2/steps/{id}/logs", get(api::step_logs))
+        .route("/api/v2/logs", get(api::logs))
+        .route("/api/v2/logs/{id}", get(api::log))
+        .route("/api/v2/logs/{id}/contents", get(api::log_contents))
+        .route("/api/v2/logs/{id}/raw", get(api::log_raw))
+        .route("/api/v2/buildrequests", get(api::buildrequests))
+        .route("/api/v2/buildrequests/{id}", get(api::buildrequest))
+        .route("/api/v2/buildsets", get(api::buildsets))
+        .route("/api/v2/buildsets/{id}", get(api::buildset))
+        .route("/api/v2/changes", get(api::changes))
+        .route("/api/v2/changes/{id}", get(api::change))
+        .route("/api/v2/workers", get(api::workers))
         .route("/api/v2/reconfig", post(reconfig))
         .route("/api/v2/reloads", get(list_reloads))
         .route("/api/v2/config", get(running_config))
-        .route("/api/v2/workers", get(list_workers))
-        .route("/api/v2/buildrequests", get(list_buildrequests))
         .with_state(Arc::new(state))
 }
 
@@ -184,50 +203,6 @@ async fn running_config(State(st): State<Arc<AppState>>) -> Response {
     match serde_json::to_value(&*gen.config) {
         Ok(v) => Json(json!({ "config": v })).into_response(),
         Err(e) => internal(e.into()),
-    }
-}
-
-/// `GET /api/v2/workers`: every worker the store knows, with the masters
-/// it is connected to (Buildbot's shape).
-async fn list_workers(State(st): State<Arc<AppState>>) -> Response {
-    match st.store.workers().await {
-        Ok(rows) => {
-            let list: Vec<Value> = rows
-                .iter()
-                .map(|w| {
-                    json!({
-                        "workerid": w.workerid,
-                        "name": w.name,
-                        "workerinfo": w.info,
-                        "connected_to": w.connected_to.iter().map(|m| json!({ "masterid": m })).collect::<Vec<_>>(),
-                    })
-                })
-                .collect();
-            let n = list.len();
-            Json(json!({ "workers": list, "meta": { "total": n } })).into_response()
-        }
-        Err(e) => internal(e),
-    }
-}
-
-/// `GET /api/v2/buildrequests?claimed=false`: the requests waiting for a
-/// worker, highest priority and oldest first. (The other filters of
-/// Buildbot's data API come with the read API.)
-async fn list_buildrequests(
-    State(st): State<Arc<AppState>>,
-    axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>,
-) -> Response {
-    if q.get("claimed").map(String::as_str) != Some("false") || q.len() > 1 {
-        return bad_request(
-            "only buildrequests?claimed=false (the waiting requests) is served so far",
-        );
-    }
-    match st.store.unclaimed_requests(100_000).await {
-        Ok(list) => {
-            let n = list.len();
-            Json(json!({ "buildrequests": list, "meta": { "total": n } })).into_response()
-        }
-        Err(e) => internal(e),
     }
 }
 

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+pub mod api;
 pub mod builds;
 pub mod buildsets;
 pub mod reloads;

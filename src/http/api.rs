@@ -1,0 +1,394 @@
+//! The read API: Buildbot's data API collections under `/api/v2/`, with
+//! its query conventions: `field=value` (repeated: any of them),
+//! `field__ne|lt|le|gt|ge|contains=value`, `order=field` / `order=-field`,
+//! `limit`, `offset`, and `field=name` projection; lists as
+//! `{"<name>": [...], "meta": {"total": n}}` (total before paging); a JSON
+//! 404 for what does not exist.
+
+use std::cmp::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+
+use super::AppState;
+use crate::store::api::Collection;
+
+type Params = Query<Vec<(String, String)>>;
+type Row = Map<String, Value>;
+
+pub(super) fn not_found(what: String) -> Response {
+    (StatusCode::NOT_FOUND, Json(json!({ "error": what }))).into_response()
+}
+
+fn bad(what: String) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({ "error": what }))).into_response()
+}
+
+fn internal(e: anyhow::Error) -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Json(json!({ "error": format!("{e:#}") })),
+    )
+        .into_response()
+}
+
+/// How `value` compares with a query's text.
+fn compare(value: &Value, text: &str) -> Option<Ordering> {
+    match value {
+        Value::Number(n) => n.as_f64()?.partial_cmp(&text.parse::<f64>().ok()?),
+        Value::Bool(b) => {
+            let t = match text {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => return None,
+            };
+            Some(b.cmp(&t))
+        }
+        Value::String(s) => Some(s.as_str().cmp(text)),
+        Value::Null => (text == "null" || text.is_empty()).then_some(Ordering::Equal),
+        _ => None,
+    }
+}
+
+fn contains(value: &Value, text: &str) -> bool {
+    match value {
+        Value::String(s) => s.contains(text),
+        Value::Array(a) => a.iter().any(|v| compare(v, text) == Some(Ordering::Equal)),
+        _ => false,
+    }
+}
+
+/// What a query asks of a list.
+struct Ask {
+    filters: Vec<(String, String, Vec<String>)>,
+    order: Vec<(String, bool)>,
+    limit: Option<usize>,
+    offset: usize,
+    fields: Vec<String>,
+}
+
+fn parse(params: &[(String, String)], known: &[String]) -> Result<Ask, String> {
+    let mut q = Ask {
+        filters: Vec::new(),
+        order: Vec::new(),
+        limit: None,
+        offset: 0,
+        fields: Vec::new(),
+    };
+    let check = |f: &str| {
+        if known.iter().any(|k| k == f) {
+            Ok(())
+        } else {
+            Err(format!(
+                "unknown field `{f}`; the fields are {}",
+                known.join(", ")
+            ))
+        }
+    };
+    for (k, v) in params {
+        match k.as_str() {
+            "order" => {
+                for part in v.split(',').filter(|p| !p.is_empty()) {
+                    let (name, desc) = match part.strip_prefix('-') {
+                        Some(n) => (n, true),
+                        None => (part, false),
+                    };
+                    check(name)?;
+                    q.order.push((name.to_string(), desc));
+                }
+            }
+            "limit" => {
+                q.limit = Some(
+                    v.parse()
+                        .map_err(|_| format!("`limit` must be a number, not {v:?}"))?,
+                )
+            }
+            "offset" => {
+                q.offset = v
+                    .parse()
+                    .map_err(|_| format!("`offset` must be a number, not {v:?}"))?
+            }
+            "field" => {
+                for f in v.split(',').filter(|p| !p.is_empty()) {
+                    check(f)?;
+                    q.fields.push(f.to_string());
+                }
+            }
+            _ => {
+                let (name, op) = match k.rsplit_once("__") {
+                    Some((n, op)) => (n, op),
+                    None => (k.as_str(), "eq"),
+                };
+                if !["eq", "ne", "lt", "le", "gt", "ge", "contains"].contains(&op) {
+                    return Err(format!(
+                        "unknown operator `__{op}`; use __eq, __ne, __lt, __le, __gt, __ge or __contains"
+                    ));
+                }
+                check(name)?;
+                match q
+                    .filters
+                    .iter_mut()
+                    .find(|(n, o, _)| n == name && o == op && (op == "eq" || op == "contains"))
+                {
+                    Some((_, _, values)) => values.push(v.clone()),
+                    None => q
+                        .filters
+                        .push((name.to_string(), op.to_string(), vec![v.clone()])),
+                }
+            }
+        }
+    }
+    Ok(q)
+}
+
+fn keep(row: &Row, (name, op, values): &(String, String, Vec<String>)) -> bool {
+    let v = row.get(name).unwrap_or(&Value::Null);
+    values.iter().any(|text| match op.as_str() {
+        "contains" => contains(v, text),
+        op => {
+            let Some(o) = compare(v, text) else {
+                return op == "ne";
+            };
+            match op {
+                "eq" => o == Ordering::Equal,
+                "ne" => o != Ordering::Equal,
+                "lt" => o == Ordering::Less,
+                "le" => o != Ordering::Greater,
+                "gt" => o == Ordering::Greater,
+                _ => o != Ordering::Less,
+            }
+        }
+    })
+}
+
+fn order_values(a: &Value, b: &Value) -> Ordering {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x
+            .as_f64()
+            .partial_cmp(&y.as_f64())
+            .unwrap_or(Ordering::Equal),
+        (Value::String(x), Value::String(y)) => x.cmp(y),
+        (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
+        (Value::Null, Value::Null) => Ordering::Equal,
+        (Value::Null, _) => Ordering::Less,
+        (_, Value::Null) => Ordering::Greater,
+        _ => Ordering::Equal,
+    }
+}
+
+/// A collection's items, narrowed by `pre` (the path's own filters) and
+/// the query.
+async fn list(
+    st: &AppState,
+    c: Collection,
+    pre: &[(&str, Value)],
+    params: &[(String, String)],
+) -> Response {
+    let (key, id) = c.names();
+    let (known, rows) = match st.store.api_rows(c).await {
+        Ok(r) => r,
+        Err(e) => return internal(e),
+    };
+    let q = match parse(params, &known) {
+        Ok(q) => q,
+        Err(e) => return bad(e),
+    };
+    let mut rows: Vec<Row> = rows
+        .into_iter()
+        .filter(|r| pre.iter().all(|(k, v)| r.get(*k) == Some(v)))
+        .filter(|r| q.filters.iter().all(|f| keep(r, f)))
+        .collect();
+    let order = if q.order.is_empty() {
+        vec![(id.to_string(), false)]
+    } else {
+        q.order
+    };
+    rows.sort_by(|a, b| {
+        for (name, desc) in &order {
+            let o = order_values(
+                a.get(name).unwrap_or(&Value::Null),
+                b.get(name).unwrap_or(&Value::Null),
+            );
+            let o = if *desc { o.reverse() } else { o };
+            if o != Ordering::Equal {
+                return o;
+            }
+        }
+        Ordering::Equal
+    });
+    let total = rows.len();
+    let page = rows
+        .into_iter()
+        .skip(q.offset)
+        .take(q.limit.unwrap_or(usize::MAX))
+        .map(|mut r| {
+            if !q.fields.is_empty() {
+                r.retain(|k, _| q.fields.contains(k));
+            }
+            Value::Object(r)
+        })
+        .collect::<Vec<_>>();
+    Json(json!({ key: page, "meta": { "total": total } })).into_response()
+}
+
+/// One item by id (or, for builders and workers, by name).
+async fn one(st: &AppState, c: Collection, ident: &str, params: &[(String, String)]) -> Response {
+    match find(st, c, ident).await {
+        Ok(Some(v)) => list(st, c, &[(c.names().1, v)], params).await,
+        Ok(None) => not_found(format!("no {} `{ident}`", singular(c))),
+        Err(e) => internal(e),
+    }
+}
+
+fn singular(c: Collection) -> &'static str {
+    let (key, _) = c.names();
+    key.strip_suffix('s').unwrap_or(key)
+}
+
+/// The id value of the item `ident` names, if it exists.
+async fn find(st: &AppState, c: Collection, ident: &str) -> anyhow::Result<Option<Value>> {
+    let (_, id) = c.names();
+    let (_, rows) = st.store.api_rows(c).await?;
+    let by_name = matches!(c, Collection::Builders | Collection::Workers);
+    Ok(rows.into_iter().find_map(|r| {
+        let hit = r
+            .get(id)
+            .and_then(Value::as_i64)
+            .map(|i| i.to_string())
+            .as_deref()
+            == Some(ident)
+            || (by_name && r.get("name").and_then(Value::as_str) == Some(ident));
+        if hit {
+            r.get(id).cloned()
+        } else {
+            None
+        }
+    }))
+}
+
+macro_rules! collection {
+    ($list:ident, $one:ident, $c:expr) => {
+        pub(super) async fn $list(State(st): State<Arc<AppState>>, Query(p): Params) -> Response {
+            list(&st, $c, &[], &p).await
+        }
+        pub(super) async fn $one(
+            State(st): State<Arc<AppState>>,
+            Path(ident): Path<String>,
+            Query(p): Params,
+        ) -> Response {
+            one(&st, $c, &ident, &p).await
+        }
+    };
+}
+
+collection!(builders, builder, Collection::Builders);
+collection!(builds, build, Collection::Builds);
+collection!(steps, step, Collection::Steps);
+collection!(logs, log, Collection::Logs);
+collection!(buildrequests, buildrequest, Collection::BuildRequests);
+collection!(buildsets, buildset, Collection::Buildsets);
+collection!(changes, change, Collection::Changes);
+collection!(workers, worker, Collection::Workers);
+
+/// `/builders/{id or name}/builds`, `/builds/{id}/steps`, `/steps/{id}/logs`.
+async fn children(
+    st: &AppState,
+    parent: Collection,
+    ident: &str,
+    child: Collection,
+    params: &[(String, String)],
+) -> Response {
+    match find(st, parent, ident).await {
+        Ok(Some(v)) => list(st, child, &[(parent.names().1, v)], params).await,
+        Ok(None) => not_found(format!("no {} `{ident}`", singular(parent))),
+        Err(e) => internal(e),
+    }
+}
+
+pub(super) async fn builder_builds(
+    State(st): State<Arc<AppState>>,
+    Path(ident): Path<String>,
+    Query(p): Params,
+) -> Response {
+    children(&st, Collection::Builders, &ident, Collection::Builds, &p).await
+}
+
+pub(super) async fn build_steps(
+    State(st): State<Arc<AppState>>,
+    Path(ident): Path<String>,
+    Query(p): Params,
+) -> Response {
+    children(&st, Collection::Builds, &ident, Collection::Steps, &p).await
+}
+
+pub(super) async fn step_logs(
+    State(st): State<Arc<AppState>>,
+    Path(ident): Path<String>,
+    Query(p): Params,
+) -> Response {
+    children(&st, Collection::Steps, &ident, Collection::Logs, &p).await
+}
+
+/// `/logs/{id}/contents`: Buildbot's log chunks.
+pub(super) async fn log_contents(
+    State(st): State<Arc<AppState>>,
+    Path(ident): Path<String>,
+) -> Response {
+    let logid = match find(&st, Collection::Logs, &ident).await {
+        Ok(Some(v)) => v.as_i64().unwrap_or(0),
+        Ok(None) => return not_found(format!("no log `{ident}`")),
+        Err(e) => return internal(e),
+    };
+    match st.store.log_chunks(logid).await {
+        Ok(chunks) => {
+            let list: Vec<Value> = chunks
+                .into_iter()
+                .map(|(first, content)| json!({ "logid": logid, "firstline": first, "content": content }))
+                .collect();
+            let n = list.len();
+            Json(json!({ "logchunks": list, "meta": { "total": n } })).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// `/logs/{id}/raw`: the log as text; a stdio log's lines without their
+/// stream prefix, as Buildbot serves them.
+pub(super) async fn log_raw(
+    State(st): State<Arc<AppState>>,
+    Path(ident): Path<String>,
+) -> Response {
+    let (_, rows) = match st.store.api_rows(Collection::Logs).await {
+        Ok(r) => r,
+        Err(e) => return internal(e),
+    };
+    let Some(row) = rows.into_iter().find(|r| {
+        r.get("logid")
+            .and_then(Value::as_i64)
+            .map(|i| i.to_string())
+            == Some(ident.clone())
+    }) else {
+        return not_found(format!("no log `{ident}`"));
+    };
+    let logid = row.get("logid").and_then(Value::as_i64).unwrap_or(0);
+    let stdio = row.get("type").and_then(Value::as_str) == Some("s");
+    match st.store.log_text(logid).await {
+        Ok(text) => {
+            let text = if stdio {
+                text.lines()
+                    .map(|l| l.get(1..).unwrap_or(""))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    + if text.is_empty() { "" } else { "\n" }
+            } else {
+                text
+            };
+            ([("content-type", "text/plain; charset=utf-8")], text).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}

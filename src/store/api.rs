@@ -1,0 +1,164 @@
+//! The read API's rows: each of Buildbot's data API collections as SQL
+//! that names its columns as Buildbot names its fields. A column alias
+//! ending in `__bool` is a 0/1 shown as a boolean, one ending in `__json`
+//! is JSON text shown as JSON; the suffix is dropped.
+
+use rusqlite::types::ValueRef;
+use serde_json::{Map, Value};
+
+use super::Store;
+
+/// One of the data API's collections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Collection {
+    Builders,
+    Builds,
+    Steps,
+    Logs,
+    BuildRequests,
+    Buildsets,
+    Changes,
+    Workers,
+}
+
+impl Collection {
+    /// The list's key in a response, and the id field of one item.
+    pub fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Collection::Builders => ("builders", "builderid"),
+            Collection::Builds => ("builds", "buildid"),
+            Collection::Steps => ("steps", "stepid"),
+            Collection::Logs => ("logs", "logid"),
+            Collection::BuildRequests => ("buildrequests", "buildrequestid"),
+            Collection::Buildsets => ("buildsets", "bsid"),
+            Collection::Changes => ("changes", "changeid"),
+            Collection::Workers => ("workers", "workerid"),
+        }
+    }
+
+    fn sql(self) -> &'static str {
+        match self {
+            Collection::Builders => {
+                "SELECT id AS builderid, name, description, tags_json AS tags__json FROM builders"
+            }
+            Collection::Builds => {
+                "SELECT b.id AS buildid, b.number, b.builderid, b.buildrequestid, b.workerid,
+                        b.masterid, b.started_at, b.complete_at,
+                        (b.complete_at IS NOT NULL) AS complete__bool, b.state_string, b.results
+                 FROM builds b"
+            }
+            Collection::Steps => {
+                "SELECT id AS stepid, number, name, buildid, started_at, complete_at,
+                        (complete_at IS NOT NULL) AS complete__bool, state_string, results,
+                        urls_json AS urls__json, hidden AS hidden__bool
+                 FROM steps"
+            }
+            Collection::Logs => {
+                "SELECT id AS logid, name, slug, stepid, complete AS complete__bool, num_lines,
+                        type, truncated AS truncated__bool
+                 FROM logs"
+            }
+            Collection::BuildRequests => {
+                "SELECT q.id AS buildrequestid, q.buildsetid, q.builderid, r.name AS buildername,
+                        q.priority, (c.brid IS NOT NULL) AS claimed__bool, c.claimed_at,
+                        c.masterid AS claimed_by_masterid, q.complete AS complete__bool,
+                        q.results, q.submitted_at, q.complete_at, q.waited_for AS waited_for__bool
+                 FROM buildrequests q JOIN builders r ON r.id = q.builderid
+                 LEFT JOIN buildrequest_claims c ON c.brid = q.id"
+            }
+            Collection::Buildsets => {
+                "SELECT id AS bsid, external_idstring, reason, scheduler, submitted_at,
+                        complete AS complete__bool, complete_at, results, parent_buildid,
+                        parent_relationship
+                 FROM buildsets"
+            }
+            Collection::Changes => {
+                "SELECT c.changeid, c.author, c.committer, c.comments, c.branch, c.revision,
+                        c.revlink, c.when_timestamp, c.category, c.repository, c.codebase,
+                        c.project, c.sourcestampid,
+                        (SELECT json_group_array(filename) FROM
+                            (SELECT filename FROM change_files f WHERE f.changeid = c.changeid ORDER BY position))
+                            AS files__json
+                 FROM changes c"
+            }
+            Collection::Workers => {
+                "SELECT w.id AS workerid, w.name, w.info_json AS workerinfo__json,
+                        w.paused AS paused__bool, w.graceful AS graceful__bool,
+                        (SELECT json_group_array(json_object('masterid', masterid))
+                            FROM connected_workers c WHERE c.workerid = w.id) AS connected_to__json
+                 FROM workers w"
+            }
+        }
+    }
+}
+
+fn json_of(v: ValueRef<'_>) -> Value {
+    match v {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => i.into(),
+        ValueRef::Real(f) => f.into(),
+        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
+        ValueRef::Blob(b) => String::from_utf8_lossy(b).into_owned().into(),
+    }
+}
+
+impl Store {
+    /// The field names of `c`, and every item of it (the HTTP layer
+    /// filters, orders and pages them).
+    pub async fn api_rows(
+        &self,
+        c: Collection,
+    ) -> anyhow::Result<(Vec<String>, Vec<Map<String, Value>>)> {
+        self.call(move |conn| {
+            let mut st = conn.prepare_cached(c.sql())?;
+            let names: Vec<String> = st.column_names().iter().map(|s| s.to_string()).collect();
+            let fields: Vec<String> = names
+                .iter()
+                .map(|n| {
+                    n.trim_end_matches("__bool")
+                        .trim_end_matches("__json")
+                        .to_string()
+                })
+                .collect();
+            let mut rows = st.query([])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let mut m = Map::new();
+                for (i, name) in names.iter().enumerate() {
+                    let v = json_of(row.get_ref(i)?);
+                    if let Some(n) = name.strip_suffix("__bool") {
+                        m.insert(n.to_string(), Value::Bool(v.as_i64().unwrap_or(0) != 0));
+                    } else if let Some(n) = name.strip_suffix("__json") {
+                        let parsed = v
+                            .as_str()
+                            .and_then(|t| serde_json::from_str(t).ok())
+                            .unwrap_or(Value::Null);
+                        m.insert(n.to_string(), parsed);
+                    } else {
+                        m.insert(name.clone(), v);
+                    }
+                }
+                out.push(m);
+            }
+            Ok((fields, out))
+        })
+        .await
+    }
+
+    /// A log's chunks: (first line, content) in order.
+    pub async fn log_chunks(&self, logid: i64) -> anyhow::Result<Vec<(i64, String)>> {
+        self.call(move |conn| {
+            let mut st = conn.prepare_cached(
+                "SELECT first_line, content FROM logchunks WHERE logid = ?1 ORDER BY first_line",
+            )?;
+            let rows = st
+                .query_map([logid], |r| {
+                    let content: Vec<u8> = r.get(1)?;
+                    Ok((r.get(0)?, String::from_utf8_lossy(&content).into_owned()))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+}

@@ -1,0 +1,226 @@
+//! The read API against a master with real builds: Buildbot's shapes,
+//! filters, ordering, paging, projection and 404s.
+
+mod common;
+
+use std::time::Duration;
+
+use common::workers::*;
+use common::{http_get, kiln, wait_until, Master};
+use serde_json::Value;
+
+fn get(url: &str) -> Value {
+    serde_json::from_str(&http_get(url)).unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+fn status(url: &str) -> (u16, Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let r = reqwest::get(url).await.expect("GET");
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or(Value::Null))
+    })
+}
+
+fn names(v: &Value, list: &str, field: &str) -> Vec<Value> {
+    v[list]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|x| x[field].clone())
+        .collect()
+}
+
+#[test]
+fn the_read_api_serves_buildbots_collections_with_its_query_conventions() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let ok = BuildFactory();
+ok.addStep(ShellCommand(#{ name: "hello", command: ["echo", "hello api"] }));
+let bad = BuildFactory();
+bad.addStep(ShellCommand(#{ name: "fails", command: ["false"] }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["good", "broken"] })],
+    builders: [BuilderConfig(#{ name: "good", workernames: ["w1"], factory: ok }),
+               BuilderConfig(#{ name: "broken", workernames: ["w1"], factory: bad })],
+}
+"#,
+    );
+    let master = Master::start(&dir);
+    let url = master.http_url();
+    let port = worker_port(&master);
+    let _w = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "good");
+    force(&master, "broken");
+    force(&master, "good");
+    wait_until(Duration::from_secs(60), "three builds", || {
+        finished(&dir, 3).then_some(())
+    });
+    let out = kiln(
+        &dir,
+        &[
+            "sendchange",
+            "--master",
+            &url,
+            "--who",
+            "dev <dev@example.org>",
+            "--branch",
+            "main",
+            "-m",
+            "a change",
+            "src/a.c",
+            "docs/b.md",
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let api = format!("{url}/api/v2");
+
+    // Builders, by id and by name; a missing one is a JSON 404.
+    let b = get(&format!("{api}/builders"));
+    assert_eq!(b["meta"]["total"], 2);
+    let good_id = b["builders"]
+        .as_array()
+        .expect("builders")
+        .iter()
+        .find(|x| x["name"] == "good")
+        .expect("good")["builderid"]
+        .clone();
+    assert_eq!(
+        get(&format!("{api}/builders/good"))["builders"][0]["builderid"],
+        good_id
+    );
+    assert_eq!(
+        get(&format!("{api}/builders/{good_id}"))["builders"][0]["name"],
+        "good"
+    );
+    let (code, body) = status(&format!("{api}/builders/nosuch"));
+    assert_eq!(code, 404);
+    assert_eq!(body["error"], "no builder `nosuch`");
+
+    // Builds: fields as Buildbot names them; filters, order, paging.
+    let all = get(&format!("{api}/builds"));
+    assert_eq!(all["meta"]["total"], 3);
+    let first = &all["builds"][0];
+    for f in [
+        "buildid",
+        "number",
+        "builderid",
+        "buildrequestid",
+        "workerid",
+        "masterid",
+        "started_at",
+        "complete_at",
+        "complete",
+        "state_string",
+        "results",
+    ] {
+        assert!(first.get(f).is_some(), "{f} in {first}");
+    }
+    assert_eq!(first["complete"], true);
+    let good = get(&format!("{api}/builders/good/builds"));
+    assert_eq!(names(&good, "builds", "number"), [1, 2]);
+    let failed = get(&format!("{api}/builds?results=2"));
+    assert_eq!(failed["meta"]["total"], 1);
+    assert_eq!(failed["builds"][0]["state_string"], "FAILURE");
+    assert_eq!(
+        get(&format!("{api}/builds?results__ne=2"))["meta"]["total"],
+        2
+    );
+    assert_eq!(
+        get(&format!("{api}/builds?results=0&results=2"))["meta"]["total"],
+        3
+    );
+    let newest = get(&format!(
+        "{api}/builds?order=-buildid&limit=1&field=buildid&field=number"
+    ));
+    assert_eq!(newest["meta"]["total"], 3, "total counts before paging");
+    assert_eq!(newest["builds"].as_array().expect("list").len(), 1);
+    assert_eq!(
+        newest["builds"][0],
+        serde_json::json!({ "buildid": 3, "number": 2 })
+    );
+    let paged = get(&format!(
+        "{api}/builds?order=buildid&offset=1&limit=1&field=buildid"
+    ));
+    assert_eq!(paged["builds"], serde_json::json!([{ "buildid": 2 }]));
+    assert_eq!(
+        get(&format!("{api}/builds?buildid__gt=1&buildid__le=2"))["meta"]["total"],
+        1
+    );
+    let (code, body) = status(&format!("{api}/builds?colour=red"));
+    assert_eq!(code, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unknown field `colour`"),
+        "{body}"
+    );
+    let (code, _) = status(&format!("{api}/builds?results__near=1"));
+    assert_eq!(code, 400);
+    let (code, body) = status(&format!("{api}/builds/99"));
+    assert_eq!((code, body["error"].as_str()), (404, Some("no build `99`")));
+
+    // Steps, logs and their contents.
+    let steps = get(&format!("{api}/builds/1/steps"));
+    assert_eq!(names(&steps, "steps", "name"), ["hello"]);
+    let stepid = steps["steps"][0]["stepid"].clone();
+    let logs = get(&format!("{api}/steps/{stepid}/logs"));
+    assert_eq!(logs["logs"][0]["slug"], "stdio");
+    let logid = logs["logs"][0]["logid"].clone();
+    let raw = http_get(&format!("{api}/logs/{logid}/raw"));
+    assert!(raw.lines().any(|l| l == "hello api"), "{raw}");
+    let chunks = get(&format!("{api}/logs/{logid}/contents"));
+    let chunk_list = chunks["logchunks"].as_array().expect("chunks");
+    assert_eq!(chunk_list[0]["firstline"], 0);
+    let joined: String = chunk_list
+        .iter()
+        .map(|c| c["content"].as_str().unwrap_or(""))
+        .collect();
+    assert!(joined.contains("\nohello api\n"), "{chunks}");
+    // raw is the same lines, without their stream prefix.
+    assert_eq!(raw.lines().count(), joined.lines().count());
+    let (code, _) = status(&format!("{api}/logs/999/contents"));
+    assert_eq!(code, 404);
+
+    // Requests, buildsets, changes, workers.
+    let reqs = get(&format!("{api}/buildrequests?complete=true"));
+    assert_eq!(reqs["meta"]["total"], 3);
+    assert_eq!(
+        get(&format!("{api}/buildrequests?claimed=false"))["meta"]["total"],
+        0
+    );
+    assert_eq!(get(&format!("{api}/buildsets"))["meta"]["total"], 3);
+    let changes = get(&format!("{api}/changes?author__contains=dev@example.org"));
+    assert_eq!(changes["meta"]["total"], 1);
+    assert_eq!(
+        changes["changes"][0]["files"],
+        serde_json::json!(["src/a.c", "docs/b.md"])
+    );
+    assert_eq!(
+        get(&format!("{api}/changes?files__contains=docs/b.md"))["meta"]["total"],
+        1
+    );
+    assert_eq!(
+        get(&format!("{api}/changes?branch=other"))["meta"]["total"],
+        0
+    );
+    let workers = get(&format!("{api}/workers/w1"));
+    assert_eq!(workers["workers"][0]["name"], "w1");
+    assert_eq!(
+        workers["workers"][0]["connected_to"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+}
