@@ -584,6 +584,7 @@ async fn serve(
         store: store.clone(),
         bus: bus.clone(),
         poll_now: ctx.poll_now.clone(),
+        poll_errors: ctx.poll_errors.clone(),
         schedulers: schedulers.clone(),
         builds: distributor.clone(),
         users: Arc::new(std::sync::RwLock::new(

@@ -224,3 +224,64 @@ bad.addStep(ShellCommand(#{ name: "fails", command: ["false"] }));
         Some(1)
     );
 }
+
+#[test]
+fn metrics_count_builds_waiting_requests_workers_failed_polls_and_reloads() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let ok = BuildFactory();
+ok.addStep(ShellCommand(#{ command: ["true"] }));
+let bad = BuildFactory();
+bad.addStep(ShellCommand(#{ command: ["false"] }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
+    // A repository that does not exist: every poll fails.
+    change_source: [HgPoller(#{ hgURL: "../nosuch", branch: "", pollInterval: 1 })],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["good", "broken", "waits"] })],
+    builders: [BuilderConfig(#{ name: "good", workernames: ["w1"], factory: ok }),
+               BuilderConfig(#{ name: "broken", workernames: ["w1"], factory: bad }),
+               // w2 never connects.
+               BuilderConfig(#{ name: "waits", workernames: ["w2"], factory: ok })],
+}
+"#,
+    );
+    let master = Master::start_with(&dir, &["--no-watch"]);
+    let url = master.http_url();
+    let port = worker_port(&master);
+    let _w = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    for b in ["good", "good", "broken", "waits"] {
+        force(&master, b);
+    }
+    wait_until(Duration::from_secs(60), "three builds", || {
+        finished(&dir, 3).then_some(())
+    });
+    master.wait_for_log("poll failed", 1, Duration::from_secs(60));
+    let (code, _) = common::post_form(&format!("{url}/api/v2/reconfig"), &[]);
+    assert_eq!(code, 200);
+
+    let text = http_get(&format!("{url}/metrics"));
+    for line in [
+        r#"kiln_builds_total{builder="good",result="SUCCESS"} 2"#,
+        r#"kiln_builds_total{builder="broken",result="FAILURE"} 1"#,
+        r#"kiln_build_requests_pending{builder="waits"} 1"#,
+        "kiln_request_wait_seconds_count 3",
+        "kiln_workers_connected 1",
+        r#"kiln_reloads_total{applied="true"} 1"#,
+        "kiln_reload_duration_seconds_count 1",
+        "# TYPE kiln_builds_total counter",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
+    let errors: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"kiln_poll_errors_total{source="HgPoller ../nosuch"} "#))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("poll errors in\n{text}"));
+    assert!(errors >= 1);
+    assert!(text.contains("kiln_store_query_seconds "), "{text}");
+}

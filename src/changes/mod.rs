@@ -125,6 +125,27 @@ pub struct Context {
     pub timeout: Duration,
     /// Bounds how many hg/git processes polls run at once.
     commands: Arc<tokio::sync::Semaphore>,
+    /// Failed polls per change source, for `/metrics`.
+    pub poll_errors: PollErrors,
+}
+
+/// Failed polls per change source name, since the master started.
+#[derive(Clone, Default)]
+pub struct PollErrors(Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>);
+
+impl PollErrors {
+    fn count(&self, source: &str) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(source.to_string())
+            .or_default() += 1;
+    }
+
+    pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl Context {
@@ -143,6 +164,7 @@ impl Context {
             http,
             timeout: POLL_TIMEOUT,
             commands: Arc::new(tokio::sync::Semaphore::new(command_slots())),
+            poll_errors: PollErrors::default(),
         })
     }
 
@@ -259,6 +281,7 @@ impl Poller {
                         .saturating_mul(1 << failures.min(10))
                         .min(MAX_BACKOFF)
                         .max(Duration::from_secs(1));
+                    ctx.poll_errors.count(&name);
                     tracing::warn!(
                         poller = %name,
                         "poll failed: {e:#}; retrying in {} s",

@@ -162,3 +162,60 @@ impl Store {
         .await
     }
 }
+
+/// What `/metrics` reads from the store.
+#[derive(Debug, Default)]
+pub struct StoreMetrics {
+    /// (builder, results or None while running, count)
+    pub builds: Vec<(String, Option<i64>, i64)>,
+    /// (builder, requests waiting for a worker)
+    pub pending: Vec<(String, i64)>,
+    /// Seconds from request to build start, summed, and how many builds.
+    pub wait_sum: f64,
+    pub wait_count: i64,
+    pub workers_connected: i64,
+    /// (applied, count, summed duration in ms)
+    pub reloads: Vec<(bool, i64, f64)>,
+}
+
+impl Store {
+    pub async fn metrics(&self) -> anyhow::Result<StoreMetrics> {
+        self.call(|c| {
+            let mut m = StoreMetrics::default();
+            let mut st = c.prepare_cached(
+                "SELECT r.name, b.results, count(*) FROM builds b JOIN builders r ON r.id = b.builderid
+                 GROUP BY r.name, b.results ORDER BY r.name, b.results",
+            )?;
+            m.builds = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut st = c.prepare_cached(
+                "SELECT r.name, count(*) FROM buildrequests q JOIN builders r ON r.id = q.builderid
+                 LEFT JOIN buildrequest_claims c ON c.brid = q.id
+                 WHERE q.complete = 0 AND c.brid IS NULL GROUP BY r.name ORDER BY r.name",
+            )?;
+            m.pending = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            (m.wait_sum, m.wait_count) = c.query_row(
+                "SELECT coalesce(sum(b.started_at - q.submitted_at), 0), count(*)
+                 FROM builds b JOIN buildrequests q ON q.id = b.buildrequestid",
+                [],
+                |r| Ok((r.get::<_, f64>(0)?, r.get(1)?)),
+            )?;
+            m.workers_connected = c.query_row(
+                "SELECT count(DISTINCT workerid) FROM connected_workers",
+                [],
+                |r| r.get(0),
+            )?;
+            let mut st = c.prepare_cached(
+                "SELECT applied, count(*), coalesce(sum(duration_ms), 0) FROM reloads GROUP BY applied ORDER BY applied",
+            )?;
+            m.reloads = st
+                .query_map([], |r| Ok((r.get::<_, i64>(0)? != 0, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            Ok(m)
+        })
+        .await
+    }
+}
