@@ -180,16 +180,17 @@ fn order_values(a: &Value, b: &Value) -> Ordering {
     }
 }
 
-/// A collection's items, narrowed by `pre` (the path's own filters) and
+/// A collection's items, narrowed by `pre` (the path's own filter, read
+/// through the table's index) and
 /// the query.
 async fn list(
     st: &AppState,
     c: Collection,
-    pre: &[(&str, Value)],
+    pre: Option<(&'static str, Value)>,
     params: &[(String, String)],
 ) -> Response {
     let (key, id) = c.names();
-    let (known, rows) = match st.store.api_rows(c).await {
+    let (known, rows) = match st.store.api_rows(c, pre).await {
         Ok(r) => r,
         Err(e) => return internal(e),
     };
@@ -199,7 +200,6 @@ async fn list(
     };
     let mut rows: Vec<Row> = rows
         .into_iter()
-        .filter(|r| pre.iter().all(|(k, v)| r.get(*k) == Some(v)))
         .filter(|r| q.filters.iter().all(|f| keep(r, f)))
         .collect();
     let order = if q.order.is_empty() {
@@ -238,7 +238,7 @@ async fn list(
 /// One item by id (or, for builders and workers, by name).
 async fn one(st: &AppState, c: Collection, ident: &str, params: &[(String, String)]) -> Response {
     match find(st, c, ident).await {
-        Ok(Some(v)) => list(st, c, &[(c.names().1, v)], params).await,
+        Ok(Some(v)) => list(st, c, Some((c.names().1, v)), params).await,
         Ok(None) => not_found(format!("no {} `{ident}`", singular(c))),
         Err(e) => internal(e),
     }
@@ -252,28 +252,27 @@ fn singular(c: Collection) -> &'static str {
 /// The id value of the item `ident` names, if it exists.
 async fn find(st: &AppState, c: Collection, ident: &str) -> anyhow::Result<Option<Value>> {
     let (_, id) = c.names();
-    let (_, rows) = st.store.api_rows(c).await?;
     let by_name = matches!(c, Collection::Builders | Collection::Workers);
-    Ok(rows.into_iter().find_map(|r| {
-        let hit = r
-            .get(id)
-            .and_then(Value::as_i64)
-            .map(|i| i.to_string())
-            .as_deref()
-            == Some(ident)
-            || (by_name && r.get("name").and_then(Value::as_str) == Some(ident));
-        if hit {
-            r.get(id).cloned()
-        } else {
-            None
+    if let Ok(n) = ident.parse::<i64>() {
+        let (_, rows) = st.store.api_rows(c, Some((id, Value::from(n)))).await?;
+        if let Some(v) = rows.first().and_then(|r| r.get(id)).cloned() {
+            return Ok(Some(v));
         }
-    }))
+    }
+    if !by_name {
+        return Ok(None);
+    }
+    let (_, rows) = st
+        .store
+        .api_rows(c, Some(("name", Value::from(ident))))
+        .await?;
+    Ok(rows.first().and_then(|r| r.get(id)).cloned())
 }
 
 macro_rules! collection {
     ($list:ident, $one:ident, $c:expr) => {
         pub(super) async fn $list(State(st): State<Arc<AppState>>, Query(p): Params) -> Response {
-            list(&st, $c, &[], &p).await
+            list(&st, $c, None, &p).await
         }
         pub(super) async fn $one(
             State(st): State<Arc<AppState>>,
@@ -303,7 +302,7 @@ async fn children(
     params: &[(String, String)],
 ) -> Response {
     match find(st, parent, ident).await {
-        Ok(Some(v)) => list(st, child, &[(parent.names().1, v)], params).await,
+        Ok(Some(v)) => list(st, child, Some((parent.names().1, v)), params).await,
         Ok(None) => not_found(format!("no {} `{ident}`", singular(parent))),
         Err(e) => internal(e),
     }
@@ -362,16 +361,15 @@ pub(super) async fn log_raw(
     State(st): State<Arc<AppState>>,
     Path(ident): Path<String>,
 ) -> Response {
-    let (_, rows) = match st.store.api_rows(Collection::Logs).await {
+    let Ok(n) = ident.parse::<i64>() else {
+        return not_found(format!("no log `{ident}`"));
+    };
+    let only = Some(("logid", Value::from(n)));
+    let (_, rows) = match st.store.api_rows(Collection::Logs, only).await {
         Ok(r) => r,
         Err(e) => return internal(e),
     };
-    let Some(row) = rows.into_iter().find(|r| {
-        r.get("logid")
-            .and_then(Value::as_i64)
-            .map(|i| i.to_string())
-            == Some(ident.clone())
-    }) else {
+    let Some(row) = rows.into_iter().next() else {
         return not_found(format!("no log `{ident}`"));
     };
     let logid = row.get("logid").and_then(Value::as_i64).unwrap_or(0);
