@@ -346,12 +346,16 @@ fn a_terminal_session_completes_continues_blocks_and_interrupts_an_endless_loop(
         .expect("c.builders.len() completed and evaluated");
     p.exp_string("kiln> ").expect("prompt");
 
-    // An unfinished block continues on the next line.
+    // An unfinished block continues on the next line. (The next line is
+    // sent only once this one's result is out: the line editor drops what
+    // was typed ahead of its prompt, and the prompt alone is redrawn as a
+    // line is typed, so it cannot tell us the entry was taken.)
     p.send_line("fn three() {").expect("send");
-    p.send_line("  3 }").expect("send");
-    p.exp_string("kiln> ").expect("prompt");
-    p.send_line("three() * 1111").expect("send");
+    p.send_line("  3 } three() * 1111").expect("send");
     p.exp_string("3333").expect("3333");
+    p.exp_string("kiln> ").expect("prompt");
+    p.send_line("three() * 2002").expect("send");
+    p.exp_string("6006").expect("the function stays defined");
     p.exp_string("kiln> ").expect("prompt");
 
     // Ctrl-C stops an endless loop, not the REPL.
@@ -384,7 +388,7 @@ fn a_terminal_session_completes_continues_blocks_and_interrupts_an_endless_loop(
     p.flush().expect("flush");
     p.exp_eof().expect("exit");
     let history = std::fs::read_to_string(tmp.path().join(".kiln_repl_history")).expect("history");
-    assert!(history.contains("three() * 1111"), "{history}");
+    assert!(history.contains("three() * 2002"), "{history}");
 }
 
 #[test]
