@@ -7,6 +7,7 @@ pub mod changes;
 pub mod cli;
 pub mod config;
 pub mod diagnostics;
+pub mod events;
 pub mod http;
 pub mod master;
 pub mod memory;

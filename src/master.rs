@@ -382,11 +382,13 @@ impl Live {
                 }
             }
         }
+        if let Err(e) = self.app.store.register_builders(builder_rows(&new)).await {
+            tracing::warn!("cannot record the new builders: {e:#}");
+        }
         self.schedulers.reconfigure(&new, runtime).await;
         self.pollers.reconfigure(&new.change_source).await;
-        if let Some(www) = &new.www {
-            *self.app.users.write().unwrap_or_else(|e| e.into_inner()) = www.users.clone();
-        }
+        *self.app.access.write().unwrap_or_else(|e| e.into_inner()) =
+            crate::http::auth::Access::of(new.www.as_ref());
         if http_moved {
             if let Some(old) = self.http.take() {
                 old.stop.cancel();
@@ -548,6 +550,15 @@ impl Watcher {
     }
 }
 
+/// The configured builders as the store records them.
+fn builder_rows(config: &MasterConfig) -> Vec<(String, Option<String>, Vec<String>)> {
+    config
+        .builders
+        .iter()
+        .map(|b| (b.name.clone(), b.description.clone(), b.tags.clone()))
+        .collect()
+}
+
 async fn serve(
     dir: &Path,
     loaded: Loaded,
@@ -558,6 +569,7 @@ async fn serve(
     let config = Arc::new(loaded.config);
     let cancel = CancellationToken::new();
     let master_id = store.master_started(&master_name(dir)).await?;
+    store.register_builders(builder_rows(&config)).await?;
     let bus = ChangeBus::default();
     let ctx = changes::Context::new(store.clone(), bus.clone(), dir)?;
     let schedulers = Schedulers::start(
@@ -587,13 +599,9 @@ async fn serve(
         poll_errors: ctx.poll_errors.clone(),
         schedulers: schedulers.clone(),
         builds: distributor.clone(),
-        users: Arc::new(std::sync::RwLock::new(
-            config
-                .www
-                .as_ref()
-                .map(|w| w.users.clone())
-                .unwrap_or_default(),
-        )),
+        access: Arc::new(std::sync::RwLock::new(crate::http::auth::Access::of(
+            config.www.as_ref(),
+        ))),
         reload: reload_tx,
         started_at: Instant::now(),
     };

@@ -285,3 +285,150 @@ bad.addStep(ShellCommand(#{ command: ["false"] }));
     assert!(errors >= 1);
     assert!(text.contains("kiln_store_query_seconds "), "{text}");
 }
+
+/// Reads server-sent events from `url` until `done` says so (or the time
+/// runs out); returns (event name, data) pairs.
+fn sse_until(
+    url: &str,
+    limit: Duration,
+    started: impl FnOnce(),
+    mut done: impl FnMut(&[(String, Value)]) -> bool,
+) -> Vec<(String, Value)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut resp = reqwest::get(url).await.expect("GET events");
+        assert_eq!(resp.status().as_u16(), 200);
+        assert!(resp.headers()["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("text/event-stream"));
+        started();
+        let deadline = tokio::time::Instant::now() + limit;
+        let (mut buf, mut events) = (String::new(), Vec::new());
+        while !done(&events) {
+            let chunk = tokio::time::timeout_at(deadline, resp.chunk())
+                .await
+                .unwrap_or_else(|_| panic!("events so far: {events:?}"))
+                .expect("chunk")
+                .expect("the stream stays open");
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let (mut name, mut data) = (String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if !name.is_empty() {
+                    events.push((name, serde_json::from_str(&data).unwrap_or(Value::Null)));
+                }
+            }
+        }
+        events
+    })
+}
+
+#[test]
+fn the_event_stream_follows_a_build_from_request_to_result_and_tails_a_log() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "talk", command: ["sh", "-c", "sleep 2; echo first-line; sleep 1; echo second-line"] }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let master = Master::start(&dir);
+    let url = master.http_url();
+    let port = worker_port(&master);
+    let _w = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+
+    assert_eq!(status(&format!("{url}/api/v2/events?topics=bilds")).0, 400);
+
+    let all = sse_until(
+        &format!("{url}/api/v2/events"),
+        Duration::from_secs(60),
+        || force(&master, "b"),
+        |evs| {
+            evs.iter()
+                .any(|(n, d)| n == "builds" && d["event"] == "finished")
+        },
+    );
+    let seen: Vec<String> = all
+        .iter()
+        .map(|(n, d)| format!("{n}/{}", d["event"].as_str().unwrap_or("?")))
+        .collect();
+    let at = |what: &str| {
+        seen.iter()
+            .position(|s| s == what)
+            .unwrap_or_else(|| panic!("no {what} in {seen:?}"))
+    };
+    assert!(
+        at("buildsets/new") < at("buildrequests/claimed"),
+        "{seen:?}"
+    );
+    assert!(at("buildrequests/new") < at("builds/new"), "{seen:?}");
+    assert!(at("builds/new") < at("steps/started"), "{seen:?}");
+    assert!(at("steps/started") < at("logs/new"), "{seen:?}");
+    assert!(at("steps/finished") < at("builds/finished"), "{seen:?}");
+    assert!(
+        !seen.iter().any(|s| s == "logs/append"),
+        "log lines only go to who asks for the log: {seen:?}"
+    );
+    let finished = &all
+        .iter()
+        .rev()
+        .find(|(n, _)| n == "builds")
+        .expect("build")
+        .1;
+    assert_eq!(finished["data"]["results"], 0);
+    assert_eq!(finished["data"]["buildid"], finished["id"]);
+
+    // Tail the stdio log of the next build's step while it runs.
+    force(&master, "b");
+    let logid = wait_until(Duration::from_secs(60), "the second build's log", || {
+        let logs = get(&format!("{url}/api/v2/logs?order=-logid&limit=1"));
+        let log = &logs["logs"][0];
+        (log["logid"].as_i64().is_some()
+            && get(&format!("{url}/api/v2/steps/{}", log["stepid"]))["steps"][0]["buildid"]
+                != finished["id"])
+            .then(|| log["logid"].as_i64())
+            .flatten()
+    });
+    let tail = sse_until(
+        &format!("{url}/api/v2/events?topics=logs&logs={logid}"),
+        Duration::from_secs(60),
+        || (),
+        |evs| {
+            evs.iter().any(|(_, d)| {
+                d["data"]["lines"].as_array().is_some_and(|l| {
+                    l.iter()
+                        .any(|x| x.as_str().unwrap_or("").contains("second-line"))
+                })
+            })
+        },
+    );
+    assert!(tail.iter().all(|(n, _)| n == "logs"), "{tail:?}");
+    let appended: Vec<&(String, Value)> = tail
+        .iter()
+        .filter(|(_, d)| d["event"] == "append")
+        .collect();
+    assert!(
+        appended.iter().all(|(_, d)| d["id"] == logid),
+        "only that log's lines: {tail:?}"
+    );
+}

@@ -125,6 +125,8 @@ pub struct Distributor {
 /// A running build's stop signal.
 struct RunningBuild {
     worker: String,
+    /// The requests it builds (collapsed ones too).
+    requests: Vec<i64>,
     stop: CancellationToken,
     reason: Mutex<String>,
 }
@@ -653,6 +655,36 @@ impl Distributor {
         true
     }
 
+    /// Cancels a build request, as Buildbot's `cancel` does: one that waits
+    /// completes CANCELLED at once; one being built has its build stopped
+    /// (which completes it CANCELLED). An error says why it cannot be.
+    pub async fn cancel_request(&self, brid: i64, reason: &str) -> anyhow::Result<String> {
+        use crate::store::buildsets::Cancel;
+        match self.store.cancel_request(brid).await? {
+            Cancel::Cancelled => {
+                tracing::info!("build request {brid} cancelled: {reason}");
+                self.wake.notify_one();
+                Ok(format!("build request {brid} cancelled"))
+            }
+            Cancel::Missing => anyhow::bail!("there is no build request {brid}"),
+            Cancel::Complete => anyhow::bail!("build request {brid} is complete already"),
+            Cancel::Claimed => {
+                let building = lock(&self.running_builds)
+                    .iter()
+                    .find(|(_, b)| b.requests.contains(&brid))
+                    .map(|(id, _)| *id);
+                match building {
+                    Some(buildid) if self.stop_build(buildid, reason) => Ok(format!(
+                        "build request {brid} is being built: build {buildid} was stopped"
+                    )),
+                    _ => anyhow::bail!(
+                        "build request {brid} is claimed and its build is not running on this master yet; stop its build"
+                    ),
+                }
+            }
+        }
+    }
+
     /// Shuts a connected worker down: gracefully (it takes no new builds
     /// and is told to shut down once its running builds end) or at once
     /// (its running builds end RETRY and run again elsewhere).
@@ -796,6 +828,7 @@ impl Distributor {
         tracing::info!(builder = %builder.name, worker = %worker.name, "build {number} started (request {})", req.buildrequestid);
         let running = Arc::new(RunningBuild {
             worker: worker.name.clone(),
+            requests: claimed.to_vec(),
             stop: CancellationToken::new(),
             reason: Mutex::new(String::new()),
         });

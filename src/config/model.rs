@@ -782,6 +782,10 @@ pub struct WwwConfig {
     /// Whether reads need no login (Buildbot's default: yes).
     pub public_read: bool,
     pub users: BTreeMap<String, WwwUser>,
+    /// Which roles may do which write (`force`, `stop`, `cancel`,
+    /// `reconfig`, `workers`, `change`); one it does not name is open to
+    /// every user.
+    pub authz: BTreeMap<String, Vec<String>>,
     pub change_hook_dialects: Vec<String>,
 }
 

@@ -14,9 +14,12 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 mod api;
+pub mod auth;
+
+use auth::{Action, Denied};
 
 use crate::changes::ChangeBus;
-use crate::config::{SchedulerKind, WwwUser};
+use crate::config::SchedulerKind;
 use crate::schedulers::{ForceRequest, Schedulers};
 use crate::store::{NewChange, Properties, Store};
 
@@ -32,9 +35,9 @@ pub struct AppState {
     pub schedulers: Schedulers,
     /// Running builds and connected workers, for stop and shutdown.
     pub builds: Arc<crate::builds::Distributor>,
-    /// `www.users`: who may write (force, ...). With none configured, writes
-    /// are accepted from loopback addresses only. A reload replaces them.
-    pub users: Arc<std::sync::RwLock<BTreeMap<String, WwwUser>>>,
+    /// Who may read and write (`www.users`, `www.authz`,
+    /// `www.public_read`); a reload replaces it.
+    pub access: Arc<std::sync::RwLock<auth::Access>>,
     /// Where `POST /api/v2/reconfig` asks the master to reload.
     pub reload: tokio::sync::mpsc::Sender<crate::reconfig::ReloadAsk>,
     pub started_at: std::time::Instant,
@@ -43,6 +46,7 @@ pub struct AppState {
 /// The router; serve it with `into_make_service_with_connect_info::<SocketAddr>()`
 /// so that writes can check where they come from.
 pub fn router(state: AppState) -> Router {
+    let state = Arc::new(state);
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -68,7 +72,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v2/logs/{id}/contents", get(api::log_contents))
         .route("/api/v2/logs/{id}/raw", get(api::log_raw))
         .route("/api/v2/buildrequests", get(api::buildrequests))
-        .route("/api/v2/buildrequests/{id}", get(api::buildrequest))
+        .route(
+            "/api/v2/buildrequests/{id}",
+            get(api::buildrequest).post(buildrequest_rpc),
+        )
         .route("/api/v2/buildsets", get(api::buildsets))
         .route("/api/v2/buildsets/{id}", get(api::buildset))
         .route("/api/v2/changes", get(api::changes))
@@ -77,69 +84,49 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v2/reconfig", post(reconfig))
         .route("/api/v2/reloads", get(list_reloads))
         .route("/api/v2/config", get(running_config))
-        .with_state(Arc::new(state))
+        .route("/api/v2/events", get(events))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            read_guard,
+        ))
+        .with_state(state)
 }
 
-/// Why a write was refused.
-enum Denied {
-    /// No users are configured and the client is not on this machine.
-    NotLocal,
-    /// Users are configured and no valid one was given.
-    NeedsUser,
-}
+impl AppState {
+    fn writer(
+        &self,
+        headers: &HeaderMap,
+        peer: SocketAddr,
+        action: Action,
+    ) -> Result<String, Denied> {
+        let access = self.access.read().unwrap_or_else(|e| e.into_inner());
+        auth::writer(&access, headers, peer, action)
+    }
 
-impl IntoResponse for Denied {
-    fn into_response(self) -> Response {
-        match self {
-            Denied::NotLocal => (
-                StatusCode::FORBIDDEN,
-                Json(json!({ "error": "writes need a user: configure www.users, or connect from this machine" })),
-            )
-                .into_response(),
-            Denied::NeedsUser => (
-                StatusCode::UNAUTHORIZED,
-                [("WWW-Authenticate", "Basic realm=\"kiln\"")],
-                Json(json!({ "error": "a valid user name and password are needed" })),
-            )
-                .into_response(),
-        }
+    fn hook(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<(), Denied> {
+        let access = self.access.read().unwrap_or_else(|e| e.into_inner());
+        auth::hook(&access, headers, peer)
     }
 }
 
-/// Who is writing, or why not: HTTP Basic auth against `www.users`, or
-/// any loopback client when no users are configured.
-fn writer(st: &AppState, headers: &HeaderMap, peer: SocketAddr) -> Result<String, Denied> {
-    let users = st.users.read().unwrap_or_else(|e| e.into_inner());
-    if users.is_empty() {
-        return if peer.ip().is_loopback() {
-            Ok(String::new())
-        } else {
-            Err(Denied::NotLocal)
+/// Reads need what `www.public_read` says (see [`auth::reader`]); writes
+/// check their own action in their handler.
+async fn read_guard(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.method() == axum::http::Method::GET && req.uri().path() != "/health" {
+        let verdict = {
+            let access = st.access.read().unwrap_or_else(|e| e.into_inner());
+            auth::reader(&access, req.headers(), peer)
         };
-    }
-    let auth = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
-        .ok_or(Denied::NeedsUser)?;
-    let decoded = decode_base64(auth.trim()).ok_or(Denied::NeedsUser)?;
-    let (user, password) = decoded.split_once(':').ok_or(Denied::NeedsUser)?;
-    match users.get(user) {
-        Some(u) if constant_time_eq(u.password.expose().as_bytes(), password.as_bytes()) => {
-            Ok(user.to_string())
+        if let Err(d) = verdict {
+            return d.into_response();
         }
-        _ => Err(Denied::NeedsUser),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn decode_base64(s: &str) -> Option<String> {
-    use base64::Engine as _;
-    let bytes = base64::engine::general_purpose::STANDARD.decode(s).ok()?;
-    String::from_utf8(bytes).ok()
+    next.run(req).await
 }
 
 /// `POST /api/v2/reconfig`: reloads the config now and answers with the
@@ -149,7 +136,7 @@ async fn reconfig(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    let user = match writer(&st, &headers, peer) {
+    let user = match st.writer(&headers, peer, Action::Reconfig) {
         Ok(u) => u,
         Err(d) => return d.into_response(),
     };
@@ -196,6 +183,45 @@ fn internal(e: anyhow::Error) -> Response {
         StatusCode::INTERNAL_SERVER_ERROR,
         Json(json!({ "error": format!("{e:#}") })),
     )
+        .into_response()
+}
+
+/// `GET /api/v2/events?topics=builds,steps&logs=12`: server-sent events,
+/// one per thing the store records (see [`crate::events`]). The SSE event
+/// name is the topic; its data is the event as JSON. A client that falls
+/// behind gets a `lagged` event and should read the API afresh.
+async fn events(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Query(q): axum::extract::Query<BTreeMap<String, String>>,
+) -> Response {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    let filter = match crate::events::Filter::parse(
+        q.get("topics").map(String::as_str),
+        q.get("logs").map(String::as_str),
+    ) {
+        Ok(f) => f,
+        Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({ "error": e }))).into_response(),
+    };
+    let rx = st.store.events().subscribe();
+    let stream = futures_util::stream::unfold((rx, filter), |(mut rx, filter)| async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let ev = match rx.recv().await {
+                Ok(ev) if filter.wants(&ev) => SseEvent::default()
+                    .event(ev.topic)
+                    .json_data(&*ev)
+                    .unwrap_or_else(|_| SseEvent::default().comment("unencodable event")),
+                Ok(_) => continue,
+                Err(RecvError::Lagged(n)) => SseEvent::default()
+                    .event("lagged")
+                    .data(json!({ "missed": n }).to_string()),
+                Err(RecvError::Closed) => return None,
+            };
+            return Some((Ok::<_, std::convert::Infallible>(ev), (rx, filter)));
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
         .into_response()
 }
 
@@ -265,7 +291,7 @@ async fn force_rpc(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let owner = match writer(&st, &headers, peer) {
+    let owner = match st.writer(&headers, peer, Action::Force) {
         Ok(u) => u,
         Err(d) => return d.into_response(),
     };
@@ -379,7 +405,7 @@ async fn build_rpc(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let who = match writer(&st, &headers, peer) {
+    let who = match st.writer(&headers, peer, Action::Stop) {
         Ok(u) => u,
         Err(d) => return d.into_response(),
     };
@@ -424,6 +450,62 @@ async fn build_rpc(
     }
 }
 
+/// `POST /api/v2/buildrequests/{id}` with `{"method": "cancel", "params":
+/// {"reason"}}`: Buildbot's cancel control.
+async fn buildrequest_rpc(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let who = match st.writer(&headers, peer, Action::Cancel) {
+        Ok(u) => u,
+        Err(d) => return d.into_response(),
+    };
+    let (rpc_id, method, params) = match rpc_call(&body) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let Ok(brid) = id.parse::<i64>() else {
+        return rpc_error(
+            StatusCode::NOT_FOUND,
+            &rpc_id,
+            -32602,
+            format!("`{id}` is not a build request id"),
+        );
+    };
+    if method != "cancel" {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            &rpc_id,
+            -32601,
+            format!("build requests have the method `cancel`, not `{method}`"),
+        );
+    }
+    let mut reason = params
+        .get("reason")
+        .and_then(Value::as_str)
+        .filter(|r| !r.is_empty())
+        .unwrap_or("no reason given")
+        .to_string();
+    if !who.is_empty() {
+        reason = format!("{reason} (by {who})");
+    }
+    match st.builds.cancel_request(brid, &reason).await {
+        Ok(msg) => Json(json!({ "jsonrpc": "2.0", "id": rpc_id, "result": msg })).into_response(),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            let status = if msg.starts_with("there is no") {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::CONFLICT
+            };
+            rpc_error(status, &rpc_id, -32602, msg)
+        }
+    }
+}
+
 /// `POST /api/v2/workers/{name or id}` with the method `stop` (graceful:
 /// no new builds, then shut down) or `kill` (shut down now; its builds end
 /// RETRY and run again).
@@ -434,7 +516,7 @@ async fn worker_rpc(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(d) = writer(&st, &headers, peer) {
+    if let Err(d) = st.writer(&headers, peer, Action::Workers) {
         return d.into_response();
     }
     let (rpc_id, method, _params) = match rpc_call(&body) {
@@ -684,11 +766,16 @@ pub fn change_from_form(form: &BTreeMap<String, String>) -> Result<NewChange, St
 /// name or repository) polls those pollers now, no `poller` polls them all.
 async fn change_hook_poller(
     State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     query: Result<
         axum::extract::Query<Vec<(String, String)>>,
         axum::extract::rejection::QueryRejection,
     >,
 ) -> Response {
+    if let Err(d) = st.hook(&headers, peer) {
+        return d.into_response();
+    }
     let axum::extract::Query(pairs) = match query {
         Ok(q) => q,
         Err(e) => return bad_request(format!("bad query string: {}", e.body_text())),
@@ -713,8 +800,13 @@ async fn change_hook_poller(
 
 async fn change_hook_base(
     State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     form: Result<Form<BTreeMap<String, String>>, axum::extract::rejection::FormRejection>,
 ) -> Response {
+    if let Err(d) = st.hook(&headers, peer) {
+        return d.into_response();
+    }
     let Form(form) = match form {
         Ok(f) => f,
         Err(e) => return bad_request(format!("the body is not a form: {}", e.body_text())),

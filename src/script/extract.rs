@@ -264,6 +264,7 @@ fn www(v: Dynamic, state: &Arc<LoadState>) -> ScriptResult<WwwConfig> {
             "host",
             "public_read",
             "users",
+            "authz",
             "change_hook_dialects",
             "plugins",
         ],
@@ -298,6 +299,21 @@ fn www(v: Dynamic, state: &Arc<LoadState>) -> ScriptResult<WwwConfig> {
             users.insert(name.to_string(), WwwUser { password, roles });
         }
     }
+    let mut authz = BTreeMap::new();
+    if let Some(a) = m.get("authz") {
+        let mut kw = Kwargs::new(
+            "www.authz",
+            sub_map(a.clone(), "www.authz")?,
+            None,
+            state.clone(),
+        );
+        for (action, _) in crate::http::auth::Action::ALL {
+            if let Some(roles) = kw.str_list(action)? {
+                authz.insert(action.to_string(), roles);
+            }
+        }
+        kw.finish()?;
+    }
     let mut change_hook_dialects = Vec::new();
     if let Some(d) = m.get("change_hook_dialects") {
         for (name, on) in sub_map(d.clone(), "www.change_hook_dialects")? {
@@ -318,6 +334,7 @@ fn www(v: Dynamic, state: &Arc<LoadState>) -> ScriptResult<WwwConfig> {
         host,
         public_read,
         users,
+        authz,
         change_hook_dialects,
     })
 }

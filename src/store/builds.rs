@@ -2,6 +2,7 @@
 
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
+use serde_json::json;
 
 use super::{now, Properties, Store};
 
@@ -42,7 +43,7 @@ impl Store {
         masterid: i64,
         properties: Properties,
     ) -> anyhow::Result<(i64, i64)> {
-        self.call(move |c| {
+        let ids = self.call(move |c| {
             let tx = c.transaction()?;
             let number: i64 = tx.query_row(
                 "SELECT coalesce(max(number), 0) + 1 FROM builds WHERE builderid = ?1",
@@ -68,7 +69,13 @@ impl Store {
             tx.commit()?;
             Ok((id, number))
         })
-        .await
+        .await?;
+        self.events.emit("builds", ids.0, "new", || {
+            json!({ "buildid": ids.0, "number": ids.1, "builderid": builderid,
+                    "buildrequestid": brid, "workerid": workerid, "masterid": masterid,
+                    "complete": false, "results": null })
+        });
+        Ok(ids)
     }
 
     /// Sets (or replaces) a property of a running build.
@@ -97,61 +104,99 @@ impl Store {
         state: &str,
     ) -> anyhow::Result<()> {
         let state = state.to_string();
-        self.call(move |c| {
-            c.execute(
-                "UPDATE builds SET complete_at = ?2, results = ?3, state_string = ?4 WHERE id = ?1",
-                params![buildid, now(), results, state],
-            )?;
-            Ok(())
-        })
-        .await
+        let row = self
+            .call(move |c| {
+                c.execute(
+                    "UPDATE builds SET complete_at = ?2, results = ?3, state_string = ?4 WHERE id = ?1",
+                    params![buildid, now(), results, state],
+                )?;
+                Ok(c.query_row(
+                    "SELECT builderid, number, buildrequestid, state_string FROM builds WHERE id = ?1",
+                    params![buildid],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?)),
+                )
+                .optional()?)
+            })
+            .await?;
+        if let Some((builderid, number, brid, state)) = row {
+            self.events.emit("builds", buildid, "finished", || {
+                json!({ "buildid": buildid, "number": number, "builderid": builderid,
+                        "buildrequestid": brid, "complete": true, "results": results,
+                        "state_string": state })
+            });
+        }
+        Ok(())
     }
 
     pub async fn new_step(&self, buildid: i64, number: i64, name: &str) -> anyhow::Result<i64> {
         let name = name.to_string();
-        self.call(move |c| {
+        let id = self.call(move |c| {
             c.execute(
                 "INSERT INTO steps (number, name, buildid, started_at, state_string) VALUES (?1, ?2, ?3, ?4, 'running')",
                 params![number, name, buildid, now()],
             )?;
-            Ok(c.last_insert_rowid())
+            Ok((c.last_insert_rowid(), name))
         })
-        .await
+        .await?;
+        self.events.emit("steps", id.0, "started", || {
+            json!({ "stepid": id.0, "buildid": buildid, "number": number, "name": id.1,
+                    "complete": false, "results": null })
+        });
+        Ok(id.0)
     }
 
     pub async fn finish_step(&self, stepid: i64, results: i64, state: &str) -> anyhow::Result<()> {
         let state = state.to_string();
-        self.call(move |c| {
-            c.execute(
-                "UPDATE steps SET complete_at = ?2, results = ?3, state_string = ?4 WHERE id = ?1",
-                params![stepid, now(), results, state],
-            )?;
-            Ok(())
-        })
-        .await
+        let buildid = self
+            .call(move |c| {
+                c.execute(
+                    "UPDATE steps SET complete_at = ?2, results = ?3, state_string = ?4 WHERE id = ?1",
+                    params![stepid, now(), results, state],
+                )?;
+                Ok(c.query_row(
+                    "SELECT buildid, state_string FROM steps WHERE id = ?1",
+                    params![stepid],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+                )
+                .optional()?)
+            })
+            .await?;
+        if let Some((buildid, state)) = buildid {
+            self.events.emit("steps", stepid, "finished", || {
+                json!({ "stepid": stepid, "buildid": buildid, "complete": true,
+                        "results": results, "state_string": state })
+            });
+        }
+        Ok(())
     }
 
     /// Opens a log of a step (`type` s = stdio, t = text, h = html).
     pub async fn new_log(&self, stepid: i64, name: &str, kind: &str) -> anyhow::Result<i64> {
         let (name, kind) = (name.to_string(), kind.to_string());
-        self.call(move |c| {
-            let slug: String = name
-                .chars()
-                .map(|ch| {
-                    if ch.is_ascii_alphanumeric() {
-                        ch.to_ascii_lowercase()
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
-            c.execute(
-                "INSERT INTO logs (name, slug, stepid, type) VALUES (?1, ?2, ?3, ?4)",
-                params![name, slug, stepid, kind],
-            )?;
-            Ok(c.last_insert_rowid())
-        })
-        .await
+        let (id, name, slug, kind) = self
+            .call(move |c| {
+                let slug: String = name
+                    .chars()
+                    .map(|ch| {
+                        if ch.is_ascii_alphanumeric() {
+                            ch.to_ascii_lowercase()
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                c.execute(
+                    "INSERT INTO logs (name, slug, stepid, type) VALUES (?1, ?2, ?3, ?4)",
+                    params![name, slug, stepid, kind],
+                )?;
+                Ok((c.last_insert_rowid(), name, slug, kind))
+            })
+            .await?;
+        self.events.emit("logs", id, "new", || {
+            json!({ "logid": id, "stepid": stepid, "name": name, "slug": slug, "type": kind,
+                    "complete": false, "num_lines": 0 })
+        });
+        Ok(id)
     }
 
     /// Appends whole lines to a log. Each stdio line starts with its
@@ -160,7 +205,9 @@ impl Store {
         if lines.is_empty() {
             return Ok(());
         }
-        self.call(move |c| {
+        // The lines go to the store and, when someone listens, to them.
+        let listened = (self.events.subscribers() > 0).then(|| lines.clone());
+        let first = self.call(move |c| {
             let tx = c.transaction()?;
             let first: i64 = tx.query_row(
                 "SELECT num_lines FROM logs WHERE id = ?1",
@@ -179,9 +226,18 @@ impl Store {
                 params![logid, last + 1],
             )?;
             tx.commit()?;
-            Ok(())
+            Ok(first)
         })
-        .await
+        .await?;
+        if let Some(lines) = listened {
+            self.events.emit(
+                "logs",
+                logid,
+                "append",
+                || json!({ "logid": logid, "first_line": first, "lines": lines }),
+            );
+        }
+        Ok(())
     }
 
     pub async fn finish_log(&self, logid: i64) -> anyhow::Result<()> {
@@ -189,7 +245,14 @@ impl Store {
             c.execute("UPDATE logs SET complete = 1 WHERE id = ?1", params![logid])?;
             Ok(())
         })
-        .await
+        .await?;
+        self.events.emit(
+            "logs",
+            logid,
+            "finished",
+            || json!({ "logid": logid, "complete": true }),
+        );
+        Ok(())
     }
 
     /// The whole text of a log.

@@ -413,6 +413,16 @@ pub fn complete_requests(
     Ok(done)
 }
 
+/// What cancelling a build request found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cancel {
+    Cancelled,
+    /// A master claimed it: its build must be stopped instead.
+    Claimed,
+    Complete,
+    Missing,
+}
+
 /// A change a scheduler has classified and not yet built.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Classified {
@@ -453,7 +463,7 @@ impl Store {
         scheduler: ObjectId,
         w: SchedulerWrite,
     ) -> anyhow::Result<Vec<BuildsetIds>> {
-        self.call(move |c| {
+        let ids = self.call(move |c| {
             let tx = c.transaction()?;
             for (changeid, important) in &w.classify {
                 tx.prepare_cached(
@@ -478,7 +488,27 @@ impl Store {
             tx.commit()?;
             Ok(ids)
         })
-        .await
+        .await?;
+        for bs in &ids {
+            self.buildset_added(bs);
+        }
+        Ok(ids)
+    }
+
+    fn buildset_added(&self, ids: &BuildsetIds) {
+        let ev = self.events();
+        ev.emit(
+            "buildsets",
+            ids.bsid,
+            "new",
+            || serde_json::json!({ "bsid": ids.bsid, "complete": false }),
+        );
+        for r in &ids.brids {
+            ev.emit("buildrequests", r.brid, "new", || {
+                serde_json::json!({ "buildrequestid": r.brid, "buildsetid": ids.bsid,
+                                    "builderid": r.builderid, "claimed": false, "complete": false })
+            });
+        }
     }
 
     pub async fn classified(&self, scheduler: ObjectId) -> anyhow::Result<Vec<Classified>> {
@@ -486,13 +516,16 @@ impl Store {
     }
 
     pub async fn add_buildset(&self, bs: NewBuildset) -> anyhow::Result<BuildsetIds> {
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            let ids = insert_buildset(&tx, &bs)?;
-            tx.commit()?;
-            Ok(ids)
-        })
-        .await
+        let ids = self
+            .call(move |c| {
+                let tx = c.transaction()?;
+                let ids = insert_buildset(&tx, &bs)?;
+                tx.commit()?;
+                Ok(ids)
+            })
+            .await?;
+        self.buildset_added(&ids);
+        Ok(ids)
     }
 
     pub async fn get_buildset(&self, bsid: i64) -> anyhow::Result<Option<Buildset>> {
@@ -541,28 +574,35 @@ impl Store {
         masterid: i64,
         collapse: Collapse,
     ) -> anyhow::Result<Vec<i64>> {
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            if !claim_request(&tx, brid, masterid)? {
-                return Ok(vec![]);
-            }
-            let mut ids = vec![brid];
-            let others = match collapse {
-                Collapse::None => vec![],
-                Collapse::Default => collapsible(&tx, brid)?,
-                Collapse::These(v) => v,
-            };
-            for other in others {
-                // Another master may have claimed it meanwhile: then it is
-                // not ours to complete.
-                if claim_request(&tx, other, masterid)? {
-                    ids.push(other);
+        let ids = self
+            .call(move |c| {
+                let tx = c.transaction()?;
+                if !claim_request(&tx, brid, masterid)? {
+                    return Ok(vec![]);
                 }
-            }
-            tx.commit()?;
-            Ok(ids)
-        })
-        .await
+                let mut ids = vec![brid];
+                let others = match collapse {
+                    Collapse::None => vec![],
+                    Collapse::Default => collapsible(&tx, brid)?,
+                    Collapse::These(v) => v,
+                };
+                for other in others {
+                    // Another master may have claimed it meanwhile: then it is
+                    // not ours to complete.
+                    if claim_request(&tx, other, masterid)? {
+                        ids.push(other);
+                    }
+                }
+                tx.commit()?;
+                Ok(ids)
+            })
+            .await?;
+        for brid in &ids {
+            self.events().emit("buildrequests", *brid, "claimed", || {
+                serde_json::json!({ "buildrequestid": brid, "claimed": true, "claimed_by_masterid": masterid })
+            });
+        }
+        Ok(ids)
     }
 
     /// Completes requests (cancel: `results` = CANCELLED); returns the
@@ -572,13 +612,94 @@ impl Store {
         brids: Vec<i64>,
         results: i64,
     ) -> anyhow::Result<Vec<(i64, i64)>> {
+        let brids_done = brids.clone();
+        let done = self
+            .call(move |c| {
+                let tx = c.transaction()?;
+                let done = complete_requests(&tx, &brids, results)?;
+                tx.commit()?;
+                Ok(done)
+            })
+            .await?;
+        self.requests_completed(&brids_done, results, &done);
+        Ok(done)
+    }
+
+    /// Records the configured builders (name, description, tags), so that
+    /// the API lists every one of them from the start, as Buildbot's does.
+    pub async fn register_builders(
+        &self,
+        builders: Vec<(String, Option<String>, Vec<String>)>,
+    ) -> anyhow::Result<()> {
         self.call(move |c| {
             let tx = c.transaction()?;
-            let done = complete_requests(&tx, &brids, results)?;
+            for (name, description, tags) in &builders {
+                builder_id(&tx, name)?;
+                tx.prepare_cached(
+                    "UPDATE builders SET description = ?2, tags_json = ?3 WHERE name = ?1",
+                )?
+                .execute(params![
+                    name,
+                    description,
+                    serde_json::to_string(tags)?
+                ])?;
+            }
             tx.commit()?;
-            Ok(done)
+            Ok(())
         })
         .await
+    }
+
+    /// Cancels a request that no master has claimed (in one immediate
+    /// transaction, so that no claim can slip in between).
+    pub async fn cancel_request(&self, brid: i64) -> anyhow::Result<Cancel> {
+        let (verdict, done) = self
+            .call(move |c| {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let row: Option<(bool, bool)> = tx
+                    .query_row(
+                        "SELECT r.complete, c.brid IS NOT NULL FROM buildrequests r
+                         LEFT JOIN buildrequest_claims c ON c.brid = r.id WHERE r.id = ?1",
+                        params![brid],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                let verdict = match row {
+                    None => Cancel::Missing,
+                    Some((true, _)) => Cancel::Complete,
+                    Some((false, true)) => Cancel::Claimed,
+                    Some((false, false)) => Cancel::Cancelled,
+                };
+                let done = if verdict == Cancel::Cancelled {
+                    complete_requests(&tx, &[brid], CANCELLED)?
+                } else {
+                    vec![]
+                };
+                tx.commit()?;
+                Ok((verdict, done))
+            })
+            .await?;
+        if verdict == Cancel::Cancelled {
+            self.requests_completed(&[brid], CANCELLED, &done);
+        }
+        Ok(verdict)
+    }
+
+    fn requests_completed(&self, brids: &[i64], results: i64, buildsets: &[(i64, i64)]) {
+        let ev = self.events();
+        for brid in brids {
+            ev.emit("buildrequests", *brid, "complete", || {
+                serde_json::json!({ "buildrequestid": brid, "complete": true, "results": results })
+            });
+        }
+        for (bsid, worst) in buildsets {
+            ev.emit(
+                "buildsets",
+                *bsid,
+                "complete",
+                || serde_json::json!({ "bsid": bsid, "complete": true, "results": worst }),
+            );
+        }
     }
 
     /// Every buildset, oldest first (for tests and small masters; the API

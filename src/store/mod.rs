@@ -87,6 +87,8 @@ pub struct ObjectId(pub i64);
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
+    /// What was written, for the event stream (published after commit).
+    events: crate::events::Events,
 }
 
 impl std::fmt::Debug for Store {
@@ -116,11 +118,17 @@ impl Store {
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
+            events: crate::events::Events::new(),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The stream of what this store records.
+    pub fn events(&self) -> &crate::events::Events {
+        &self.events
     }
 
     /// Runs blocking database work off the async runtime. The closure runs
@@ -188,19 +196,26 @@ impl Store {
         state: Vec<(ObjectId, String, serde_json::Value)>,
     ) -> anyhow::Result<Vec<Change>> {
         let source = source.to_string();
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            let mut out = Vec::with_capacity(changes.len());
-            for ch in changes {
-                out.push(insert_change(&tx, &source, ch)?);
-            }
-            for (object, name, value) in &state {
-                set_state(&tx, *object, name, value)?;
-            }
-            tx.commit()?;
-            Ok(out)
-        })
-        .await
+        let stored = self
+            .call(move |c| {
+                let tx = c.transaction()?;
+                let mut out = Vec::with_capacity(changes.len());
+                for ch in changes {
+                    out.push(insert_change(&tx, &source, ch)?);
+                }
+                for (object, name, value) in &state {
+                    set_state(&tx, *object, name, value)?;
+                }
+                tx.commit()?;
+                Ok(out)
+            })
+            .await?;
+        for ch in &stored {
+            self.events.emit("changes", ch.changeid, "new", || {
+                serde_json::to_value(ch).unwrap_or_default()
+            });
+        }
+        Ok(stored)
     }
 
     /// Records this master as active (Buildbot's `masters` row); returns its id.

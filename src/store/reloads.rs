@@ -56,7 +56,7 @@ const COLUMNS: &str =
 impl Store {
     /// Stores a finished reload; returns its id.
     pub async fn add_reload(&self, r: NewReload) -> anyhow::Result<i64> {
-        self.call(move |c| {
+        let id = self.call(move |c| {
             c.execute(
                 "INSERT INTO reloads (started_at, finished_at, trigger, applied, diff, errors, files_json, duration_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -73,7 +73,16 @@ impl Store {
             )?;
             Ok(c.last_insert_rowid())
         })
-        .await
+        .await?;
+        if let Ok(Some(r)) = self.reload(id).await {
+            self.events().emit(
+                "reloads",
+                id,
+                if r.applied { "applied" } else { "failed" },
+                || serde_json::to_value(&r).unwrap_or_default(),
+            );
+        }
+        Ok(id)
     }
 
     /// The newest reloads first.

@@ -24,7 +24,8 @@ impl Store {
         masterid: i64,
     ) -> anyhow::Result<i64> {
         let name = name.to_string();
-        self.call(move |c| {
+        let who = name.clone();
+        let id = self.call(move |c| {
             let tx = c.transaction()?;
             tx.execute(
                 "INSERT INTO workers (name, info_json) VALUES (?1, ?2)
@@ -41,7 +42,11 @@ impl Store {
             tx.commit()?;
             Ok(id)
         })
-        .await
+        .await?;
+        self.events().emit("workers", id, "connected", || {
+            serde_json::json!({ "workerid": id, "name": who, "connected": true, "masterid": masterid })
+        });
+        Ok(id)
     }
 
     pub async fn worker_disconnected(&self, workerid: i64, masterid: i64) -> anyhow::Result<()> {
@@ -52,7 +57,11 @@ impl Store {
             )?;
             Ok(())
         })
-        .await
+        .await?;
+        self.events().emit("workers", workerid, "disconnected", || {
+            serde_json::json!({ "workerid": workerid, "connected": false, "masterid": masterid })
+        });
+        Ok(())
     }
 
     /// Forgets every connection of `masterid` (at start: none survive a restart).

@@ -1,0 +1,271 @@
+//! Who may write over HTTP: every write (force, stop, cancel, reconfig, a
+//! worker's shutdown) with no user, a wrong password, a user without the
+//! role, and one with it; a write from another site; reads behind a login.
+
+mod common;
+
+use std::time::Duration;
+
+use common::workers::*;
+use common::{wait_until, Master};
+use serde_json::{json, Value};
+
+const SCRIPT: &str = r#"
+let slow = BuildFactory();
+slow.addStep(ShellCommand(#{ name: "sleep", command: ["sleep", "60"] }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{
+        port: 0,
+        public_read: false,
+        users: #{
+            ann: #{ password: secret("pw-ann"), roles: ["admins"] },
+            dev: #{ password: secret("pw-dev"), roles: ["developers"] },
+            guest: #{ password: secret("pw-guest") },
+        },
+        authz: #{
+            force: ["developers", "admins"],
+            stop: ["admins"],
+            cancel: ["developers"],
+            reconfig: ["admins"],
+            workers: ["admins"],
+        },
+    },
+    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["slow", "waits"] })],
+    builders: [BuilderConfig(#{ name: "slow", workernames: ["w1"], factory: slow }),
+               // w2 never connects: requests for `waits` wait.
+               BuilderConfig(#{ name: "waits", workernames: ["w2"], factory: slow })],
+}
+"#;
+
+/// (status, JSON body) of a request, with optional Basic credentials and
+/// extra headers.
+fn call(
+    method: &str,
+    url: &str,
+    who: Option<(&str, &str)>,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (u16, Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let mut r = match method {
+            "GET" => client.get(url),
+            _ => client.post(url),
+        }
+        .timeout(Duration::from_secs(30));
+        if let Some((u, p)) = who {
+            r = r.basic_auth(u, Some(p));
+        }
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.expect("request");
+        let code = resp.status().as_u16();
+        (code, resp.json().await.unwrap_or(Value::Null))
+    })
+}
+
+fn rpc(method: &str, params: Value) -> Option<Value> {
+    Some(json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params }))
+}
+
+const ANN: Option<(&str, &str)> = Some(("ann", "pw-ann"));
+const DEV: Option<(&str, &str)> = Some(("dev", "pw-dev"));
+const GUEST: Option<(&str, &str)> = Some(("guest", "pw-guest"));
+
+/// The four who-cases of one write: no user and a wrong password are 401,
+/// `wrong` (a user without the role) is 403 naming the role, and `right`
+/// gets 200 and the answer's body.
+fn matrix(
+    url: &str,
+    body: &Option<Value>,
+    wrong: Option<(&str, &str)>,
+    right: Option<(&str, &str)>,
+) -> Value {
+    let (code, _) = call("POST", url, None, &[], body.clone());
+    assert_eq!(code, 401, "{url} without a user");
+    let (code, _) = call("POST", url, Some(("ann", "not-it")), &[], body.clone());
+    assert_eq!(code, 401, "{url} with a wrong password");
+    let (code, v) = call("POST", url, wrong, &[], body.clone());
+    assert_eq!(code, 403, "{url} with a user without the role: {v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("roles"),
+        "the refusal names the roles: {v}"
+    );
+    let (code, v) = call("POST", url, right, &[], body.clone());
+    assert_eq!(code, 200, "{url} with the role: {v}");
+    v
+}
+
+#[test]
+fn every_write_needs_a_user_with_its_role_and_reads_need_a_login() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(tmp.path(), SCRIPT);
+    std::fs::create_dir_all(dir.join("secrets")).expect("mkdir");
+    for (name, value) in [
+        ("pw-ann", "pw-ann"),
+        ("pw-dev", "pw-dev"),
+        ("pw-guest", "pw-guest"),
+    ] {
+        std::fs::write(dir.join("secrets").join(name), value).expect("secret");
+    }
+    let master = Master::start(&dir);
+    let url = master.http_url();
+    let api = format!("{url}/api/v2");
+    let port = worker_port(&master);
+    let _w = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+
+    // Reads: public_read is false.
+    assert_eq!(
+        call("GET", &format!("{api}/builders"), None, &[], None).0,
+        401
+    );
+    assert_eq!(
+        call(
+            "GET",
+            &format!("{api}/builders"),
+            Some(("dev", "x")),
+            &[],
+            None
+        )
+        .0,
+        401
+    );
+    let (code, builders) = call("GET", &format!("{api}/builders"), GUEST, &[], None);
+    assert_eq!(code, 200);
+    assert_eq!(builders["meta"]["total"], 2);
+    assert_eq!(
+        call("GET", &format!("{url}/health"), None, &[], None).0,
+        200,
+        "health stays open"
+    );
+
+    // Force: developers and admins; a guest has neither.
+    let force_url = format!("{api}/forceschedulers/force");
+    let forced = matrix(
+        &force_url,
+        &rpc("force", json!({ "builderNames": ["waits"] })),
+        GUEST,
+        DEV,
+    );
+    let result = &forced["result"];
+    let waiting: i64 = result[1]
+        .as_object()
+        .and_then(|m| m.values().next())
+        .and_then(Value::as_i64)
+        .expect("the new request's id");
+    let (_, req) = call(
+        "GET",
+        &format!("{api}/buildrequests/{waiting}"),
+        DEV,
+        &[],
+        None,
+    );
+    assert_eq!(req["buildrequests"][0]["complete"], false);
+
+    // A write from a page of another site is refused, credentials or not.
+    let (code, v) = call(
+        "POST",
+        &force_url,
+        DEV,
+        &[("Origin", "https://elsewhere.example")],
+        rpc("force", json!({ "builderNames": ["waits"] })),
+    );
+    assert_eq!(code, 403, "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("another site"),
+        "{v}"
+    );
+
+    // Cancel: developers only (an admin is not one).
+    let cancelled = matrix(
+        &format!("{api}/buildrequests/{waiting}"),
+        &rpc("cancel", json!({ "reason": "not needed" })),
+        ANN,
+        DEV,
+    );
+    assert!(cancelled["result"]
+        .as_str()
+        .unwrap_or("")
+        .contains("cancelled"));
+    let (_, req) = call(
+        "GET",
+        &format!("{api}/buildrequests/{waiting}"),
+        DEV,
+        &[],
+        None,
+    );
+    assert_eq!(req["buildrequests"][0]["complete"], true);
+    assert_eq!(req["buildrequests"][0]["results"], 6, "CANCELLED");
+    let (code, again) = call(
+        "POST",
+        &format!("{api}/buildrequests/{waiting}"),
+        DEV,
+        &[],
+        rpc("cancel", json!({})),
+    );
+    assert_eq!(
+        code, 409,
+        "a complete request cannot be cancelled again: {again}"
+    );
+
+    // Stop: admins only. A build of `slow` runs on w1.
+    let (code, _) = call(
+        "POST",
+        &force_url,
+        ANN,
+        &[],
+        rpc("force", json!({ "builderNames": ["slow"] })),
+    );
+    assert_eq!(code, 200);
+    let buildid = wait_until(Duration::from_secs(60), "the slow build runs", || {
+        let (_, b) = call(
+            "GET",
+            &format!("{api}/builds?complete=false"),
+            DEV,
+            &[],
+            None,
+        );
+        b["builds"][0]["buildid"].as_i64()
+    });
+    matrix(
+        &format!("{api}/builds/{buildid}"),
+        &rpc("stop", json!({ "reason": "enough" })),
+        DEV,
+        ANN,
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the stopped build ends CANCELLED",
+        || {
+            let (_, b) = call("GET", &format!("{api}/builds/{buildid}"), DEV, &[], None);
+            (b["builds"][0]["results"] == 6).then_some(())
+        },
+    );
+
+    // Reconfig: admins only.
+    let reloaded = matrix(&format!("{api}/reconfig"), &None, DEV, ANN);
+    assert_eq!(reloaded["reloads"][0]["applied"], true, "{reloaded}");
+
+    // A worker's shutdown: admins only.
+    let killed = matrix(
+        &format!("{api}/workers/w1"),
+        &rpc("kill", json!({})),
+        DEV,
+        ANN,
+    );
+    assert!(killed["result"].is_string(), "{killed}");
+    wait_until(Duration::from_secs(60), "w1 is gone", || {
+        (!connected(&dir).contains(&"w1".to_string())).then_some(())
+    });
+}
