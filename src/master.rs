@@ -298,6 +298,7 @@ impl Live {
             }
         }
         record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        *self.app.watched.write().unwrap_or_else(|e| e.into_inner()) = paths(&self.files);
         if record.applied {
             tracing::info!(
                 "config reloaded in {:.1} ms (scripts {load_ms:.1} ms) ({trigger}): {}",
@@ -603,6 +604,7 @@ async fn serve(
             config.www.as_ref(),
         ))),
         reload: reload_tx,
+        watched: Arc::new(std::sync::RwLock::new(paths(&loaded.files))),
         started_at: Instant::now(),
     };
     let mut live = Live {

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 mod api;
 pub mod auth;
+mod web;
 
 use auth::{Action, Denied};
 
@@ -40,6 +41,9 @@ pub struct AppState {
     pub access: Arc<std::sync::RwLock<auth::Access>>,
     /// Where `POST /api/v2/reconfig` asks the master to reload.
     pub reload: tokio::sync::mpsc::Sender<crate::reconfig::ReloadAsk>,
+    /// The files the master watches (those of the running config, and
+    /// those a failed reload read).
+    pub watched: Arc<std::sync::RwLock<Vec<String>>>,
     pub started_at: std::time::Instant,
 }
 
@@ -48,6 +52,10 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let state = Arc::new(state);
     Router::new()
+        .route("/", get(web::index))
+        .route("/kiln.js", get(web::script))
+        .route("/kiln.css", get(web::style))
+        .route("/api/v2/grid", get(web::grid))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/change_hook/base", post(change_hook_base))
@@ -229,8 +237,9 @@ async fn events(
 /// `kiln print-config --json` prints it (secrets as `<secret>`).
 async fn running_config(State(st): State<Arc<AppState>>) -> Response {
     let gen = st.builds.generation();
+    let watched = st.watched.read().unwrap_or_else(|e| e.into_inner()).clone();
     match serde_json::to_value(&*gen.config) {
-        Ok(v) => Json(json!({ "config": v })).into_response(),
+        Ok(v) => Json(json!({ "config": v, "files": watched })).into_response(),
         Err(e) => internal(e.into()),
     }
 }

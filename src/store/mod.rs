@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 pub mod api;
 pub mod builds;
 pub mod buildsets;
+pub mod grid;
 pub mod reloads;
 pub mod workers;
 
@@ -39,6 +40,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "reload duration",
         include_str!("migrations/0004_reload_duration.sql"),
+    ),
+    (
+        "grid indexes",
+        include_str!("migrations/0005_grid_indexes.sql"),
     ),
 ];
 

@@ -1,0 +1,299 @@
+//! The push grid: pushes as rows (newest first), each with its changes and,
+//! per builder, the state of its request and build, read in a few indexed
+//! queries for a page of buildsets.
+//!
+//! A push is the buildsets made for the same branch and revision (the
+//! seed's schedulers each make one buildset per product for one push);
+//! a buildset with no revision (a forced build of the tip) is a row of
+//! its own.
+
+use std::collections::BTreeMap;
+
+use rusqlite::params;
+use serde::Serialize;
+
+use super::Store;
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct GridChange {
+    pub changeid: i64,
+    pub author: String,
+    pub revision: Option<String>,
+    pub revlink: Option<String>,
+    pub comments: String,
+    pub when_timestamp: i64,
+}
+
+/// One builder's cell of a push: its newest request and that request's
+/// newest build (none yet while it waits).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct GridCell {
+    pub builderid: i64,
+    pub buildrequestid: i64,
+    pub buildid: Option<i64>,
+    pub number: Option<i64>,
+    /// `pending`, `running` or `done`.
+    pub state: &'static str,
+    pub results: Option<i64>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Push {
+    pub branch: Option<String>,
+    pub revision: Option<String>,
+    pub repository: String,
+    pub submitted_at: i64,
+    pub reason: String,
+    pub buildsets: Vec<i64>,
+    pub changes: Vec<GridChange>,
+    pub cells: Vec<GridCell>,
+}
+
+/// (bsid, reason, submitted_at, branch, revision, repository)
+type BuildsetRow = (i64, String, i64, Option<String>, Option<String>, String);
+/// (brid, builderid, complete, results, newest buildid)
+type RequestRow = (i64, i64, bool, Option<i64>, Option<i64>);
+
+impl Store {
+    /// The newest pushes, made of at most `buildsets` buildsets (older
+    /// than `before`, a buildset id, when given).
+    pub async fn grid(&self, buildsets: usize, before: Option<i64>) -> anyhow::Result<Vec<Push>> {
+        self.call(move |c| {
+            let rows: Vec<BuildsetRow> = c
+                .prepare_cached(
+                    "SELECT b.id, b.reason, b.submitted_at, s.branch, s.revision, s.repository
+                     FROM buildsets b
+                     LEFT JOIN buildset_sourcestamps bs ON bs.buildsetid = b.id
+                     LEFT JOIN sourcestamps s ON s.id = bs.sourcestampid
+                     WHERE b.id < ?1 GROUP BY b.id ORDER BY b.id DESC LIMIT ?2",
+                )?
+                .query_map(params![before.unwrap_or(i64::MAX), buildsets as i64], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                    ))
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut pushes: Vec<Push> = Vec::new();
+            let mut by_key: BTreeMap<(Option<String>, String, String), usize> = BTreeMap::new();
+            let mut push_of: BTreeMap<i64, usize> = BTreeMap::new();
+            for (bsid, reason, submitted_at, branch, revision, repository) in rows {
+                let at = match &revision {
+                    Some(rev) => *by_key
+                        .entry((branch.clone(), repository.clone(), rev.clone()))
+                        .or_insert_with(|| {
+                            pushes.push(Push::new(&branch, &revision, &repository, submitted_at, &reason));
+                            pushes.len() - 1
+                        }),
+                    None => {
+                        pushes.push(Push::new(&branch, &revision, &repository, submitted_at, &reason));
+                        pushes.len() - 1
+                    }
+                };
+                pushes[at].buildsets.push(bsid);
+                push_of.insert(bsid, at);
+            }
+            let mut changes = c.prepare_cached(
+                "SELECT c.changeid, c.author, c.revision, c.revlink, c.comments, c.when_timestamp
+                 FROM buildset_changes x JOIN changes c ON c.changeid = x.changeid
+                 WHERE x.buildsetid = ?1 ORDER BY c.changeid DESC",
+            )?;
+            let mut requests = c.prepare_cached(
+                "SELECT q.id, q.builderid, q.complete, q.results,
+                        (SELECT b.id FROM builds b WHERE b.buildrequestid = q.id ORDER BY b.id DESC LIMIT 1)
+                 FROM buildrequests q WHERE q.buildsetid = ?1 ORDER BY q.id",
+            )?;
+            let mut build = c.prepare_cached(
+                "SELECT number, complete_at IS NOT NULL, results FROM builds WHERE id = ?1",
+            )?;
+            for (bsid, at) in &push_of {
+                let push = &mut pushes[*at];
+                for ch in changes.query_map(params![bsid], |r| {
+                    Ok(GridChange {
+                        changeid: r.get(0)?,
+                        author: r.get(1)?,
+                        revision: r.get(2)?,
+                        revlink: r.get(3)?,
+                        comments: r.get(4)?,
+                        when_timestamp: r.get(5)?,
+                    })
+                })? {
+                    let ch = ch?;
+                    if !push.changes.iter().any(|x| x.changeid == ch.changeid) {
+                        push.changes.push(ch);
+                    }
+                }
+                let reqs: Vec<RequestRow> = requests
+                    .query_map(params![bsid], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                for (brid, builderid, complete, req_results, buildid) in reqs {
+                    let (number, build_done, build_results) = match buildid {
+                        Some(id) => build.query_row(params![id], |r| {
+                            Ok((Some(r.get::<_, i64>(0)?), r.get::<_, bool>(1)?, r.get(2)?))
+                        })?,
+                        None => (None, false, None),
+                    };
+                    let (state, results) = if complete {
+                        ("done", req_results)
+                    } else if buildid.is_some() && !build_done {
+                        ("running", None)
+                    } else if build_done {
+                        // A finished build whose request waits again (RETRY).
+                        ("pending", build_results)
+                    } else {
+                        ("pending", None)
+                    };
+                    let cell = GridCell {
+                        builderid,
+                        buildrequestid: brid,
+                        buildid,
+                        number,
+                        state,
+                        results,
+                    };
+                    // The newest request of a builder wins the cell.
+                    match push.cells.iter_mut().find(|x| x.builderid == builderid) {
+                        Some(old) if old.buildrequestid < brid => *old = cell,
+                        Some(_) => {}
+                        None => push.cells.push(cell),
+                    }
+                }
+            }
+            for p in &mut pushes {
+                p.changes.sort_by_key(|c| std::cmp::Reverse(c.changeid));
+                p.cells.sort_by_key(|x| x.builderid);
+            }
+            Ok(pushes)
+        })
+        .await
+    }
+}
+
+impl Push {
+    fn new(
+        branch: &Option<String>,
+        revision: &Option<String>,
+        repository: &str,
+        submitted_at: i64,
+        reason: &str,
+    ) -> Push {
+        Push {
+            branch: branch.clone(),
+            revision: revision.clone(),
+            repository: repository.to_string(),
+            submitted_at,
+            reason: reason.to_string(),
+            buildsets: vec![],
+            changes: vec![],
+            cells: vec![],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::buildsets::{NewBuildset, Source, SourceStamp};
+    use crate::store::Store;
+
+    fn buildset(builders: &[&str], revision: Option<&str>) -> NewBuildset {
+        NewBuildset {
+            scheduler: "s".into(),
+            reason: "test".into(),
+            external_idstring: None,
+            source: Source::New(vec![SourceStamp {
+                branch: Some("m-c".into()),
+                revision: revision.map(String::from),
+                ..SourceStamp::default()
+            }]),
+            properties: Default::default(),
+            builders: builders.iter().map(|b| b.to_string()).collect(),
+            priority: 0,
+            parent_buildid: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn buildsets_of_one_revision_are_one_push_and_cells_follow_their_requests() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = Store::open(&tmp.path().join("s.sqlite")).expect("store");
+        let master = store.master_started("m").await.expect("master");
+        // Two product schedulers' buildsets for push `aaa`, then `bbb`, then
+        // a forced build of the tip.
+        let firefox = store
+            .add_buildset(buildset(&["linux", "mac"], Some("aaa")))
+            .await
+            .expect("bs");
+        store
+            .add_buildset(buildset(&["mobile"], Some("aaa")))
+            .await
+            .expect("bs");
+        store
+            .add_buildset(buildset(&["linux"], Some("bbb")))
+            .await
+            .expect("bs");
+        store
+            .add_buildset(buildset(&["linux"], None))
+            .await
+            .expect("bs");
+        // linux of `aaa` is built and fails; mac was cancelled.
+        let linux = firefox.brids[0].clone();
+        assert!(store
+            .claim_request(linux.brid, master)
+            .await
+            .expect("claim"));
+        let (buildid, _) = store
+            .new_build(
+                linux.builderid,
+                linux.brid,
+                None,
+                master,
+                Default::default(),
+            )
+            .await
+            .expect("build");
+        let pushes = store.grid(10, None).await.expect("grid");
+        let revs: Vec<Option<&str>> = pushes.iter().map(|p| p.revision.as_deref()).collect();
+        assert_eq!(revs, [None, Some("bbb"), Some("aaa")], "newest first");
+        assert_eq!(pushes[2].buildsets.len(), 2);
+        let states: Vec<&str> = pushes[2].cells.iter().map(|c| c.state).collect();
+        assert_eq!(states, ["running", "pending", "pending"]);
+
+        store
+            .finish_build(buildid, 2, "failed")
+            .await
+            .expect("finish");
+        store
+            .complete_requests(vec![linux.brid], 2)
+            .await
+            .expect("complete");
+        store
+            .cancel_request(firefox.brids[1].brid)
+            .await
+            .expect("cancel");
+        let pushes = store.grid(10, None).await.expect("grid");
+        let aaa = &pushes[2];
+        let cells: Vec<(&str, Option<i64>, Option<i64>)> = aaa
+            .cells
+            .iter()
+            .map(|c| (c.state, c.results, c.number))
+            .collect();
+        assert_eq!(
+            cells,
+            [
+                ("done", Some(2), Some(1)),
+                ("done", Some(6), None),
+                ("pending", None, None)
+            ]
+        );
+        // Paging: only what is older than a buildset.
+        let older = store.grid(10, Some(firefox.bsid + 1)).await.expect("grid");
+        assert_eq!(older.len(), 1);
+        assert_eq!(older[0].buildsets, [firefox.bsid]);
+    }
+}
