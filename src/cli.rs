@@ -142,6 +142,24 @@ enum Command {
         #[arg(long, default_value_t = 120)]
         wait: u64,
     },
+    /// Work through a queue directory (a QueueDir's `new/`): run each
+    /// item's command, retry failures with backoff, move an item that
+    /// keeps failing to `dead/` with its log. Runs until Ctrl-C, or with
+    /// `--once` until nothing may run now.
+    QueueRun {
+        dir: PathBuf,
+        #[arg(long)]
+        once: bool,
+        /// Failures before an item goes to dead/.
+        #[arg(long, default_value_t = 5)]
+        max_retries: u32,
+        /// Seconds before the first retry (doubling each time).
+        #[arg(long, default_value_t = 60)]
+        backoff: u64,
+        /// Seconds a command may run before it is killed.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
     /// Stop the master running in DIR, waiting until it has stopped.
     Stop {
         #[arg(default_value = ".")]
@@ -464,6 +482,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Command::QueueRun {
+            dir,
+            once,
+            max_retries,
+            backoff,
+            timeout,
+        } => {
+            let queue = crate::queuedir::QueueDir::open(&dir)?;
+            let opts = crate::queuedir::RunOptions {
+                max_retries: max_retries.max(1),
+                backoff: std::time::Duration::from_secs(backoff),
+                timeout: std::time::Duration::from_secs(timeout),
+                ..Default::default()
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (ok, failed, dead) = rt.block_on(async {
+                let cancel = tokio_util::sync::CancellationToken::new();
+                let stop = cancel.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::signal::ctrl_c().await;
+                    stop.cancel();
+                });
+                crate::queuedir::run(&queue, &opts, once, &cancel).await
+            })?;
+            println!(
+                "{ok} item(s) ran, {failed} failed attempt(s), {dead} moved to dead/; {} waiting",
+                queue.waiting()?.len()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Stop { dir, wait } => {
             crate::master::stop(&dir, std::time::Duration::from_secs(wait))?;

@@ -11,6 +11,7 @@ pub mod events;
 pub mod http;
 pub mod master;
 pub mod memory;
+pub mod queuedir;
 pub mod quickstart;
 pub mod reconfig;
 pub mod repl;

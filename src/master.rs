@@ -6,7 +6,7 @@
 //! its store transaction or never starts it), lets the HTTP server finish
 //! its requests, and removes the pid file.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -205,6 +205,39 @@ struct Live {
     worker_listener: Option<Listening>,
     /// Listeners a reload replaced, still finishing their requests.
     retired: Vec<tokio::task::JoinHandle<()>>,
+    /// A runner per queue directory the status handlers write to (one a
+    /// reload drops keeps draining its queue until the master stops).
+    queues: BTreeMap<PathBuf, tokio::task::JoinHandle<()>>,
+}
+
+impl Live {
+    /// Starts a runner for each queue directory of the config that has none.
+    fn run_queues(&mut self) {
+        for target in &self.config.status {
+            let crate::config::StatusTarget::QueuedCommandHandler { queuedir, .. } = target;
+            let root = self.dir.join(&queuedir.path);
+            if self.queues.contains_key(&root) {
+                continue;
+            }
+            let queue = match crate::queuedir::QueueDir::open(&root) {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::error!(queue = %queuedir.name, "{e:#}");
+                    continue;
+                }
+            };
+            tracing::info!(queue = %queuedir.name, "running the commands queued in {}", root.display());
+            let cancel = self.cancel.clone();
+            let name = queuedir.name.clone();
+            let task = tokio::spawn(async move {
+                let opts = crate::queuedir::RunOptions::default();
+                if let Err(e) = crate::queuedir::run(&queue, &opts, false, &cancel).await {
+                    tracing::error!(queue = %name, "the queue runner stopped: {e:#}");
+                }
+            });
+            self.queues.insert(root, task);
+        }
+    }
 }
 
 async fn bind_http(www: &crate::config::WwwConfig) -> anyhow::Result<tokio::net::TcpListener> {
@@ -428,6 +461,7 @@ impl Live {
             }
         }
         self.config = new;
+        self.run_queues();
         self.files = loaded.files;
         Ok(summary)
     }
@@ -625,7 +659,9 @@ async fn serve(
         http: None,
         worker_listener: None,
         retired: Vec::new(),
+        queues: BTreeMap::new(),
     };
+    live.run_queues();
 
     match &config.www {
         Some(www) => live.http = Some(live.serve_http(bind_http(www).await?)?),
@@ -731,6 +767,7 @@ async fn serve(
         http,
         worker_listener,
         retired,
+        queues,
         ..
     } = live;
     let wait_all = async {
@@ -744,6 +781,9 @@ async fn serve(
             let _ = s.task.await;
         }
         for t in retired {
+            let _ = t.await;
+        }
+        for t in queues.into_values() {
             let _ = t.await;
         }
     };

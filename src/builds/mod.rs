@@ -851,6 +851,70 @@ impl Distributor {
         outcome
     }
 
+    /// The config's status handlers hear that a build finished: each
+    /// `QueuedCommandHandler` queues its command (rendered with the build's
+    /// properties) followed by the builder's name and the build number,
+    /// with the build's details in the environment (`KILN_BUILDID`,
+    /// `KILN_BUILDER`, `KILN_BUILD_NUMBER`, `KILN_RESULTS`,
+    /// `KILN_MASTER_DIR`). A handler that cannot queue is logged; the build
+    /// is not affected.
+    async fn queue_status(&self, b: &Build<'_>, results: Results, props: &Properties) {
+        use crate::config::{Arg, StatusTarget};
+        for target in &b.gen.config.status {
+            let StatusTarget::QueuedCommandHandler {
+                command, queuedir, ..
+            } = target;
+            let scope = render::Scope::of(props);
+            let mut argv = Vec::with_capacity(command.len() + 2);
+            let mut failed = None;
+            for arg in command {
+                match arg {
+                    Arg::Literal(s) => argv.push(s.clone()),
+                    Arg::Secret(s) => argv.push(s.expose().to_string()),
+                    Arg::Render(r) => match render::render(r, &scope) {
+                        Ok(s) => argv.push(s),
+                        Err(e) => failed = Some(e.to_string()),
+                    },
+                }
+            }
+            if let Some(e) = failed {
+                tracing::error!(queue = %queuedir.name, "build {} of {}: the QueuedCommandHandler's command cannot be rendered: {e}", b.number, b.builder.name);
+                continue;
+            }
+            argv.push(b.builder.name.clone());
+            argv.push(b.number.to_string());
+            let env = [
+                ("KILN_BUILDID", b.id.to_string()),
+                ("KILN_BUILDER", b.builder.name.clone()),
+                ("KILN_BUILD_NUMBER", b.number.to_string()),
+                ("KILN_RESULTS", (results as i64).to_string()),
+                ("KILN_MASTER_DIR", self.master_dir.display().to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            let item = crate::queuedir::Item {
+                command: argv,
+                env,
+                created: crate::store::now(),
+            };
+            let root = self.master_dir.join(&queuedir.path);
+            let queued = tokio::task::spawn_blocking(move || {
+                crate::queuedir::QueueDir::open(&root)?.add(&item)
+            })
+            .await;
+            match queued {
+                Ok(Ok(id)) => {
+                    tracing::info!(queue = %queuedir.name, "build {} of {} queued as {id}", b.number, b.builder.name)
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(queue = %queuedir.name, "build {} of {}: cannot queue its command: {e:#}", b.number, b.builder.name)
+                }
+                Err(e) => tracing::error!(queue = %queuedir.name, "cannot queue: {e}"),
+            }
+        }
+    }
+
     async fn run_steps(&self, b: &Build<'_>) -> anyhow::Result<()> {
         let Build {
             id: buildid,
@@ -932,6 +996,7 @@ impl Distributor {
             self.store
                 .finish_build(buildid, Results::Retry as i64, "retry: the worker was lost")
                 .await?;
+            self.queue_status(b, Results::Retry, &props).await;
             for brid in claimed {
                 self.store.unclaim_request(*brid).await?;
             }
@@ -947,6 +1012,7 @@ impl Distributor {
         self.store
             .finish_build(buildid, results as i64, &state)
             .await?;
+        self.queue_status(b, results, &props).await;
         tracing::info!(builder = %builder.name, "build {number}: {}", results.name());
         if results == Results::Retry {
             // As Buildbot: a build that ends RETRY (a step's log rules said
