@@ -13,11 +13,33 @@ use std::time::{Duration, Instant};
 use common::{run, wait_until};
 use fantoccini::{Client, ClientBuilder, Locator};
 
-/// A process killed when dropped.
+/// A process started in a process group of its own; dropping it asks the
+/// whole group to stop (SIGTERM), waits up to 15 s, then kills what is
+/// left, so that nothing it started (workers, browsers) outlives the test,
+/// even when the test fails.
 struct Guard(Child);
+
+impl Guard {
+    fn spawn(cmd: &mut Command) -> Guard {
+        use std::os::unix::process::CommandExt as _;
+        Guard(cmd.process_group(0).spawn().expect("spawn"))
+    }
+}
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        let group = -(self.0.id() as i32);
+        // SAFETY: kill(2) with a process group id; no memory is touched.
+        unsafe { libc::kill(group, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The leader may be gone while others of its group are not.
+        unsafe { libc::kill(group, libc::SIGKILL) };
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -45,14 +67,12 @@ fn program(name: &str) -> String {
 /// chromedriver on 127.0.0.1, and a WebDriver session of headless Chromium.
 async fn browser(profile: &std::path::Path) -> (Guard, Client) {
     let port = free_port();
-    let driver = Guard(
+    let driver = Guard::spawn(
         Command::new(program("chromedriver"))
             .arg(format!("--port={port}"))
             .arg("--allowed-ips=127.0.0.1")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver"),
+            .stderr(Stdio::null()),
     );
     let mut caps = serde_json::Map::new();
     caps.insert(
@@ -113,19 +133,18 @@ async fn screenshot(c: &Client, name: &str) {
 fn a_push_appears_and_turns_green_live_and_its_build_log_can_be_read() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("demo");
-    let mut master = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["quickstart"])
-        .arg(&dir)
-        .args(["--http-port", "0", "--worker-port", "0"])
-        .env("NO_COLOR", "1")
-        .env("PATH", common::tools_path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kiln quickstart");
-    let err = master.stderr.take().expect("stderr");
-    let master = Guard(master);
+    let mut master = Guard::spawn(
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["quickstart"])
+            .arg(&dir)
+            .args(["--http-port", "0", "--worker-port", "0"])
+            .env("NO_COLOR", "1")
+            .env("PATH", common::tools_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let err = master.0.stderr.take().expect("stderr");
     let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let sink = log.clone();
     std::thread::spawn(move || {
@@ -279,4 +298,14 @@ fn a_push_appears_and_turns_green_live_and_its_build_log_can_be_read() {
         c.close().await.expect("close the browser");
     });
     drop(master);
+    // Nothing the quickstart started is left.
+    let leftovers: Vec<String> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&dir.display().to_string()))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }

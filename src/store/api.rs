@@ -102,67 +102,126 @@ fn json_of(v: ValueRef<'_>) -> Value {
     }
 }
 
+/// A read of a collection that SQLite does whole: conditions (SQL over the
+/// collection's column aliases, with their arguments), order (alias,
+/// descending), and a page. The HTTP layer builds one when every part of
+/// a query can be said in SQL with the meaning the API gives it.
+#[derive(Clone, Debug, Default)]
+pub struct Select {
+    pub conditions: Vec<(String, Vec<rusqlite::types::Value>)>,
+    pub order: Vec<(String, bool)>,
+    pub limit: Option<usize>,
+    pub offset: usize,
+}
+
+/// Rows as the API shows them: the suffixes of `names` say how.
+fn api_row(names: &[String], row: &rusqlite::Row<'_>) -> rusqlite::Result<Map<String, Value>> {
+    let mut m = Map::new();
+    for (i, name) in names.iter().enumerate() {
+        let v = json_of(row.get_ref(i)?);
+        if let Some(n) = name.strip_suffix("__bool") {
+            m.insert(n.to_string(), Value::Bool(v.as_i64().unwrap_or(0) != 0));
+        } else if let Some(n) = name.strip_suffix("__json") {
+            let parsed = v
+                .as_str()
+                .and_then(|t| serde_json::from_str(t).ok())
+                .unwrap_or(Value::Null);
+            m.insert(n.to_string(), parsed);
+        } else {
+            m.insert(name.clone(), v);
+        }
+    }
+    Ok(m)
+}
+
+/// A column alias without its suffix: the API's field name.
+pub fn field_of(alias: &str) -> &str {
+    alias.trim_end_matches("__bool").trim_end_matches("__json")
+}
+
 impl Store {
-    /// The field names of `c`, and every item of it (the HTTP layer
-    /// filters, orders and pages them).
-    /// `only`: just the items whose field has this value (the field is one
-    /// of the collection's plain columns: an id, or `name`), read with
-    /// the table's index rather than filtered afterwards.
+    /// The column aliases of `c` (suffixes included), in order.
+    pub async fn api_columns(&self, c: Collection) -> anyhow::Result<Vec<String>> {
+        self.call(move |conn| {
+            let st = conn.prepare_cached(c.sql())?;
+            Ok(st.column_names().iter().map(|s| s.to_string()).collect())
+        })
+        .await
+    }
+
+    /// The items of `c` that `sel` asks for, with the number of items
+    /// before paging; field names first.
+    pub async fn api_select(
+        &self,
+        c: Collection,
+        sel: Select,
+    ) -> anyhow::Result<(Vec<String>, Vec<Map<String, Value>>, usize)> {
+        self.call(move |conn| {
+            let mut filter = String::new();
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            for (i, (cond, a)) in sel.conditions.iter().enumerate() {
+                filter.push_str(if i == 0 { " WHERE " } else { " AND " });
+                filter.push('(');
+                filter.push_str(cond);
+                filter.push(')');
+                args.extend(a.iter().cloned());
+            }
+            let (_, id) = c.names();
+            let mut order: Vec<String> = sel
+                .order
+                .iter()
+                .map(|(a, desc)| format!("\"{a}\"{}", if *desc { " DESC" } else { "" }))
+                .collect();
+            order.push(format!("\"{id}\""));
+            let paged = sel.limit.is_some() || sel.offset > 0;
+            let sql = format!(
+                "SELECT * FROM ({}){filter} ORDER BY {} LIMIT {} OFFSET {}",
+                c.sql(),
+                order.join(", "),
+                sel.limit.map_or(-1, |l| l.min(i64::MAX as usize) as i64),
+                sel.offset
+            );
+            let mut st = conn.prepare_cached(&sql)?;
+            let names: Vec<String> = st.column_names().iter().map(|s| s.to_string()).collect();
+            let rows = st
+                .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                    api_row(&names, r)
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let total = if paged {
+                let count = format!("SELECT count(*) FROM ({}){filter}", c.sql());
+                let n: i64 = conn
+                    .prepare_cached(&count)?
+                    .query_row(rusqlite::params_from_iter(args.iter()), |r| r.get(0))?;
+                n as usize
+            } else {
+                rows.len()
+            };
+            let fields = names.iter().map(|n| field_of(n).to_string()).collect();
+            Ok((fields, rows, total))
+        })
+        .await
+    }
+
+    /// The field names of `c`, and every item of it (or, with `only`, the
+    /// items whose field has this value: a plain column, an id or `name`,
+    /// read through the table's index).
     pub async fn api_rows(
         &self,
         c: Collection,
         only: Option<(&'static str, Value)>,
     ) -> anyhow::Result<(Vec<String>, Vec<Map<String, Value>>)> {
-        self.call(move |conn| {
-            let (sql, arg) = match only {
-                None => (c.sql().to_string(), None),
-                Some((field, v)) => (
-                    format!("SELECT * FROM ({}) WHERE \"{field}\" = ?1", c.sql()),
-                    Some(match v {
-                        Value::Number(n) => {
-                            rusqlite::types::Value::Integer(n.as_i64().unwrap_or(-1))
-                        }
-                        Value::String(s) => rusqlite::types::Value::Text(s),
-                        other => rusqlite::types::Value::Text(other.to_string()),
-                    }),
-                ),
+        let mut sel = Select::default();
+        if let Some((field, v)) = only {
+            let arg = match v {
+                Value::Number(n) => rusqlite::types::Value::Integer(n.as_i64().unwrap_or(-1)),
+                Value::String(s) => rusqlite::types::Value::Text(s),
+                other => rusqlite::types::Value::Text(other.to_string()),
             };
-            let mut st = conn.prepare_cached(&sql)?;
-            let names: Vec<String> = st.column_names().iter().map(|s| s.to_string()).collect();
-            let fields: Vec<String> = names
-                .iter()
-                .map(|n| {
-                    n.trim_end_matches("__bool")
-                        .trim_end_matches("__json")
-                        .to_string()
-                })
-                .collect();
-            let mut rows = match arg {
-                Some(a) => st.query([a])?,
-                None => st.query([])?,
-            };
-            let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
-                let mut m = Map::new();
-                for (i, name) in names.iter().enumerate() {
-                    let v = json_of(row.get_ref(i)?);
-                    if let Some(n) = name.strip_suffix("__bool") {
-                        m.insert(n.to_string(), Value::Bool(v.as_i64().unwrap_or(0) != 0));
-                    } else if let Some(n) = name.strip_suffix("__json") {
-                        let parsed = v
-                            .as_str()
-                            .and_then(|t| serde_json::from_str(t).ok())
-                            .unwrap_or(Value::Null);
-                        m.insert(n.to_string(), parsed);
-                    } else {
-                        m.insert(name.clone(), v);
-                    }
-                }
-                out.push(m);
-            }
-            Ok((fields, out))
-        })
-        .await
+            sel.conditions.push((format!("\"{field}\" = ?"), vec![arg]));
+        }
+        let (fields, rows, _) = self.api_select(c, sel).await?;
+        Ok((fields, rows))
     }
 
     /// A log's chunks: (first line, content) in order.
