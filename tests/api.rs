@@ -223,6 +223,21 @@ bad.addStep(ShellCommand(#{ name: "fails", command: ["false"] }));
             .map(Vec::len),
         Some(1)
     );
+
+    // Schedulers, as Buildbot lists them.
+    let scheds = get(&format!("{api}/schedulers"));
+    assert_eq!(scheds["meta"]["total"], 1);
+    let force = &scheds["schedulers"][0];
+    assert_eq!(force["name"], "force");
+    assert_eq!(force["enabled"], true);
+    assert_eq!(force["master"]["active"], true);
+    let by_id = get(&format!("{api}/schedulers/{}", force["schedulerid"]));
+    assert_eq!(by_id["schedulers"][0]["name"], "force");
+    assert_eq!(status(&format!("{api}/schedulers/nope")).0, 404);
+    assert_eq!(
+        get(&format!("{api}/schedulers?name=other"))["meta"]["total"],
+        0
+    );
 }
 
 #[test]

@@ -221,6 +221,11 @@ impl Distributor {
     }
 
     /// The config new builds start with.
+    /// This master's id in the store.
+    pub fn masterid(&self) -> i64 {
+        self.masterid
+    }
+
     pub fn generation(&self) -> Arc<Generation> {
         self.gen.read().unwrap_or_else(|e| e.into_inner()).clone()
     }

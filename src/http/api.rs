@@ -420,6 +420,104 @@ collection!(buildsets, buildset, Collection::Buildsets);
 collection!(changes, change, Collection::Changes);
 collection!(workers, worker, Collection::Workers);
 
+/// The configured schedulers as Buildbot's `schedulers` lists them (with
+/// kiln's `type` and `builderNames` besides).
+async fn scheduler_rows(st: &AppState) -> anyhow::Result<Vec<Row>> {
+    let gen = st.builds.generation();
+    let masterid = st.builds.masterid();
+    let master = st
+        .store
+        .call(move |c| {
+            Ok(c.query_row(
+                "SELECT name, active, last_active FROM masters WHERE id = ?1",
+                [masterid],
+                |r| {
+                    Ok(json!({ "masterid": masterid, "name": r.get::<_, String>(0)?,
+                               "active": r.get::<_, i64>(1)? != 0, "last_active": r.get::<_, i64>(2)? }))
+                },
+            )?)
+        })
+        .await?;
+    let mut rows = Vec::new();
+    for s in &gen.config.schedulers {
+        let class = match s.kind {
+            crate::config::SchedulerKind::Scheduler { .. } => "SingleBranchScheduler",
+            _ => s.kind.type_name(),
+        };
+        let id = st.store.object_id(&s.name, class).await?;
+        let mut r = Row::new();
+        r.insert("schedulerid".into(), json!(id.0));
+        r.insert("name".into(), json!(s.name));
+        r.insert("enabled".into(), json!(true));
+        r.insert("master".into(), master.clone());
+        r.insert("type".into(), json!(s.kind.type_name()));
+        r.insert("builderNames".into(), json!(s.builder_names));
+        rows.push(r);
+    }
+    Ok(rows)
+}
+
+/// `GET /api/v2/schedulers` and `/schedulers/{id or name}`, with the
+/// query conventions of the other lists.
+pub(super) async fn schedulers(State(st): State<Arc<AppState>>, Query(p): Params) -> Response {
+    scheduler_list(&st, None, &p).await
+}
+
+pub(super) async fn scheduler(
+    State(st): State<Arc<AppState>>,
+    Path(ident): Path<String>,
+    Query(p): Params,
+) -> Response {
+    scheduler_list(&st, Some(ident), &p).await
+}
+
+async fn scheduler_list(
+    st: &AppState,
+    ident: Option<String>,
+    params: &[(String, String)],
+) -> Response {
+    let mut rows = match scheduler_rows(st).await {
+        Ok(r) => r,
+        Err(e) => return internal(e),
+    };
+    if let Some(ident) = &ident {
+        rows.retain(|r| {
+            r["name"].as_str() == Some(ident.as_str())
+                || r["schedulerid"].as_i64().map(|i| i.to_string()).as_deref()
+                    == Some(ident.as_str())
+        });
+        if rows.is_empty() {
+            return not_found(format!("no scheduler `{ident}`"));
+        }
+    }
+    let known: Vec<String> = [
+        "schedulerid",
+        "name",
+        "enabled",
+        "master",
+        "type",
+        "builderNames",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let q = match parse(params, &known) {
+        Ok(q) => q,
+        Err(e) => return bad(e),
+    };
+    let (page, total) = in_memory(rows, &q, "schedulerid");
+    let page: Vec<Value> = page
+        .into_iter()
+        .map(|mut r| {
+            if !q.fields.is_empty() {
+                r.retain(|k, _| q.fields.contains(k));
+            }
+            Value::Object(r)
+        })
+        .collect();
+    Json(json!({ "schedulers": page, "meta": { "total": total } })).into_response()
+}
+
 /// `/builders/{id or name}/builds`, `/builds/{id}/steps`, `/steps/{id}/logs`.
 async fn children(
     st: &AppState,
