@@ -257,8 +257,11 @@ impl Live {
     fn serve_http(&self, listener: tokio::net::TcpListener) -> anyhow::Result<Listening> {
         let addr = listener.local_addr()?;
         tracing::info!("HTTP listening on http://{addr}/");
-        let app = crate::http::router(self.app.clone());
         let stop = self.cancel.child_token();
+        // Long answers (the event stream) end when this server stops.
+        let mut state = self.app.clone();
+        state.stopping = stop.clone();
+        let app = crate::http::router(state);
         let until = stop.clone();
         let task = tokio::spawn(async move {
             let r = axum::serve(
@@ -639,6 +642,7 @@ async fn serve(
         ))),
         reload: reload_tx,
         watched: Arc::new(std::sync::RwLock::new(paths(&loaded.files))),
+        stopping: CancellationToken::new(),
         started_at: Instant::now(),
     };
     let mut live = Live {

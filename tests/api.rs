@@ -446,4 +446,30 @@ f.addStep(ShellCommand(#{ name: "talk", command: ["sh", "-c", "sleep 2; echo fir
         appended.iter().all(|(_, d)| d["id"] == logid),
         "only that log's lines: {tail:?}"
     );
+
+    // A client still listening does not hold the master up when it stops.
+    let mut master = master;
+    let addr = url.trim_start_matches("http://").to_string();
+    let mut listener = std::net::TcpStream::connect(&addr).expect("connect");
+    use std::io::{Read, Write};
+    write!(
+        listener,
+        "GET /api/v2/events HTTP/1.1\r\nHost: {addr}\r\n\r\n"
+    )
+    .expect("request");
+    let mut head = [0u8; 12];
+    listener.read_exact(&mut head).expect("the stream's answer");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    assert_eq!(master.stop(), Some(0));
+    assert!(!master.log().contains("did not stop"), "{}", master.log());
+    listener
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    let _ = listener.read_to_end(&mut rest);
+    assert!(
+        String::from_utf8_lossy(&rest).ends_with("0\r\n\r\n"),
+        "the stream was ended, not cut: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
 }

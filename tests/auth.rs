@@ -29,7 +29,9 @@ slow.addStep(ShellCommand(#{ name: "sleep", command: ["sleep", "60"] }));
             cancel: ["developers"],
             reconfig: ["admins"],
             workers: ["admins"],
+            change: ["admins"],
         },
+        change_hook_dialects: #{ base: true },
     },
     workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
     schedulers: [ForceScheduler(#{ name: "force", builderNames: ["slow", "waits"] })],
@@ -256,6 +258,38 @@ fn every_write_needs_a_user_with_its_role_and_reads_need_a_login() {
     // Reconfig: admins only.
     let reloaded = matrix(&format!("{api}/reconfig"), &None, DEV, ANN);
     assert_eq!(reloaded["reloads"][0]["applied"], true, "{reloaded}");
+
+    // A change through the base hook: admins only, as www.authz says.
+    let hook = format!("{url}/change_hook/base");
+    let post_change = |who: Option<(&str, &str)>| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut r = reqwest::Client::new()
+                .post(&hook)
+                .form(&[
+                    ("author", "dev"),
+                    ("comments", "via the hook"),
+                    ("branch", "main"),
+                ])
+                .timeout(Duration::from_secs(30));
+            if let Some((u, p)) = who {
+                r = r.basic_auth(u, Some(p));
+            }
+            r.send().await.expect("POST").status().as_u16()
+        })
+    };
+    assert_eq!(post_change(None), 401);
+    assert_eq!(post_change(Some(("ann", "bad"))), 401);
+    assert_eq!(post_change(DEV), 403);
+    assert_eq!(post_change(ANN), 200);
+    let (_, changes) = call("GET", &format!("{api}/changes"), DEV, &[], None);
+    assert_eq!(
+        changes["meta"]["total"], 1,
+        "only the admin's change is stored"
+    );
 
     // A worker's shutdown: admins only.
     let killed = matrix(

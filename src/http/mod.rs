@@ -44,6 +44,8 @@ pub struct AppState {
     /// The files the master watches (those of the running config, and
     /// those a failed reload read).
     pub watched: Arc<std::sync::RwLock<Vec<String>>>,
+    /// Fires when this HTTP server stops: event streams end with it.
+    pub stopping: tokio_util::sync::CancellationToken,
     pub started_at: std::time::Instant,
 }
 
@@ -213,21 +215,29 @@ async fn events(
         Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({ "error": e }))).into_response(),
     };
     let rx = st.store.events().subscribe();
-    let stream = futures_util::stream::unfold((rx, filter), |(mut rx, filter)| async move {
-        use tokio::sync::broadcast::error::RecvError;
-        loop {
-            let ev = match rx.recv().await {
-                Ok(ev) if filter.wants(&ev) => SseEvent::default()
-                    .event(ev.topic)
-                    .json_data(&*ev)
-                    .unwrap_or_else(|_| SseEvent::default().comment("unencodable event")),
-                Ok(_) => continue,
-                Err(RecvError::Lagged(n)) => SseEvent::default()
-                    .event("lagged")
-                    .data(json!({ "missed": n }).to_string()),
-                Err(RecvError::Closed) => return None,
-            };
-            return Some((Ok::<_, std::convert::Infallible>(ev), (rx, filter)));
+    let stopping = st.stopping.clone();
+    let stream = futures_util::stream::unfold((rx, filter), move |(mut rx, filter)| {
+        let stopping = stopping.clone();
+        async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let received = tokio::select! {
+                    r = rx.recv() => r,
+                    _ = stopping.cancelled() => return None,
+                };
+                let ev = match received {
+                    Ok(ev) if filter.wants(&ev) => SseEvent::default()
+                        .event(ev.topic)
+                        .json_data(&*ev)
+                        .unwrap_or_else(|_| SseEvent::default().comment("unencodable event")),
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(n)) => SseEvent::default()
+                        .event("lagged")
+                        .data(json!({ "missed": n }).to_string()),
+                    Err(RecvError::Closed) => return None,
+                };
+                return Some((Ok::<_, std::convert::Infallible>(ev), (rx, filter)));
+            }
         }
     });
     Sse::new(stream)
