@@ -17,6 +17,7 @@ measured (median, p95, max over every client and event).
 """
 import socket
 import threading
+import json
 import os
 import signal
 import sqlite3
@@ -114,10 +115,16 @@ for u in urls:
     times = []
     for _ in range(reqs):
         t0 = time.perf_counter()
-        urllib.request.urlopen(url + u).read()
+        body = urllib.request.urlopen(url + u).read()
         times.append((time.perf_counter() - t0) * 1000)
     times.sort()
-    out.append(f"{u}: median {statistics.median(times):.1f} ms, p95 {times[int(len(times) * 0.95) - 1]:.1f} ms")
+    try:
+        got = json.loads(body)
+        items = [len(v) for k, v in got.items() if isinstance(v, list)]
+        what = f"{items[0]} items" if items else "?"
+    except ValueError:
+        what = f"{len(body)} bytes"
+    out.append(f"{u}: median {statistics.median(times):.1f} ms, p95 {times[int(len(times) * 0.95) - 1]:.1f} ms ({what})")
 rss = int(open(f"/proc/{p.pid}/status").read().split("VmRSS:")[1].split()[0]) / 1024
 
 # SSE fan-out.

@@ -12,6 +12,7 @@ buildset, sourcestamp, request and two steps), starts it again and times
 REQUESTS GETs of each URL, printing the median and 95th percentile and
 the master's RSS.
 """
+import json
 import os
 import socket
 import sqlite3
@@ -105,10 +106,16 @@ for u in urls:
     times = []
     for _ in range(reqs):
         t0 = time.perf_counter()
-        urllib.request.urlopen(url + u).read()
+        body = urllib.request.urlopen(url + u).read()
         times.append((time.perf_counter() - t0) * 1000)
     times.sort()
-    out.append(f"{u}: median {statistics.median(times):.1f} ms, p95 {times[int(len(times) * 0.95) - 1]:.1f} ms")
+    try:
+        got = json.loads(body)
+        items = [len(v) for k, v in got.items() if isinstance(v, list)]
+        what = f"{items[0]} items" if items else "?"
+    except ValueError:
+        what = f"{len(body)} bytes"
+    out.append(f"{u}: median {statistics.median(times):.1f} ms, p95 {times[int(len(times) * 0.95) - 1]:.1f} ms ({what})")
 rss = int(open(f"/proc/{pid}/status").read().split("VmRSS:")[1].split()[0]) / 1024
 stop()
 print(f"Buildbot 4.3: {n} builds in the store; {reqs} requests each; master RSS {rss:.0f} MB")
