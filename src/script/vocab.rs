@@ -637,12 +637,20 @@ fn register_factory(engine: &mut Engine, state: &Arc<LoadState>) {
         },
     );
     engine.register_fn("addStep", |f: &mut BuildFactory, s: Step| {
-        Arc::make_mut(&mut f.steps).push(s)
+        // Exactly one more slot: a factory has a handful of large steps,
+        // and the doubling a plain push does left a 5-step factory with
+        // room for 8 (a third of a Mozilla-shaped config's memory).
+        let steps = Arc::make_mut(&mut f.steps);
+        steps.reserve_exact(1);
+        steps.push(s)
     });
     engine.register_fn(
         "addSteps",
         |f: &mut BuildFactory, steps: Array| -> ScriptResult<()> {
-            Arc::make_mut(&mut f.steps).extend(steps_of(steps)?);
+            let new = steps_of(steps)?;
+            let all = Arc::make_mut(&mut f.steps);
+            all.reserve_exact(new.len());
+            all.extend(new);
             Ok(())
         },
     );
