@@ -16,4 +16,7 @@ python3 "$here/api.py" "$kiln" "$work" "${1:-10000}" "${2:-50}" "${3:-100}"
 if [ "${4:-}" != skip-buildbot ]; then
   venv=$("$peer/setup.sh")
   python3 "$here/api_buildbot.py" "$venv" "$work" "${1:-10000}" "${2:-50}"
+  # Buildbot's live events go over its WebSocket: the same fan-out there.
+  "$venv/bin/python" -c "import websockets" 2>/dev/null || "$venv/bin/pip" install -q websockets
+  "$venv/bin/python" "$here/sse_buildbot.py" "$work" "${3:-100}"
 fi

@@ -45,6 +45,7 @@ c["builders"] = [util.BuilderConfig(name="linux", workernames=["w1"], factory=f)
 c["schedulers"] = [schedulers.ForceScheduler(name="force", builderNames=["linux", "win"])]
 c["www"] = {{"port": "tcp:{port}:interface=127.0.0.1"}}
 c["db"] = {{"db_url": "sqlite:///state.sqlite"}}
+c["buildbotNetUsageData"] = None
 ''')
 
 
