@@ -41,6 +41,11 @@ async function rpc(path, method, params) {
   return body.result;
 }
 
+/// Only web addresses become links (a change's revlink comes from outside).
+function safeUrl(u) {
+  return typeof u === "string" && /^https?:\/\//i.test(u) ? u : null;
+}
+
 function when(ts) {
   if (!ts) return "";
   const d = new Date(ts * 1000);
@@ -134,7 +139,7 @@ function renderGrid(data) {
     const info = h("td", { class: "push" },
       h("div", { class: "muted" }, when(p.submitted_at), p.branch ? ` · ${p.branch}` : ""),
       p.changes.length ? p.changes.slice(0, 5).map((c) => h("div", { class: "change" },
-        h("span", { class: "rev" }, c.revlink ? h("a", { href: c.revlink }, (c.revision || "").slice(0, 12)) : (c.revision || "").slice(0, 12)),
+        h("span", { class: "rev" }, safeUrl(c.revlink) ? h("a", { href: safeUrl(c.revlink) }, (c.revision || "").slice(0, 12)) : (c.revision || "").slice(0, 12)),
         " ", h("b", {}, c.author.replace(/\s*<.*>$/, "")), " ",
         h("span", { class: "comments" }, c.comments.split("\n")[0]))) : h("div", { class: "comments" }, p.reason),
       p.changes.length > 5 ? h("div", { class: "muted" }, `and ${p.changes.length - 5} more`) : null);
@@ -208,13 +213,14 @@ async function builderPage(id) {
 // ---- A build, with its steps and a live log -----------------------------
 
 async function buildPage(id, logid) {
-  const view = { es: null, lines: null, log: null };
+  const view = { es: null, lines: null, log: null, steps: new Set() };
   const draw = async () => {
     const { builds } = await api(`builds/${id}`);
     const b = builds[0];
     const [{ builders }, { steps }] = await Promise.all([api(`builders/${b.builderid}`), api(`builds/${id}/steps`)]);
     const worker = b.workerid ? (await api(`workers/${b.workerid}`).catch(() => ({ workers: [] }))).workers[0] : null;
     const logs = await Promise.all(steps.map((s) => api(`steps/${s.stepid}/logs`).then((r) => r.logs)));
+    view.steps = new Set(steps.map((s) => String(s.stepid)));
     const list = h("ul", { class: "steps" }, steps.map((s, i) => h("li", { dataset: { step: s.name } },
       badge(s.results, s.complete, s.number), " ", h("b", {}, s.name), " ",
       h("span", { class: "muted" }, s.state_string, " ", duration(s.started_at, s.complete_at)), " ",
@@ -259,7 +265,8 @@ async function buildPage(id, logid) {
       return;
     }
     if (topic === "logs" && ev.event === "append") return;
-    if (ev.data && (String(ev.data.buildid) === String(id) || topic === "logs")) redraw();
+    const d = ev.data || {};
+    if (String(d.buildid) === String(id) || (topic === "logs" && view.steps.has(String(d.stepid)))) redraw();
   });
   return { close() { es.close(); } };
 }
