@@ -159,7 +159,7 @@ pub fn run(dir: &Path, password: &str) -> anyhow::Result<()> {
     let shown = crate::diagnostics::display_pathbuf(dir);
     eprintln!(
         "\nkiln quickstart in {shown}: a master polling {shown}/repo every 2 s, with two local workers\n\
-         \x20 the master:   {http}/  (GET /api/v2/reloads, /api/v2/workers, /api/v2/buildrequests?claimed=false)\n\
+         \x20 web page:     {http}/  (the push grid, builds and their logs; the API under {http}/api/v2/)\n\
          \x20 push:         (cd {shown}/repo && echo change >> README && git commit -qam 'a change')\n\
          \x20 watch:        kiln repl {shown} --master {http}   then live()\n\
          \x20 edit:         {shown}/master.rhai reloads on save\n\
