@@ -184,7 +184,11 @@ pub fn new_engine(state: &Arc<LoadState>) -> Engine {
         .set_max_operations(l.max_operations)
         .set_max_call_levels(l.max_call_levels)
         .set_max_expr_depths(l.max_expr_depth, l.max_expr_depth)
-        .set_max_modules(l.max_modules);
+        .set_max_modules(l.max_modules)
+        // Rhai's string interner evicts by scanning its whole cache each
+        // time it is over capacity: with a config's thousands of distinct
+        // names that scan was 5% of a 5000-builder checkconfig.
+        .set_max_strings_interned(0);
     // No Rhai size limits: they re-measure containers after each change
     // (quadratic in a config's size). Memory is bounded by `max_memory`,
     // checked below between operations and by `host` in the few built-ins
