@@ -1418,7 +1418,7 @@ impl Distributor {
         step: &Step,
         props: &Properties,
     ) -> Result<bool, String> {
-        match &step.do_step_if {
+        match step.do_step_if.as_deref() {
             None => Ok(true),
             Some(BoolOrCallback::Enabled(b)) => Ok(*b),
             Some(BoolOrCallback::Callback(cb)) => {
@@ -1490,7 +1490,7 @@ impl Distributor {
             Some(_) => Ok(Results::Failure),
             None => Err("the worker reported no exit code".to_string()),
         };
-        match &step.log_eval {
+        match step.log_eval.as_deref() {
             None => plain(rc),
             Some(LogEval::RcMap { codes, default }) => {
                 match (rc.and_then(|rc| codes.get(&rc)), default) {

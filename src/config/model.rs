@@ -434,10 +434,12 @@ pub struct Step {
     pub warn_on_warnings: bool,
     #[serde(rename = "alwaysRun")]
     pub always_run: bool,
+    /// Boxed, as `log_eval`: few steps have one, and a config holds
+    /// tens of thousands of steps.
     #[serde(rename = "doStepIf", skip_serializing_if = "Option::is_none")]
-    pub do_step_if: Option<BoolOrCallback>,
+    pub do_step_if: Option<Box<BoolOrCallback>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_eval: Option<LogEval>,
+    pub log_eval: Option<Box<LogEval>>,
     /// Regular expressions over the command's output, each with the result
     /// a match makes the step at least (Mozilla's known-failure lists).
     #[serde(skip_serializing_if = "Vec::is_empty")]

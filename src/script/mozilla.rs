@@ -257,10 +257,10 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
     });
     steps.push(Step {
         halt_on_failure: true,
-        log_eval: Some(LogEval::RcMap {
+        log_eval: Some(Box::new(LogEval::RcMap {
             codes: [(0, Results::Success)].into_iter().collect(),
             default: Some(Results::Retry),
-        }),
+        })),
         ..base(
             "clone_scripts",
             StepKind::MercurialCloneCommand { retry: false },
@@ -297,7 +297,7 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
         env: env.clone(),
         timeout: Some(script_timeout),
         max_time: script_maxtime,
-        log_eval,
+        log_eval: log_eval.map(Box::new),
         halt_on_failure: true,
         warn_on_warnings: true,
         ..base(

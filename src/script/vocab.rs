@@ -323,8 +323,8 @@ fn step(kw: &mut Kwargs, kind: StepKind, needs_command: bool) -> ScriptResult<St
         warn_on_failure: kw.bool("warnOnFailure", false)?,
         warn_on_warnings: kw.bool("warnOnWarnings", false)?,
         always_run: kw.bool("alwaysRun", false)?,
-        do_step_if,
-        log_eval,
+        do_step_if: do_step_if.map(Box::new),
+        log_eval: log_eval.map(Box::new),
         origin: kw.origin(),
         kind,
     })
