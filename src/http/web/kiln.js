@@ -265,6 +265,7 @@ async function buildPage(id, logid) {
       return;
     }
     if (topic === "logs" && ev.event === "append") return;
+    if (topic === "lagged") { redraw(); return; }
     const d = ev.data || {};
     if (String(d.buildid) === String(id) || (topic === "logs" && view.steps.has(String(d.stepid)))) redraw();
   });
