@@ -270,6 +270,35 @@ fn a_push_appears_and_turns_green_live_and_its_build_log_can_be_read() {
         assert!(log_text.contains(first.trim()), "page: {log_text}\nstored: {raw}");
         screenshot(&c, "web-build.png").await;
 
+        // A second push; then the page of pushes older than it.
+        std::fs::write(repo.join("feature.txt"), "a better feature\n").expect("write");
+        run(
+            &repo,
+            "git",
+            &["commit", "-q", "-a", "--author", "Dee Veloper <dee@example.org>", "-m", "Bug 4243 - improve it"],
+        );
+        let rev2 = run(&repo, "git", &["rev-parse", "HEAD"]).trim().to_string();
+        c.goto(&format!("{url}/#/")).await.expect("grid");
+        let row2 = format!("tr[data-revision='{rev2}']");
+        eventually(Duration::from_secs(60), "the second push's row", || async {
+            c.find(Locator::Css(&row2)).await.ok()
+        })
+        .await;
+        let newest: serde_json::Value = reqwest::get(format!("{url}/api/v2/buildsets?order=-bsid&limit=1"))
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("json");
+        let bsid = newest["buildsets"][0]["bsid"].as_i64().expect("bsid");
+        c.goto(&format!("{url}/#/pushes/before/{bsid}")).await.expect("older");
+        eventually(Duration::from_secs(30), "the older page", || async {
+            c.find(Locator::Css(&row)).await.ok()
+        })
+        .await;
+        assert!(c.find(Locator::Css(&row2)).await.is_err(), "only older pushes");
+        c.find(Locator::LinkText("Newest pushes")).await.expect("a way back");
+
         // Workers and the config page.
         c.goto(&format!("{url}/#/workers")).await.expect("workers");
         let connected = eventually(Duration::from_secs(30), "the worker list", || async {

@@ -96,12 +96,19 @@ function fail(e) {
 
 // ---- The push grid ------------------------------------------------------
 
-async function gridPage() {
+/// The grid from the newest pushes, or (`before`, a buildset id) from
+/// older ones: `#/pushes/before/ID` pages back.
+async function gridPage(before) {
   let data;
   const draw = async () => {
-    data = await api("grid?buildsets=60");
+    data = await api("grid?buildsets=60" + (before ? `&before=${before}` : ""));
     document.getElementById("title").textContent = data.title || "";
-    main().replaceChildren(renderGrid(data));
+    const oldest = Math.min(...data.pushes.flatMap((p) => p.buildsets));
+    const nav = h("p", {},
+      before ? h("a", { href: "#/" }, "Newest pushes") : null, before ? " · " : null,
+      data.pushes.length && Number.isFinite(oldest) && oldest > 1 ?
+        h("a", { href: `#/pushes/before/${oldest}`, id: "older" }, "Older pushes") : null);
+    main().replaceChildren(renderGrid(data), nav);
   };
   await draw();
   const redraw = debounce(() => draw().catch(fail), 250);
@@ -350,6 +357,7 @@ async function route() {
     else if ((r = m(/^\/workers\/(\d+)$/))) page = await workerPage(r[1]);
     else if (m(/^\/workers$/)) page = await workersPage();
     else if (m(/^\/config$/)) page = await configPage();
+    else if ((r = m(/^\/pushes\/before\/(\d+)$/))) page = await gridPage(r[1]);
     else page = await gridPage();
   } catch (e) {
     fail(e);
