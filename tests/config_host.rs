@@ -384,3 +384,30 @@ fn scripts_cannot_evaluate_strings() {
     assert_eq!(out.code, Some(1));
     assert!(out.stderr.contains("master.rhai:1:1"), "{}", out.stderr);
 }
+
+#[test]
+fn the_config_is_the_latest_value_of_the_variable_the_script_ends_with() {
+    // The loader takes the final variable out of the scope rather than
+    // copying it: shadowing, a later assignment and a trailing `;` must
+    // still give what Rhai itself would return.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    write(
+        tmp.path(),
+        "master.rhai",
+        r#"
+let c = #{ workers: [Worker("old", "pw")], builders: [], schedulers: [] };
+let c = #{ workers: [Worker("w1", "pw")], builders: [], schedulers: [] };
+c.workers.push(Worker("w2", "pw"));
+c = c;
+c;
+"#,
+    );
+    let loaded = load_master(tmp.path(), Limits::default()).expect("loads");
+    let names: Vec<&str> = loaded
+        .config
+        .workers
+        .iter()
+        .map(|w| w.name.as_str())
+        .collect();
+    assert_eq!(names, ["w1", "w2"]);
+}

@@ -387,6 +387,26 @@ fn locate_all(state: &LoadState, entry: &str, diags: &mut [Diagnostic]) {
     }
 }
 
+/// When the entry script ends with a bare variable (`c`, as masters do),
+/// the script without that last statement, the variable's name and its
+/// position.
+fn returned_variable(ast: &AST) -> Option<(AST, rhai::ImmutableString, rhai::Position)> {
+    use rhai::{Expr, Stmt};
+    let (last, head) = ast.statements().split_last()?;
+    let Stmt::Expr(expr) = last else { return None };
+    let Expr::Variable(var, _, pos) = &**expr else {
+        return None;
+    };
+    if !var.2.is_empty() {
+        return None; // a module's variable (`m::c`), not the scope's
+    }
+    let mut head = AST::new(head.to_vec(), ast.shared_lib().clone());
+    if let Some(source) = ast.source() {
+        head.set_source(source.to_string());
+    }
+    Some((head, var.1.clone(), *pos))
+}
+
 /// Loads, evaluates and validates `DIR/master.rhai`.
 pub fn load_master(dir: &Path, limits: Limits) -> Result<Loaded, LoadFailure> {
     let state = LoadState::new(dir, limits);
@@ -428,7 +448,23 @@ pub fn load_master(dir: &Path, limits: Limits) -> Result<Loaded, LoadFailure> {
     state.restart_clock();
     let budget = crate::memory::Budget::enter(state.limits.max_memory);
     let mut scope = Scope::new();
-    let value = engine.eval_ast_with_scope::<Dynamic>(&mut scope, &ast);
+    let value = match returned_variable(&ast) {
+        // `c` at the end of the script would copy the whole config (Rhai
+        // returns a clone of the variable, and the scope's copy lives
+        // until the evaluation ends), doubling the peak. Run everything
+        // before it and take the variable's value out of the scope.
+        Some((head, name, pos)) => engine
+            .eval_ast_with_scope::<Dynamic>(&mut scope, &head)
+            .and_then(|_| {
+                scope.remove::<Dynamic>(&name).ok_or_else(|| {
+                    Box::new(rhai::EvalAltResult::ErrorVariableNotFound(
+                        name.to_string(),
+                        pos,
+                    ))
+                })
+            }),
+        None => engine.eval_ast_with_scope::<Dynamic>(&mut scope, &ast),
+    };
     drop(scope);
     drop(budget);
     let value = match value {
