@@ -874,7 +874,7 @@ impl Distributor {
             let mut failed = None;
             for arg in command {
                 match arg {
-                    Arg::Literal(s) => argv.push(s.clone()),
+                    Arg::Literal(s) => argv.push(s.to_string()),
                     Arg::Secret(s) => argv.push(s.expose().to_string()),
                     Arg::Render(r) => match render::render(r, &scope) {
                         Ok(s) => argv.push(s),
@@ -1148,7 +1148,7 @@ impl Distributor {
                 } => {
                     props_step = Step {
                         kind: StepKind::StringDownload {
-                            s: Arg::Literal(self.properties_json(b, props).await?),
+                            s: Arg::Literal(self.properties_json(b, props).await?.into()),
                             workerdest: workerdest.clone(),
                             transfer: transfer.clone(),
                         },
@@ -2369,7 +2369,7 @@ fn join_path(base: &str, rel: &str) -> String {
 
 fn arg_text(a: &Arg, props: &render::Scope<'_>) -> Result<String, String> {
     match a {
-        Arg::Literal(s) => Ok(s.clone()),
+        Arg::Literal(s) => Ok(s.to_string()),
         Arg::Secret(s) => Ok(s.expose().to_string()),
         Arg::Render(r) => render::render(r, props).map_err(|e| e.message),
     }

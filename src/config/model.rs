@@ -169,13 +169,18 @@ impl fmt::Display for Renderable {
 }
 
 /// A string that may need rendering against properties.
+///
+/// 16 bytes: a config holds one per command argument, often hundreds of
+/// thousands. A literal shares its text with the script's string (Rhai's
+/// reference-counted `ImmutableString`), so the `"--branch"` of every
+/// builder is one allocation; the rare rendered and secret values are boxed.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Arg {
-    Literal(String),
-    Render(Renderable),
+    Literal(rhai::ImmutableString),
+    Render(Box<Renderable>),
     /// A secret passed to the worker (in `env`, say); prints as `<secret>`.
-    Secret(Secret),
+    Secret(Box<Secret>),
 }
 
 impl fmt::Display for Arg {
@@ -826,4 +831,26 @@ pub struct MasterConfig {
     /// Bytes one step log keeps; the rest is dropped behind a marker.
     #[serde(rename = "logMaxSize")]
     pub log_max_size: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 5000-builder config holds about 200,000 arguments: their size is
+    /// most of what a config costs to hold (see BENCHMARKS.md).
+    #[test]
+    fn an_argument_is_two_words_and_literals_share_the_scripts_text() {
+        assert!(std::mem::size_of::<Arg>() <= 16);
+        let text = rhai::ImmutableString::from("--branch");
+        let a = Arg::Literal(text.clone());
+        let b = a.clone();
+        match (&a, &b) {
+            (Arg::Literal(x), Arg::Literal(y)) => {
+                assert!(std::ptr::eq(x.as_str(), text.as_str()));
+                assert!(std::ptr::eq(y.as_str(), text.as_str()));
+            }
+            _ => unreachable!(),
+        }
+    }
 }

@@ -379,15 +379,15 @@ pub fn str_list(v: &Dynamic) -> Option<Vec<String>> {
 pub fn arg_of(v: &Dynamic) -> Option<Arg> {
     let v = v.flatten_clone();
     if v.is_string() {
-        return v.into_string().ok().map(Arg::Literal);
+        return v.into_immutable_string().ok().map(Arg::Literal);
     }
     if v.is_int() || v.is_float() {
-        return Some(Arg::Literal(v.to_string()));
+        return Some(Arg::Literal(v.to_string().into()));
     }
     if v.is::<Secret>() {
-        return v.try_cast::<Secret>().map(Arg::Secret);
+        return v.try_cast::<Secret>().map(|s| Arg::Secret(Box::new(s)));
     }
-    v.try_cast::<Renderable>().map(Arg::Render)
+    v.try_cast::<Renderable>().map(|r| Arg::Render(Box::new(r)))
 }
 
 pub fn command_of(v: &Dynamic) -> Option<Command> {

@@ -214,12 +214,12 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
     let origin = kw.origin();
 
     let is_windows = platform.as_deref().is_some_and(|p| p.contains("win"));
-    let lit = |s: &str| Arg::Literal(s.to_string());
+    let lit = |s: &str| Arg::Literal(s.into());
     env.insert(
         "PROPERTIES_FILE".into(),
-        Arg::Render(Renderable::WithProperties(format!(
+        Arg::Render(Box::new(Renderable::WithProperties(format!(
             "%(basedir)s/{properties_file}"
-        ))),
+        )))),
     );
 
     let base = |name: &str, kind: StepKind, command: Vec<Arg>| Step {
@@ -626,7 +626,7 @@ fn desktop_mozharness_builder(
             .get(key.as_str())
             .and_then(secret_of)
             .ok_or_else(|| pf.err(format!("`dep_signing_servers` names `{key}`, which is not in the secrets passed to generateBranchObjects")))?;
-        env.insert("MOZ_SIGNING_SERVERS".into(), Arg::Secret(secret));
+        env.insert("MOZ_SIGNING_SERVERS".into(), Arg::Secret(Box::new(secret)));
     }
 
     let mut fmap = Map::new();
@@ -678,8 +678,8 @@ fn desktop_mozharness_builder(
             k.into(),
             match v {
                 Arg::Literal(s) => Dynamic::from(s),
-                Arg::Render(r) => Dynamic::from(r),
-                Arg::Secret(s) => Dynamic::from(s),
+                Arg::Render(r) => Dynamic::from(*r),
+                Arg::Secret(s) => Dynamic::from(*s),
             },
         );
     }
