@@ -33,8 +33,8 @@ impl From<&Origin> for Location {
     fn from(o: &Origin) -> Self {
         Location {
             file: o.file.clone(),
-            line: o.line,
-            column: o.column,
+            line: o.line as usize,
+            column: o.column as usize,
         }
     }
 }

@@ -1077,7 +1077,7 @@ impl Distributor {
                         .await?;
                     self.store.finish_log(log).await?;
                     Ok(StepOutcome {
-                        set_property: Some((property.clone(), v.into())),
+                        set_property: Some((property.to_string(), v.into())),
                         ..StepOutcome::of(Results::Success)
                     })
                 }
@@ -1261,7 +1261,7 @@ impl Distributor {
                     self.store
                         .append_log(log, vec![format!("h{property} = {v:?}")])
                         .await?;
-                    o.set_property = Some((property.clone(), v.into()));
+                    o.set_property = Some((property.to_string(), v.into()));
                 }
                 if let StepKind::DisconnectStep { force_disconnect } = &step.kind {
                     let wanted = match force_disconnect {
@@ -1626,7 +1626,7 @@ impl Distributor {
                     dest.clone(),
                     transfer.maxsize,
                     UploadKind::Directory {
-                        compress: compress.clone(),
+                        compress: compress.as_ref().map(|c| c.to_string()),
                     },
                 )
                 .map_err(|e| exception(format!("cannot write into {}: {e}", dest.display())))?;
@@ -2076,7 +2076,7 @@ struct CommandRun {
 
 /// Buildbot's default `timeout`: seconds without output before the worker
 /// kills a command.
-const DEFAULT_TIMEOUT: u64 = 1200;
+const DEFAULT_TIMEOUT: u32 = 1200;
 
 /// A step's log and how much of it is kept (`logMaxSize`).
 struct LogSink {

@@ -18,8 +18,8 @@ use serde::{Serialize, Serializer};
 pub struct Origin {
     /// Canonical path of the script file (or `<stdlib>/name.rhai`).
     pub file: Arc<str>,
-    pub line: usize,
-    pub column: usize,
+    pub line: u32,
+    pub column: u32,
 }
 
 impl fmt::Display for Origin {
@@ -279,7 +279,7 @@ pub enum StepKind {
     ShellCommand,
     /// Sets `property` from the command's output, or to a fixed `value`.
     SetProperty {
-        property: String,
+        property: rhai::ImmutableString,
         #[serde(skip_serializing_if = "Option::is_none")]
         value: Option<Arg>,
     },
@@ -290,12 +290,12 @@ pub enum StepKind {
     Git {
         repourl: Arg,
         branch: Option<Arg>,
-        mode: String,
+        mode: rhai::ImmutableString,
     },
     MockCommand {
         #[serde(rename = "mock")]
         use_mock: bool,
-        target: Option<String>,
+        target: Option<rhai::ImmutableString>,
     },
     DisconnectStep {
         /// When the worker's going away is expected rather than a failure.
@@ -306,41 +306,41 @@ pub enum StepKind {
         scheduler_names: Vec<String>,
         #[serde(rename = "waitForFinish")]
         wait_for_finish: bool,
-        set_properties: Properties,
+        set_properties: Box<Properties>,
     },
     /// A file from the worker to the master (`masterdest`, relative to the
     /// master dir).
     FileUpload {
         workersrc: Arg,
-        masterdest: String,
+        masterdest: rhai::ImmutableString,
         #[serde(flatten)]
-        transfer: TransferOptions,
+        transfer: Box<TransferOptions>,
         keepstamp: bool,
     },
     /// A directory from the worker to the master, as a tarball unpacked
     /// into `masterdest`.
     DirectoryUpload {
         workersrc: Arg,
-        masterdest: String,
+        masterdest: rhai::ImmutableString,
         #[serde(flatten)]
-        transfer: TransferOptions,
+        transfer: Box<TransferOptions>,
         /// `()`, `"gz"` or `"bz2"`.
-        compress: Option<String>,
+        compress: Option<rhai::ImmutableString>,
     },
     /// A file from the master (`mastersrc`, relative to the master dir) to
     /// the worker.
     FileDownload {
-        mastersrc: String,
+        mastersrc: rhai::ImmutableString,
         workerdest: Arg,
         #[serde(flatten)]
-        transfer: TransferOptions,
+        transfer: Box<TransferOptions>,
     },
     /// A string to a file on the worker.
     StringDownload {
         s: Arg,
         workerdest: Arg,
         #[serde(flatten)]
-        transfer: TransferOptions,
+        transfer: Box<TransferOptions>,
     },
     /// The build's properties and sourcestamp as JSON to a file on the
     /// worker (Buildbot 0.8's shape, which mozharness reads).
@@ -348,7 +348,7 @@ pub enum StepKind {
     JsonPropertiesDownload {
         workerdest: Arg,
         #[serde(flatten)]
-        transfer: TransferOptions,
+        transfer: Box<TransferOptions>,
     },
 }
 
@@ -402,31 +402,31 @@ pub enum Disconnect {
     Always(bool),
     /// When the command's output contains this text (Mozilla's
     /// "SCHEDULED REBOOT").
-    OutputContains(String),
+    OutputContains(rhai::ImmutableString),
     /// A script callback given the step's output.
-    Callback(Callback),
+    Callback(Box<Callback>),
 }
 
 /// One build step, with Buildbot's common parameters.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Step {
-    pub name: String,
+    pub name: rhai::ImmutableString,
     #[serde(flatten)]
     pub kind: StepKind,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub description: Option<String>,
+    pub description: Option<rhai::ImmutableString>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command: Option<Command>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub workdir: Option<String>,
+    pub workdir: Option<rhai::ImmutableString>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, Arg>,
     /// Seconds without output before the command is killed.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<u64>,
+    pub timeout: Option<u32>,
     /// Seconds in all before the command is killed.
     #[serde(rename = "maxTime", skip_serializing_if = "Option::is_none")]
-    pub max_time: Option<u64>,
+    pub max_time: Option<u32>,
     #[serde(rename = "haltOnFailure")]
     pub halt_on_failure: bool,
     #[serde(rename = "flunkOnFailure")]
@@ -852,5 +852,14 @@ mod tests {
             }
             _ => unreachable!(),
         }
+    }
+
+    /// One per step of every builder: 328 bytes before the rare kinds'
+    /// payloads were boxed and the strings shared.
+    #[test]
+    fn a_step_stays_small() {
+        assert!(std::mem::size_of::<StepKind>() <= 48);
+        assert!(std::mem::size_of::<Step>() <= 208);
+        assert!(std::mem::size_of::<Origin>() <= 24);
     }
 }

@@ -204,6 +204,32 @@ impl Kwargs {
         }
     }
 
+    /// A string kept as the script's own (shared, not copied): for the
+    /// strings a config holds once per step.
+    pub fn shared_str(&mut self, key: &'static str) -> ScriptResult<Option<rhai::ImmutableString>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => match v.clone().into_immutable_string() {
+                Ok(s) => Ok(Some(s)),
+                Err(_) => Err(self.wrong(key, "a string", &v)),
+            },
+        }
+    }
+
+    /// A number of seconds for a step (a timeout): up to 2^32-1.
+    pub fn secs(&mut self, key: &'static str) -> ScriptResult<Option<u32>> {
+        match self.uint(key)? {
+            None => Ok(None),
+            Some(n) => match u32::try_from(n) {
+                Ok(n) => Ok(Some(n)),
+                Err(_) => fail_focus(
+                    format!("`{key}` in {} is too large: {n} seconds", self.what),
+                    key,
+                ),
+            },
+        }
+    }
+
     /// Whether `key` is given as `()` (Python's None), which some keys
     /// distinguish from not giving the key at all.
     pub fn is_unit(&self, key: &str) -> bool {

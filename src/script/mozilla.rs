@@ -181,8 +181,8 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
             })?,
     };
     let reboot_command = kw.command("reboot_command")?;
-    let script_timeout = kw.uint("script_timeout")?.unwrap_or(1200);
-    let script_maxtime = kw.uint("script_maxtime")?;
+    let script_timeout = kw.secs("script_timeout")?.unwrap_or(1200);
+    let script_maxtime = kw.secs("script_maxtime")?;
     let log_eval = match kw.raw("log_eval_func") {
         None => None,
         Some(v) => match v.clone().try_cast::<LogEval>() {
@@ -223,7 +223,7 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
     );
 
     let base = |name: &str, kind: StepKind, command: Vec<Arg>| Step {
-        name: name.to_string(),
+        name: name.into(),
         kind,
         description: None,
         command: Some(Command::Argv(command)),
@@ -304,7 +304,7 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
             "run_script",
             StepKind::MockCommand {
                 use_mock,
-                target: mock_target,
+                target: mock_target.map(Into::into),
             },
             cmd,
         )

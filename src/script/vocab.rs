@@ -16,10 +16,31 @@ use crate::config::*;
 /// Where the native function being called was called from.
 pub fn origin_of(ctx: &NativeCallContext) -> Option<Origin> {
     let pos = ctx.call_position();
+    let line = u32::try_from(pos.line()?).ok()?;
+    let column = u32::try_from(pos.position().unwrap_or(1)).unwrap_or(u32::MAX);
     Some(Origin {
-        file: ctx.call_source().unwrap_or("<script>").into(),
-        line: pos.line()?,
-        column: pos.position().unwrap_or(1),
+        file: shared_file_name(ctx.call_source().unwrap_or("<script>")),
+        line,
+        column,
+    })
+}
+
+/// The file name as an `Arc` shared by every origin in that file: a config
+/// holds tens of thousands of origins (one per step) and a few files.
+fn shared_file_name(name: &str) -> Arc<str> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<Arc<str>>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some(file) if &**file == name => file.clone(),
+            _ => {
+                let file: Arc<str> = name.into();
+                *last = Some(file.clone());
+                file
+            }
+        }
     })
 }
 
@@ -261,8 +282,8 @@ fn step_label(s: &Step) -> String {
 /// The common parameters of every step, around its kind-specific part.
 fn step(kw: &mut Kwargs, kind: StepKind, needs_command: bool) -> ScriptResult<Step> {
     let name = kw
-        .str("name")?
-        .unwrap_or_else(|| kind.type_name().to_lowercase());
+        .shared_str("name")?
+        .unwrap_or_else(|| kind.type_name().to_lowercase().into());
     let command = kw.command("command")?;
     if needs_command && command.is_none() {
         return Err(kw.missing("command", "a string or an array of arguments"));
@@ -311,12 +332,12 @@ fn step(kw: &mut Kwargs, kind: StepKind, needs_command: bool) -> ScriptResult<St
     Ok(Step {
         log_rules,
         name,
-        description: kw.str("description")?,
+        description: kw.shared_str("description")?,
         command,
-        workdir: kw.str("workdir")?,
+        workdir: kw.shared_str("workdir")?,
         env: kw.env("env")?,
-        timeout: kw.uint("timeout")?,
-        max_time: kw.uint("maxTime")?,
+        timeout: kw.secs("timeout")?,
+        max_time: kw.secs("maxTime")?,
         halt_on_failure: kw.bool("haltOnFailure", false)?,
         flunk_on_failure: kw.bool("flunkOnFailure", true)?,
         flunk_on_warnings: kw.bool("flunkOnWarnings", false)?,
@@ -400,7 +421,14 @@ fn register_steps(engine: &mut Engine, state: &Arc<LoadState>) {
             let property = kw.req_str("property")?;
             let value = kw.arg("value")?;
             let has_value = value.is_some();
-            let s = step(kw, StepKind::SetProperty { property, value }, false)?;
+            let s = step(
+                kw,
+                StepKind::SetProperty {
+                    property: property.into(),
+                    value,
+                },
+                false,
+            )?;
             match (s.command.is_some(), has_value) {
                 (true, true) => fail(format!(
                     "{} takes `command` or `value`, not both",
@@ -435,7 +463,7 @@ fn register_steps(engine: &mut Engine, state: &Arc<LoadState>) {
             StepKind::Git {
                 repourl,
                 branch,
-                mode,
+                mode: mode.into(),
             },
             false,
         )
@@ -443,15 +471,22 @@ fn register_steps(engine: &mut Engine, state: &Arc<LoadState>) {
     ctor(engine, state, "MockCommand", |kw| {
         let use_mock = kw.bool("mock", false)?;
         let target = kw.str("target")?;
-        step(kw, StepKind::MockCommand { use_mock, target }, true)
+        step(
+            kw,
+            StepKind::MockCommand {
+                use_mock,
+                target: target.map(Into::into),
+            },
+            true,
+        )
     });
     ctor(engine, state, "DisconnectStep", |kw| {
         let force_disconnect = match kw.raw("force_disconnect") {
             None => Disconnect::Always(false),
             Some(v) if v.is_bool() => Disconnect::Always(v.as_bool().unwrap_or(false)),
-            Some(v) if v.is_string() => Disconnect::OutputContains(v.into_string().unwrap_or_default()),
+            Some(v) if v.is_string() => Disconnect::OutputContains(v.into_immutable_string().unwrap_or_default()),
             Some(v) => match v.try_cast::<FnPtr>() {
-                Some(fn_ptr) => Disconnect::Callback(Callback { fn_ptr, origin: kw.origin() }),
+                Some(fn_ptr) => Disconnect::Callback(Box::new(Callback { fn_ptr, origin: kw.origin() })),
                 None => {
                     return fail_focus(
                         "`force_disconnect` in DisconnectStep must be a bool, a string to look for in the output, or a function".into(),
@@ -472,14 +507,14 @@ fn register_steps(engine: &mut Engine, state: &Arc<LoadState>) {
             StepKind::Trigger {
                 scheduler_names,
                 wait_for_finish,
-                set_properties,
+                set_properties: Box::new(set_properties),
             },
             false,
         )
     });
 }
 
-fn transfer_options(kw: &mut Kwargs) -> ScriptResult<TransferOptions> {
+fn transfer_options(kw: &mut Kwargs) -> ScriptResult<Box<TransferOptions>> {
     let mode = match kw.uint("mode")? {
         None => None,
         Some(m) if m <= 0o7777 => Some(m as u32),
@@ -500,11 +535,11 @@ fn transfer_options(kw: &mut Kwargs) -> ScriptResult<TransferOptions> {
             "blocksize",
         );
     }
-    Ok(TransferOptions {
+    Ok(Box::new(TransferOptions {
         maxsize: kw.uint("maxsize")?,
         blocksize,
         mode,
-    })
+    }))
 }
 
 fn register_transfer_steps(engine: &mut Engine, state: &Arc<LoadState>) {
@@ -519,7 +554,7 @@ fn register_transfer_steps(engine: &mut Engine, state: &Arc<LoadState>) {
             kw,
             StepKind::FileUpload {
                 workersrc,
-                masterdest,
+                masterdest: masterdest.into(),
                 transfer,
                 keepstamp,
             },
@@ -547,9 +582,9 @@ fn register_transfer_steps(engine: &mut Engine, state: &Arc<LoadState>) {
             kw,
             StepKind::DirectoryUpload {
                 workersrc,
-                masterdest,
+                masterdest: masterdest.into(),
                 transfer,
-                compress,
+                compress: compress.map(Into::into),
             },
             false,
         )
@@ -563,7 +598,7 @@ fn register_transfer_steps(engine: &mut Engine, state: &Arc<LoadState>) {
         step(
             kw,
             StepKind::FileDownload {
-                mastersrc,
+                mastersrc: mastersrc.into(),
                 workerdest,
                 transfer,
             },
