@@ -593,7 +593,13 @@ fn builder_rows(config: &MasterConfig) -> Vec<(String, Option<String>, Vec<Strin
     config
         .builders
         .iter()
-        .map(|b| (b.name.clone(), b.description.clone(), b.tags.clone()))
+        .map(|b| {
+            (
+                b.name.clone(),
+                b.description.as_ref().map(|d| d.to_string()),
+                b.tags.clone(),
+            )
+        })
         .collect()
 }
 

@@ -521,7 +521,7 @@ fn register_helpers(engine: &mut Engine, shared: &Arc<Shared>) {
             let mut v: Vec<String> = c
                 .builders
                 .iter()
-                .filter_map(|b| b.category.clone())
+                .filter_map(|b| b.category.as_ref().map(|c| c.to_string()))
                 .collect();
             if v.is_empty() {
                 v = c

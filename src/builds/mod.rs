@@ -269,7 +269,7 @@ impl Distributor {
         let mut v: Vec<Arc<WorkerConn>> = builder
             .worker_names
             .iter()
-            .filter_map(|w| self.registry.get(w))
+            .filter_map(|w| self.registry.get(w.as_str()))
             .filter(|conn| !conn.draining.load(std::sync::atomic::Ordering::SeqCst))
             // A connection being closed (a DisconnectStep, a changed
             // password) is still registered until its tasks end.

@@ -501,7 +501,8 @@ pub enum LockMode {
 #[serde(untagged)]
 pub enum BoolOrCallback {
     Enabled(bool),
-    Callback(Callback),
+    /// Boxed: a callback is ten times the size of the common `bool`.
+    Callback(Box<Callback>),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -511,18 +512,18 @@ pub struct BuilderConfig {
     #[serde(rename = "workerbuilddir")]
     pub worker_builddir: String,
     #[serde(rename = "workernames")]
-    pub worker_names: Vec<String>,
+    pub worker_names: Vec<rhai::ImmutableString>,
     #[serde(rename = "nextWorker", skip_serializing_if = "Option::is_none")]
-    pub next_worker: Option<Callback>,
+    pub next_worker: Option<Box<Callback>>,
     #[serde(rename = "canStartBuild", skip_serializing_if = "Option::is_none")]
-    pub can_start_build: Option<Callback>,
+    pub can_start_build: Option<Box<Callback>>,
     pub factory: BuildFactory,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub category: Option<String>,
+    pub category: Option<rhai::ImmutableString>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub description: Option<String>,
+    pub description: Option<rhai::ImmutableString>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub properties: Properties,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -861,5 +862,7 @@ mod tests {
         assert!(std::mem::size_of::<StepKind>() <= 48);
         assert!(std::mem::size_of::<Step>() <= 208);
         assert!(std::mem::size_of::<Origin>() <= 24);
+        // One per builder: 528 bytes before its callbacks were boxed.
+        assert!(std::mem::size_of::<BuilderConfig>() <= 296);
     }
 }

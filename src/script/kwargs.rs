@@ -402,6 +402,14 @@ pub fn str_list(v: &Dynamic) -> Option<Vec<String>> {
         .collect()
 }
 
+/// An array of strings kept as the script's own (shared, not copied).
+pub fn shared_str_list(v: &Dynamic) -> Option<Vec<rhai::ImmutableString>> {
+    let arr = v.clone().try_cast::<rhai::Array>()?;
+    arr.into_iter()
+        .map(|x| x.flatten().into_immutable_string().ok())
+        .collect()
+}
+
 pub fn arg_of(v: &Dynamic) -> Option<Arg> {
     let v = v.flatten_clone();
     if v.is_string() {

@@ -398,6 +398,14 @@ impl<'a> Cfg<'a> {
                 .ok_or_else(|| self.err(format!("`{key}` must be an array of strings"))),
         }
     }
+    fn shared_str_list(&self, key: &str) -> ScriptResult<Option<Vec<rhai::ImmutableString>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => super::kwargs::shared_str_list(&v)
+                .map(Some)
+                .ok_or_else(|| self.err(format!("`{key}` must be an array of strings"))),
+        }
+    }
     fn map(&self, key: &str) -> ScriptResult<Option<Map>> {
         match self.get(key) {
             None => Ok(None),
@@ -582,9 +590,9 @@ fn desktop_mozharness_builder(
         .map("mozharness_config")?
         .ok_or_else(|| pf.err("missing `mozharness_config`".into()))?;
     let mh = pf.sub("mozharness_config", &mh_map);
-    let workers = match pf.str_list("workers")? {
+    let workers = match pf.shared_str_list("workers")? {
         Some(w) => w,
-        None => match pf.str_list("slaves")? {
+        None => match pf.shared_str_list("slaves")? {
             Some(w) => {
                 state.warn(
                     crate::diagnostics::Diagnostic::warning(format!(
@@ -708,13 +716,13 @@ fn desktop_mozharness_builder(
         builddir,
         worker_builddir,
         worker_names: workers,
-        next_worker,
+        next_worker: next_worker.map(Box::new),
         can_start_build: None,
         factory: BuildFactory {
             steps: factory.steps,
             origin: origin.clone(),
         },
-        category: Some(name.to_string()),
+        category: Some(name.into()),
         tags: vec![],
         description: None,
         properties,

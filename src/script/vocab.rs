@@ -292,10 +292,10 @@ fn step(kw: &mut Kwargs, kind: StepKind, needs_command: bool) -> ScriptResult<St
         None => None,
         Some(v) if v.is_bool() => Some(BoolOrCallback::Enabled(v.as_bool().unwrap_or(true))),
         Some(v) => match v.try_cast::<FnPtr>() {
-            Some(fn_ptr) => Some(BoolOrCallback::Callback(Callback {
+            Some(fn_ptr) => Some(BoolOrCallback::Callback(Box::new(Callback {
                 fn_ptr,
                 origin: kw.origin(),
-            })),
+            }))),
             None => {
                 return fail_focus(
                     format!("`doStepIf` in {} must be a bool or a function", kw.what()),
@@ -751,7 +751,7 @@ pub fn builder_config(kw: &mut Kwargs) -> ScriptResult<BuilderConfig> {
     };
     let mut worker_names = match kw.take_legacy("workernames", "slavenames") {
         None => vec![],
-        Some(v) => super::kwargs::str_list(&v).ok_or_else(|| {
+        Some(v) => super::kwargs::shared_str_list(&v).ok_or_else(|| {
             ScriptError::new(format!(
                 "`workernames` in BuilderConfig `{name}` must be an array of strings"
             ))
@@ -761,7 +761,7 @@ pub fn builder_config(kw: &mut Kwargs) -> ScriptResult<BuilderConfig> {
     };
     if let Some(one) = kw.take_legacy("workername", "slavename") {
         worker_names.push(
-            one.into_string()
+            one.into_immutable_string()
                 .map_err(|_| ScriptError::new("`workername` must be a string").into_err())?,
         );
     }
@@ -786,11 +786,11 @@ pub fn builder_config(kw: &mut Kwargs) -> ScriptResult<BuilderConfig> {
         builddir,
         worker_builddir,
         worker_names,
-        next_worker,
-        can_start_build,
-        category: kw.str("category")?,
+        next_worker: next_worker.map(Box::new),
+        can_start_build: can_start_build.map(Box::new),
+        category: kw.shared_str("category")?,
         tags: kw.str_list("tags")?.unwrap_or_default(),
-        description: kw.str("description")?,
+        description: kw.shared_str("description")?,
         properties: kw.properties("properties")?,
         env: kw.env("env")?,
         collapse_requests,
@@ -808,10 +808,10 @@ pub fn bool_or_callback(
         None => Ok(None),
         Some(v) if v.is_bool() => Ok(Some(BoolOrCallback::Enabled(v.as_bool().unwrap_or(true)))),
         Some(v) => match v.try_cast::<FnPtr>() {
-            Some(fn_ptr) => Ok(Some(BoolOrCallback::Callback(Callback {
+            Some(fn_ptr) => Ok(Some(BoolOrCallback::Callback(Box::new(Callback {
                 fn_ptr,
                 origin: kw.origin(),
-            }))),
+            })))),
             None => fail_focus(
                 format!("`{key}` in {} must be a bool or a function", kw.what()),
                 key,
