@@ -67,7 +67,16 @@ pub fn fail<T>(message: impl Into<String>) -> ScriptResult<T> {
 
 /// How a value's type reads in a message.
 pub fn type_name(v: &Dynamic) -> String {
-    let v = v.flatten_clone();
+    // Only a shared value (a closure's captured variable) needs reading
+    // through; cloning any other would copy a whole builder or map just to
+    // name its type.
+    if v.is_shared() {
+        return type_name_of(&v.flatten_clone());
+    }
+    type_name_of(v)
+}
+
+fn type_name_of(v: &Dynamic) -> String {
     if v.is_unit() {
         "()".into()
     } else if v.is_string() {
@@ -107,7 +116,10 @@ pub fn suggest<'a>(key: &str, known: impl IntoIterator<Item = &'a str>) -> Optio
 /// A constructor's keyword arguments.
 pub struct Kwargs {
     what: &'static str,
-    map: Map,
+    /// The given keys, sorted. A list, not the script's map: a step's
+    /// constructor asks for about 20 keys of which 3 to 5 are given, and a
+    /// length-first scan rejects a missing key cheaper than a tree search.
+    map: Vec<(rhai::Identifier, Dynamic)>,
     known: Vec<&'static str>,
     origin: Option<Origin>,
     state: Arc<LoadState>,
@@ -122,8 +134,9 @@ impl Kwargs {
     ) -> Self {
         Kwargs {
             what,
-            map,
-            known: Vec::new(),
+            map: map.into_iter().collect(),
+            // A step's constructor asks for about 20 keys.
+            known: Vec::with_capacity(24),
             origin,
             state,
         }
@@ -140,16 +153,24 @@ impl Kwargs {
     /// Takes a key; `()` counts as absent (Python's `None`).
     pub fn take(&mut self, key: &'static str) -> Option<Dynamic> {
         self.known.push(key);
-        self.map
-            .remove(key)
+        self.remove(key)
             .map(|v| v.flatten())
             .filter(|v| !v.is_unit())
+    }
+
+    fn position(&self, key: &str) -> Option<usize> {
+        self.map.iter().position(|(k, _)| k.as_str() == key)
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Dynamic> {
+        let i = self.position(key)?;
+        Some(self.map.remove(i).1)
     }
 
     /// Takes a key that Buildbot 0.8 spelled differently, warning on the old name.
     pub fn take_legacy(&mut self, key: &'static str, legacy: &'static str) -> Option<Dynamic> {
         let modern = self.take(key);
-        if let Some(old) = self.map.remove(legacy).map(|v| v.flatten()) {
+        if let Some(old) = self.remove(legacy).map(|v| v.flatten()) {
             self.warn_legacy(legacy, key);
             if modern.is_none() && !old.is_unit() {
                 return Some(old);
@@ -161,10 +182,11 @@ impl Kwargs {
     /// Reads Buildbot 0.8's name for a key as the modern one (warning), so
     /// that the modern key's typed getter applies to either spelling.
     pub fn rename_legacy(&mut self, key: &'static str, legacy: &'static str) {
-        if let Some(old) = self.map.remove(legacy) {
+        if let Some(old) = self.remove(legacy) {
             self.warn_legacy(legacy, key);
-            if !self.map.contains_key(key) {
-                self.map.insert(key.into(), old);
+            if self.position(key).is_none() {
+                let at = self.map.partition_point(|(k, _)| k.as_str() < key);
+                self.map.insert(at, (key.into(), old));
             }
         }
     }
@@ -233,7 +255,7 @@ impl Kwargs {
     /// Whether `key` is given as `()` (Python's None), which some keys
     /// distinguish from not giving the key at all.
     pub fn is_unit(&self, key: &str) -> bool {
-        self.map.get(key).is_some_and(|v| v.is_unit())
+        self.position(key).is_some_and(|i| self.map[i].1.is_unit())
     }
 
     pub fn req_str(&mut self, key: &'static str) -> ScriptResult<String> {
@@ -372,7 +394,7 @@ impl Kwargs {
 
     /// Fails on any key that no `take` asked for.
     pub fn finish(self) -> ScriptResult<()> {
-        let Some(key) = self.map.keys().next() else {
+        let Some((key, _)) = self.map.first() else {
             return Ok(());
         };
         let key = key.to_string();
@@ -404,9 +426,9 @@ pub fn str_list(v: &Dynamic) -> Option<Vec<String>> {
 
 /// An array of strings kept as the script's own (shared, not copied).
 pub fn shared_str_list(v: &Dynamic) -> Option<Vec<rhai::ImmutableString>> {
-    let arr = v.clone().try_cast::<rhai::Array>()?;
-    arr.into_iter()
-        .map(|x| x.flatten().into_immutable_string().ok())
+    let arr = v.as_array_ref().ok()?;
+    arr.iter()
+        .map(|x| x.flatten_clone().into_immutable_string().ok())
         .collect()
 }
 
@@ -425,16 +447,14 @@ pub fn arg_of(v: &Dynamic) -> Option<Arg> {
 }
 
 pub fn command_of(v: &Dynamic) -> Option<Command> {
-    let v = v.flatten_clone();
-    if v.is_array() {
-        let arr = v.try_cast::<rhai::Array>()?;
+    if let Ok(arr) = v.as_array_ref() {
         return arr
             .iter()
             .map(arg_of)
             .collect::<Option<Vec<_>>>()
             .map(Command::Argv);
     }
-    arg_of(&v).map(Command::Shell)
+    arg_of(v).map(Command::Shell)
 }
 
 pub fn env_of(v: &Dynamic) -> Option<BTreeMap<String, Arg>> {
