@@ -518,3 +518,68 @@ pub fn json_of(v: &Dynamic, path: &str) -> ScriptResult<Value> {
         type_name(&v)
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kwargs(keys: &[&str]) -> Kwargs {
+        let mut map = Map::new();
+        for (i, k) in keys.iter().enumerate() {
+            map.insert((*k).into(), Dynamic::from(i as i64));
+        }
+        let state = super::super::LoadState::new(std::path::Path::new("."), Default::default());
+        Kwargs::new("Step", map, None, state)
+    }
+
+    #[test]
+    fn every_given_key_is_found_once_and_no_other() {
+        let given = [
+            "name",
+            "command",
+            "haltOnFailure",
+            "flunkOnFailure",
+            "warnOnFailure",
+            "timeout",
+            "maxTime",
+            "workdir",
+            "env",
+            "alwaysRun",
+        ];
+        let mut kw = kwargs(&given);
+        for asked in [
+            "description",
+            "flunkOnWarnings",
+            "warnOnWarnings",
+            "doStepIf",
+        ] {
+            assert!(kw.take(asked).is_none(), "{asked} was not given");
+        }
+        for (i, k) in given.iter().enumerate() {
+            let v = kw.take(k).unwrap_or_else(|| panic!("{k} was given"));
+            assert_eq!(v.as_int().ok(), Some(i as i64), "{k}");
+            assert!(kw.take(k).is_none(), "{k} is taken only once");
+        }
+        assert!(kw.finish().is_ok());
+    }
+
+    #[test]
+    fn a_legacy_key_is_read_as_the_modern_one_and_leftovers_are_unknown() {
+        let mut kw = kwargs(&["slavenames", "nmae"]);
+        kw.rename_legacy("workernames", "slavenames");
+        assert_eq!(
+            kw.take("workernames").and_then(|v| v.as_int().ok()),
+            Some(0)
+        );
+        assert!(kw.take("name").is_none());
+        let err = match *kw.finish().expect_err("nmae is unknown") {
+            EvalAltResult::ErrorRuntime(d, _) => d
+                .try_cast::<ScriptError>()
+                .map(|e| e.message)
+                .unwrap_or_default(),
+            other => other.to_string(),
+        };
+        assert!(err.contains("unknown key `nmae`"), "{err}");
+        assert!(err.contains("did you mean `name`"), "{err}");
+    }
+}
