@@ -102,6 +102,31 @@ impl Busy {
 pub struct Generation {
     pub config: Arc<MasterConfig>,
     pub runtime: ScriptRuntime,
+    /// Each builder's index in `config.builders`, by name: the distributor
+    /// looks up the builder of every pending request.
+    builder_index: HashMap<String, usize>,
+}
+
+impl Generation {
+    fn new(config: Arc<MasterConfig>, runtime: ScriptRuntime) -> Generation {
+        let builder_index = config
+            .builders
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.name.clone(), i))
+            .collect();
+        Generation {
+            config,
+            runtime,
+            builder_index,
+        }
+    }
+
+    fn builder(&self, name: &str) -> Option<&BuilderConfig> {
+        self.builder_index
+            .get(name)
+            .and_then(|&i| self.config.builders.get(i))
+    }
 }
 
 pub struct Distributor {
@@ -189,7 +214,7 @@ impl Distributor {
         master_dir: std::path::PathBuf,
     ) -> Arc<Distributor> {
         Arc::new(Distributor {
-            gen: std::sync::RwLock::new(Arc::new(Generation { config, runtime })),
+            gen: std::sync::RwLock::new(Arc::new(Generation::new(config, runtime))),
             registry,
             store,
             schedulers,
@@ -234,7 +259,7 @@ impl Distributor {
     /// finish with the generation they started with.
     pub fn reconfigure(&self, config: Arc<MasterConfig>, runtime: ScriptRuntime) {
         *self.gen.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::new(Generation { config, runtime });
+            Arc::new(Generation::new(config, runtime));
         lock(&self.warned).clear();
         self.wake.notify_one();
     }
@@ -554,29 +579,31 @@ impl Distributor {
         let pending = self.store.unclaimed_requests(1000).await?;
         // The pending requests of each builder, in the store's order
         // (highest priority, then oldest, first).
+        // Both by name through maps: up to 1000 requests against thousands
+        // of builders, on every wake.
         let mut queues: Vec<BuilderQueue<'_>> = Vec::new();
+        let mut queue_of: HashMap<&str, usize> = HashMap::new();
         for req in pending {
             // A removed builder's requests stay in the store, unclaimed.
-            let Some(builder) = gen
-                .config
-                .builders
-                .iter()
-                .find(|b| b.name == req.buildername)
-            else {
+            let Some(builder) = gen.builder(&req.buildername) else {
                 continue;
             };
-            match queues.iter_mut().find(|q| q.builder.name == builder.name) {
-                Some(q) => {
+            match queue_of.get(builder.name.as_str()) {
+                Some(&i) => {
+                    let q = &mut queues[i];
                     q.oldest = q.oldest.min(req.submitted_at);
                     q.priority = q.priority.max(req.priority);
                     q.requests.push(req);
                 }
-                None => queues.push(BuilderQueue {
-                    builder,
-                    oldest: req.submitted_at,
-                    priority: req.priority,
-                    requests: vec![req],
-                }),
+                None => {
+                    queue_of.insert(&builder.name, queues.len());
+                    queues.push(BuilderQueue {
+                        builder,
+                        oldest: req.submitted_at,
+                        priority: req.priority,
+                        requests: vec![req],
+                    });
+                }
             }
         }
         if queues.is_empty() {
