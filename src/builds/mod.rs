@@ -578,9 +578,9 @@ impl Distributor {
         let gen = self.generation();
         let pending = self.store.unclaimed_requests(1000).await?;
         // The pending requests of each builder, in the store's order
-        // (highest priority, then oldest, first).
-        // Both by name through maps: up to 1000 requests against thousands
-        // of builders, on every wake.
+        // (highest priority, then oldest, first). Builders and queues are
+        // found through maps: this runs on every wake, for up to 1000
+        // requests against thousands of builders.
         let mut queues: Vec<BuilderQueue<'_>> = Vec::new();
         let mut queue_of: HashMap<&str, usize> = HashMap::new();
         for req in pending {
