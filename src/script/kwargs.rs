@@ -217,13 +217,7 @@ impl Kwargs {
     }
 
     pub fn str(&mut self, key: &'static str) -> ScriptResult<Option<String>> {
-        match self.take(key) {
-            None => Ok(None),
-            Some(v) => match v.clone().into_string() {
-                Ok(s) => Ok(Some(s)),
-                Err(_) => Err(self.wrong(key, "a string", &v)),
-            },
-        }
+        Ok(self.shared_str(key)?.map(String::from))
     }
 
     /// A string kept as the script's own (shared, not copied): for the
@@ -418,10 +412,7 @@ pub fn fail_focus<T>(message: String, focus: &str) -> ScriptResult<T> {
 
 /// An array of strings, or `None` when the value is anything else.
 pub fn str_list(v: &Dynamic) -> Option<Vec<String>> {
-    let arr = v.clone().try_cast::<rhai::Array>()?;
-    arr.into_iter()
-        .map(|x| x.flatten().into_string().ok())
-        .collect()
+    shared_str_list(v).map(|l| l.into_iter().map(String::from).collect())
 }
 
 /// An array of strings kept as the script's own (shared, not copied).

@@ -391,12 +391,9 @@ impl<'a> Cfg<'a> {
         }
     }
     fn str_list(&self, key: &str) -> ScriptResult<Option<Vec<String>>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => str_list(&v)
-                .map(Some)
-                .ok_or_else(|| self.err(format!("`{key}` must be an array of strings"))),
-        }
+        Ok(self
+            .shared_str_list(key)?
+            .map(|l| l.into_iter().map(String::from).collect()))
     }
     fn shared_str_list(&self, key: &str) -> ScriptResult<Option<Vec<rhai::ImmutableString>>> {
         match self.get(key) {
