@@ -4,7 +4,7 @@
 //! pending, Nightly, Periodic, Triggerable and Dependent chains, and forced
 //! builds through a running master.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,7 @@
 //! The config host against real master dirs: the seed's staging master, the
 //! quickstart, and small masters written into temp dirs.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! mozilla-central builds every enabled platform on a kiln worker and a
 //! stock buildbot-worker, each running the ScriptFactory's steps.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

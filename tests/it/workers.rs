@@ -2,7 +2,7 @@
 //! `buildbot-worker` 4.3 (installed by `.ci/test` into target/tools/venv)
 //! and raw WebSocket clients that misbehave.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! finishes and the master runs it; `kiln queue-run` works through a queue
 //! directory, retrying and burying what keeps failing.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! exit 1 with the diagnostic in its `expected.txt`: file:line:col, the
 //! source line with a marker, and the import chain. None may panic or hang.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

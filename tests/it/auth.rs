@@ -2,7 +2,7 @@
 //! worker's shutdown) with no user, a wrong password, a user without the
 //! role, and one with it; a write from another site; reads behind a login.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

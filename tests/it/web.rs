@@ -4,7 +4,7 @@
 //! read, and the other pages show what the master has. Screenshots go to
 //! `target/test-artifacts/`.
 
-mod common;
+use crate::common;
 
 use std::io::BufRead;
 use std::process::{Child, Command, Stdio};

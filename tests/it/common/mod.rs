@@ -1,8 +1,6 @@
 //! Helpers shared by the integration tests: run the real `kiln` binary with
 //! a bounded wait, and compare output with files that `KILN_BLESS=1` rewrites.
 
-#![allow(dead_code)]
-
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -3,7 +3,7 @@
 //! format, the base change hook and `kiln sendchange`, and a master that is
 //! stopped and started between pushes.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

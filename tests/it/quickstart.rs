@@ -1,7 +1,7 @@
 //! README's first command: `kiln quickstart` makes a demo master with a
 //! local Git repository and two local workers; a commit builds.
 
-mod common;
+use crate::common;
 
 use std::io::BufRead;
 use std::process::{Command, Stdio};

@@ -3,7 +3,7 @@
 //! requests live through reloads; broken edits leave the old config
 //! running; `kiln reconfig` and the API report each reload.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;
@@ -377,14 +377,14 @@ fn a_broken_edit_keeps_the_old_config_running_and_kiln_reconfig_says_why() {
     let mut seen = 0;
     let broken = [
         (
-            "let f = BuildFactory(;\n".to_string() + &polled("1"),
+            format!("let f = BuildFactory(;\n{}", polled("1")),
             "master.rhai:1:",
         ),
         (
             polled("1").replace(r#"builderNames: ["b"]"#, r#"builderNames: ["nosuch"]"#),
             "nosuch",
         ),
-        ("loop { }\n".to_string() + &polled("1"), "operation limit"),
+        (format!("loop {{ }}\n{}", polled("1")), "operation limit"),
     ];
     for (i, (text, expected)) in broken.iter().enumerate() {
         save(&entry, text);

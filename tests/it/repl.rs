@@ -3,7 +3,7 @@
 //! while its files change (`:reload`, `:diff`), and a pseudo-terminal
 //! (completion, multi-line input, Ctrl-C during an endless loop).
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, Write};
 use std::path::Path;

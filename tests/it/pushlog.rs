@@ -3,7 +3,7 @@
 //! versions), from the changesets of a real repository grouped into pushes,
 //! and can be told to fail in the ways hg.mozilla.org does.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! The read API against a master with real builds: Buildbot's shapes,
 //! filters, ordering, paging, projection and 404s.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

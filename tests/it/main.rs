@@ -1,0 +1,21 @@
+//! kiln's integration tests, one binary: each module is one concern, all
+//! against real processes (kiln masters and workers, hg, git, SQLite,
+//! buildbot-worker, Chromium). `common` is the shared harness.
+
+#[allow(dead_code)]
+mod common;
+
+mod api;
+mod auth;
+mod change_sources;
+mod config_host;
+mod pushlog;
+mod queue;
+mod quickstart;
+mod reconfig;
+mod repl;
+mod schedulers;
+mod script_errors;
+mod seed_build;
+mod web;
+mod workers;
