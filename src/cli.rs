@@ -467,7 +467,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Reconfig { dir, wait } => {
-            let r = crate::master::reconfig(&dir, std::time::Duration::from_secs(wait))?;
+            let r = crate::client::reconfig(&dir, std::time::Duration::from_secs(wait))?;
             if r.applied {
                 println!("config reloaded in {:.1} ms\n{}", r.duration_ms, r.diff);
                 Ok(ExitCode::SUCCESS)
@@ -516,7 +516,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Stop { dir, wait } => {
-            crate::master::stop(&dir, std::time::Duration::from_secs(wait))?;
+            crate::client::stop(&dir, std::time::Duration::from_secs(wait))?;
             println!("master in {} stopped", dir.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -580,7 +580,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Force(args) => {
-            let (bsid, brids) = force(*args)?;
+            let a = *args;
+            let client = crate::client::Client::new(&a.master, a.auth.as_deref())?;
+            let (bsid, brids) = client.force(crate::client::Force {
+                builder: &a.builder,
+                scheduler: a.scheduler.as_deref(),
+                branch: a.branch.as_deref(),
+                revision: a.revision.as_deref(),
+                repository: a.repository.as_deref(),
+                project: a.project.as_deref(),
+                reason: &a.reason,
+                properties: parse_properties(&a.properties)?,
+            })?;
             println!("buildset {bsid}: build requests {brids}");
             Ok(ExitCode::SUCCESS)
         }
@@ -616,7 +627,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             form.push(("files", serde_json::to_string(&files)?));
             let props = parse_properties(&properties)?;
             form.push(("properties", serde_json::Value::Object(props).to_string()));
-            let ids = sendchange(&master, &form)?;
+            let ids = crate::client::Client::new(&master, None)?.sendchange(&form)?;
             println!("change sent: {ids}");
             Ok(ExitCode::SUCCESS)
         }
@@ -634,106 +645,6 @@ fn parse_properties(list: &[String]) -> anyhow::Result<serde_json::Map<String, s
         props.insert(name.to_string(), value);
     }
     Ok(props)
-}
-
-fn force(a: ForceArgs) -> anyhow::Result<(i64, String)> {
-    let base = a.master.trim_end_matches('/').to_string();
-    let properties = parse_properties(&a.properties)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(30))
-            .build()?;
-        let auth = |r: reqwest::RequestBuilder| match &a.auth {
-            Some(up) => {
-                let (u, p) = up.split_once(':').unwrap_or((up.as_str(), ""));
-                r.basic_auth(u, Some(p))
-            }
-            None => r,
-        };
-        let scheduler = match &a.scheduler {
-            Some(s) => s.clone(),
-            None => {
-                let url = format!("{base}/api/v2/forceschedulers");
-                let list: serde_json::Value = auth(client.get(&url))
-                    .send()
-                    .await
-                    .with_context(|| format!("cannot reach the master at {url}"))?
-                    .json()
-                    .await
-                    .context("the master's answer is not JSON")?;
-                let found = list["forceschedulers"].as_array().and_then(|l| {
-                    l.iter().find(|s| {
-                        s["builder_names"].as_array().is_some_and(|b| {
-                            b.iter().any(|n| n.as_str() == Some(a.builder.as_str()))
-                        })
-                    })
-                });
-                match found.and_then(|s| s["name"].as_str()) {
-                    Some(n) => n.to_string(),
-                    None => bail!("no ForceScheduler of the master builds `{}`", a.builder),
-                }
-            }
-        };
-        let url = format!("{base}/api/v2/forceschedulers/{scheduler}");
-        let body = serde_json::json!({
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "force",
-            "params": {
-                "builderNames": [a.builder],
-                "branch": a.branch,
-                "revision": a.revision,
-                "repository": a.repository,
-                "project": a.project,
-                "reason": a.reason,
-                "properties": properties,
-            },
-        });
-        let resp = auth(client.post(&url).json(&body))
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the master at {url}"))?;
-        let status = resp.status();
-        let v: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
-        if !status.is_success() {
-            let why = v["error"]["message"]
-                .as_str()
-                .or(v["error"].as_str())
-                .unwrap_or("no reason given");
-            bail!("the master refused ({status}): {why}");
-        }
-        let bsid = v["result"][0]
-            .as_i64()
-            .context("the master's answer has no buildset id")?;
-        Ok((bsid, v["result"][1].to_string()))
-    })
-}
-
-fn sendchange(master: &str, form: &[(&str, String)]) -> anyhow::Result<String> {
-    let url = format!("{}/change_hook/base", master.trim_end_matches('/'));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let resp = reqwest::Client::new()
-            .post(&url)
-            .form(form)
-            .timeout(std::time::Duration::from_secs(30))
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the master at {url}"))?;
-        let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
-        if !status.is_success() {
-            let reason = v["error"].as_str().map(String::from).unwrap_or(body);
-            bail!("the master refused the change ({status}): {reason}");
-        }
-        Ok(v["changeids"].to_string())
-    })
 }
 
 pub fn to_json(c: &MasterConfig) -> anyhow::Result<String> {

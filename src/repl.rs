@@ -30,35 +30,17 @@ struct Shared {
     master: RwLock<Option<String>>,
 }
 
-/// GET `url`, as JSON (the REPL is not async: a small runtime per call).
-fn fetch_json(url: &str) -> Result<serde_json::Value, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start an HTTP client: {e}"))?;
-    rt.block_on(async {
-        let r = reqwest::Client::new()
-            .get(url)
-            .timeout(std::time::Duration::from_secs(10))
-            .send()
-            .await
-            .map_err(|e| format!("cannot reach {url}: {e}"))?;
-        let status = r.status();
-        let body = r
-            .text()
-            .await
-            .map_err(|e| format!("cannot read {url}: {e}"))?;
-        if !status.is_success() {
-            return Err(format!("{url} answered {status}: {}", body.trim()));
-        }
-        serde_json::from_str(&body).map_err(|e| format!("{url} did not answer JSON: {e}"))
-    })
+/// GET `path` from the running master at `url`, as JSON.
+fn fetch_json(url: &str, path: &str) -> Result<serde_json::Value, String> {
+    crate::client::Client::new(url, None)
+        .and_then(|c| c.get(path)?.ok_json("the master refused"))
+        .map_err(|e| format!("{e:#}"))
 }
 
 /// The running master's connected workers and waiting requests.
 fn live_state(url: &str) -> Result<String, String> {
-    let workers = fetch_json(&format!("{url}/api/v2/workers"))?;
-    let requests = fetch_json(&format!("{url}/api/v2/buildrequests?claimed=false"))?;
+    let workers = fetch_json(url, "/api/v2/workers")?;
+    let requests = fetch_json(url, "/api/v2/buildrequests?claimed=false")?;
     let mut connected: Vec<String> = workers["workers"]
         .as_array()
         .into_iter()
@@ -322,7 +304,7 @@ impl Session {
     /// config this session started with.
     pub fn diff(&self) -> Result<String, String> {
         if let Some(url) = self.shared.master() {
-            let running = fetch_json(&format!("{url}/api/v2/config"))?;
+            let running = fetch_json(&url, "/api/v2/config")?;
             let now = script::load_master(&self.dir, self.limits.clone())
                 .map_err(|f| render(&f.diagnostics, &f.sources, false))?;
             let files = serde_json::to_value(&now.config).map_err(|e| e.to_string())?;

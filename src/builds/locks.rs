@@ -16,8 +16,8 @@ pub(super) struct Busy {
 
 #[derive(Default)]
 struct LockState {
-counting: u32,
-exclusive: bool,
+    counting: u32,
+    exclusive: bool,
 }
 
 fn lock_key(a: &LockAccess, worker: &str) -> (String, Option<String>) {

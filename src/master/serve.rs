@@ -1,0 +1,406 @@
+//! `kiln start`'s wiring: the store, the HTTP and worker ports, change
+//! sources, schedulers, the distributor and status queues started in
+//! order, the reload loop run until SIGTERM or SIGINT, and everything
+//! stopped in reverse.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use super::db_path;
+use super::pidfile::PidFile;
+use super::reload::{paths, Loader, ReloadOptions, MAX_DEBOUNCE};
+use super::watch::Watcher;
+use crate::changes::{self, ChangeBus};
+use crate::config::MasterConfig;
+use crate::reconfig::ReloadAsk;
+use crate::schedulers::{Clock, Schedulers};
+use crate::script::{Limits, Loaded};
+use crate::store::Store;
+
+/// How long shutdown waits for tasks before giving up on them.
+pub(super) const STOP_GRACE: Duration = Duration::from_secs(30);
+
+pub(super) async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+/// Runs the master in the foreground until SIGTERM or SIGINT.
+pub fn run(dir: &Path, loaded: Loaded, options: ReloadOptions) -> anyhow::Result<()> {
+    let db = db_path(dir, &loaded.config.db.db_url);
+    let store = Store::open(&db)?;
+    let _pid = PidFile::take(dir, &db)?;
+    tracing::info!("database {}", db.display());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kiln")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(dir, loaded, store, options))
+}
+
+/// Buildbot's master name: `host:basedir`.
+pub(super) fn master_name(dir: &Path) -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let host = if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "localhost".to_string()
+    };
+    format!("{host}:{}", crate::diagnostics::canonical(dir).display())
+}
+
+/// A listening socket's task.
+pub(super) struct Listening {
+    pub(super) stop: CancellationToken,
+    pub(super) task: tokio::task::JoinHandle<()>,
+}
+
+/// Everything a running master is made of; reloads change it in place.
+pub(super) struct Live {
+    pub(super) dir: PathBuf,
+    pub(super) limits: Limits,
+    pub(super) loader: Loader,
+    pub(super) store: Store,
+    pub(super) cancel: CancellationToken,
+    pub(super) master_id: i64,
+    pub(super) config: Arc<MasterConfig>,
+    /// The files the running config was read from (or, after a failed
+    /// reload, those and the failed one's): the watcher's list.
+    pub(super) files: Vec<PathBuf>,
+    pub(super) schedulers: Schedulers,
+    pub(super) distributor: Arc<crate::builds::Distributor>,
+    pub(super) pollers: changes::Pollers,
+    pub(super) worker_setup: crate::workers::WorkerSetup,
+    pub(super) registry: Arc<crate::workers::Registry>,
+    pub(super) app: crate::http::AppState,
+    pub(super) http: Option<Listening>,
+    pub(super) worker_listener: Option<Listening>,
+    /// Listeners a reload replaced, still finishing their requests.
+    pub(super) retired: Vec<tokio::task::JoinHandle<()>>,
+    /// A runner per queue directory the status handlers write to (one a
+    /// reload drops keeps draining its queue until the master stops).
+    pub(super) queues: BTreeMap<PathBuf, tokio::task::JoinHandle<()>>,
+}
+
+impl Live {
+    /// Starts a runner for each queue directory of the config that has none.
+    pub(super) fn run_queues(&mut self) {
+        for target in &self.config.status {
+            let crate::config::StatusTarget::QueuedCommandHandler { queuedir, .. } = target;
+            let root = self.dir.join(&queuedir.path);
+            if self.queues.contains_key(&root) {
+                continue;
+            }
+            let queue = match crate::queuedir::QueueDir::open(&root) {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::error!(queue = %queuedir.name, "{e:#}");
+                    continue;
+                }
+            };
+            tracing::info!(queue = %queuedir.name, "running the commands queued in {}", root.display());
+            let cancel = self.cancel.clone();
+            let name = queuedir.name.clone();
+            let task = tokio::spawn(async move {
+                let opts = crate::queuedir::RunOptions::default();
+                if let Err(e) = crate::queuedir::run(&queue, &opts, false, &cancel).await {
+                    tracing::error!(queue = %name, "the queue runner stopped: {e:#}");
+                }
+            });
+            self.queues.insert(root, task);
+        }
+    }
+}
+
+pub(super) async fn bind_http(
+    www: &crate::config::WwwConfig,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind((www.host.as_str(), www.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", www.host, www.port))
+}
+
+pub(super) async fn bind_workers(port: u16) -> anyhow::Result<tokio::net::TcpListener> {
+    // Workers are remote machines: listen on every interface, as Buildbot does.
+    tokio::net::TcpListener::bind(("0.0.0.0", port))
+        .await
+        .with_context(|| format!("cannot listen for workers on port {port}"))
+}
+
+impl Live {
+    pub(super) fn serve_http(
+        &self,
+        listener: tokio::net::TcpListener,
+    ) -> anyhow::Result<Listening> {
+        let addr = listener.local_addr()?;
+        tracing::info!("HTTP listening on http://{addr}/");
+        let stop = self.cancel.child_token();
+        // Long answers (the event stream) end when this server stops.
+        let mut state = self.app.clone();
+        state.stopping = stop.clone();
+        let app = crate::http::router(state);
+        let until = stop.clone();
+        let task = tokio::spawn(async move {
+            let r = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { until.cancelled().await })
+            .await;
+            if let Err(e) = r {
+                tracing::warn!("HTTP server: {e}");
+            }
+        });
+        Ok(Listening { stop, task })
+    }
+
+    pub(super) fn serve_workers(
+        &self,
+        listener: tokio::net::TcpListener,
+    ) -> anyhow::Result<Listening> {
+        tracing::info!("workers connect to ws://{}/", listener.local_addr()?);
+        let stop = self.cancel.child_token();
+        let task = tokio::spawn(crate::workers::serve(
+            listener,
+            self.worker_setup.clone(),
+            self.registry.clone(),
+            self.store.clone(),
+            self.master_id,
+            self.cancel.clone(),
+            stop.clone(),
+        ));
+        Ok(Listening { stop, task })
+    }
+}
+
+/// The configured builders as the store records them.
+pub(super) fn builder_rows(config: &MasterConfig) -> Vec<(String, Option<String>, Vec<String>)> {
+    config
+        .builders
+        .iter()
+        .map(|b| {
+            (
+                b.name.clone(),
+                b.description.as_ref().map(|d| d.to_string()),
+                b.tags.clone(),
+            )
+        })
+        .collect()
+}
+
+pub(super) async fn serve(
+    dir: &Path,
+    loaded: Loaded,
+    store: Store,
+    options: ReloadOptions,
+) -> anyhow::Result<()> {
+    let runtime = loaded.runtime();
+    let config = Arc::new(loaded.config);
+    let cancel = CancellationToken::new();
+    let master_id = store.master_started(&master_name(dir)).await?;
+    store.register_builders(builder_rows(&config)).await?;
+    let bus = ChangeBus::default();
+    let ctx = changes::Context::new(store.clone(), bus.clone(), dir)?;
+    let schedulers = Schedulers::start(
+        &config,
+        runtime.clone(),
+        store.clone(),
+        &bus,
+        Clock::new(),
+        &cancel,
+    );
+
+    let registry = Arc::new(crate::workers::Registry::default());
+    let distributor = crate::builds::Distributor::new(
+        config.clone(),
+        registry.clone(),
+        store.clone(),
+        schedulers.clone(),
+        runtime,
+        master_id,
+        dir.to_path_buf(),
+    );
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadAsk>(16);
+    let app = crate::http::AppState {
+        store: store.clone(),
+        bus: bus.clone(),
+        poll_now: ctx.poll_now.clone(),
+        poll_errors: ctx.poll_errors.clone(),
+        schedulers: schedulers.clone(),
+        builds: distributor.clone(),
+        access: Arc::new(std::sync::RwLock::new(crate::http::auth::Access::of(
+            config.www.as_ref(),
+        ))),
+        reload: reload_tx,
+        watched: Arc::new(std::sync::RwLock::new(paths(&loaded.files))),
+        stopping: CancellationToken::new(),
+        started_at: Instant::now(),
+    };
+    let mut live = Live {
+        dir: dir.to_path_buf(),
+        limits: options.limits.clone(),
+        loader: Loader::start()?,
+        store: store.clone(),
+        cancel: cancel.clone(),
+        master_id,
+        config: config.clone(),
+        files: loaded.files,
+        schedulers: schedulers.clone(),
+        distributor: distributor.clone(),
+        pollers: changes::Pollers::start(&[], &ctx, &cancel),
+        worker_setup: crate::workers::WorkerSetup::from_config(&config),
+        registry,
+        app,
+        http: None,
+        worker_listener: None,
+        retired: Vec::new(),
+        queues: BTreeMap::new(),
+    };
+    live.run_queues();
+
+    match &config.www {
+        Some(www) => live.http = Some(live.serve_http(bind_http(www).await?)?),
+        None => tracing::info!("no `www` in the config: no HTTP server, so no change hook"),
+    }
+    store.master_connections_reset(master_id).await?;
+    if let Some(port) = config.protocols.msgpack_port {
+        live.worker_listener = Some(live.serve_workers(bind_workers(port).await?)?);
+    }
+
+    let retried = store.retry_unfinished_builds(master_id).await?;
+    if !retried.is_empty() {
+        tracing::warn!(
+            "{} build(s) were running when the master stopped; they end as RETRY and their requests run again",
+            retried.len()
+        );
+    }
+    let distributor_task = tokio::spawn(distributor.run(cancel.clone()));
+
+    let (fs_tx, mut fs_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
+    let mut watcher = if options.watch {
+        let mut w = Watcher::new(fs_tx);
+        w.follow(&live.files);
+        Some(w)
+    } else {
+        drop(fs_tx);
+        None
+    };
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    // A file saved between the load and the watcher's start is a burst
+    // already under way.
+    let mut burst: Option<(PathBuf, Instant, tokio::time::Instant)> = None;
+    if let (Some(_), Some(since)) = (&watcher, options.loaded_at) {
+        if let Some(f) = live.files.iter().find(|f| {
+            std::fs::metadata(f)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= since)
+        }) {
+            burst = Some((
+                f.clone(),
+                Instant::now(),
+                tokio::time::Instant::now() + options.quiet,
+            ));
+        }
+    }
+    live.pollers.reconfigure(&config.change_source).await;
+    tracing::info!(
+        "master running in {}: {} change source(s), {} scheduler(s), {} builder(s)",
+        dir.display(),
+        live.pollers.len(),
+        config.schedulers.len(),
+        config.builders.len()
+    );
+
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    // A burst of saves (`burst`): the first file seen, when it began, and
+    // when it is quiet enough to reload.
+    let why = loop {
+        let quiet_at = burst.as_ref().map(|b| b.2);
+        let trigger = tokio::select! {
+            why = &mut stop => break why?,
+            _ = hup.recv() => Some(("SIGHUP".to_string(), None)),
+            Some(ask) = reload_rx.recv() => Some((ask.trigger, ask.reply)),
+            Some(changed) = fs_rx.recv() => {
+                if let Some(path) = changed.into_iter().find(|p| live.files.contains(p)) {
+                    let now = Instant::now();
+                    let began = burst.as_ref().map_or(now, |b| b.1);
+                    let at = if now.duration_since(began) >= MAX_DEBOUNCE {
+                        tokio::time::Instant::now()
+                    } else {
+                        tokio::time::Instant::now() + options.quiet
+                    };
+                    let first = burst.take().map_or(path, |b| b.0);
+                    burst = Some((first, began, at));
+                }
+                None
+            }
+            _ = async {
+                match quiet_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => burst.take().map(|(path, _, _)| (format!("file changed: {}", path.display()), None)),
+        };
+        if let Some((trigger, reply)) = trigger {
+            // Saves during the reload are seen by it or start the next one.
+            let row = live.reload(&trigger).await;
+            if let Some(w) = watcher.as_mut() {
+                w.follow(&live.files);
+            }
+            if let Some(reply) = reply {
+                let _ = reply.send(row);
+            }
+        }
+    };
+    drop(watcher);
+    tracing::info!("{why}: stopping");
+    cancel.cancel();
+    let Live {
+        pollers,
+        http,
+        worker_listener,
+        retired,
+        queues,
+        ..
+    } = live;
+    let wait_all = async {
+        pollers.stopped().await;
+        schedulers.stopped().await;
+        if let Some(w) = worker_listener {
+            let _ = w.task.await;
+        }
+        let _ = distributor_task.await;
+        if let Some(s) = http {
+            let _ = s.task.await;
+        }
+        for t in retired {
+            let _ = t.await;
+        }
+        for t in queues.into_values() {
+            let _ = t.await;
+        }
+    };
+    if tokio::time::timeout(STOP_GRACE, wait_all).await.is_err() {
+        tracing::warn!("some tasks did not stop within {} s", STOP_GRACE.as_secs());
+    }
+    if let Err(e) = store.master_stopped(master_id).await {
+        tracing::warn!("cannot record the master as stopped: {e:#}");
+    }
+    tracing::info!("master stopped");
+    Ok(())
+}
