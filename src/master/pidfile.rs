@@ -15,8 +15,9 @@ use anyhow::{bail, Context};
 /// The running master's process id, in the master dir.
 pub const PID_FILE: &str = "kiln.pid";
 
-/// The start time of process `pid`, from `/proc` (`None` without `/proc`
-/// or when the process is gone).
+/// The start time of process `pid`, from `/proc` (`None` without `/proc`,
+/// or when the process is gone or has exited and waits to be reaped: a
+/// zombie keeps its pid and start time but is no master).
 fn start_time(pid: i32) -> Option<u64> {
     parse_start_time(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
@@ -24,9 +25,13 @@ fn start_time(pid: i32) -> Option<u64> {
 fn parse_start_time(stat: &str) -> Option<u64> {
     // The command name (field 2) is in parentheses and may hold spaces or
     // parentheses itself: the fields after it follow the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // Field 3 is the first after the name; the start time is field 22.
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    // Field 3, the state: Z (zombie) and X (dead) are ended processes.
+    if matches!(fields.next()?, "Z" | "X") {
+        return None;
+    }
+    // The start time is field 22.
+    fields.nth(22 - 4)?.parse().ok()
 }
 
 /// What a master's pid file says of it.
@@ -206,7 +211,39 @@ mod tests {
         let fields: Vec<String> = (3..=30).map(|i| i.to_string()).collect();
         let stat = format!("42 (kiln (a) b) {}", fields.join(" "));
         assert_eq!(parse_start_time(&stat), Some(22));
+        let zombie = format!("42 (kiln) Z {}", fields[1..].join(" "));
+        assert_eq!(parse_start_time(&zombie), None, "an exited process");
         assert_eq!(parse_start_time("42 (kiln) S 1"), None, "a short line");
         assert!(start_time(i32::MAX).is_none(), "no such process");
+    }
+
+    #[test]
+    fn a_master_that_exited_but_is_not_yet_reaped_is_not_running() {
+        use std::io::Write as _;
+        // A child that runs until its stdin closes.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read x"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn sh");
+        let pid = child.id() as i32;
+        let started = start_time(pid).expect("this test needs /proc");
+        let info = PidInfo {
+            pid,
+            db: None,
+            started: Some(started),
+        };
+        assert!(info.is_running());
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin).expect("write");
+        drop(stdin);
+        // Not reaped: the pid stays, as a zombie, until wait().
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while info.is_running() {
+            assert!(std::time::Instant::now() < deadline, "sh did not exit");
+            std::thread::yield_now();
+        }
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "still a zombie");
+        child.wait().expect("reap");
     }
 }
