@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
-use crate::config::MasterConfig;
 use crate::diagnostics::{display_pathbuf, render, Diagnostic};
 use crate::script::{load_master, Limits, LoadFailure, Loaded};
 
@@ -386,7 +385,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CreateMaster { dir, repo } => {
-            create_master(&dir, &repo)?;
+            crate::scaffold::create_master(&dir, &repo)?;
             println!(
                 "created a master in {}; check it with `kiln checkconfig {}`",
                 dir.display(),
@@ -423,9 +422,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             let out = if json {
-                to_json(&loaded.config)?
+                crate::config::print::to_json(&loaded.config)?
             } else {
-                to_text(&loaded.config)?
+                crate::config::print::to_text(&loaded.config)?
             };
             println!("{out}");
             std::mem::forget(loaded); // as in checkconfig
@@ -645,107 +644,4 @@ fn parse_properties(list: &[String]) -> anyhow::Result<serde_json::Map<String, s
         props.insert(name.to_string(), value);
     }
     Ok(props)
-}
-
-pub fn to_json(c: &MasterConfig) -> anyhow::Result<String> {
-    Ok(serde_json::to_string_pretty(c)?)
-}
-
-/// The config as indented `key: value` text, in the same order as the JSON.
-pub fn to_text(c: &MasterConfig) -> anyhow::Result<String> {
-    let v = serde_json::to_value(c)?;
-    let mut out = String::new();
-    text_value(&v, 0, &mut out);
-    Ok(out.trim_end().to_string())
-}
-
-/// Any JSON value as print-config's indented text.
-pub fn text_of(v: &serde_json::Value) -> String {
-    let mut out = String::new();
-    text_value(v, 0, &mut out);
-    out.trim_end().to_string()
-}
-
-fn scalar(v: &serde_json::Value) -> Option<String> {
-    match v {
-        serde_json::Value::Object(m) if m.is_empty() => Some("{}".into()),
-        serde_json::Value::Array(a) if a.is_empty() => Some("[]".into()),
-        serde_json::Value::Array(a) if a.iter().all(|x| !x.is_object() && !x.is_array()) => Some(
-            serde_json::to_string(v)
-                .unwrap_or_default()
-                .replace("\",\"", "\", \""),
-        ),
-        serde_json::Value::Object(_) | serde_json::Value::Array(_) => None,
-        other => Some(other.to_string()),
-    }
-}
-
-fn text_value(v: &serde_json::Value, indent: usize, out: &mut String) {
-    let pad = "  ".repeat(indent);
-    match v {
-        serde_json::Value::Object(m) => {
-            for (k, x) in m {
-                match scalar(x) {
-                    Some(s) => out.push_str(&format!("{pad}{k}: {s}\n")),
-                    None => {
-                        out.push_str(&format!("{pad}{k}:\n"));
-                        text_value(x, indent + 1, out);
-                    }
-                }
-            }
-        }
-        serde_json::Value::Array(a) => {
-            for x in a {
-                match scalar(x) {
-                    Some(s) => out.push_str(&format!("{pad}- {s}\n")),
-                    None => {
-                        let mut inner = String::new();
-                        text_value(x, indent + 1, &mut inner);
-                        let inner = inner.trim_start();
-                        out.push_str(&format!("{pad}- {inner}"));
-                    }
-                }
-            }
-        }
-        other => out.push_str(&format!("{pad}{other}\n")),
-    }
-}
-
-const QUICKSTART: &str = include_str!("../examples/quickstart/master.rhai");
-
-fn create_master(dir: &Path, repo: &str) -> anyhow::Result<()> {
-    let entry = dir.join(crate::script::ENTRY_SCRIPT);
-    if entry.exists() {
-        bail!("{} already exists; not overwriting it", entry.display());
-    }
-    std::fs::create_dir_all(dir.join("secrets"))
-        .with_context(|| format!("creating {}", dir.display()))?;
-    let script = QUICKSTART.replace("let repo = \"repo\";", &format!("let repo = {repo:?};"));
-    std::fs::write(&entry, script).with_context(|| format!("writing {}", entry.display()))?;
-    let secret = dir.join("secrets").join("worker-password");
-    std::fs::write(&secret, format!("{}\n", random_token()))
-        .with_context(|| format!("writing {}", secret.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(())
-}
-
-/// 128 bits from the OS-seeded hasher keys: enough for a local worker password.
-pub(crate) fn random_token() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut s = String::new();
-    for i in 0..2u8 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u8(i);
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        s.push_str(&format!("{:016x}", h.finish()));
-    }
-    s
 }

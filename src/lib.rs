@@ -16,9 +16,11 @@ pub mod queuedir;
 pub mod quickstart;
 pub mod reconfig;
 pub mod repl;
+pub mod scaffold;
 pub mod schedulers;
 pub mod script;
 pub mod store;
+pub mod suggest;
 pub mod worker;
 pub mod workers;
 

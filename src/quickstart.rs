@@ -7,36 +7,7 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context};
 
-/// The demo's master script; `@REPO@`, `@HTTP@` and `@WORKERS@` are filled in.
-const MASTER: &str = r#"// kiln's quickstart master (written by `kiln quickstart`): it polls the
-// Git repository in ./repo and builds each push on two local workers.
-// Edit this file while the master runs: it reloads on save.
-
-let repo = "@REPO@";
-
-let f = BuildFactory();
-f.addStep(Git(#{ name: "checkout", repourl: repo, branch: "main", mode: "full" }));
-f.addStep(ShellCommand(#{ name: "list", command: ["ls", "-la"] }));
-f.addStep(ShellCommand(#{ name: "build", command: ["sh", "-c", "echo building $(git rev-parse --short HEAD): $(git log -1 --format=%s)"] }));
-
-#{
-    title: "kiln quickstart",
-    buildbotURL: "http://127.0.0.1:@HTTP@/",
-    db: #{ db_url: "sqlite:///state.sqlite" },
-    protocols: #{ msgpack_experimental_v7: #{ port: @WORKERS@ } },
-    www: #{ port: @HTTP@ },
-    workers: [Worker("worker1", secret("worker-password")), Worker("worker2", secret("worker-password"))],
-    change_source: [GitPoller(#{ repourl: repo, branches: ["main"], pollInterval: 2 })],
-    schedulers: [
-        Scheduler(#{ name: "on-push", branch: "main", treeStableTimer: (), builderNames: ["build", "test"] }),
-        ForceScheduler(#{ name: "force", builderNames: ["build", "test"] }),
-    ],
-    builders: [
-        BuilderConfig(#{ name: "build", workernames: ["worker1", "worker2"], factory: f }),
-        BuilderConfig(#{ name: "test", workernames: ["worker1", "worker2"], factory: f }),
-    ],
-}
-"#;
+use crate::scaffold::{self, Value};
 
 /// A free port on 127.0.0.1 when `port` is 0 (the OS picks; the socket is
 /// closed at once, so another process could take it first: a demo's risk).
@@ -90,18 +61,17 @@ pub fn prepare(dir: &Path, http_port: u16, worker_port: u16) -> anyhow::Result<S
     git(&repo, &["add", "README"])?;
     git(&repo, &["commit", "-q", "-m", "Initial commit"])?;
     let repo_abs = crate::diagnostics::canonical(&repo);
-    let script = MASTER
-        .replace("@REPO@", &repo_abs.to_string_lossy())
-        .replace("@HTTP@", &port_or_free(http_port)?.to_string())
-        .replace("@WORKERS@", &port_or_free(worker_port)?.to_string());
-    std::fs::write(&entry, script)?;
-    let password = crate::cli::random_token();
-    std::fs::write(&secret, format!("{password}\n"))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
-    }
+    let script = scaffold::render(
+        scaffold::GIT_DEMO,
+        &[
+            ("REPO", Value::Str(&repo_abs.to_string_lossy())),
+            ("HTTP", Value::Int(port_or_free(http_port)?.into())),
+            ("WORKERS", Value::Int(port_or_free(worker_port)?.into())),
+        ],
+    )?;
+    scaffold::write_master(dir, &script)?;
+    let password = scaffold::random_token()?;
+    scaffold::write_secret(dir, "worker-password", &password)?;
     Ok(password)
 }
 

@@ -569,7 +569,7 @@ fn register_helpers(engine: &mut Engine, shared: &Arc<Shared>) {
             )
             .into());
         };
-        Ok(crate::cli::text_of(&value))
+        Ok(crate::config::print::text_of(&value))
     });
     let s = shared.clone();
     engine.register_fn(

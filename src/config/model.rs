@@ -866,3 +866,34 @@ mod tests {
         assert!(std::mem::size_of::<BuilderConfig>() <= 296);
     }
 }
+
+/// What a write does, as `www.authz` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WwwAction {
+    Force,
+    Stop,
+    Cancel,
+    Reconfig,
+    /// Stopping or killing a worker.
+    Workers,
+    /// A change through a change hook.
+    Change,
+}
+
+impl WwwAction {
+    pub const ALL: &'static [(&'static str, WwwAction)] = &[
+        ("force", WwwAction::Force),
+        ("stop", WwwAction::Stop),
+        ("cancel", WwwAction::Cancel),
+        ("reconfig", WwwAction::Reconfig),
+        ("workers", WwwAction::Workers),
+        ("change", WwwAction::Change),
+    ];
+
+    pub fn name(self) -> &'static str {
+        WwwAction::ALL
+            .iter()
+            .find(|(_, a)| *a == self)
+            .map_or("?", |(n, _)| n)
+    }
+}

@@ -5,10 +5,10 @@ use std::collections::{BTreeSet, HashMap};
 
 use super::model::*;
 use crate::diagnostics::Diagnostic;
-use crate::script::kwargs::suggest;
+use crate::suggest::nearest;
 
 fn near(name: &str, known: &[&str]) -> Option<String> {
-    suggest(name, known.iter().copied()).map(|n| format!("did you mean `{n}`?"))
+    nearest(name, known.iter().copied()).map(|n| format!("did you mean `{n}`?"))
 }
 
 fn first_at(origin: Option<&Origin>) -> Option<String> {

@@ -20,38 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::config::{WwwConfig, WwwUser};
-
-/// What a write does, as `www.authz` names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    Force,
-    Stop,
-    Cancel,
-    Reconfig,
-    /// Stopping or killing a worker.
-    Workers,
-    /// A change through a change hook.
-    Change,
-}
-
-impl Action {
-    pub const ALL: &'static [(&'static str, Action)] = &[
-        ("force", Action::Force),
-        ("stop", Action::Stop),
-        ("cancel", Action::Cancel),
-        ("reconfig", Action::Reconfig),
-        ("workers", Action::Workers),
-        ("change", Action::Change),
-    ];
-
-    pub fn name(self) -> &'static str {
-        Action::ALL
-            .iter()
-            .find(|(_, a)| *a == self)
-            .map_or("?", |(n, _)| n)
-    }
-}
+use crate::config::{WwwAction, WwwConfig, WwwUser};
 
 /// The access rules in force (replaced by a reload).
 #[derive(Clone, Debug, Default)]
@@ -87,7 +56,7 @@ pub enum Denied {
     /// The user has none of the roles the action needs.
     Role {
         user: String,
-        action: Action,
+        action: WwwAction,
         roles: Vec<String>,
     },
     /// A browser sent it from another site.
@@ -168,7 +137,7 @@ pub fn writer(
     access: &Access,
     headers: &HeaderMap,
     peer: SocketAddr,
-    action: Action,
+    action: WwwAction,
 ) -> Result<String, Denied> {
     if let Some(from) = cross_site(headers) {
         return Err(Denied::CrossSite(from));
@@ -204,8 +173,8 @@ pub fn hook(access: &Access, headers: &HeaderMap, peer: SocketAddr) -> Result<()
     if let Some(from) = cross_site(headers) {
         return Err(Denied::CrossSite(from));
     }
-    if access.authz.contains_key(Action::Change.name()) {
-        writer(access, headers, peer, Action::Change)?;
+    if access.authz.contains_key(WwwAction::Change.name()) {
+        writer(access, headers, peer, WwwAction::Change)?;
     }
     Ok(())
 }
@@ -288,28 +257,28 @@ mod tests {
         let peer = LOCAL.parse().expect("addr");
         let none = HeaderMap::new();
         assert_eq!(
-            writer(&a, &none, peer, Action::Force),
+            writer(&a, &none, peer, WwwAction::Force),
             Err(Denied::NeedsUser)
         );
         assert_eq!(
-            writer(&a, &basic("ann", "wrong"), peer, Action::Force),
+            writer(&a, &basic("ann", "wrong"), peer, WwwAction::Force),
             Err(Denied::NeedsUser)
         );
         assert_eq!(
-            writer(&a, &basic("nobody", "pw-ann"), peer, Action::Force),
+            writer(&a, &basic("nobody", "pw-ann"), peer, WwwAction::Force),
             Err(Denied::NeedsUser)
         );
         assert_eq!(
-            writer(&a, &basic("dev", "pw-dev"), peer, Action::Force),
+            writer(&a, &basic("dev", "pw-dev"), peer, WwwAction::Force),
             Ok("dev".to_string()),
             "force is not in authz: any user"
         );
         assert!(matches!(
-            writer(&a, &basic("dev", "pw-dev"), peer, Action::Reconfig),
+            writer(&a, &basic("dev", "pw-dev"), peer, WwwAction::Reconfig),
             Err(Denied::Role { .. })
         ));
         assert_eq!(
-            writer(&a, &basic("ann", "pw-ann"), peer, Action::Reconfig),
+            writer(&a, &basic("ann", "pw-ann"), peer, WwwAction::Reconfig),
             Ok("ann".to_string())
         );
     }
@@ -319,11 +288,11 @@ mod tests {
         let open = Access::of(None);
         let h = HeaderMap::new();
         assert_eq!(
-            writer(&open, &h, LOCAL.parse().expect("a"), Action::Stop),
+            writer(&open, &h, LOCAL.parse().expect("a"), WwwAction::Stop),
             Ok(String::new())
         );
         assert_eq!(
-            writer(&open, &h, REMOTE.parse().expect("a"), Action::Stop),
+            writer(&open, &h, REMOTE.parse().expect("a"), WwwAction::Stop),
             Err(Denied::NotLocal)
         );
         assert_eq!(reader(&open, &h, REMOTE.parse().expect("a")), Ok(()));
@@ -345,16 +314,16 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("host", "127.0.0.1:8010".parse().expect("h"));
         h.insert("origin", "http://127.0.0.1:8010".parse().expect("h"));
-        assert_eq!(writer(&open, &h, peer, Action::Force), Ok(String::new()));
+        assert_eq!(writer(&open, &h, peer, WwwAction::Force), Ok(String::new()));
         h.insert("origin", "https://evil.example".parse().expect("h"));
         assert!(matches!(
-            writer(&open, &h, peer, Action::Force),
+            writer(&open, &h, peer, WwwAction::Force),
             Err(Denied::CrossSite(_))
         ));
         let mut fetch = HeaderMap::new();
         fetch.insert("sec-fetch-site", "cross-site".parse().expect("h"));
         assert!(matches!(
-            writer(&open, &fetch, peer, Action::Force),
+            writer(&open, &fetch, peer, WwwAction::Force),
             Err(Denied::CrossSite(_))
         ));
     }

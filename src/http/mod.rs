@@ -17,7 +17,8 @@ mod api;
 pub mod auth;
 mod web;
 
-use auth::{Action, Denied};
+use crate::config::WwwAction;
+use auth::Denied;
 
 use crate::changes::ChangeBus;
 use crate::config::SchedulerKind;
@@ -109,7 +110,7 @@ impl AppState {
         &self,
         headers: &HeaderMap,
         peer: SocketAddr,
-        action: Action,
+        action: WwwAction,
     ) -> Result<String, Denied> {
         let access = self.access.read().unwrap_or_else(|e| e.into_inner());
         auth::writer(&access, headers, peer, action)
@@ -148,7 +149,7 @@ async fn reconfig(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    let user = match st.writer(&headers, peer, Action::Reconfig) {
+    let user = match st.writer(&headers, peer, WwwAction::Reconfig) {
         Ok(u) => u,
         Err(d) => return d.into_response(),
     };
@@ -312,7 +313,7 @@ async fn force_rpc(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let owner = match st.writer(&headers, peer, Action::Force) {
+    let owner = match st.writer(&headers, peer, WwwAction::Force) {
         Ok(u) => u,
         Err(d) => return d.into_response(),
     };
@@ -426,7 +427,7 @@ async fn build_rpc(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let who = match st.writer(&headers, peer, Action::Stop) {
+    let who = match st.writer(&headers, peer, WwwAction::Stop) {
         Ok(u) => u,
         Err(d) => return d.into_response(),
     };
@@ -480,7 +481,7 @@ async fn buildrequest_rpc(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let who = match st.writer(&headers, peer, Action::Cancel) {
+    let who = match st.writer(&headers, peer, WwwAction::Cancel) {
         Ok(u) => u,
         Err(d) => return d.into_response(),
     };
@@ -537,7 +538,7 @@ async fn worker_rpc(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(d) = st.writer(&headers, peer, Action::Workers) {
+    if let Err(d) = st.writer(&headers, peer, WwwAction::Workers) {
         return d.into_response();
     }
     let (rpc_id, method, _params) = match rpc_call(&body) {

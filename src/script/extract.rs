@@ -160,7 +160,7 @@ fn strict(map: &Map, key: &str, known: &[&str]) -> ScriptResult<()> {
     for k in map.keys() {
         if !known.contains(&k.as_str()) {
             let mut msg = format!("unknown key `{k}` in `{key}`");
-            if let Some(near) = super::kwargs::suggest(k, known.iter().copied()) {
+            if let Some(near) = crate::suggest::nearest(k, known.iter().copied()) {
                 msg = format!("{msg}; did you mean `{near}`?");
             }
             return Err(ScriptError::new(msg)
@@ -307,7 +307,7 @@ fn www(v: Dynamic, state: &Arc<LoadState>) -> ScriptResult<WwwConfig> {
             None,
             state.clone(),
         );
-        for (action, _) in crate::http::auth::Action::ALL {
+        for (action, _) in crate::config::WwwAction::ALL {
             if let Some(roles) = kw.str_list(action)? {
                 authz.insert(action.to_string(), roles);
             }

@@ -102,17 +102,6 @@ fn type_name_of(v: &Dynamic) -> String {
     }
 }
 
-/// The nearest of `known` to `key`, if it is near enough to be a typo.
-pub fn suggest<'a>(key: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    let lower = key.to_lowercase();
-    known
-        .into_iter()
-        .map(|k| (k, strsim::jaro_winkler(&lower, &k.to_lowercase())))
-        .filter(|(_, score)| *score > 0.8)
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|(k, _)| k)
-}
-
 /// A constructor's keyword arguments.
 pub struct Kwargs {
     what: &'static str,
@@ -394,7 +383,7 @@ impl Kwargs {
         let key = key.to_string();
         let mut err =
             ScriptError::new(format!("unknown key `{key}` in {}", self.what)).focus(key.clone());
-        if let Some(near) = suggest(&key, self.known.iter().copied()) {
+        if let Some(near) = crate::suggest::nearest(&key, self.known.iter().copied()) {
             err.message = format!("{}; did you mean `{near}`?", err.message);
         } else {
             let mut known = self.known.clone();

@@ -6,6 +6,7 @@
 use rusqlite::types::ValueRef;
 use serde_json::{Map, Value};
 
+use super::query::{ListQuery, Row};
 use super::Store;
 
 /// One of the data API's collections.
@@ -104,14 +105,14 @@ fn json_of(v: ValueRef<'_>) -> Value {
 
 /// A read of a collection that SQLite does whole: conditions (SQL over the
 /// collection's column aliases, with their arguments), order (alias,
-/// descending), and a page. The HTTP layer builds one when every part of
+/// descending), and a page. `Query::select` makes one when every part of
 /// a query can be said in SQL with the meaning the API gives it.
 #[derive(Clone, Debug, Default)]
-pub struct Select {
-    pub conditions: Vec<(String, Vec<rusqlite::types::Value>)>,
-    pub order: Vec<(String, bool)>,
-    pub limit: Option<usize>,
-    pub offset: usize,
+pub(super) struct Select {
+    pub(super) conditions: Vec<(String, Vec<rusqlite::types::Value>)>,
+    pub(super) order: Vec<(String, bool)>,
+    pub(super) limit: Option<usize>,
+    pub(super) offset: usize,
 }
 
 /// Rows as the API shows them: the suffixes of `names` say how.
@@ -149,9 +150,26 @@ impl Store {
         .await
     }
 
+    /// The items of `c` that `q` asks for (narrowed by `pre`, a path's own
+    /// filter such as a build's steps), and their number before paging.
+    pub async fn api_list(
+        &self,
+        c: Collection,
+        pre: Option<(&'static str, Value)>,
+        q: &ListQuery,
+    ) -> anyhow::Result<(Vec<Row>, usize)> {
+        let columns = self.api_columns(c).await?;
+        if let Some(sel) = q.select(&columns, &pre) {
+            let (_, rows, total) = self.api_select(c, sel).await?;
+            return Ok((rows, total));
+        }
+        let (_, rows) = self.api_rows(c, pre).await?;
+        Ok(q.apply(rows, c.names().1))
+    }
+
     /// The items of `c` that `sel` asks for, with the number of items
     /// before paging; field names first.
-    pub async fn api_select(
+    pub(super) async fn api_select(
         &self,
         c: Collection,
         sel: Select,

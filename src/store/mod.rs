@@ -16,6 +16,7 @@ pub mod api;
 pub mod builds;
 pub mod buildsets;
 pub mod grid;
+pub mod query;
 pub mod reloads;
 pub mod workers;
 
@@ -139,7 +140,7 @@ impl Store {
     /// Runs blocking database work off the async runtime. The closure runs
     /// to its end even if the caller stops waiting, so a transaction is
     /// never left half-written by a cancelled task.
-    pub async fn call<R, F>(&self, f: F) -> anyhow::Result<R>
+    async fn call<R, F>(&self, f: F) -> anyhow::Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&mut Connection) -> anyhow::Result<R> + Send + 'static,
@@ -151,15 +152,6 @@ impl Store {
         })
         .await
         .context("database task failed")?
-    }
-
-    /// The same work, from a thread that may block.
-    pub fn call_blocking<R>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> anyhow::Result<R>,
-    ) -> anyhow::Result<R> {
-        let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut c)
     }
 
     pub async fn object_id(&self, name: &str, class_name: &str) -> anyhow::Result<ObjectId> {
@@ -248,6 +240,27 @@ impl Store {
                 params![id, now()],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    /// A master as Buildbot's data API shows it: `masterid`, `name`,
+    /// `active`, `last_active`.
+    pub async fn master(&self, id: i64) -> anyhow::Result<Option<serde_json::Value>> {
+        self.call(move |c| {
+            Ok(c.query_row(
+                "SELECT name, active, last_active FROM masters WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(serde_json::json!({
+                        "masterid": id,
+                        "name": r.get::<_, String>(0)?,
+                        "active": r.get::<_, i64>(1)? != 0,
+                        "last_active": r.get::<_, i64>(2)?,
+                    }))
+                },
+            )
+            .optional()?)
         })
         .await
     }
@@ -533,19 +546,21 @@ mod tests {
                 .unwrap();
             assert_eq!(v, 1);
         }
-        let store = Store::open(&path).unwrap();
-        store
-            .call_blocking(|c| {
-                let v: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
-                assert_eq!(v as usize, SCHEMA_VERSION);
-                let n: i64 = c.query_row("SELECT count(*) FROM objects", [], |r| r.get(0))?;
-                assert_eq!(n, 1);
-                // A table from the second migration exists.
-                let n: i64 = c.query_row("SELECT count(*) FROM buildrequests", [], |r| r.get(0))?;
-                assert_eq!(n, 0);
-                Ok(())
-            })
+        drop(Store::open(&path).unwrap());
+        let c = Connection::open(&path).unwrap();
+        let v: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
+        assert_eq!(v as usize, SCHEMA_VERSION);
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM objects", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+        // A table from the second migration exists.
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM buildrequests", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
     }
 
     #[test]
