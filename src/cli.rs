@@ -179,30 +179,13 @@ enum Command {
     /// kiln's own worker.
     Worker {
         #[command(subcommand)]
-        command: WorkerCommand,
+        command: kiln_worker::Command,
     },
     /// Measurements that need kiln's insides (see BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
         scenario: BenchScenario,
     },
-}
-
-#[derive(Subcommand)]
-enum WorkerCommand {
-    /// Make a worker dir that connects to a master.
-    Create {
-        dir: PathBuf,
-        /// The master's worker port, HOST:PORT.
-        #[arg(long)]
-        master: String,
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        password: String,
-    },
-    /// Run the worker of DIR in the foreground (logs to stderr).
-    Start { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -541,7 +524,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     password,
                 },
         } => {
-            crate::worker::fleet(&dir, &master, &prefix, count, &password)?;
+            kiln_worker::fleet(&dir, &master, &prefix, count, &password)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
@@ -555,27 +538,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::bench::schedulers(changes, schedulers, builders)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Worker {
-            command:
-                WorkerCommand::Create {
-                    dir,
-                    master,
-                    name,
-                    password,
-                },
-        } => {
-            crate::worker::create(&dir, &master, &name, &password)?;
-            println!(
-                "created worker `{name}` in {}; run it with `kiln worker start {}`",
-                dir.display(),
-                dir.display()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Worker {
-            command: WorkerCommand::Start { dir },
-        } => {
-            crate::worker::start(&dir)?;
+        Command::Worker { command } => {
+            kiln_worker::run_command(command, "kiln worker")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Force(args) => {

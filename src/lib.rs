@@ -21,7 +21,6 @@ pub mod schedulers;
 pub mod script;
 pub mod store;
 pub mod suggest;
-pub mod worker;
 pub mod workers;
 
 #[global_allocator]

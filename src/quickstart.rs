@@ -113,7 +113,7 @@ pub fn run(dir: &Path, password: &str) -> anyhow::Result<()> {
     for name in ["worker1", "worker2"] {
         let wdir: PathBuf = dir.join("workers").join(name);
         if !wdir.exists() {
-            crate::worker::create(&wdir, &format!("127.0.0.1:{port}"), name, password)?;
+            kiln_worker::create(&wdir, &format!("127.0.0.1:{port}"), name, password)?;
         }
         let log = std::fs::File::create(dir.join("workers").join(format!("{name}.log")))?;
         let child = Command::new(&exe)

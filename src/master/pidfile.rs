@@ -243,7 +243,10 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "sh did not exit");
             std::thread::yield_now();
         }
-        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "still a zombie");
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "still a zombie"
+        );
         child.wait().expect("reap");
     }
 }

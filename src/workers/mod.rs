@@ -13,7 +13,7 @@
 //! the first does not answer a keepalive (Buildbot's rule: the live one
 //! wins).
 
-pub mod protocol;
+pub use kiln_protocol as protocol;
 pub mod transfer;
 
 use std::collections::{BTreeMap, HashMap};

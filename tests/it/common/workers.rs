@@ -164,7 +164,21 @@ pub fn request_states(dir: &Path) -> Vec<(i64, i64)> {
     rows
 }
 
-/// kiln's own worker in the foreground; killed when dropped.
+/// The standalone `kiln-worker` binary, built beside `kiln` by `cargo
+/// build --workspace --bins` (which `.ci/test` runs before the tests).
+pub fn kiln_worker_exe() -> std::path::PathBuf {
+    let exe = Path::new(env!("CARGO_BIN_EXE_kiln")).with_file_name("kiln-worker");
+    assert!(
+        exe.exists(),
+        "{} is not built: `cargo build --workspace --bins` builds it (`bash .ci/test` does)",
+        exe.display()
+    );
+    exe
+}
+
+/// kiln's own worker in the foreground, made by `kiln worker create` and
+/// run by the standalone `kiln-worker start` (`kiln worker start` is the
+/// same code; the quickstart's test runs that one); killed when dropped.
 pub struct KilnWorker {
     pub child: std::process::Child,
 }
@@ -190,8 +204,8 @@ impl KilnWorker {
             );
             assert_eq!(out.code, Some(0), "{}", out.stderr);
         }
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["worker", "start"])
+        let child = std::process::Command::new(kiln_worker_exe())
+            .arg("start")
             .arg(&dir)
             .env("NO_COLOR", "1")
             .env("PATH", super::tools_path())
@@ -200,7 +214,7 @@ impl KilnWorker {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("kiln worker start");
+            .expect("kiln-worker start");
         KilnWorker { child }
     }
 }

@@ -1,3 +1,6 @@
+//! The worker protocol's frames, shared by the master and kiln's worker:
+//! Buildbot's `msgpack_experimental_v7`, MessagePack over WebSocket.
+//!
 //! MessagePack frames of the worker protocol: every message is a map with
 //! `seq_number` and `op`; a response has `op: "response"`, `result`, and
 //! `is_exception` when the request failed.

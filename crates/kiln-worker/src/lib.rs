@@ -1,5 +1,7 @@
-//! kiln's own worker: `kiln worker create DIR ...` and `kiln worker start
-//! DIR`. It speaks the same `msgpack_experimental_v7` protocol as a stock
+//! kiln's own worker: `kiln-worker create DIR ...` and `kiln-worker start
+//! DIR` (also `kiln worker ...`). A crate of its own, so that a build
+//! machine runs a small binary without the master's script engine,
+//! database and web server. It speaks the same `msgpack_experimental_v7` protocol as a stock
 //! buildbot-worker: it answers `get_worker_info`, `set_worker_settings`,
 //! `keepalive`, `print`, `start_command`, `interrupt_command` and
 //! `shutdown`, and reconnects with capped exponential backoff.
@@ -25,7 +27,47 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::workers::protocol::{self, map, map_get, str_of, Frame};
+use kiln_protocol::{self as protocol, map, map_get, str_of, Frame};
+
+/// The worker's commands, for `kiln-worker` and `kiln worker` alike.
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Make a worker dir that connects to a master.
+    Create {
+        dir: PathBuf,
+        /// The master's worker port, HOST:PORT.
+        #[arg(long)]
+        master: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        password: String,
+    },
+    /// Run the worker of DIR in the foreground (logs to stderr).
+    Start { dir: PathBuf },
+}
+
+/// Runs one of the worker's commands; `program` is how the user called
+/// this worker (`kiln worker` or `kiln-worker`), for the hints it prints.
+pub fn run_command(command: Command, program: &str) -> anyhow::Result<()> {
+    match command {
+        Command::Create {
+            dir,
+            master,
+            name,
+            password,
+        } => {
+            create(&dir, &master, &name, &password)?;
+            println!(
+                "created worker `{name}` in {}; run it with `{program} start {}`",
+                dir.display(),
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Start { dir } => start(&dir),
+    }
+}
 
 /// The file in a worker dir that says where and who it is.
 pub const CONFIG_FILE: &str = "kiln-worker.json";
@@ -66,7 +108,7 @@ pub fn start(dir: &Path) -> anyhow::Result<()> {
     })?;
     let cfg: WorkerFile =
         serde_json::from_str(&text).with_context(|| format!("{} is malformed", path.display()))?;
-    let basedir = crate::diagnostics::canonical(dir);
+    let basedir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
