@@ -71,6 +71,35 @@ impl Generation {
     }
 }
 
+/// Why a build request was not cancelled.
+#[derive(Debug)]
+pub enum CancelError {
+    /// There is no such request.
+    Missing(i64),
+    /// It has completed.
+    Complete(i64),
+    /// It is claimed, but its build is not running on this master (yet).
+    NotRunningHere(i64),
+    /// The store failed.
+    Store(anyhow::Error),
+}
+
+impl std::fmt::Display for CancelError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CancelError::Missing(brid) => write!(f, "there is no build request {brid}"),
+            CancelError::Complete(brid) => write!(f, "build request {brid} is complete already"),
+            CancelError::NotRunningHere(brid) => write!(
+                f,
+                "build request {brid} is claimed and its build is not running on this master yet; stop its build"
+            ),
+            CancelError::Store(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl std::error::Error for CancelError {}
+
 pub struct Distributor {
     gen: std::sync::RwLock<Arc<Generation>>,
     registry: Arc<Registry>,
@@ -217,16 +246,21 @@ impl Distributor {
     /// Cancels a build request, as Buildbot's `cancel` does: one that waits
     /// completes CANCELLED at once; one being built has its build stopped
     /// (which completes it CANCELLED). An error says why it cannot be.
-    pub async fn cancel_request(&self, brid: i64, reason: &str) -> anyhow::Result<String> {
+    pub async fn cancel_request(&self, brid: i64, reason: &str) -> Result<String, CancelError> {
         use crate::store::buildsets::Cancel;
-        match self.store.cancel_request(brid).await? {
+        match self
+            .store
+            .cancel_request(brid)
+            .await
+            .map_err(CancelError::Store)?
+        {
             Cancel::Cancelled => {
                 tracing::info!("build request {brid} cancelled: {reason}");
                 self.wake.notify_one();
                 Ok(format!("build request {brid} cancelled"))
             }
-            Cancel::Missing => anyhow::bail!("there is no build request {brid}"),
-            Cancel::Complete => anyhow::bail!("build request {brid} is complete already"),
+            Cancel::Missing => Err(CancelError::Missing(brid)),
+            Cancel::Complete => Err(CancelError::Complete(brid)),
             Cancel::Claimed => {
                 let building = lock(&self.running_builds)
                     .iter()
@@ -236,9 +270,7 @@ impl Distributor {
                     Some(buildid) if self.stop_build(buildid, reason) => Ok(format!(
                         "build request {brid} is being built: build {buildid} was stopped"
                     )),
-                    _ => anyhow::bail!(
-                        "build request {brid} is claimed and its build is not running on this master yet; stop its build"
-                    ),
+                    _ => Err(CancelError::NotRunningHere(brid)),
                 }
             }
         }

@@ -101,7 +101,7 @@ impl Distributor {
         // Buildbot's layering, later ones winning: global, builder, the
         // buildset's (scheduler, change, force), worker, then the build's own.
         let mut props: Properties = Properties::new();
-        let layer = |props: &mut Properties, from: &crate::config::Properties, source: &str| {
+        let layer = |props: &mut Properties, from: &crate::config::PropertyMap, source: &str| {
             for (k, v) in from {
                 props.insert(k.clone(), (v.clone(), source.to_string()));
             }

@@ -367,7 +367,7 @@ impl Distributor {
         log: i64,
         names: &[String],
         wait: bool,
-        set_properties: &crate::config::Properties,
+        set_properties: &crate::config::PropertyMap,
         stop: &CancellationToken,
     ) -> anyhow::Result<Result<Results, String>> {
         let sourcestamps = self.store.buildset_sourcestamps(b.buildsetid).await?;

@@ -30,7 +30,7 @@ impl fmt::Display for Origin {
 
 /// A JSON-like property value (Buildbot properties are JSON-serialisable).
 pub type Value = serde_json::Value;
-pub type Properties = BTreeMap<String, Value>;
+pub type PropertyMap = BTreeMap<String, Value>;
 
 /// A secret value read through `secret(name)`. It never prints.
 #[derive(Clone, PartialEq, Eq)]
@@ -306,7 +306,7 @@ pub enum StepKind {
         scheduler_names: Vec<String>,
         #[serde(rename = "waitForFinish")]
         wait_for_finish: bool,
-        set_properties: Box<Properties>,
+        set_properties: Box<PropertyMap>,
     },
     /// A file from the worker to the master (`masterdest`, relative to the
     /// master dir).
@@ -525,7 +525,7 @@ pub struct BuilderConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<rhai::ImmutableString>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub properties: Properties,
+    pub properties: PropertyMap,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, Arg>,
     #[serde(rename = "collapseRequests", skip_serializing_if = "Option::is_none")]
@@ -543,7 +543,7 @@ pub struct Worker {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_builds: Option<u32>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub properties: Properties,
+    pub properties: PropertyMap,
     /// Seconds between keepalives (Buildbot's `keepalive_interval`).
     pub keepalive_interval: u64,
     /// Seconds a worker may be gone before it is reported missing.
@@ -751,7 +751,7 @@ pub struct SchedulerConfig {
     #[serde(rename = "builderNames")]
     pub builder_names: Vec<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub properties: Properties,
+    pub properties: PropertyMap,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub priority: Option<i64>,
     #[serde(skip)]
@@ -819,7 +819,7 @@ pub struct MasterConfig {
     pub db: DbConfig,
     pub protocols: ProtocolsConfig,
     pub www: Option<WwwConfig>,
-    pub properties: Properties,
+    pub properties: PropertyMap,
     pub workers: Vec<Worker>,
     pub change_source: Vec<ChangeSource>,
     pub schedulers: Vec<SchedulerConfig>,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rhai::{Dynamic, EvalAltResult, FnPtr, Map, Position};
 
-use crate::config::{Arg, Callback, Command, Origin, Properties, Renderable, Secret, Value};
+use crate::config::{Arg, Callback, Command, Origin, PropertyMap, Renderable, Secret, Value};
 use crate::diagnostics::{Diagnostic, Location};
 use crate::script::LoadState;
 
@@ -308,9 +308,9 @@ impl Kwargs {
         }
     }
 
-    pub fn properties(&mut self, key: &'static str) -> ScriptResult<Properties> {
+    pub fn properties(&mut self, key: &'static str) -> ScriptResult<PropertyMap> {
         match self.take(key) {
-            None => Ok(Properties::new()),
+            None => Ok(PropertyMap::new()),
             Some(v) => match v.clone().try_cast::<Map>() {
                 Some(m) => properties_of(&m, key),
                 None => Err(self.wrong(key, "a map of properties", &v)),
@@ -452,7 +452,7 @@ pub fn secret_of(v: &Dynamic) -> Option<Secret> {
     v.try_cast::<Secret>()
 }
 
-pub fn properties_of(m: &Map, key: &str) -> ScriptResult<Properties> {
+pub fn properties_of(m: &Map, key: &str) -> ScriptResult<PropertyMap> {
     m.iter()
         .map(|(k, v)| Ok((k.to_string(), json_of(v, &format!("{key}.{k}"))?)))
         .collect()

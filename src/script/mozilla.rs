@@ -549,7 +549,7 @@ fn generate_branch_objects(
                 only_important: false,
             },
             builder_names: names,
-            properties: Properties::new(),
+            properties: PropertyMap::new(),
             priority: None,
             origin: origin.clone(),
         }));
@@ -696,7 +696,7 @@ fn desktop_mozharness_builder(
     })?;
     kw.finish()?;
 
-    let mut properties = Properties::new();
+    let mut properties = PropertyMap::new();
     for (k, v) in [
         ("branch", name),
         ("platform", platform),

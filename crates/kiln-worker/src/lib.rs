@@ -324,7 +324,7 @@ async fn session(cfg: &WorkerFile, basedir: &Path) -> anyhow::Result<Ended> {
                 };
                 let running = running.clone();
                 tokio::spawn(async move {
-                    let failure = match name.as_str() {
+                    let ended = match name.as_str() {
                         "shell" => shell(&ctx, &args, irx).await,
                         "upload_file" | "uploadFile" => upload(&ctx, &args, false, irx).await,
                         "upload_directory" | "uploadDirectory" => {
@@ -335,7 +335,7 @@ async fn session(cfg: &WorkerFile, basedir: &Path) -> anyhow::Result<Ended> {
                     };
                     ctx.send(
                         "complete",
-                        vec![("args", failure.map_or(Value::Nil, Value::from))],
+                        vec![("args", ended.err().map_or(Value::Nil, Value::from))],
                     );
                     running
                         .lock()
@@ -558,14 +558,14 @@ fn environment(args: &Value) -> HashMap<String, String> {
     env
 }
 
-/// Runs a `shell` command; returns a failure text or None.
+/// Runs a `shell` command; an error is why it could not run.
 async fn shell(
     ctx: &CommandCtx,
     args: &Value,
     mut interrupt: mpsc::UnboundedReceiver<String>,
-) -> Option<String> {
+) -> Result<(), String> {
     let Some(workdir) = arg_str(args, "workdir") else {
-        return Some("shell needs a workdir".into());
+        return Err("shell needs a workdir".into());
     };
     // Without `.` components: `create_dir_all("a/b/.")` would not create b.
     let workdir: String = Path::new(&workdir)
@@ -577,17 +577,17 @@ async fn shell(
         Some(Value::Array(a)) => a.iter().filter_map(str_of).map(String::from).collect(),
         Some(v) => match str_of(v) {
             Some(s) => vec!["/bin/sh".into(), "-c".into(), s.to_string()],
-            None => return Some("`command` must be a string or a list".into()),
+            None => return Err("`command` must be a string or a list".into()),
         },
-        None => return Some("shell needs a command".into()),
+        None => return Err("shell needs a command".into()),
     };
     let Some((program, rest)) = argv.split_first() else {
-        return Some("the command is empty".into());
+        return Err("the command is empty".into());
     };
     if let Err(e) = std::fs::create_dir_all(&workdir) {
         ctx.header(&format!("cannot create {workdir}: {e}"));
         ctx.update(vec![("rc", Value::from(-1))]);
-        return None;
+        return Ok(());
     }
     let env = environment(args);
     // The header goes as one update.
@@ -617,7 +617,7 @@ async fn shell(
         Err(e) => {
             ctx.header(&format!("cannot run {program}: {e}"));
             ctx.update(vec![("rc", Value::from(-1))]);
-            return None;
+            return Ok(());
         }
     };
     let pgid = child.id().map(|p| p as i32);
@@ -707,7 +707,7 @@ async fn shell(
                     ctx.update(vec![("failure_reason", Value::from(*reason))]);
                 }
                 ctx.update(vec![("rc", Value::from(rc)), ("elapsed", Value::from(started.elapsed().as_secs_f64()))]);
-                return None;
+                return Ok(());
             }
             _ = sleep, if killed.is_none() => {
                 pending_out.send_all(ctx, "stdout");
@@ -779,33 +779,33 @@ fn utf8_prefix(bytes: &[u8]) -> usize {
     }
 }
 
-/// The file commands; returns a failure text or None. Results go in
+/// The file commands; an error is why one could not run. Results go in
 /// updates (`rc`, and `stat`/`files` where the command answers something).
-async fn file_command(ctx: &CommandCtx, name: &str, args: &Value) -> Option<String> {
+async fn file_command(ctx: &CommandCtx, name: &str, args: &Value) -> Result<(), String> {
     let path = arg_str(args, "path").map(PathBuf::from);
     let fail = |e: std::io::Error| {
         ctx.header(&format!("{name} failed: {e}"));
         ctx.update(vec![("rc", Value::from(e.raw_os_error().unwrap_or(1)))]);
-        None
+        Ok(())
     };
     let ok = |extra: Vec<(&str, Value)>| {
         let mut pairs = extra;
         pairs.push(("rc", Value::from(0)));
         ctx.update(pairs);
-        None
+        Ok(())
     };
     match name {
         "mkdir" => match path.map(std::fs::create_dir_all) {
             Some(Ok(())) => ok(vec![]),
             Some(Err(e)) => fail(e),
-            None => Some("mkdir needs a path".into()),
+            None => Err("mkdir needs a path".into()),
         },
         "rmdir" => {
             let paths: Vec<PathBuf> = match map_get(args, "paths").or_else(|| map_get(args, "path"))
             {
                 Some(Value::Array(a)) => a.iter().filter_map(str_of).map(PathBuf::from).collect(),
                 Some(v) => str_of(v).map(PathBuf::from).into_iter().collect(),
-                None => return Some("rmdir needs paths".into()),
+                None => return Err("rmdir needs paths".into()),
             };
             for p in paths {
                 let r = if p.is_dir() {
@@ -824,7 +824,7 @@ async fn file_command(ctx: &CommandCtx, name: &str, args: &Value) -> Option<Stri
         "rmfile" => match path.map(std::fs::remove_file) {
             Some(Ok(())) => ok(vec![]),
             Some(Err(e)) => fail(e),
-            None => Some("rmfile needs a path".into()),
+            None => Err("rmfile needs a path".into()),
         },
         "stat" => match path.map(std::fs::metadata) {
             Some(Ok(m)) => {
@@ -844,7 +844,7 @@ async fn file_command(ctx: &CommandCtx, name: &str, args: &Value) -> Option<Stri
                 ok(vec![("stat", st)])
             }
             Some(Err(e)) => fail(e),
-            None => Some("stat needs a path".into()),
+            None => Err("stat needs a path".into()),
         },
         "listdir" => match path.map(std::fs::read_dir) {
             Some(Ok(entries)) => {
@@ -859,11 +859,11 @@ async fn file_command(ctx: &CommandCtx, name: &str, args: &Value) -> Option<Stri
                 )])
             }
             Some(Err(e)) => fail(e),
-            None => Some("listdir needs a path".into()),
+            None => Err("listdir needs a path".into()),
         },
         "glob" => {
             let Some(pattern) = path else {
-                return Some("glob needs a path".into());
+                return Err("glob needs a path".into());
             };
             let files = glob_paths(&pattern);
             ok(vec![(
@@ -874,26 +874,26 @@ async fn file_command(ctx: &CommandCtx, name: &str, args: &Value) -> Option<Stri
         "cpdir" => {
             let (Some(from), Some(to)) = (arg_str(args, "from_path"), arg_str(args, "to_path"))
             else {
-                return Some("cpdir needs from_path and to_path".into());
+                return Err("cpdir needs from_path and to_path".into());
             };
             match copy_dir(Path::new(&from), Path::new(&to)) {
                 Ok(()) => ok(vec![]),
                 Err(e) => fail(e),
             }
         }
-        other => Some(format!("command {other} is not supported by kiln's worker")),
+        other => Err(format!("command {other} is not supported by kiln's worker")),
     }
 }
 
 /// The end of a transfer: `rc`, and `stderr` when something went wrong
 /// (as Buildbot's transfer commands report it).
-fn transfer_result(ctx: &CommandCtx, stderr: Option<String>) -> Option<String> {
+fn transfer_result(ctx: &CommandCtx, stderr: Option<String>) -> Result<(), String> {
     let mut pairs = vec![("rc", Value::from(i64::from(stderr.is_some())))];
     if let Some(e) = stderr {
         pairs.push(("stderr", Value::from(format!("{e}\n"))));
     }
     ctx.update(pairs);
-    None
+    Ok(())
 }
 
 fn transfer_sizes(args: &Value) -> (Option<u64>, usize) {
@@ -938,10 +938,10 @@ async fn upload(
     args: &Value,
     directory: bool,
     mut interrupt: mpsc::UnboundedReceiver<String>,
-) -> Option<String> {
+) -> Result<(), String> {
     use std::io::Read;
     let Some(path) = arg_str(args, "path") else {
-        return Some("an upload needs a path".into());
+        return Err("an upload needs a path".into());
     };
     let (maxsize, blocksize) = transfer_sizes(args);
     let keepstamp = map_get(args, "keepstamp")
@@ -1044,10 +1044,10 @@ async fn download(
     ctx: &CommandCtx,
     args: &Value,
     mut interrupt: mpsc::UnboundedReceiver<String>,
-) -> Option<String> {
+) -> Result<(), String> {
     use std::io::Write;
     let Some(path) = arg_str(args, "path") else {
-        return Some("a download needs a path".into());
+        return Err("a download needs a path".into());
     };
     let (maxsize, blocksize) = transfer_sizes(args);
     let mode = map_get(args, "mode").and_then(Value::as_u64);

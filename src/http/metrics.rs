@@ -1,0 +1,127 @@
+//! `GET /metrics`: Prometheus text, from one store query per scrape and the
+//! pollers' failure counts.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+
+pub(super) fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// `/metrics`: Prometheus text format.
+pub(super) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    use std::fmt::Write as _;
+    let started = std::time::Instant::now();
+    let m = match st.store.metrics().await {
+        Ok(m) => m,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the store: {e:#}\n"),
+            )
+                .into_response()
+        }
+    };
+    let store_seconds = started.elapsed().as_secs_f64();
+    let mut text = String::new();
+    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(
+        &mut text,
+        "kiln_builds_total",
+        "counter",
+        "Builds by builder and result (\"running\" while they run).",
+    );
+    for (builder, results, n) in &m.builds {
+        let result = results
+            .and_then(crate::config::Results::from_code)
+            .map_or("running", |r| r.name());
+        let _ = writeln!(
+            text,
+            "kiln_builds_total{{builder=\"{}\",result=\"{result}\"}} {n}",
+            label(builder)
+        );
+    }
+    family(
+        &mut text,
+        "kiln_build_requests_pending",
+        "gauge",
+        "Build requests waiting for a worker, by builder.",
+    );
+    for (builder, n) in &m.pending {
+        let _ = writeln!(
+            text,
+            "kiln_build_requests_pending{{builder=\"{}\"}} {n}",
+            label(builder)
+        );
+    }
+    family(
+        &mut text,
+        "kiln_request_wait_seconds",
+        "summary",
+        "Time from a build request to its build's start.",
+    );
+    let _ = writeln!(text, "kiln_request_wait_seconds_sum {}", m.wait_sum);
+    let _ = writeln!(text, "kiln_request_wait_seconds_count {}", m.wait_count);
+    family(
+        &mut text,
+        "kiln_workers_connected",
+        "gauge",
+        "Workers connected to this master.",
+    );
+    let _ = writeln!(text, "kiln_workers_connected {}", m.workers_connected);
+    family(
+        &mut text,
+        "kiln_poll_errors_total",
+        "counter",
+        "Failed polls by change source since the master started.",
+    );
+    for (source, n) in st.poll_errors.snapshot() {
+        let _ = writeln!(
+            text,
+            "kiln_poll_errors_total{{source=\"{}\"}} {n}",
+            label(&source)
+        );
+    }
+    family(
+        &mut text,
+        "kiln_reloads_total",
+        "counter",
+        "Config reloads, applied or failed.",
+    );
+    for (applied, n, _) in &m.reloads {
+        let _ = writeln!(text, "kiln_reloads_total{{applied=\"{applied}\"}} {n}");
+    }
+    family(
+        &mut text,
+        "kiln_reload_duration_seconds",
+        "summary",
+        "Time each reload took.",
+    );
+    let (count, ms) = m
+        .reloads
+        .iter()
+        .fold((0i64, 0.0f64), |(c, s), r| (c + r.1, s + r.2));
+    let _ = writeln!(text, "kiln_reload_duration_seconds_sum {}", ms / 1000.0);
+    let _ = writeln!(text, "kiln_reload_duration_seconds_count {count}");
+    family(
+        &mut text,
+        "kiln_store_query_seconds",
+        "gauge",
+        "Time the store took to answer this scrape's queries.",
+    );
+    let _ = writeln!(text, "kiln_store_query_seconds {store_seconds}");
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
