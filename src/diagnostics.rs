@@ -53,7 +53,7 @@ impl fmt::Display for Location {
 
 /// One hop on the way to an error: "imported here", "called here".
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Frame {
+pub struct TraceFrame {
     pub label: String,
     pub location: Location,
 }
@@ -68,7 +68,7 @@ pub struct Diagnostic {
     pub focus: Option<String>,
     pub help: Option<String>,
     /// Outermost last: the innermost import or call first.
-    pub trace: Vec<Frame>,
+    pub trace: Vec<TraceFrame>,
 }
 
 impl Diagnostic {

@@ -14,7 +14,6 @@ pub mod master;
 pub mod memory;
 pub mod queuedir;
 pub mod quickstart;
-pub mod reconfig;
 pub mod repl;
 pub mod scaffold;
 pub mod schedulers;

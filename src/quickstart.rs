@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context};
 
-use crate::scaffold::{self, Value};
+use crate::scaffold::{self, Fill};
 
 /// A free port on 127.0.0.1 when `port` is 0 (the OS picks; the socket is
 /// closed at once, so another process could take it first: a demo's risk).
@@ -64,9 +64,9 @@ pub fn prepare(dir: &Path, http_port: u16, worker_port: u16) -> anyhow::Result<S
     let script = scaffold::render(
         scaffold::GIT_DEMO,
         &[
-            ("REPO", Value::Str(&repo_abs.to_string_lossy())),
-            ("HTTP", Value::Int(port_or_free(http_port)?.into())),
-            ("WORKERS", Value::Int(port_or_free(worker_port)?.into())),
+            ("REPO", Fill::Str(&repo_abs.to_string_lossy())),
+            ("HTTP", Fill::Int(port_or_free(http_port)?.into())),
+            ("WORKERS", Fill::Int(port_or_free(worker_port)?.into())),
         ],
     )?;
     scaffold::write_master(dir, &script)?;

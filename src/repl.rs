@@ -16,9 +16,9 @@ use std::sync::{Arc, RwLock};
 
 use rhai::{Dynamic, Engine, Scope, AST};
 
+use crate::config::diff::ConfigDiff;
 use crate::config::{ChangeSource, MasterConfig};
 use crate::diagnostics::{render, Diagnostic, Sources};
-use crate::reconfig::ConfigDiff;
 use crate::script::{self, Limits, LoadState, ScriptRuntime, ENTRY_SCRIPT, INTERRUPT};
 
 /// What the helpers read: the config and runtime of the last good load.

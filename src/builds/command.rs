@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use rmpv::Value;
 
-use crate::config::{Arg, BuilderConfig, Command, Step, StepKind};
+use crate::config::{Arg, BuilderConfig, Step, StepCommand, StepKind};
+use crate::store::builds::LineKind;
 use crate::workers::transfer::{self, Download, Upload, UploadKind};
 use crate::workers::{protocol, CommandEvent};
 
@@ -24,7 +25,7 @@ pub(super) const DEFAULT_TIMEOUT: u32 = 1200;
 pub(super) const CAPTURE_LIMIT: usize = 1 << 20;
 
 /// How one worker command ended.
-pub(super) enum Ended {
+pub(super) enum CommandEnd {
     /// It completed, with this exit code (if the worker sent one).
     Done { rc: Option<i64> },
     /// The worker could not run it.
@@ -36,7 +37,7 @@ pub(super) enum Ended {
 }
 
 pub(super) struct CommandRun {
-    pub(super) ended: Ended,
+    pub(super) ended: CommandEnd,
     /// Its stdout, when asked for.
     pub(super) captured: String,
     pub(super) command_id: String,
@@ -172,10 +173,10 @@ pub(super) fn arg_text(a: &Arg, props: &render::Scope<'_>) -> Result<String, Str
     }
 }
 
-pub(super) fn command_value(c: &Command, props: &render::Scope<'_>) -> Result<Value, String> {
+pub(super) fn command_value(c: &StepCommand, props: &render::Scope<'_>) -> Result<Value, String> {
     match c {
-        Command::Shell(a) => Ok(Value::from(arg_text(a, props)?)),
-        Command::Argv(v) => Ok(Value::Array(
+        StepCommand::Shell(a) => Ok(Value::from(arg_text(a, props)?)),
+        StepCommand::Argv(v) => Ok(Value::Array(
             v.iter()
                 .map(|a| arg_text(a, props).map(Value::from))
                 .collect::<Result<_, _>>()?,
@@ -334,7 +335,7 @@ impl Distributor {
         let (builder, worker, log) = (b.builder, b.worker, sink.log);
         let stop = sink.stop.clone();
         let mut run = CommandRun {
-            ended: Ended::Lost,
+            ended: CommandEnd::Lost,
             captured: String::new(),
             command_id: String::new(),
             failure_reason: None,
@@ -349,7 +350,7 @@ impl Distributor {
                 return Ok(run);
             }
             Err(e) => {
-                run.ended = Ended::Failed(format!("cannot start the command: {e:#}"));
+                run.ended = CommandEnd::Failed(format!("cannot start the command: {e:#}"));
                 return Ok(run);
             }
         };
@@ -376,13 +377,13 @@ impl Distributor {
                 }
                 _ = tokio::time::sleep_until(interrupted.unwrap_or_else(tokio::time::Instant::now)), if interrupted.is_some() => {
                     self.store
-                        .append_log(log, vec![format!("hthe worker did not end the command within {} s of the interrupt", INTERRUPT_GRACE.as_secs())])
+                        .append_header(log, format!("the worker did not end the command within {} s of the interrupt", INTERRUPT_GRACE.as_secs()))
                         .await?;
-                    break Ended::Cancelled;
+                    break CommandEnd::Cancelled;
                 }
             };
             let Some(ev) = ev else {
-                break Ended::Lost;
+                break CommandEnd::Lost;
             };
             match ev {
                 CommandEvent::Update(pairs) => {
@@ -390,21 +391,17 @@ impl Distributor {
                     for (key, value) in pairs {
                         match key.as_str() {
                             "stdout" | "stderr" | "header" => {
-                                let prefix = match key.as_str() {
-                                    "stdout" => 'o',
-                                    "stderr" => 'e',
-                                    _ => 'h',
-                                };
-                                for l in sink.split(prefix, update_text(&value)) {
+                                let kind = LineKind::of_stream(&key);
+                                for l in sink.split(kind, update_text(&value)) {
                                     if capture
-                                        && prefix == 'o'
+                                        && kind == LineKind::Stdout
                                         && run.captured.len() < CAPTURE_LIMIT
                                     {
                                         run.captured.push_str(&l);
                                         run.captured.push('\n');
                                     }
                                     if let Some(line) =
-                                        sink.keep(prefix, &l, b.gen.config.log_max_size)
+                                        sink.keep(kind, &l, b.gen.config.log_max_size)
                                     {
                                         lines.push(line);
                                     }
@@ -421,24 +418,24 @@ impl Distributor {
                         self.store.append_log(log, lines).await?;
                     }
                 }
-                CommandEvent::Complete(_) if interrupted.is_some() => break Ended::Cancelled,
-                CommandEvent::Complete(None) => break Ended::Done { rc },
+                CommandEvent::Complete(_) if interrupted.is_some() => break CommandEnd::Cancelled,
+                CommandEvent::Complete(None) => break CommandEnd::Done { rc },
                 CommandEvent::Complete(Some(why)) => {
                     if worker.closed.is_cancelled() {
-                        break Ended::Lost;
+                        break CommandEnd::Lost;
                     }
-                    break Ended::Failed(why);
+                    break CommandEnd::Failed(why);
                 }
             }
         };
         // Output that ended without a newline is a line of its own.
         let mut lines = Vec::new();
-        for (prefix, l) in sink.take_partial() {
-            if capture && prefix == 'o' && run.captured.len() < CAPTURE_LIMIT {
+        for (kind, l) in sink.take_partial() {
+            if capture && kind == LineKind::Stdout && run.captured.len() < CAPTURE_LIMIT {
                 run.captured.push_str(&l);
                 run.captured.push('\n');
             }
-            if let Some(line) = sink.keep(prefix, &l, b.gen.config.log_max_size) {
+            if let Some(line) = sink.keep(kind, &l, b.gen.config.log_max_size) {
                 lines.push(line);
             }
         }

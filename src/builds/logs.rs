@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{LogEval, Results, Step};
+use crate::store::builds::LineKind;
 use crate::store::Properties;
 
 use super::{lock, runner::severity, steps::step_map, Distributor, Generation};
@@ -20,8 +21,8 @@ pub(super) struct LogSink {
     /// Secret values the step was given: shown as `<secret>` (a stock
     /// worker writes the command and its environment into the header).
     secrets: std::sync::Arc<Mutex<Vec<String>>>,
-    /// Per stream (`o`, `e`, `h`), the start of a line not yet ended.
-    partial: Vec<(char, String)>,
+    /// Per stream, the start of a line not yet ended.
+    partial: Vec<(LineKind, String)>,
 }
 
 impl LogSink {
@@ -44,11 +45,11 @@ impl LogSink {
     /// last line without its newline waits for the rest of it, which the
     /// next update of the same stream brings (workers cut output where
     /// their reads end, not at newlines).
-    pub(super) fn split(&mut self, prefix: char, text: &str) -> Vec<String> {
-        let slot = match self.partial.iter().position(|(p, _)| *p == prefix) {
+    pub(super) fn split(&mut self, kind: LineKind, text: &str) -> Vec<String> {
+        let slot = match self.partial.iter().position(|(k, _)| *k == kind) {
             Some(i) => i,
             None => {
-                self.partial.push((prefix, String::new()));
+                self.partial.push((kind, String::new()));
                 self.partial.len() - 1
             }
         };
@@ -68,7 +69,7 @@ impl LogSink {
     }
 
     /// The lines still waiting for their newline, once the command ended.
-    pub(super) fn take_partial(&mut self) -> Vec<(char, String)> {
+    pub(super) fn take_partial(&mut self) -> Vec<(LineKind, String)> {
         std::mem::take(&mut self.partial)
             .into_iter()
             .filter(|(_, l)| !l.is_empty())
@@ -88,18 +89,18 @@ impl LogSink {
 
     /// The stored form of an output line, or `None` once the log is full
     /// (the first dropped line becomes the marker).
-    pub(super) fn keep(&mut self, prefix: char, line: &str, max: u64) -> Option<String> {
+    pub(super) fn keep(&mut self, kind: LineKind, line: &str, max: u64) -> Option<String> {
         if self.truncated {
             return None;
         }
         self.kept += line.len() as u64 + 1;
         if self.kept > max {
             self.truncated = true;
-            return Some(format!(
-                "h[kiln] this log reached logMaxSize ({max} bytes): the rest of the output is not kept"
-            ));
+            return Some(LineKind::Header.line(&format!(
+                "[kiln] this log reached logMaxSize ({max} bytes): the rest of the output is not kept"
+            )));
         }
-        Some(format!("{prefix}{}", self.redact(line)))
+        Some(kind.line(&self.redact(line)))
     }
 }
 
@@ -131,13 +132,13 @@ impl Distributor {
             if let Some(line) = hit {
                 if severity(rule.result) > severity(result) {
                     self.store
-                        .append_log(
+                        .append_header(
                             log,
-                            vec![format!(
-                                "h[kiln] log rule {:?} matched {line:?}: {}",
+                            format!(
+                                "[kiln] log rule {:?} matched {line:?}: {}",
                                 rule.pattern,
                                 rule.result.name()
-                            )],
+                            ),
                         )
                         .await
                         .map_err(|e| format!("{e:#}"))?;
@@ -195,7 +196,10 @@ impl Distributor {
             .map_err(|e| format!("cannot read the log: {e:#}"))?;
         Ok(text
             .lines()
-            .filter_map(|l| l.strip_prefix('o').or_else(|| l.strip_prefix('e')))
+            .filter_map(|l| match LineKind::parse(l) {
+                Some((LineKind::Stdout | LineKind::Stderr, text)) => Some(text),
+                _ => None,
+            })
             .flat_map(|l| [l, "\n"])
             .collect())
     }
@@ -208,11 +212,12 @@ mod tests {
     #[test]
     fn log_lines_cut_anywhere_are_joined_per_stream() {
         let mut sink = LogSink::new(1, CancellationToken::new(), Default::default());
-        assert_eq!(sink.split('o', "ab"), Vec::<String>::new());
-        assert_eq!(sink.split('e', "err"), Vec::<String>::new());
-        assert_eq!(sink.split('o', "c\r\nd\n\ne"), ["abc", "d", ""]);
-        assert_eq!(sink.split('e', "or\n"), ["error"]);
-        assert_eq!(sink.take_partial(), [('o', "e".to_string())]);
+        let (o, e) = (LineKind::Stdout, LineKind::Stderr);
+        assert_eq!(sink.split(o, "ab"), Vec::<String>::new());
+        assert_eq!(sink.split(e, "err"), Vec::<String>::new());
+        assert_eq!(sink.split(o, "c\r\nd\n\ne"), ["abc", "d", ""]);
+        assert_eq!(sink.split(e, "or\n"), ["error"]);
+        assert_eq!(sink.take_partial(), [(o, "e".to_string())]);
         assert!(sink.take_partial().is_empty());
     }
 }

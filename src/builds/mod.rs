@@ -185,7 +185,7 @@ impl Distributor {
 
     /// Applies a reload: the next builds use `config`; running builds
     /// finish with the generation they started with.
-    pub fn reconfigure(&self, config: Arc<MasterConfig>, runtime: ScriptRuntime) {
+    pub fn reload(&self, config: Arc<MasterConfig>, runtime: ScriptRuntime) {
         *self.gen.write().unwrap_or_else(|e| e.into_inner()) =
             Arc::new(Generation::new(config, runtime));
         lock(&self.warned).clear();

@@ -281,7 +281,7 @@ impl Distributor {
                 Ok(false) => StepOutcome::of(Results::Skipped),
                 Err(why) => {
                     let log = self.store.new_log(stepid, "stdio", "s").await?;
-                    self.store.append_log(log, vec![format!("h{why}")]).await?;
+                    self.store.append_header(log, &why).await?;
                     self.store.finish_log(log).await?;
                     StepOutcome::of(Results::Exception)
                 }

@@ -8,7 +8,7 @@ use rmpv::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    Arg, BoolOrCallback, Command, Disconnect as DisconnectWhen, Results, Step, StepKind,
+    Arg, BoolOrCallback, Disconnect as DisconnectWhen, Results, Step, StepCommand, StepKind,
 };
 use crate::store::Properties;
 use crate::workers::protocol;
@@ -16,7 +16,7 @@ use crate::workers::protocol::map_get;
 use crate::workers::transfer;
 
 use super::{
-    command::{arg_text, join_path, Ended, Prepared, DEFAULT_TIMEOUT},
+    command::{arg_text, join_path, CommandEnd, Prepared, DEFAULT_TIMEOUT},
     logs::LogSink,
     render,
     runner::{severity, Build},
@@ -97,7 +97,7 @@ impl Distributor {
             .with_worker(worker.info.get())
             .with_secrets(&secrets_dir);
         let exception = |why: String| async move {
-            let _ = self.store.append_log(log, vec![format!("h{why}")]).await;
+            let _ = self.store.append_header(log, &why).await;
             let _ = self.store.finish_log(log).await;
             Ok(StepOutcome::of(Results::Exception))
         };
@@ -112,7 +112,7 @@ impl Distributor {
             return match arg_text(value, &scope) {
                 Ok(v) => {
                     self.store
-                        .append_log(log, vec![format!("h{property} = {v:?}")])
+                        .append_header(log, format!("{property} = {v:?}"))
                         .await?;
                     self.store.finish_log(log).await?;
                     Ok(StepOutcome {
@@ -142,7 +142,7 @@ impl Distributor {
             {
                 Ok(r) => r,
                 Err(why) => {
-                    self.store.append_log(log, vec![format!("h{why}")]).await?;
+                    self.store.append_header(log, &why).await?;
                     Results::Exception
                 }
             };
@@ -158,8 +158,8 @@ impl Distributor {
             .values()
             .chain(step.env.values())
             .chain(match &step.command {
-                Some(Command::Argv(v)) => v.iter().collect::<Vec<_>>(),
-                Some(Command::Shell(a)) => vec![a],
+                Some(StepCommand::Argv(v)) => v.iter().collect::<Vec<_>>(),
+                Some(StepCommand::Shell(a)) => vec![a],
                 None => vec![],
             })
         {
@@ -201,7 +201,7 @@ impl Distributor {
                 Ok(p) => p,
                 Err(Prepared::Exception(why)) => return exception(why).await,
                 Err(Prepared::Failure(why)) => {
-                    self.store.append_log(log, vec![format!("h{why}")]).await?;
+                    self.store.append_header(log, &why).await?;
                     self.store.finish_log(log).await?;
                     return Ok(StepOutcome::of(Results::Failure));
                 }
@@ -240,25 +240,22 @@ impl Distributor {
         };
         let command_id = run.command_id.clone();
         let mut outcome = match run.ended {
-            Ended::Lost if matches!(step.kind, StepKind::DisconnectStep { .. }) => {
+            CommandEnd::Lost if matches!(step.kind, StepKind::DisconnectStep { .. }) => {
                 self.store
-                    .append_log(
-                        log,
-                        vec!["hthe worker went away, as this step expects".into()],
-                    )
+                    .append_header(log, "the worker went away, as this step expects")
                     .await?;
                 StepOutcome {
                     disconnect: Some(Disconnected::Gone),
                     ..StepOutcome::of(Results::Success)
                 }
             }
-            Ended::Lost => StepOutcome::lost(),
-            Ended::Cancelled => StepOutcome::of(Results::Cancelled),
-            Ended::Failed(why) => {
-                self.store.append_log(log, vec![format!("h{why}")]).await?;
+            CommandEnd::Lost => StepOutcome::lost(),
+            CommandEnd::Cancelled => StepOutcome::of(Results::Cancelled),
+            CommandEnd::Failed(why) => {
+                self.store.append_header(log, &why).await?;
                 StepOutcome::of(Results::Exception)
             }
-            Ended::Done { rc } => {
+            CommandEnd::Done { rc } => {
                 let timed_out = match run.failure_reason.as_deref() {
                     Some("timeout") => Some(format!(
                         "it ran longer than maxTime ({} s)",
@@ -272,17 +269,14 @@ impl Distributor {
                 };
                 if let Some(why) = &timed_out {
                     self.store
-                        .append_log(
-                            log,
-                            vec![format!("h[kiln] the worker killed the command: {why}")],
-                        )
+                        .append_header(log, format!("[kiln] the worker killed the command: {why}"))
                         .await?;
                 }
                 let mut o =
                     StepOutcome::of(match self.evaluate(b.gen, step, rc, log, props).await {
                         Ok(r) => r,
                         Err(why) => {
-                            self.store.append_log(log, vec![format!("h{why}")]).await?;
+                            self.store.append_header(log, &why).await?;
                             Results::Exception
                         }
                     });
@@ -298,7 +292,7 @@ impl Distributor {
                 {
                     let v = run.captured.trim().to_string();
                     self.store
-                        .append_log(log, vec![format!("h{property} = {v:?}")])
+                        .append_header(log, format!("{property} = {v:?}"))
                         .await?;
                     o.set_property = Some((property.to_string(), v.into()));
                 }
@@ -320,17 +314,16 @@ impl Distributor {
                     match wanted {
                         Ok(true) => {
                             self.store
-                                .append_log(
+                                .append_header(
                                     log,
-                                    vec!["hthe worker will be disconnected when the build ends"
-                                        .into()],
+                                    "the worker will be disconnected when the build ends",
                                 )
                                 .await?;
                             o.disconnect = Some(Disconnected::Drop);
                         }
                         Ok(false) => {}
                         Err(why) => {
-                            self.store.append_log(log, vec![format!("h{why}")]).await?;
+                            self.store.append_header(log, &why).await?;
                         }
                     }
                 }
@@ -343,14 +336,14 @@ impl Distributor {
             match u.finish(outcome.result == Results::Success) {
                 Ok(what) => {
                     self.store
-                        .append_log(log, vec![format!("huploaded {what}")])
+                        .append_header(log, format!("uploaded {what}"))
                         .await?
                 }
                 Err(why) if outcome.result == Results::Success => {
-                    self.store.append_log(log, vec![format!("h{why}")]).await?;
+                    self.store.append_header(log, &why).await?;
                     outcome.result = Results::Failure;
                 }
-                Err(why) => self.store.append_log(log, vec![format!("h{why}")]).await?,
+                Err(why) => self.store.append_header(log, &why).await?,
             }
         }
         self.store.finish_log(log).await?;
@@ -385,13 +378,13 @@ impl Distributor {
             {
                 Ok(ids) => {
                     self.store
-                        .append_log(
+                        .append_header(
                             log,
-                            vec![format!(
-                                "htriggered {name}: buildset {} ({} request(s))",
+                            format!(
+                                "triggered {name}: buildset {} ({} request(s))",
                                 ids.bsid,
                                 ids.brids.len()
-                            )],
+                            ),
                         )
                         .await?;
                     waiting.insert(ids.bsid);
@@ -413,9 +406,9 @@ impl Distributor {
                     if waiting.remove(&d.bsid) {
                         let r = Results::from_code(d.results).unwrap_or(Results::Exception);
                         self.store
-                            .append_log(
+                            .append_header(
                                 log,
-                                vec![format!("hbuildset {} finished: {}", d.bsid, r.name())],
+                                format!("buildset {} finished: {}", d.bsid, r.name()),
                             )
                             .await?;
                         if severity(r) > severity(worst) {

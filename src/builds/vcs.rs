@@ -7,7 +7,7 @@ use crate::config::{Step, StepKind};
 use crate::workers::protocol;
 
 use super::{
-    command::{arg_text, join_path, shell_args, CommandRun, Ended},
+    command::{arg_text, join_path, shell_args, CommandEnd, CommandRun},
     logs::LogSink,
     render,
     runner::Build,
@@ -63,17 +63,17 @@ impl Distributor {
                 let run = self
                     .run_command(b, sink, "shell", args, None, $capture)
                     .await?;
-                if !matches!(run.ended, Ended::Done { rc: Some(0) }) {
+                if !matches!(run.ended, CommandEnd::Done { rc: Some(0) }) {
                     return Ok(Ok(run));
                 }
                 run
             }};
         }
         let stat = self.stat(b, sink, &join_path(workdir, ".git")).await?;
-        if !matches!(stat.ended, Ended::Done { .. }) {
+        if !matches!(stat.ended, CommandEnd::Done { .. }) {
             return Ok(Ok(stat));
         }
-        let is_clone = matches!(stat.ended, Ended::Done { rc: Some(0) });
+        let is_clone = matches!(stat.ended, CommandEnd::Done { rc: Some(0) });
         let fetched = if is_clone && mode == "incremental" {
             let mut cmd = vec!["git", "fetch", repourl.as_str()];
             if let Some(br) = &branch {
@@ -83,7 +83,7 @@ impl Distributor {
             "FETCH_HEAD".to_string()
         } else {
             let rm = self.remove_dir(b, sink, workdir).await?;
-            if !matches!(rm.ended, Ended::Done { .. }) {
+            if !matches!(rm.ended, CommandEnd::Done { .. }) {
                 return Ok(Ok(rm));
             }
             let mut cmd = vec!["git", "clone"];
@@ -162,13 +162,11 @@ impl Distributor {
             let command = Value::Array(cmd.into_iter().map(Value::from).collect());
             shell_args(step, b.builder, dir, command, props)
         };
-        if matches!(stat.ended, Ended::Done { rc: Some(0) }) {
+        if matches!(stat.ended, CommandEnd::Done { rc: Some(0) }) {
             self.store
-                .append_log(
+                .append_header(
                     sink.log,
-                    vec![format!(
-                        "h{dest} is a repository already: pulling and updating it"
-                    )],
+                    format!("{dest} is a repository already: pulling and updating it"),
                 )
                 .await?;
             let args =
@@ -176,7 +174,7 @@ impl Distributor {
             let pull = self
                 .run_command(b, sink, "shell", args, None, false)
                 .await?;
-            if !matches!(pull.ended, Ended::Done { rc: Some(0) }) {
+            if !matches!(pull.ended, CommandEnd::Done { rc: Some(0) }) {
                 return Ok(Some(pull));
             }
             let args =
@@ -186,7 +184,7 @@ impl Distributor {
                     .await?,
             ));
         }
-        if !matches!(stat.ended, Ended::Done { .. }) {
+        if !matches!(stat.ended, CommandEnd::Done { .. }) {
             return Ok(Some(stat));
         }
         let argv_refs: Vec<&str> = argv.iter().map(String::as_str).collect();
@@ -194,19 +192,17 @@ impl Distributor {
         let clone = self
             .run_command(b, sink, "shell", args, None, false)
             .await?;
-        if !retry || !matches!(clone.ended, Ended::Done { rc: Some(rc) } if rc != 0) {
+        if !retry || !matches!(clone.ended, CommandEnd::Done { rc: Some(rc) } if rc != 0) {
             return Ok(Some(clone));
         }
         self.store
-            .append_log(
+            .append_header(
                 sink.log,
-                vec![format!(
-                    "hthe clone failed: removing {dest} and cloning again"
-                )],
+                format!("the clone failed: removing {dest} and cloning again"),
             )
             .await?;
         let rm = self.remove_dir(b, sink, dest_path.as_str()).await?;
-        if !matches!(rm.ended, Ended::Done { .. }) {
+        if !matches!(rm.ended, CommandEnd::Done { .. }) {
             return Ok(Some(rm));
         }
         let args = shell(argv_refs, workdir).map_err(anyhow::Error::msg)?;

@@ -394,13 +394,13 @@ impl Pollers {
     /// poll in flight is stored; changed and new ones start from the state
     /// stored (the last push seen), so no push is missed or seen twice. An
     /// unchanged source is not touched.
-    pub async fn reconfigure(&mut self, sources: &[ChangeSource]) {
+    pub async fn reload(&mut self, sources: &[ChangeSource]) {
         let (keep, retired): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
             .into_iter()
             .partition(|r| {
                 sources
                     .iter()
-                    .any(|s| s.name() == r.name && crate::reconfig::same_printed(s, &r.source))
+                    .any(|s| s.name() == r.name && crate::config::diff::same_printed(s, &r.source))
             });
         self.running = keep;
         for r in &retired {

@@ -1,5 +1,6 @@
 //! The master configuration as plain, validated data.
 
+pub mod diff;
 mod model;
 pub mod print;
 pub mod validate;

@@ -196,16 +196,16 @@ impl fmt::Display for Arg {
 /// A step's command: one shell string, or an argv list.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
-pub enum Command {
+pub enum StepCommand {
     Shell(Arg),
     Argv(Vec<Arg>),
 }
 
-impl fmt::Display for Command {
+impl fmt::Display for StepCommand {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Command::Shell(a) => a.fmt(f),
-            Command::Argv(v) => {
+            StepCommand::Shell(a) => a.fmt(f),
+            StepCommand::Argv(v) => {
                 f.write_str("[")?;
                 for (i, a) in v.iter().enumerate() {
                     if i > 0 {
@@ -416,7 +416,7 @@ pub struct Step {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<rhai::ImmutableString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub command: Option<Command>,
+    pub command: Option<StepCommand>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workdir: Option<rhai::ImmutableString>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -761,7 +761,7 @@ pub struct SchedulerConfig {
 /// `QueueDir(name, path)`: a directory queue of commands for a status
 /// handler, as Mozilla's postrun used.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct QueueDir {
+pub struct QueueDirConfig {
     pub name: String,
     pub path: String,
 }
@@ -771,7 +771,7 @@ pub struct QueueDir {
 pub enum StatusTarget {
     QueuedCommandHandler {
         command: Vec<Arg>,
-        queuedir: QueueDir,
+        queuedir: QueueDirConfig,
         #[serde(skip)]
         origin: Option<Origin>,
     },

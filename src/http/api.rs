@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use super::AppState;
 use crate::store::api::Collection;
+use crate::store::builds::LineKind;
 use crate::store::query::{ListQuery, Row};
 
 type Params = Query<Vec<(String, String)>>;
@@ -286,7 +287,7 @@ pub(super) async fn log_raw(
         Ok(text) => {
             let text = if stdio {
                 text.lines()
-                    .map(|l| l.get(1..).unwrap_or(""))
+                    .map(|l| LineKind::parse(l).map_or(l, |(_, text)| text))
                     .collect::<Vec<_>>()
                     .join("\n")
                     + if text.is_empty() { "" } else { "\n" }

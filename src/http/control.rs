@@ -38,7 +38,7 @@ pub(super) async fn reconfig(
         format!("api ({user})")
     };
     let (reply, answer) = tokio::sync::oneshot::channel();
-    let ask = crate::reconfig::ReloadAsk {
+    let ask = super::ReloadAsk {
         trigger,
         reply: Some(reply),
     };

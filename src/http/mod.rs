@@ -37,6 +37,13 @@ use crate::changes::ChangeBus;
 use crate::schedulers::Schedulers;
 use crate::store::Store;
 
+/// A request to reload now, from the API (which waits for the outcome).
+pub struct ReloadAsk {
+    /// What asked, for the record: `api (user)`, ...
+    pub trigger: String,
+    pub reply: Option<tokio::sync::oneshot::Sender<crate::store::reloads::Reload>>,
+}
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
@@ -53,7 +60,7 @@ pub struct AppState {
     /// `www.public_read`); a reload replaces it.
     pub access: Arc<std::sync::RwLock<auth::Access>>,
     /// Where `POST /api/v2/reconfig` asks the master to reload.
-    pub reload: tokio::sync::mpsc::Sender<crate::reconfig::ReloadAsk>,
+    pub reload: tokio::sync::mpsc::Sender<ReloadAsk>,
     /// The files the master watches (those of the running config, and
     /// those a failed reload read).
     pub watched: Arc<std::sync::RwLock<Vec<String>>>,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::serve::{bind_http, bind_workers, builder_rows, Live};
-use crate::reconfig::ConfigDiff;
+use crate::config::diff::ConfigDiff;
 use crate::script::{Limits, Loaded};
 use crate::store::reloads::NewReload;
 
@@ -149,7 +149,7 @@ impl Live {
         };
 
         // Builds: the next ones use the new builders.
-        self.distributor.reconfigure(new.clone(), runtime.clone());
+        self.distributor.reload(new.clone(), runtime.clone());
         // Workers: new passwords for the next connections; a worker whose
         // password changed reconnects with the new one; a removed one is let
         // go once its builds end.
@@ -171,8 +171,8 @@ impl Live {
         if let Err(e) = self.app.store.register_builders(builder_rows(&new)).await {
             tracing::warn!("cannot record the new builders: {e:#}");
         }
-        self.schedulers.reconfigure(&new, runtime).await;
-        self.pollers.reconfigure(&new.change_source).await;
+        self.schedulers.reload(&new, runtime).await;
+        self.pollers.reload(&new.change_source).await;
         *self.app.access.write().unwrap_or_else(|e| e.into_inner()) =
             crate::http::auth::Access::of(new.www.as_ref());
         if http_moved {

@@ -17,7 +17,7 @@ use super::reload::{paths, Loader, ReloadOptions, MAX_DEBOUNCE};
 use super::watch::Watcher;
 use crate::changes::{self, ChangeBus};
 use crate::config::MasterConfig;
-use crate::reconfig::ReloadAsk;
+use crate::http::ReloadAsk;
 use crate::schedulers::{Clock, Schedulers};
 use crate::script::{Limits, Loaded};
 use crate::store::Store;
@@ -316,7 +316,7 @@ pub(super) async fn serve(
             ));
         }
     }
-    live.pollers.reconfigure(&config.change_source).await;
+    live.pollers.reload(&config.change_source).await;
     tracing::info!(
         "master running in {}: {} change source(s), {} scheduler(s), {} builder(s)",
         dir.display(),

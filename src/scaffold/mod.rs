@@ -20,7 +20,7 @@ pub const HG_MASTER: &str = include_str!("hg-master.rhai");
 pub const GIT_DEMO: &str = include_str!("git-demo.rhai");
 
 /// A value for a template's placeholder.
-pub enum Value<'a> {
+pub enum Fill<'a> {
     /// Written as a Rhai string literal.
     Str(&'a str),
     /// Written as it is (a number).
@@ -29,7 +29,7 @@ pub enum Value<'a> {
 
 /// Fills every `@NAME@` of `template`; a placeholder left without a value,
 /// or a value for none, is a fault of kiln's, reported as such.
-pub fn render(template: &str, values: &[(&str, Value<'_>)]) -> anyhow::Result<String> {
+pub fn render(template: &str, values: &[(&str, Fill<'_>)]) -> anyhow::Result<String> {
     let mut out = template.to_string();
     for (name, value) in values {
         let key = format!("@{name}@");
@@ -37,8 +37,8 @@ pub fn render(template: &str, values: &[(&str, Value<'_>)]) -> anyhow::Result<St
             bail!("the template has no {key}");
         }
         let text = match value {
-            Value::Str(s) => rhai_string(s),
-            Value::Int(n) => n.to_string(),
+            Fill::Str(s) => rhai_string(s),
+            Fill::Int(n) => n.to_string(),
         };
         out = out.replace(&key, &text);
     }
@@ -136,7 +136,7 @@ pub fn write_secret(dir: &Path, name: &str, value: &str) -> anyhow::Result<()> {
 /// `kiln create-master DIR --repo REPO`: the Mercurial master and a
 /// generated worker password.
 pub fn create_master(dir: &Path, repo: &str) -> anyhow::Result<()> {
-    let script = render(HG_MASTER, &[("REPO", Value::Str(repo))])?;
+    let script = render(HG_MASTER, &[("REPO", Fill::Str(repo))])?;
     write_master(dir, &script)?;
     write_secret(dir, "worker-password", &random_token()?)
 }
@@ -178,15 +178,15 @@ mod tests {
         let out = render(
             t,
             &[
-                ("REPO", Value::Str("a \"b\"\\c\n")),
-                ("PORT", Value::Int(8010)),
+                ("REPO", Fill::Str("a \"b\"\\c\n")),
+                ("PORT", Fill::Int(8010)),
             ],
         )
         .expect("render");
         assert_eq!(out, r#"let repo = "a \"b\"\\c\n"; let port = 8010;"#);
-        let e = render(t, &[("REPO", Value::Str("r"))]).expect_err("PORT unfilled");
+        let e = render(t, &[("REPO", Fill::Str("r"))]).expect_err("PORT unfilled");
         assert!(e.to_string().contains("@PORT@"), "{e}");
-        let e = render(t, &[("NOPE", Value::Int(1))]).expect_err("no such placeholder");
+        let e = render(t, &[("NOPE", Fill::Int(1))]).expect_err("no such placeholder");
         assert!(e.to_string().contains("@NOPE@"), "{e}");
         // An e-mail address in a template is not a placeholder.
         assert!(render("// mail a@b.c", &[]).is_ok());
@@ -204,16 +204,16 @@ mod tests {
         for (name, script) in [
             (
                 "hg",
-                render(HG_MASTER, &[("REPO", Value::Str("repo"))]).expect("hg"),
+                render(HG_MASTER, &[("REPO", Fill::Str("repo"))]).expect("hg"),
             ),
             (
                 "git",
                 render(
                     GIT_DEMO,
                     &[
-                        ("REPO", Value::Str("/tmp/repo")),
-                        ("HTTP", Value::Int(8010)),
-                        ("WORKERS", Value::Int(9989)),
+                        ("REPO", Fill::Str("/tmp/repo")),
+                        ("HTTP", Fill::Int(8010)),
+                        ("WORKERS", Fill::Int(9989)),
                     ],
                 )
                 .expect("git"),

@@ -92,7 +92,7 @@ pub struct ForceRequest {
     pub properties: BTreeMap<String, Value>,
 }
 
-enum Command {
+enum Call {
     Force(ForceRequest, oneshot::Sender<anyhow::Result<BuildsetIds>>),
     Trigger {
         sourcestamps: Vec<SourceStamp>,
@@ -116,7 +116,7 @@ pub struct Schedulers {
 /// One running scheduler.
 struct Entry {
     cfg: SchedulerConfig,
-    tx: mpsc::Sender<Command>,
+    tx: mpsc::Sender<Call>,
     /// Stops this scheduler alone (a reload that removes or changes it).
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -207,7 +207,7 @@ impl Schedulers {
     /// keep running and use the new config's functions from now on. A
     /// scheduler that keeps its name keeps its stored state (last change
     /// handled, classified changes, timers): its successor reads it.
-    pub async fn reconfigure(&self, config: &MasterConfig, runtime: ScriptRuntime) {
+    pub async fn reload(&self, config: &MasterConfig, runtime: ScriptRuntime) {
         *self
             .shared
             .runtime
@@ -224,7 +224,7 @@ impl Schedulers {
             let names: Vec<String> = running.keys().cloned().collect();
             for name in names {
                 let keep = match (running.get(&name), wanted.get(name.as_str())) {
-                    (Some(e), Some(new)) => crate::reconfig::same_printed(&e.cfg, *new),
+                    (Some(e), Some(new)) => crate::config::diff::same_printed(&e.cfg, *new),
                     _ => false,
                 };
                 if !keep {
@@ -308,7 +308,7 @@ impl Schedulers {
     async fn ask(
         &self,
         name: &str,
-        make: impl FnOnce(oneshot::Sender<anyhow::Result<BuildsetIds>>) -> Command,
+        make: impl FnOnce(oneshot::Sender<anyhow::Result<BuildsetIds>>) -> Call,
     ) -> anyhow::Result<BuildsetIds> {
         let tx = self
             .read()
@@ -331,7 +331,7 @@ impl Schedulers {
             Some(_) => bail!("scheduler `{name}` is not a ForceScheduler"),
             None => bail!("no scheduler named `{name}`"),
         }
-        self.ask(name, |reply| Command::Force(req, reply)).await
+        self.ask(name, |reply| Call::Force(req, reply)).await
     }
 
     /// What a `Trigger` step does: a buildset from the Triggerable `name`.
@@ -347,7 +347,7 @@ impl Schedulers {
             Some(_) => bail!("scheduler `{name}` is not Triggerable"),
             None => bail!("no scheduler named `{name}`"),
         }
-        self.ask(name, |reply| Command::Trigger {
+        self.ask(name, |reply| Call::Trigger {
             sourcestamps,
             properties,
             parent_buildid,
@@ -603,7 +603,7 @@ impl Task {
         mut self,
         mut wake: broadcast::Receiver<Arc<Change>>,
         mut done: broadcast::Receiver<BuildsetDone>,
-        mut commands: mpsc::Receiver<Command>,
+        mut commands: mpsc::Receiver<Call>,
         cancel: CancellationToken,
     ) {
         let name = self.cfg.name.clone();
@@ -1039,12 +1039,12 @@ impl Task {
         Ok(())
     }
 
-    async fn command(&mut self, cmd: Command) {
+    async fn command(&mut self, cmd: Call) {
         match cmd {
-            Command::Force(req, reply) => {
+            Call::Force(req, reply) => {
                 let _ = reply.send(self.force(req).await);
             }
-            Command::Trigger {
+            Call::Trigger {
                 sourcestamps,
                 properties,
                 parent_buildid,

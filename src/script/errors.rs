@@ -5,7 +5,7 @@ use rhai::{EvalAltResult, ParseError, Position};
 
 use super::kwargs::ScriptError;
 use super::Limits;
-use crate::diagnostics::{Diagnostic, Frame, Location};
+use crate::diagnostics::{Diagnostic, Location, TraceFrame};
 
 fn location(file: &str, pos: Position) -> Option<Location> {
     Some(Location {
@@ -36,7 +36,7 @@ pub fn diagnose(err: &EvalAltResult, entry: &str, limits: &Limits) -> Diagnostic
         match e {
             EvalAltResult::ErrorInModule(path, inner, pos) => {
                 if let Some(l) = location(&file, *pos) {
-                    trace.push(Frame {
+                    trace.push(TraceFrame {
                         label: "imported here".into(),
                         location: l,
                     });
@@ -46,7 +46,7 @@ pub fn diagnose(err: &EvalAltResult, entry: &str, limits: &Limits) -> Diagnostic
             }
             EvalAltResult::ErrorInFunctionCall(name, src, inner, pos) => {
                 if let Some(l) = location(&file, *pos) {
-                    trace.push(Frame {
+                    trace.push(TraceFrame {
                         label: format!("in the call to `{name}`"),
                         location: l,
                     });
@@ -68,7 +68,7 @@ pub fn diagnose(err: &EvalAltResult, entry: &str, limits: &Limits) -> Diagnostic
             if let Some(loc) = se.location {
                 // The error is in another file (JSON); the script position is where it was read.
                 if let Some(l) = location(&file, pos) {
-                    trace.insert(0, Frame { label: se.via.unwrap_or_else(|| "read here".into()), location: l });
+                    trace.insert(0, TraceFrame { label: se.via.unwrap_or_else(|| "read here".into()), location: l });
                 }
                 d.location = Some(loc);
                 return Diagnostic { trace, ..d };

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rhai::{Dynamic, EvalAltResult, FnPtr, Map, Position};
 
-use crate::config::{Arg, Callback, Command, Origin, PropertyMap, Renderable, Secret, Value};
+use crate::config::{Arg, Callback, Origin, PropertyMap, Renderable, Secret, StepCommand, Value};
 use crate::diagnostics::{Diagnostic, Location};
 use crate::script::LoadState;
 
@@ -335,7 +335,7 @@ impl Kwargs {
         }
     }
 
-    pub fn command(&mut self, key: &'static str) -> ScriptResult<Option<Command>> {
+    pub fn command(&mut self, key: &'static str) -> ScriptResult<Option<StepCommand>> {
         match self.take(key) {
             None => Ok(None),
             Some(v) => command_of(&v).map(Some).ok_or_else(|| {
@@ -426,15 +426,15 @@ pub fn arg_of(v: &Dynamic) -> Option<Arg> {
     v.try_cast::<Renderable>().map(|r| Arg::Render(Box::new(r)))
 }
 
-pub fn command_of(v: &Dynamic) -> Option<Command> {
+pub fn command_of(v: &Dynamic) -> Option<StepCommand> {
     if let Ok(arr) = v.as_array_ref() {
         return arr
             .iter()
             .map(arg_of)
             .collect::<Option<Vec<_>>>()
-            .map(Command::Argv);
+            .map(StepCommand::Argv);
     }
-    arg_of(v).map(Command::Shell)
+    arg_of(v).map(StepCommand::Shell)
 }
 
 pub fn env_of(v: &Dynamic) -> Option<BTreeMap<String, Arg>> {

@@ -226,7 +226,7 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
         name: name.into(),
         kind,
         description: None,
-        command: Some(Command::Argv(command)),
+        command: Some(StepCommand::Argv(command)),
         workdir: Some(".".into()),
         env: Default::default(),
         timeout: None,

@@ -1134,10 +1134,10 @@ fn register_schedulers(engine: &mut Engine, state: &Arc<LoadState>) {
 }
 
 fn register_status(engine: &mut Engine, state: &Arc<LoadState>) {
-    register_type::<QueueDir>(engine, "QueueDir", &["name", "path"], |q| {
+    register_type::<QueueDirConfig>(engine, "QueueDir", &["name", "path"], |q| {
         describe("QueueDir", q)
     });
-    engine.register_fn("QueueDir", |name: &str, path: &str| QueueDir {
+    engine.register_fn("QueueDir", |name: &str, path: &str| QueueDirConfig {
         name: name.into(),
         path: path.into(),
     });
@@ -1152,12 +1152,12 @@ fn register_status(engine: &mut Engine, state: &Arc<LoadState>) {
     );
     ctor(engine, state, "QueuedCommandHandler", |kw| {
         let command = match kw.command("command")? {
-            Some(Command::Argv(v)) => v,
-            Some(Command::Shell(a)) => vec![a],
+            Some(StepCommand::Argv(v)) => v,
+            Some(StepCommand::Shell(a)) => vec![a],
             None => return Err(kw.missing("command", "the command to queue, as an array")),
         };
         let queuedir = kw
-            .custom::<QueueDir>("queuedir", "a QueueDir")?
+            .custom::<QueueDirConfig>("queuedir", "a QueueDir")?
             .ok_or_else(|| kw.missing("queuedir", "a QueueDir"))?;
         Ok(StatusTarget::QueuedCommandHandler {
             command,

@@ -33,6 +33,55 @@ pub struct StepRow {
     pub state_string: String,
 }
 
+/// Which stream a line of a stdio log came from. Stored as the line's
+/// first character, as Buildbot stores them: `o` stdout, `e` stderr,
+/// `h` header (what the worker or the master says about the command).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineKind {
+    Stdout,
+    Stderr,
+    Header,
+}
+
+impl LineKind {
+    /// The kind of a worker update's stream: `stdout`, `stderr`, else a
+    /// header.
+    pub fn of_stream(name: &str) -> LineKind {
+        match name {
+            "stdout" => LineKind::Stdout,
+            "stderr" => LineKind::Stderr,
+            _ => LineKind::Header,
+        }
+    }
+
+    fn prefix(self) -> char {
+        match self {
+            LineKind::Stdout => 'o',
+            LineKind::Stderr => 'e',
+            LineKind::Header => 'h',
+        }
+    }
+
+    /// A line's stored form.
+    pub fn line(self, text: &str) -> String {
+        let mut s = String::with_capacity(text.len() + 1);
+        s.push(self.prefix());
+        s.push_str(text);
+        s
+    }
+
+    /// A stored line's kind and text (`None` for a line of no kind).
+    pub fn parse(stored: &str) -> Option<(LineKind, &str)> {
+        let kind = match stored.chars().next()? {
+            'o' => LineKind::Stdout,
+            'e' => LineKind::Stderr,
+            'h' => LineKind::Header,
+            _ => return None,
+        };
+        Some((kind, &stored[1..]))
+    }
+}
+
 impl Store {
     /// Starts a build of request `brid`: the next number of its builder.
     pub async fn new_build(
@@ -199,8 +248,14 @@ impl Store {
         Ok(id)
     }
 
-    /// Appends whole lines to a log. Each stdio line starts with its
-    /// stream: `o` stdout, `e` stderr, `h` header, as Buildbot stores them.
+    /// Appends a header line (the master's own words) to a log.
+    pub async fn append_header(&self, logid: i64, text: impl AsRef<str>) -> anyhow::Result<()> {
+        self.append_log(logid, vec![LineKind::Header.line(text.as_ref())])
+            .await
+    }
+
+    /// Appends whole lines to a log, each in its stored form
+    /// ([`LineKind::line`]).
     pub async fn append_log(&self, logid: i64, lines: Vec<String>) -> anyhow::Result<()> {
         if lines.is_empty() {
             return Ok(());
@@ -365,5 +420,29 @@ impl Store {
             .optional()?)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LineKind;
+
+    #[test]
+    fn a_line_reads_back_as_the_kind_and_text_it_was_stored_with() {
+        for kind in [LineKind::Stdout, LineKind::Stderr, LineKind::Header] {
+            for text in ["", "plain", "ünïcode ✓", "h looks like a prefix"] {
+                let stored = kind.line(text);
+                assert_eq!(LineKind::parse(&stored), Some((kind, text)));
+            }
+        }
+        // Buildbot's stored letters, which the API and the page read.
+        assert_eq!(LineKind::Stdout.line("x"), "ox");
+        assert_eq!(LineKind::Stderr.line("x"), "ex");
+        assert_eq!(LineKind::Header.line("x"), "hx");
+        assert_eq!(LineKind::parse(""), None);
+        assert_eq!(LineKind::parse("zx"), None);
+        assert_eq!(LineKind::of_stream("stdout"), LineKind::Stdout);
+        assert_eq!(LineKind::of_stream("stderr"), LineKind::Stderr);
+        assert_eq!(LineKind::of_stream("header"), LineKind::Header);
     }
 }

@@ -38,7 +38,7 @@ pub struct GridCell {
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Push {
+pub struct GridPush {
     pub branch: Option<String>,
     pub revision: Option<String>,
     pub repository: String,
@@ -57,7 +57,11 @@ type RequestRow = (i64, i64, bool, Option<i64>, Option<i64>);
 impl Store {
     /// The newest pushes, made of at most `buildsets` buildsets (older
     /// than `before`, a buildset id, when given).
-    pub async fn grid(&self, buildsets: usize, before: Option<i64>) -> anyhow::Result<Vec<Push>> {
+    pub async fn grid(
+        &self,
+        buildsets: usize,
+        before: Option<i64>,
+    ) -> anyhow::Result<Vec<GridPush>> {
         self.call(move |c| {
             let rows: Vec<BuildsetRow> = c
                 .prepare_cached(
@@ -78,7 +82,7 @@ impl Store {
                     ))
                 })?
                 .collect::<Result<_, _>>()?;
-            let mut pushes: Vec<Push> = Vec::new();
+            let mut pushes: Vec<GridPush> = Vec::new();
             let mut by_key: BTreeMap<(Option<String>, String, String), usize> = BTreeMap::new();
             let mut push_of: BTreeMap<i64, usize> = BTreeMap::new();
             for (bsid, reason, submitted_at, branch, revision, repository) in rows {
@@ -86,11 +90,11 @@ impl Store {
                     Some(rev) => *by_key
                         .entry((branch.clone(), repository.clone(), rev.clone()))
                         .or_insert_with(|| {
-                            pushes.push(Push::new(&branch, &revision, &repository, submitted_at, &reason));
+                            pushes.push(GridPush::new(&branch, &revision, &repository, submitted_at, &reason));
                             pushes.len() - 1
                         }),
                     None => {
-                        pushes.push(Push::new(&branch, &revision, &repository, submitted_at, &reason));
+                        pushes.push(GridPush::new(&branch, &revision, &repository, submitted_at, &reason));
                         pushes.len() - 1
                     }
                 };
@@ -175,15 +179,15 @@ impl Store {
     }
 }
 
-impl Push {
+impl GridPush {
     fn new(
         branch: &Option<String>,
         revision: &Option<String>,
         repository: &str,
         submitted_at: i64,
         reason: &str,
-    ) -> Push {
-        Push {
+    ) -> GridPush {
+        GridPush {
             branch: branch.clone(),
             revision: revision.clone(),
             repository: repository.to_string(),

@@ -49,7 +49,7 @@ impl Op {
 
 /// `field op value` for any of `values`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Filter {
+pub struct FieldFilter {
     pub field: String,
     pub op: Op,
     pub values: Vec<String>,
@@ -59,7 +59,7 @@ pub struct Filter {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ListQuery {
     /// Every filter must hold.
-    pub filters: Vec<Filter>,
+    pub filters: Vec<FieldFilter>,
     /// (field, descending), in order of precedence.
     pub order: Vec<(String, bool)>,
     pub limit: Option<usize>,
@@ -129,7 +129,7 @@ impl ListQuery {
                         f.field == name && f.op == op && matches!(op, Op::Eq | Op::Contains)
                     }) {
                         Some(f) => f.values.push(v.clone()),
-                        None => q.filters.push(Filter {
+                        None => q.filters.push(FieldFilter {
                             field: name.to_string(),
                             op,
                             values: vec![v.clone()],
@@ -236,7 +236,7 @@ fn contains(value: &Value, text: &str) -> bool {
     }
 }
 
-fn keep(row: &Row, f: &Filter) -> bool {
+fn keep(row: &Row, f: &FieldFilter) -> bool {
     let v = row.get(&f.field).unwrap_or(&Value::Null);
     f.values.iter().any(|text| match f.op {
         Op::Contains => contains(v, text),
@@ -295,7 +295,7 @@ fn bool_text(text: &str) -> Option<bool> {
 /// One filter as SQL with exactly the meaning [`keep`] gives it, or `None`
 /// when SQL would mean something else (then the rows are filtered here).
 /// `alias` is one of the collection's own column names, never user text.
-fn filter_sql(alias: &str, f: &Filter) -> Option<(String, Vec<SqlValue>)> {
+fn filter_sql(alias: &str, f: &FieldFilter) -> Option<(String, Vec<SqlValue>)> {
     if alias.ends_with("__json") {
         return None;
     }

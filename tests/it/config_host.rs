@@ -6,7 +6,7 @@ use crate::common;
 use std::path::Path;
 use std::time::Duration;
 
-use kiln::config::{ChangeSource, Command, SchedulerKind};
+use kiln::config::{ChangeSource, SchedulerKind, StepCommand};
 use kiln::script::{load_master, Limits};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -19,9 +19,9 @@ fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(p, text).expect("write");
 }
 
-fn argv(c: &Option<Command>) -> Vec<String> {
+fn argv(c: &Option<StepCommand>) -> Vec<String> {
     match c {
-        Some(Command::Argv(v)) => v
+        Some(StepCommand::Argv(v)) => v
             .iter()
             .map(|a| a.to_string().trim_matches('"').to_string())
             .collect(),

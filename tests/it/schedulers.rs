@@ -262,9 +262,7 @@ async fn a_reload_keeps_a_schedulers_classified_changes_and_timer_when_it_keeps_
     m.handled("try", t).await;
     tokio::time::advance(Duration::from_secs(100)).await;
 
-    m.schedulers
-        .reconfigure(&after.config, after.runtime())
-        .await;
+    m.schedulers.reload(&after.config, after.runtime()).await;
     settle().await;
     assert!(m.buildsets().await.is_empty(), "no timer fired early");
     let b = m.change("mozilla-central", &["b.c"]).await;

@@ -11,17 +11,17 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::config::{MasterConfig, Worker};
+use super::{MasterConfig, Worker};
 
 /// Names added, removed and changed in one kind of item.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct Changes {
+pub struct NameDiff {
     pub added: Vec<String>,
     pub removed: Vec<String>,
     pub changed: Vec<String>,
 }
 
-impl Changes {
+impl NameDiff {
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
     }
@@ -33,10 +33,10 @@ impl Changes {
         new: &[T],
         name: impl Fn(&T) -> String,
         same: impl Fn(&T, &T) -> bool,
-    ) -> Changes {
+    ) -> NameDiff {
         let old: BTreeMap<String, &T> = old.iter().map(|x| (name(x), x)).collect();
         let new: BTreeMap<String, &T> = new.iter().map(|x| (name(x), x)).collect();
-        let mut c = Changes::default();
+        let mut c = NameDiff::default();
         for (n, x) in &new {
             match old.get(n) {
                 None => c.added.push(n.clone()),
@@ -74,38 +74,39 @@ fn same_worker(a: &Worker, b: &Worker) -> bool {
 /// Everything a reload would change.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ConfigDiff {
-    pub builders: Changes,
-    pub schedulers: Changes,
-    pub change_sources: Changes,
-    pub workers: Changes,
+    pub builders: NameDiff,
+    pub schedulers: NameDiff,
+    pub change_sources: NameDiff,
+    pub workers: NameDiff,
     /// Workers whose password changed (also in `workers.changed`).
     pub passwords: Vec<String>,
-    pub status: Changes,
+    pub status: NameDiff,
     /// Global settings that changed, by their config key.
     pub globals: Vec<String>,
 }
 
 impl ConfigDiff {
     pub fn between(old: &MasterConfig, new: &MasterConfig) -> ConfigDiff {
-        let builders = Changes::between(
+        let builders = NameDiff::between(
             &old.builders,
             &new.builders,
             |b| b.name.clone(),
             same_printed,
         );
-        let schedulers = Changes::between(
+        let schedulers = NameDiff::between(
             &old.schedulers,
             &new.schedulers,
             |s| s.name.clone(),
             same_printed,
         );
-        let change_sources = Changes::between(
+        let change_sources = NameDiff::between(
             &old.change_source,
             &new.change_source,
             |s| s.name(),
             same_printed,
         );
-        let workers = Changes::between(&old.workers, &new.workers, |w| w.name.clone(), same_worker);
+        let workers =
+            NameDiff::between(&old.workers, &new.workers, |w| w.name.clone(), same_worker);
         let passwords = new
             .workers
             .iter()
@@ -116,7 +117,7 @@ impl ConfigDiff {
             })
             .map(|w| w.name.clone())
             .collect();
-        let status = Changes::between(
+        let status = NameDiff::between(
             &old.status,
             &new.status,
             |s| serde_json::to_string(s).unwrap_or_default(),
@@ -198,7 +199,7 @@ impl fmt::Display for ConfigDiff {
             return f.write_str("no changes");
         }
         let mut first = true;
-        let mut line = |f: &mut fmt::Formatter<'_>, kind: &str, c: &Changes| -> fmt::Result {
+        let mut line = |f: &mut fmt::Formatter<'_>, kind: &str, c: &NameDiff| -> fmt::Result {
             if c.is_empty() {
                 return Ok(());
             }
@@ -247,22 +248,12 @@ fn abbreviate(names: &[String]) -> String {
     s
 }
 
-/// A request to reload now, from the API (which waits for the outcome).
-pub struct ReloadAsk {
-    /// What asked, for the record: `api (user)`, ...
-    pub trigger: String,
-    pub reply: Option<tokio::sync::oneshot::Sender<crate::store::reloads::Reload>>,
-}
-
 /// The name a change source goes by, from its printed form (as
-/// [`crate::config::ChangeSource::name`] makes it).
+/// [`super::ChangeSource::name`] makes it).
 fn printed_source_name(v: &serde_json::Value) -> String {
     let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
     match v["type"].as_str() {
-        Some("HgPoller") => format!(
-            "HgPoller:{}",
-            crate::config::join_url(&s("hgURL"), &s("branch"))
-        ),
+        Some("HgPoller") => format!("HgPoller:{}", super::join_url(&s("hgURL"), &s("branch"))),
         Some(t) => format!("{t}:{}", s("repourl")),
         None => v.to_string(),
     }
@@ -278,7 +269,7 @@ impl ConfigDiff {
         let list = |v: &Value, key: &str| v[key].as_array().cloned().unwrap_or_default();
         let by_name = |v: &Value| v["name"].as_str().unwrap_or_default().to_string();
         let kind = |key: &str, name: &dyn Fn(&Value) -> String| {
-            Changes::between(&list(old, key), &list(new, key), name, |a, b| a == b)
+            NameDiff::between(&list(old, key), &list(new, key), name, |a, b| a == b)
         };
         let mut globals = Vec::new();
         let keys: std::collections::BTreeSet<&String> = old
