@@ -5,7 +5,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
-peer="$root/../shared/bench/buildbot"
+peer="$root/bench/buildbot"
 work=$(mktemp -d /tmp/kiln-bench-api.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 if [ -z "${KILN_BIN:-}" ]; then

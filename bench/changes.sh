@@ -6,7 +6,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
-peer="$root/../shared/bench/buildbot"
+peer="$root/bench/buildbot"
 pollers=${1:-200}
 nchanges=${2:-1000}
 work=$(mktemp -d /tmp/kiln-bench-changes.XXXXXX)

@@ -2,12 +2,12 @@
 # kiln checkconfig beside Buildbot 4.3's, at 100, 1000 and 5000 builders.
 # usage: bench/checkconfig.sh [RUNS]   (RUNS per size, default 5; the median is kept)
 # Prints one line per size and tool: wall time (median), peak RSS (median), and
-# the ratio Buildbot/kiln. Buildbot comes from ../shared/bench/buildbot (a venv
+# the ratio Buildbot/kiln. Buildbot comes from bench/buildbot (a venv
 # under /tmp, installed on first use).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
-peer="$root/../shared/bench/buildbot"
+peer="$root/bench/buildbot"
 runs=${1:-5}
 work=$(mktemp -d /tmp/kiln-bench-checkconfig.XXXXXX)
 trap 'rm -rf "$work"' EXIT

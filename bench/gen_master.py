@@ -3,7 +3,7 @@
 
 usage: gen_master.py OUTDIR BRANCHES PLATFORMS WORKERS [PORT] [WWWPORT]
 
-The same shape as ../../shared/bench/buildbot/gen_master.py writes for
+The same shape as buildbot/gen_master.py (beside this file) writes for
 Buildbot, so that `kiln checkconfig` and `buildbot checkconfig` are timed on
 equal work: each branch one Scheduler over its builders, each (branch,
 platform) one builder with five steps shaped like the seed's ScriptFactory,

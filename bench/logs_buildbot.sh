@@ -3,12 +3,12 @@
 # (100-byte lines) on a stock msgpack worker; the time from the force to
 # the build's end, and the master's peak memory.
 # usage: bench/logs_buildbot.sh [SIZE_MB]   (default 100)
-# Buildbot comes from ../shared/bench/buildbot/setup.sh (a venv in /tmp).
+# Buildbot comes from bench/buildbot/setup.sh (a venv in /tmp).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 size=${1:-100}
-venv=$(bash "$root/../shared/bench/buildbot/setup.sh")
+venv=$(bash "$root/bench/buildbot/setup.sh")
 work=$(mktemp -d /tmp/kiln-bench-bblogs.XXXXXX)
 cleanup() {
   if [ -f "$work/w1/twistd.pid" ]; then kill "$(cat "$work/w1/twistd.pid")" 2>/dev/null || true; fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Post N changes to a master's base change hook, one after another on one
-keep-alive connection, as burst.py (shared/bench/buildbot) shapes them.
+keep-alive connection, as burst.py (bench/buildbot) shapes them.
 usage: post_changes.py PORT N [BRANCH_OFFSET]
 Prints: seconds in all, milliseconds per change, changes per second."""
 import http.client

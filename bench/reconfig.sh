@@ -6,12 +6,12 @@
 # to the new config applied, with the watcher's default 300 ms quiet period
 # and with 20 ms; the reload's own time; `kiln reconfig` wall time; the
 # master's CPU while idle with the watcher on (bench/reconfig.py).
-# Buildbot: ../shared/bench/buildbot/run.sh reconfig (adds one branch to a
+# Buildbot: bench/buildbot/run.sh reconfig (adds one branch to a
 # 1000-builder master; "took N seconds" is its own time).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
-peer="$root/../shared/bench/buildbot"
+peer="$root/bench/buildbot"
 runs=${1:-7}
 work=$(mktemp -d /tmp/kiln-bench-reconfig.XXXXXX)
 trap 'rm -rf "$work"' EXIT
@@ -23,7 +23,7 @@ for b in 20 200 1000; do
   python3 "$here/reconfig.py" "$kiln" "$work" "$b" "$runs"
 done
 if [ "${2:-}" != skip-buildbot ]; then
-  # As ../shared/bench/buildbot/run.sh reconfig, whose `--start-timeout`
+  # As bench/buildbot/run.sh reconfig, whose `--start-timeout`
   # Buildbot 4.3 spells `--start_timeout`.
   venv=$("$peer/setup.sh")
   d="$work/bb"

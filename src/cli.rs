@@ -1,4 +1,4 @@
-//! The `kiln` command line (DESIGN.md §2).
+//! The `kiln` command line (docs/cli.md): parsing and dispatch.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};

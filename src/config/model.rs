@@ -13,20 +13,7 @@ use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
-/// Where in a script a value was constructed; used to point diagnostics at it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Origin {
-    /// Canonical path of the script file (or `<stdlib>/name.rhai`).
-    pub file: Arc<str>,
-    pub line: u32,
-    pub column: u32,
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}", self.file, self.line, self.column)
-    }
-}
+pub use crate::diagnostics::Origin;
 
 /// A JSON-like property value (Buildbot properties are JSON-serialisable).
 pub type Value = serde_json::Value;
@@ -552,7 +539,7 @@ pub struct Worker {
     pub origin: Option<Origin>,
 }
 
-/// Mozilla's HgPoller: polls a repository's pushes (see DESIGN.md §4).
+/// Mozilla's HgPoller: polls a repository's pushes (see docs/design.md, "Change sources").
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HgPoller {
     #[serde(rename = "hgURL")]

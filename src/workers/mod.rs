@@ -1,5 +1,5 @@
 //! The master side of Buildbot's `msgpack_experimental_v7` worker protocol
-//! (DESIGN.md §5): a WebSocket per worker, one MessagePack map per message,
+//! (docs/workers.md): a WebSocket per worker, one MessagePack map per message,
 //! requests and responses matched by `seq_number`, HTTP Basic auth in the
 //! handshake.
 //!
