@@ -236,8 +236,10 @@ pub fn new_engine(state: &Arc<LoadState>) -> Engine {
     engine
 }
 
-/// Set (by the REPL's Ctrl-C) to stop the evaluation running now.
-pub static INTERRUPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Set (by the REPL's Ctrl-C) to stop the evaluation running now. Shared
+/// (an `Arc`) so that a signal handler can hold it.
+pub static INTERRUPT: std::sync::LazyLock<Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::LazyLock::new(Default::default);
 
 thread_local! {
     /// While a callback runs on this thread: when it must be done, and the

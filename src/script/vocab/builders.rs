@@ -1,0 +1,190 @@
+//! Builders (`BuilderConfig`), their locks and callbacks, and workers.
+
+use std::sync::Arc;
+
+use rhai::{Array, Dynamic, Engine, FnPtr, Map, NativeCallContext};
+
+use crate::config::*;
+use crate::script::kwargs::{fail_focus, Kwargs, ScriptError, ScriptResult};
+use crate::script::LoadState;
+
+use super::{origin_of, register_type};
+
+/// Buildbot's `safeTranslate`: a name made safe for a directory.
+pub fn safe_dir_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// `BuilderConfig(#{...})`, and the plain maps Buildbot 0.8 configs used.
+pub fn builder_config(kw: &mut Kwargs) -> ScriptResult<BuilderConfig> {
+    let name = kw.req_str("name")?;
+    let factory = kw
+        .custom::<BuildFactory>("factory", "a BuildFactory")?
+        .ok_or_else(|| kw.missing("factory", "a BuildFactory"))?;
+    let builddir = kw.str("builddir")?.unwrap_or_else(|| safe_dir_name(&name));
+    let worker_builddir = match kw.take_legacy("workerbuilddir", "slavebuilddir") {
+        None => builddir.clone(),
+        Some(v) => v.into_string().map_err(|_| {
+            ScriptError::new("`workerbuilddir` must be a string")
+                .focus("workerbuilddir")
+                .into_err()
+        })?,
+    };
+    let mut worker_names = match kw.take_legacy("workernames", "slavenames") {
+        None => vec![],
+        Some(v) => crate::script::kwargs::shared_str_list(&v).ok_or_else(|| {
+            ScriptError::new(format!(
+                "`workernames` in BuilderConfig `{name}` must be an array of strings"
+            ))
+            .focus("workernames")
+            .into_err()
+        })?,
+    };
+    if let Some(one) = kw.take_legacy("workername", "slavename") {
+        worker_names.push(
+            one.into_immutable_string()
+                .map_err(|_| ScriptError::new("`workername` must be a string").into_err())?,
+        );
+    }
+    let next_worker = match kw.take_legacy("nextWorker", "nextSlave") {
+        None => None,
+        Some(v) => match v.try_cast::<FnPtr>() {
+            Some(fn_ptr) => Some(Callback {
+                fn_ptr,
+                origin: kw.origin(),
+            }),
+            None => return fail_focus("`nextWorker` must be a function".into(), "nextWorker"),
+        },
+    };
+    let can_start_build = kw.callback("canStartBuild")?;
+    let collapse_requests = bool_or_callback(kw, "collapseRequests")?;
+    let locks = match kw.raw("locks") {
+        None => vec![],
+        Some(v) => locks_of(&v)?,
+    };
+    Ok(BuilderConfig {
+        factory,
+        builddir,
+        worker_builddir,
+        worker_names,
+        next_worker: next_worker.map(Box::new),
+        can_start_build: can_start_build.map(Box::new),
+        category: kw.shared_str("category")?,
+        tags: kw.str_list("tags")?.unwrap_or_default(),
+        description: kw.shared_str("description")?,
+        properties: kw.properties("properties")?,
+        env: kw.env("env")?,
+        collapse_requests,
+        locks,
+        origin: kw.origin(),
+        name,
+    })
+}
+
+pub fn bool_or_callback(
+    kw: &mut Kwargs,
+    key: &'static str,
+) -> ScriptResult<Option<BoolOrCallback>> {
+    match kw.raw(key) {
+        None => Ok(None),
+        Some(v) if v.is_bool() => Ok(Some(BoolOrCallback::Enabled(v.as_bool().unwrap_or(true)))),
+        Some(v) => match v.try_cast::<FnPtr>() {
+            Some(fn_ptr) => Ok(Some(BoolOrCallback::Callback(Box::new(Callback {
+                fn_ptr,
+                origin: kw.origin(),
+            })))),
+            None => fail_focus(
+                format!("`{key}` in {} must be a bool or a function", kw.what()),
+                key,
+            ),
+        },
+    }
+}
+
+pub(super) fn locks_of(v: &Dynamic) -> ScriptResult<Vec<LockAccess>> {
+    let arr = v.clone().try_cast::<Array>().ok_or_else(|| {
+        ScriptError::new("`locks` must be an array of locks")
+            .focus("locks")
+            .into_err()
+    })?;
+    arr.into_iter()
+        .map(|l| {
+            l.flatten().try_cast::<LockAccess>().ok_or_else(|| {
+                ScriptError::new("`locks` must hold MasterLock(...) or WorkerLock(...) values")
+                    .focus("locks")
+                    .into_err()
+            })
+        })
+        .collect()
+}
+
+pub(super) fn register_workers(engine: &mut Engine, state: &Arc<LoadState>) {
+    register_type::<Worker>(
+        engine,
+        "Worker",
+        &[
+            "name",
+            "max_builds",
+            "properties",
+            "keepalive_interval",
+            "missing_timeout",
+        ],
+        |w| format!("Worker({:?})", w.name),
+    );
+    for ctor_name in ["Worker", "BuildSlave"] {
+        let st = state.clone();
+        let make = move |ctx: &NativeCallContext,
+                         name: &str,
+                         password: Dynamic,
+                         opts: Map|
+              -> ScriptResult<Worker> {
+            let origin = origin_of(ctx);
+            if ctor_name == "BuildSlave" {
+                st.warn(
+                    crate::diagnostics::Diagnostic::warning(
+                        "`BuildSlave` is a legacy Buildbot 0.8 name; use `Worker`",
+                    )
+                    .at_origin(origin.as_ref()),
+                );
+            }
+            let password = crate::script::kwargs::secret_of(&password).ok_or_else(|| {
+                ScriptError::new(format!(
+                    "the password of worker `{name}` must be a string or secret(...)"
+                ))
+                .into_err()
+            })?;
+            let mut kw = Kwargs::new("Worker", opts, origin.clone(), st.clone());
+            let max_builds = kw.uint("max_builds")?.map(|n| n as u32);
+            let w = Worker {
+                name: name.to_string(),
+                password,
+                max_builds,
+                properties: kw.properties("properties")?,
+                keepalive_interval: kw.uint("keepalive_interval")?.unwrap_or(3600),
+                missing_timeout: kw.uint("missing_timeout")?.unwrap_or(600),
+                origin,
+            };
+            kw.finish()?;
+            Ok(w)
+        };
+        let m = make.clone();
+        engine.register_fn(
+            ctor_name,
+            move |ctx: NativeCallContext, name: &str, pw: Dynamic| m(&ctx, name, pw, Map::new()),
+        );
+        engine.register_fn(
+            ctor_name,
+            move |ctx: NativeCallContext, name: &str, pw: Dynamic, opts: Map| {
+                make(&ctx, name, pw, opts)
+            },
+        );
+    }
+}
