@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::wait_until;
-use common::workers::builds;
+use common::workers::{builds, Results};
 
 /// kiln processes (the quickstart's workers) whose command line names `dir`.
 fn processes_under(dir: &std::path::Path) -> Vec<String> {
@@ -61,13 +61,13 @@ fn the_quickstart_builds_a_commit_on_its_two_workers_and_stops_them_with_it() {
     std::fs::write(repo.join("README"), "a change\n").expect("edit");
     common::run(&repo, "git", &["commit", "-qam", "Make a change"]);
     wait_until(Duration::from_secs(60), "two finished builds", || {
-        (builds(&dir).iter().filter(|b| b.1.is_some()).count() >= 2).then_some(())
+        (builds(&dir).iter().filter(|b| b.result.is_some()).count() >= 2).then_some(())
     });
     let all = builds(&dir);
     assert_eq!(all.len(), 2, "{all:?}");
     for b in &all {
-        assert_eq!(b.1, Some(0), "{all:?}\n{}", text());
-        let steps: Vec<&str> = b.3.iter().map(|s| s.0.as_str()).collect();
+        assert_eq!(b.result, Some(Results::Success), "{all:?}\n{}", text());
+        let steps: Vec<&str> = b.steps.iter().map(|s| s.0.as_str()).collect();
         assert_eq!(steps, ["checkout", "list", "build"]);
     }
     let out = common::workers::stdio(&dir, "build");

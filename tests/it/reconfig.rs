@@ -48,29 +48,10 @@ fn next_reload(dir: &Path, seen: usize) -> Row {
 }
 
 /// Each build of `builder`: (number, results, step names).
-fn builds_of(dir: &Path, builder: &str) -> Vec<(i64, Option<i64>, Vec<String>)> {
-    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-    let ids: Vec<(i64, i64, Option<i64>)> = c
-        .prepare(
-            "SELECT b.id, b.number, b.results FROM builds b JOIN builders r ON r.id = b.builderid
-             WHERE r.name = ?1 ORDER BY b.id",
-        )
-        .expect("prepare")
-        .query_map([builder], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
-    ids.into_iter()
-        .map(|(id, number, results)| {
-            let steps: Vec<String> = c
-                .prepare("SELECT name FROM steps WHERE buildid = ?1 ORDER BY number")
-                .expect("prepare")
-                .query_map([id], |r| r.get(0))
-                .expect("steps")
-                .collect::<Result<_, _>>()
-                .expect("steps");
-            (number, results, steps)
-        })
+fn builds_of(dir: &Path, builder: &str) -> Vec<BuildRow> {
+    builds(dir)
+        .into_iter()
+        .filter(|b| b.builder == builder)
         .collect()
 }
 
@@ -177,29 +158,33 @@ fn a_running_build_keeps_its_steps_while_one_save_changes_adds_and_removes_build
     wait_until(Duration::from_secs(60), "the new builder's build", || {
         builds_of(&dir, "added")
             .first()
-            .and_then(|b| b.1)
+            .and_then(|b| b.result)
             .map(|_| ())
     });
     assert_eq!(builds_of(&dir, "long").len(), 1, "long build 1 still runs");
-    assert_eq!(builds_of(&dir, "long")[0].1, None);
+    assert_eq!(builds_of(&dir, "long")[0].result, None);
 
     std::fs::write(tmp.path().join("release"), "").expect("release");
     wait_until(Duration::from_secs(60), "both builds of long", || {
         let b = builds_of(&dir, "long");
-        (b.len() == 2 && b.iter().all(|b| b.1.is_some())).then_some(())
+        (b.len() == 2 && b.iter().all(|b| b.result.is_some())).then_some(())
     });
     let long = builds_of(&dir, "long");
+    let long: Vec<_> = long.iter().map(BuildRow::summary).collect();
     assert_eq!(
         long,
         [
-            (1, Some(0), vec!["old".to_string()]),
-            (2, Some(0), vec!["new".to_string()]),
+            (1, Some(Results::Success), vec!["old"]),
+            (2, Some(Results::Success), vec!["new"]),
         ],
         "the running build kept its steps; the next took the new ones"
     );
     assert_eq!(
-        builds_of(&dir, "added"),
-        [(1, Some(0), vec!["quick".to_string()])]
+        builds_of(&dir, "added")[..]
+            .iter()
+            .map(BuildRow::summary)
+            .collect::<Vec<_>>(),
+        [(1, Some(Results::Success), vec!["quick"])]
     );
     // The removed builder took nothing; its request is still waiting.
     assert!(builds_of(&dir, "gone").is_empty());
@@ -649,8 +634,11 @@ f.addStep(ShellCommand(#{{ name: "wait", command: "while [ ! -e ../../../release
         finished(&dir, 1).then_some(())
     });
     assert_eq!(
-        builds_of(&dir, "b"),
-        [(1, Some(0), vec!["wait".to_string()])]
+        builds_of(&dir, "b")
+            .iter()
+            .map(BuildRow::summary)
+            .collect::<Vec<_>>(),
+        [(1, Some(Results::Success), vec!["wait"])]
     );
     master.wait_for_log("idle: telling it to shut down", 1, Duration::from_secs(30));
     wait_until(Duration::from_secs(30), "w1 to be gone", || {

@@ -129,15 +129,18 @@ fn a_push_to_mozilla_central_builds_every_enabled_platform_with_the_script_facto
     .to_vec();
     for b in &all {
         assert_eq!(
-            b.1,
-            Some(0),
+            b.result,
+            Some(Results::Success),
             "every build succeeds: {all:?}\nclone_scripts of build 1: {}\n{}",
             step_log(&dir, 1, "clone_scripts"),
             master.log()
         );
-        let names: Vec<String> = b.3.iter().map(|s| s.0.clone()).collect();
+        let names: Vec<String> = b.steps.iter().map(|s| s.0.clone()).collect();
         assert_eq!(names, steps, "{all:?}");
-        assert!(b.3.iter().all(|s| s.1 == Some(0)), "{all:?}");
+        assert!(
+            b.steps.iter().all(|s| s.1 == Some(Results::Success)),
+            "{all:?}"
+        );
     }
 
     // config.rhai's fileIsImportant (a closure in a module) ran cleanly.

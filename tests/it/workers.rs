@@ -185,14 +185,14 @@ fn a_stock_worker_runs_the_steps_with_buildbots_results() {
     });
     let b = builds(&dir);
     assert_eq!(b.len(), 1);
-    assert_eq!(b[0].1, Some(2), "FAILURE: {b:?}");
+    assert_eq!(b[0].result, Some(Results::Failure), "FAILURE: {b:?}");
     assert_eq!(
-        b[0].3,
+        b[0].steps,
         [
-            ("hello".to_string(), Some(0)),
-            ("fails".to_string(), Some(2)),
-            ("skipped".to_string(), Some(3)),
-            ("cleanup".to_string(), Some(0)),
+            ("hello".to_string(), Some(Results::Success)),
+            ("fails".to_string(), Some(Results::Failure)),
+            ("skipped".to_string(), Some(Results::Skipped)),
+            ("cleanup".to_string(), Some(Results::Success)),
         ]
     );
     let out = stdio(&dir, "hello");
@@ -200,13 +200,7 @@ fn a_stock_worker_runs_the_steps_with_buildbots_results() {
     assert!(out.contains("eoops\n"), "{out}");
     assert!(stdio(&dir, "cleanup").contains("ocleaning"));
     // The request is complete with the build's result.
-    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-    let (complete, results): (i64, i64) = c
-        .query_row("SELECT complete, results FROM buildrequests", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .expect("request");
-    assert_eq!((complete, results), (1, 2));
+    assert_eq!(requests(&dir), [done(Results::Failure)]);
 }
 
 #[test]
@@ -240,8 +234,12 @@ fn a_worker_killed_mid_build_gives_retry_and_the_request_runs_again_elsewhere() 
     );
     let b = builds(&dir);
     assert_eq!(b.len(), 2, "{b:?}");
-    assert_eq!(b[0].1, Some(5), "the lost build is RETRY: {b:?}");
-    assert_eq!(b[1].1, Some(0), "{b:?}");
+    assert_eq!(
+        b[0].result,
+        Some(Results::Retry),
+        "the lost build is RETRY: {b:?}"
+    );
+    assert_eq!(b[1].result, Some(Results::Success), "{b:?}");
     let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
     let n: i64 = c
         .query_row(
@@ -296,15 +294,15 @@ fn a_master_killed_mid_build_retries_it_on_the_next_start() {
     });
     let b = builds(&dir);
     assert_eq!(b.len(), 2, "{b:?}");
-    assert_eq!(b[0].1, Some(5));
-    assert_eq!(b[1].1, Some(0));
+    assert_eq!(b[0].result, Some(Results::Retry));
+    assert_eq!(b[1].result, Some(Results::Success));
     assert!(stdio(&dir, "slow").contains("oagain"));
     // The first command, orphaned by the killed worker, may end now.
     std::fs::write(tmp.path().join("release"), "").expect("release");
     std::thread::sleep(Duration::from_millis(500));
 }
 
-fn collapse_run(collapse: &str) -> (Vec<BuildSummary>, Vec<(i64, i64)>) {
+fn collapse_run(collapse: &str) -> (Vec<BuildRow>, Vec<RequestRow>) {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = master_script(
         tmp.path(),
@@ -332,21 +330,36 @@ f.addStep(ShellCommand(#{{ name: "s", command: "if [ -e ../../../first ]; then e
     force(&master, "b");
     force(&master, "b");
     std::fs::write(tmp.path().join("release"), "").expect("release");
-    wait_until(Duration::from_secs(60), "every request to complete", || {
-        request_states(&dir).iter().all(|r| r.0 == 1).then_some(())
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    (builds(&dir), request_states(&dir))
+    wait_until(
+        Duration::from_secs(60),
+        "every request and build to end",
+        || all_done(&dir).then_some(()),
+    );
+    (builds(&dir), requests(&dir))
 }
 
 #[test]
 fn waiting_requests_collapse_into_one_build_unless_turned_off() {
     let (b, reqs) = collapse_run("");
     assert_eq!(b.len(), 2, "requests 2 and 3 were built once: {b:?}");
-    assert_eq!(reqs, [(1, 0), (1, 0), (1, 0)]);
+    assert_eq!(
+        reqs,
+        [
+            done(Results::Success),
+            done(Results::Success),
+            done(Results::Success)
+        ]
+    );
     let (b, reqs) = collapse_run(", collapseRequests: false");
     assert_eq!(b.len(), 3, "{b:?}");
-    assert_eq!(reqs, [(1, 0), (1, 0), (1, 0)]);
+    assert_eq!(
+        reqs,
+        [
+            done(Results::Success),
+            done(Results::Success),
+            done(Results::Success)
+        ]
+    );
 }
 
 #[test]
@@ -392,53 +405,78 @@ f.addStep(ShellCommand(#{ name: "s", command: "mkdir ../../../busy && sleep 1 &&
     });
     let b = builds(&dir);
     assert!(
-        b.iter().all(|x| x.1 == Some(0)),
+        b.iter().all(|x| x.result == Some(Results::Success)),
         "the builds overlapped: {b:?}"
     );
 }
 
+/// nextWorker is offered the idle workers only, and its choice holds, a
+/// choice of none included: while w2 builds, the second request is offered
+/// w1 alone, the function declines, and the request waits for w2 rather
+/// than going to the idle w1.
 #[test]
 fn next_worker_chooses_among_the_idle_workers() {
     let tmp = tempfile::tempdir().expect("tmp");
+    let release = tmp.path().join("release");
     let dir = master_script(
         tmp.path(),
-        r#"
+        &format!(
+            r#"
 let f = BuildFactory();
-f.addStep(ShellCommand(#{ name: "s", command: "echo on $PWD" }));
-#{
-    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
-    www: #{ port: 0 },
+f.addStep(ShellCommand(#{{ name: "s", command: "while [ ! -e {release} ]; do sleep 0.05; done" }}));
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
     workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
-    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
-    builders: [BuilderConfig(#{ name: "b", workernames: ["w1", "w2"], factory: f,
-        nextWorker: |builder, workers, request| if workers.contains("w2") { "w2" } else { () } })],
-}
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1", "w2"], factory: f, collapseRequests: false,
+        nextWorker: |builder, workers, request| {{
+            let offered = "";
+            for w in workers {{ offered += " " + w; }}
+            print("nextWorker offered" + offered + " for request " + request.buildrequestid);
+            if workers.contains("w2") {{ "w2" }} else {{ () }}
+        }} }})],
+}}
 "#,
+            release = release.display()
+        ),
     );
     let master = Master::start(&dir);
     let port = worker_port(&master);
-    let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
-    let _w2 = StockWorker::start(tmp.path(), "w2", "pw-two", port);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    let _w2 = KilnWorker::start(tmp.path(), "w2", "pw-two", port);
     master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
     master.wait_for_log("connected worker=w2", 1, Duration::from_secs(60));
     force(&master, "b");
+    master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
     force(&master, "b");
-    wait_until(Duration::from_secs(60), "the builds", || {
-        finished(&dir, 1).then_some(())
+    // w2 is busy: the second request is offered the idle w1 alone, and
+    // the function declines it.
+    master.wait_for_log(
+        "nextWorker offered w1 for request 2",
+        1,
+        Duration::from_secs(60),
+    );
+    let b = builds(&dir);
+    assert_eq!(b.len(), 1, "the declined request did not go to w1: {b:?}");
+    assert_eq!(b[0].worker, "w2");
+    assert!(!requests(&dir)[1].complete);
+    std::fs::write(&release, "").expect("release");
+    wait_until(Duration::from_secs(60), "both builds", || {
+        (builds(&dir).len() == 2 && all_done(&dir)).then_some(())
     });
-    std::thread::sleep(Duration::from_millis(500));
-    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-    let on: Vec<String> = c
-        .prepare("SELECT w.name FROM builds b JOIN workers w ON w.id = b.workerid ORDER BY b.id")
-        .expect("prepare")
-        .query_map([], |r| r.get(0))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
-    assert!(!on.is_empty() && on.iter().all(|w| w == "w2"), "{on:?}");
+    let on: Vec<String> = builds(&dir).into_iter().map(|b| b.worker).collect();
+    assert_eq!(on, ["w2", "w2"], "each request went where nextWorker chose");
+    assert!(
+        master
+            .log()
+            .contains("nextWorker offered w1 w2 for request 1"),
+        "the first request was offered both idle workers:\n{}",
+        master.log()
+    );
 }
 
-fn lock_run(locks: &str) -> Vec<BuildSummary> {
+fn lock_run(locks: &str) -> Vec<BuildRow> {
     let tmp = tempfile::tempdir().expect("tmp");
     // Both workers' builds use the same `busy` directory beside their dirs.
     let dir = master_script(
@@ -482,13 +520,13 @@ let one = MasterLock("one");
 fn an_exclusive_master_lock_keeps_builds_on_different_workers_apart() {
     let b = lock_run(r#"one.access("exclusive")"#);
     assert!(
-        b.iter().all(|x| x.1 == Some(0)),
+        b.iter().all(|x| x.result == Some(Results::Success)),
         "the builds overlapped: {b:?}"
     );
     // Without the lock they do overlap, which is what the lock is for.
     let b = lock_run("");
     assert!(
-        b.iter().any(|x| x.1 == Some(2)),
+        b.iter().any(|x| x.result == Some(Results::Failure)),
         "expected an overlap: {b:?}"
     );
 }
@@ -522,13 +560,13 @@ f.addStep(ShellCommand(#{ name: "env", command: "echo $GREETING", env: #{ GREETI
         finished(&dir, 1).then_some(())
     });
     let b = builds(&dir);
-    assert_eq!(b[0].1, Some(2), "{b:?}");
+    assert_eq!(b[0].result, Some(Results::Failure), "{b:?}");
     assert_eq!(
-        b[0].3,
+        b[0].steps,
         [
-            ("out".to_string(), Some(2)),
-            ("hangs".to_string(), Some(2)),
-            ("env".to_string(), Some(0))
+            ("out".to_string(), Some(Results::Failure)),
+            ("hangs".to_string(), Some(Results::Failure)),
+            ("env".to_string(), Some(Results::Success))
         ]
     );
     let out = stdio(&dir, "out");
@@ -738,16 +776,17 @@ f.addStep(ShellCommand(#{ name: "s", command: "if [ -e ../../../first ]; then ec
         assert_eq!(out.code, Some(0), "{}", out.stderr);
     }
     std::fs::write(tmp.path().join("release"), "").expect("release");
-    wait_until(Duration::from_secs(60), "every request to complete", || {
-        request_states(&dir).iter().all(|r| r.0 == 1).then_some(())
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(
+        Duration::from_secs(60),
+        "every request and build to end",
+        || all_done(&dir).then_some(()),
+    );
     // Request 1 alone, 2 and 3 (both k=x) together, 4 (k=y) and 5 (the
     // function throws for it: not collapsed) alone. The default rule would
     // have collapsed 2 to 5 into one build.
     let b = builds(&dir);
     assert_eq!(b.len(), 4, "{b:?}");
-    assert_eq!(request_states(&dir), [(1, 0); 5]);
+    assert_eq!(requests(&dir), [done(Results::Success); 5]);
     assert!(master.log().contains("cannot decide"), "{}", master.log());
     assert_eq!(master.stop(), Some(0));
 }
@@ -791,25 +830,26 @@ f.addStep(FileDownload(#{ name: "nosrc", mastersrc: "no-such-file", workerdest: 
         finished(&dir, 1).then_some(())
     });
     let b = builds(&dir);
-    let steps: Vec<(&str, Option<i64>)> = b[0].3.iter().map(|(n, r)| (n.as_str(), *r)).collect();
+    let steps: Vec<(&str, Option<Results>)> =
+        b[0].steps.iter().map(|(n, r)| (n.as_str(), *r)).collect();
     assert_eq!(
         steps,
         [
-            ("greet", Some(0)),
-            ("tool", Some(0)),
-            ("use", Some(0)),
-            ("up", Some(0)),
-            ("updir", Some(0)),
-            ("missing", Some(2)),
-            ("toobig", Some(2)),
-            ("nosrc", Some(2)),
+            ("greet", Some(Results::Success)),
+            ("tool", Some(Results::Success)),
+            ("use", Some(Results::Success)),
+            ("up", Some(Results::Success)),
+            ("updir", Some(Results::Success)),
+            ("missing", Some(Results::Failure)),
+            ("toobig", Some(Results::Failure)),
+            ("nosrc", Some(Results::Failure)),
         ],
         "use: {}\nmissing: {}\ntoobig: {}",
         stdio(&dir, "use"),
         stdio(&dir, "missing"),
         stdio(&dir, "toobig")
     );
-    assert_eq!(b[0].1, Some(2));
+    assert_eq!(b[0].result, Some(Results::Failure));
     let up = dir.join("uploads");
     assert_eq!(
         std::fs::read_to_string(up.join("out.txt")).expect("out.txt"),
@@ -922,14 +962,14 @@ f.addStep(ShellCommand(#{ name: "cleanup", command: "touch ../../../cleanup", al
         finished(&dir, 1).then_some(())
     });
     let b = builds(&dir);
-    assert_eq!(b[0].1, Some(6), "{b:?}");
-    assert!(b[0].2.contains("wrong push"), "{b:?}");
+    assert_eq!(b[0].result, Some(Results::Cancelled), "{b:?}");
+    assert!(b[0].state.contains("wrong push"), "{b:?}");
     assert_eq!(
-        b[0].3,
+        b[0].steps,
         [
-            ("long".to_string(), Some(6)),
-            ("after".to_string(), Some(3)),
-            ("cleanup".to_string(), Some(0))
+            ("long".to_string(), Some(Results::Cancelled)),
+            ("after".to_string(), Some(Results::Skipped)),
+            ("cleanup".to_string(), Some(Results::Success))
         ]
     );
     assert!(
@@ -937,7 +977,7 @@ f.addStep(ShellCommand(#{ name: "cleanup", command: "touch ../../../cleanup", al
         "no step runs after a stop"
     );
     assert!(tmp.path().join("cleanup").exists(), "but alwaysRun ones do");
-    assert_eq!(request_states(&dir), [(1, 6)]);
+    assert_eq!(requests(&dir), [done(Results::Cancelled)]);
     assert_eq!(master.stop(), Some(0));
 }
 
@@ -999,10 +1039,16 @@ f.addStep(ShellCommand(#{ name: "s", command: "touch ../../../started; while [ !
     });
     let b = builds(&dir);
     assert_eq!(b.len(), 1, "{b:?}");
-    assert_eq!(b[0].1, Some(0), "{b:?}");
+    assert_eq!(b[0].result, Some(Results::Success), "{b:?}");
     assert_eq!(
-        request_states(&dir),
-        [(1, 0), (0, -1)],
+        requests(&dir),
+        [
+            done(Results::Success),
+            RequestRow {
+                complete: false,
+                result: None
+            }
+        ],
         "the second request waits"
     );
     // At once: the stock worker's process ends.
@@ -1072,11 +1118,11 @@ f.addStep(ShellCommand(#{ name: "missing", command: Interpolate("hg clone %(prop
     });
     let b = builds(&dir);
     assert_eq!(
-        b[0].3,
+        b[0].steps,
         [
-            ("show".to_string(), Some(0)),
-            ("env".to_string(), Some(0)),
-            ("missing".to_string(), Some(4)),
+            ("show".to_string(), Some(Results::Success)),
+            ("env".to_string(), Some(Results::Success)),
+            ("missing".to_string(), Some(Results::Exception)),
         ]
     );
     assert!(
@@ -1148,12 +1194,12 @@ f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(wor
     });
     let b = builds(&dir);
     assert_eq!(
-        b[0].3,
+        b[0].steps,
         [
-            ("kinds".to_string(), Some(0)),
-            ("token".to_string(), Some(0)),
-            ("nosecret".to_string(), Some(4)),
-            ("noworker".to_string(), Some(4)),
+            ("kinds".to_string(), Some(Results::Success)),
+            ("token".to_string(), Some(Results::Success)),
+            ("nosecret".to_string(), Some(Results::Exception)),
+            ("noworker".to_string(), Some(Results::Exception)),
         ]
     );
     let kinds = stdio(&dir, "kinds");
@@ -1236,7 +1282,7 @@ f.addStep(ShellCommand(#{ name: "after", command: ["true"], alwaysRun: true }));
         finished(&dir, 1).then_some(())
     });
     let b = builds(&dir);
-    assert_eq!(b[0].1, Some(2), "{b:?}");
+    assert_eq!(b[0].result, Some(Results::Failure), "{b:?}");
     let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
     let states: Vec<(String, i64, String)> = c
         .prepare("SELECT name, results, state_string FROM steps ORDER BY number")
@@ -1429,40 +1475,42 @@ f.addStep(ShellCommand(#{ name: "after", command: "true" }));
         stdio(&dir, "where"),
         stdio(&dir, "use")
     );
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(Duration::from_secs(30), "both builds' requests", || {
+        all_done(&dir).then_some(())
+    });
     let b = builds(&dir);
-    let results = |i: usize| -> Vec<Option<i64>> { b[i].3.iter().map(|s| s.1).collect() };
+    let results = |i: usize| b[i].step_results();
     // where, fixed, use, skipped, ran, rcmap, infra, after
     assert_eq!(
         results(0),
         [
-            Some(0),
-            Some(0),
-            Some(0),
-            Some(3),
-            Some(0),
-            Some(1),
-            Some(5),
-            Some(3)
+            Some(Results::Success),
+            Some(Results::Success),
+            Some(Results::Success),
+            Some(Results::Skipped),
+            Some(Results::Success),
+            Some(Results::Warnings),
+            Some(Results::Retry),
+            Some(Results::Skipped)
         ]
     );
-    assert_eq!(b[0].1, Some(5), "RETRY: {b:?}");
+    assert_eq!(b[0].result, Some(Results::Retry), "RETRY: {b:?}");
     assert_eq!(
         results(1),
         [
-            Some(0),
-            Some(0),
-            Some(0),
-            Some(3),
-            Some(0),
-            Some(1),
-            Some(0),
-            Some(0)
+            Some(Results::Success),
+            Some(Results::Success),
+            Some(Results::Success),
+            Some(Results::Skipped),
+            Some(Results::Success),
+            Some(Results::Warnings),
+            Some(Results::Success),
+            Some(Results::Success)
         ]
     );
-    assert_eq!(b[1].1, Some(1), "WARNINGS: {b:?}");
+    assert_eq!(b[1].result, Some(Results::Warnings), "WARNINGS: {b:?}");
     assert_eq!(b.len(), 2);
-    assert_eq!(request_states(&dir), [(1, 1)]);
+    assert_eq!(requests(&dir), [done(Results::Warnings)]);
     assert!(!tmp.path().join("skipped").exists());
     let basedir = tmp.path().join("kiln-worker-w1/b");
     assert!(
@@ -1510,7 +1558,7 @@ f.addStep(ShellCommand(#{ name: "chatty", command: "for i in $(seq 1 5000); do e
         finished(&dir, 1).then_some(())
     });
     let b = builds(&dir);
-    assert_eq!(b[0].3, [("chatty".to_string(), Some(0))]);
+    assert_eq!(b[0].steps, [("chatty".to_string(), Some(Results::Success))]);
     let log = stdio(&dir, "chatty");
     assert!(log.contains("oline-1\n"), "{log}");
     assert!(!log.contains("line-5000"), "the tail is dropped");
@@ -1609,8 +1657,8 @@ f.addStep(ShellCommand(#{{ name: "show", command: "cat scripts/VERSION", workdir
         step_log(3, "clone")
     );
     let b = builds(&dir);
-    let results: Vec<Option<i64>> = b.iter().map(|x| x.1).collect();
-    assert_eq!(results, [Some(0), Some(0), Some(0)], "{b:?}");
+    let results: Vec<Option<Results>> = b.iter().map(|x| x.result).collect();
+    assert_eq!(results, [Some(Results::Success); 3], "{b:?}");
     assert!(step_log(3, "show").contains("otwo"));
     assert_eq!(master.stop(), Some(0));
 }
@@ -1651,13 +1699,13 @@ die.addStep(DisconnectStep(#{ name: "die", command: "kill -9 $PPID; sleep 5", fl
     master.wait_for_log("disconnecting the worker", 1, Duration::from_secs(30));
     master.wait_for_log("connected worker=w1", 2, Duration::from_secs(60));
     let b = builds(&dir);
-    assert_eq!(b[0].1, Some(0), "{b:?}");
+    assert_eq!(b[0].result, Some(Results::Success), "{b:?}");
     assert_eq!(
-        b[0].3,
+        b[0].steps,
         [
-            ("work".to_string(), Some(0)),
-            ("reboot".to_string(), Some(0)),
-            ("after".to_string(), Some(3)),
+            ("work".to_string(), Some(Results::Success)),
+            ("reboot".to_string(), Some(Results::Success)),
+            ("after".to_string(), Some(Results::Skipped)),
         ]
     );
     assert!(!tmp.path().join("after").exists());
@@ -1672,8 +1720,11 @@ die.addStep(DisconnectStep(#{ name: "die", command: "kill -9 $PPID; sleep 5", fl
     std::thread::sleep(Duration::from_millis(500));
     let b = builds(&dir);
     assert_eq!(b.len(), 2, "not retried: {b:?}");
-    assert_eq!(b[1].1, Some(0), "{b:?}");
-    assert_eq!(request_states(&dir), [(1, 0), (1, 0)]);
+    assert_eq!(b[1].result, Some(Results::Success), "{b:?}");
+    assert_eq!(
+        requests(&dir),
+        [done(Results::Success), done(Results::Success)]
+    );
     assert!(stdio(&dir, "die").contains("went away, as this step expects"));
     assert_eq!(master.stop(), Some(0));
 }
@@ -1713,17 +1764,20 @@ child.addStep(ShellCommand(#{ name: "child", command: ["sh", "-c", WithPropertie
     // The child finished first (FAILURE); the parent waited, took FAILURE
     // from its trigger step, and went on (flunkOnFailure, no halt).
     assert_eq!(b.len(), 2, "{b:?}");
-    let parent = b.iter().find(|x| x.3[0].0 == "trigger").expect("parent");
-    let child = b.iter().find(|x| x.3[0].0 == "child").expect("child");
-    assert_eq!(child.1, Some(2));
+    let parent = b
+        .iter()
+        .find(|x| x.steps[0].0 == "trigger")
+        .expect("parent");
+    let child = b.iter().find(|x| x.steps[0].0 == "child").expect("child");
+    assert_eq!(child.result, Some(Results::Failure));
     assert_eq!(
-        parent.3,
+        parent.steps,
         [
-            ("trigger".to_string(), Some(2)),
-            ("after".to_string(), Some(0))
+            ("trigger".to_string(), Some(Results::Failure)),
+            ("after".to_string(), Some(Results::Success))
         ]
     );
-    assert_eq!(parent.1, Some(2));
+    assert_eq!(parent.result, Some(Results::Failure));
     assert!(
         stdio(&dir, "child").contains("odebug"),
         "{}",
@@ -1768,9 +1822,16 @@ f.addStep(ShellCommand(#{ name: "worse", command: "echo 'abort: error: refused';
         finished(&dir, 1).then_some(())
     });
     let b = builds(&dir);
-    let results: Vec<Option<i64>> = b[0].3.iter().map(|s| s.1).collect();
-    assert_eq!(results, [Some(1), Some(0), Some(2)], "{b:?}");
-    assert_eq!(b[0].1, Some(2));
+    assert_eq!(
+        b[0].step_results(),
+        [
+            Some(Results::Warnings),
+            Some(Results::Success),
+            Some(Results::Failure)
+        ],
+        "{b:?}"
+    );
+    assert_eq!(b[0].result, Some(Results::Failure));
     assert!(
         stdio(&dir, "hit").contains("matched"),
         "{}",
@@ -1889,7 +1950,10 @@ f.addStep(ShellCommand(#{{ name: "show", command: ["sh", "-c", WithProperties("c
         show(3)
     );
     let b = builds(&dir);
-    assert!(b.iter().all(|x| x.1 == Some(0)), "{b:?}");
+    assert!(
+        b.iter().all(|x| x.result == Some(Results::Success)),
+        "{b:?}"
+    );
     assert_eq!(master.stop(), Some(0));
 }
 
@@ -1939,7 +2003,12 @@ f.addStep(MockCommand(#{{ name: "plain", command: ["sh", "-c", "echo plain: $FLA
         finished(&dir, 1).then_some(())
     });
     let b = builds(&dir);
-    assert_eq!(b[0].1, Some(0), "{b:?} {}", stdio(&dir, "in_mock"));
+    assert_eq!(
+        b[0].result,
+        Some(Results::Success),
+        "{b:?} {}",
+        stdio(&dir, "in_mock")
+    );
     assert!(
         stdio(&dir, "in_mock").contains("oin mock: opt"),
         "{}",

@@ -94,21 +94,92 @@ pub fn force(master: &Master, builder: &str) {
     assert_eq!(out.code, Some(0), "{}", out.stderr);
 }
 
-/// A build's number, results, state, and each step's (name, results).
-pub type BuildSummary = (i64, Option<i64>, String, Vec<(String, Option<i64>)>);
+pub use kiln::config::Results;
+
+/// A build as the tests read it from the store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BuildRow {
+    pub builder: String,
+    pub number: i64,
+    /// The worker it ran on.
+    pub worker: String,
+    /// `None` while it runs.
+    pub result: Option<Results>,
+    pub state: String,
+    /// Each step's name and result, in order.
+    pub steps: Vec<(String, Option<Results>)>,
+}
+
+impl BuildRow {
+    /// The steps' results, in order.
+    pub fn step_results(&self) -> Vec<Option<Results>> {
+        self.steps.iter().map(|s| s.1).collect()
+    }
+
+    /// The steps' names, in order.
+    pub fn step_names(&self) -> Vec<&str> {
+        self.steps.iter().map(|s| s.0.as_str()).collect()
+    }
+
+    /// Number, result and step names: what a build was, in short.
+    pub fn summary(&self) -> (i64, Option<Results>, Vec<&str>) {
+        (self.number, self.result, self.step_names())
+    }
+
+    /// The result of the step named `name`.
+    pub fn step(&self, name: &str) -> Option<Results> {
+        self.steps
+            .iter()
+            .find(|s| s.0 == name)
+            .unwrap_or_else(|| panic!("no step {name} in {self:?}"))
+            .1
+    }
+}
+
+/// A build request's state.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RequestRow {
+    pub complete: bool,
+    pub result: Option<Results>,
+}
+
+/// A stored result number as its name.
+pub fn result_of(n: Option<i64>) -> Option<Results> {
+    let n = n?;
+    Some(
+        Results::ALL
+            .into_iter()
+            .find(|r| *r as i64 == n)
+            .unwrap_or_else(|| panic!("{n} is not one of Buildbot's results")),
+    )
+}
 
 /// Every build, in order.
-pub fn builds(dir: &Path) -> Vec<BuildSummary> {
+pub fn builds(dir: &Path) -> Vec<BuildRow> {
     let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-    let rows: Vec<(i64, i64, Option<i64>, String)> = c
-        .prepare("SELECT id, number, results, state_string FROM builds ORDER BY id")
+    type Raw = (i64, String, i64, String, Option<i64>, String);
+    let rows: Vec<Raw> = c
+        .prepare(
+            "SELECT b.id, r.name, b.number, w.name, b.results, b.state_string
+             FROM builds b JOIN workers w ON w.id = b.workerid
+             JOIN builders r ON r.id = b.builderid ORDER BY b.id",
+        )
         .expect("prepare")
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
         .expect("query")
         .collect::<Result<_, _>>()
         .expect("rows");
     rows.into_iter()
-        .map(|(id, number, results, state)| {
+        .map(|(id, builder, number, worker, results, state)| {
             let steps: Vec<(String, Option<i64>)> = c
                 .prepare("SELECT name, results FROM steps WHERE buildid = ?1 ORDER BY number")
                 .expect("prepare")
@@ -116,7 +187,14 @@ pub fn builds(dir: &Path) -> Vec<BuildSummary> {
                 .expect("steps")
                 .collect::<Result<_, _>>()
                 .expect("steps");
-            (number, results, state, steps)
+            BuildRow {
+                builder,
+                number,
+                worker,
+                result: result_of(results),
+                state,
+                steps: steps.into_iter().map(|(n, r)| (n, result_of(r))).collect(),
+            }
         })
         .collect()
 }
@@ -139,8 +217,15 @@ pub fn stdio(dir: &Path, step: &str) -> String {
         .collect()
 }
 
+/// Whether every request is complete and every build has finished (the
+/// two are separate writes: wait for both before reading either).
+pub fn all_done(dir: &Path) -> bool {
+    requests(dir).iter().all(|r| r.complete) && builds(dir).iter().all(|b| b.result.is_some())
+}
+
+/// Whether at least `n` builds have finished.
 pub fn finished(dir: &Path, n: usize) -> bool {
-    builds(dir).iter().filter(|b| b.1.is_some()).count() >= n
+    builds(dir).iter().filter(|b| b.result.is_some()).count() >= n
 }
 
 /// A master dir from a whole master.rhai (workers w1/pw-one and w2/pw-two
@@ -152,16 +237,30 @@ pub fn master_script(root: &Path, script: &str) -> PathBuf {
     dir
 }
 
-pub fn request_states(dir: &Path) -> Vec<(i64, i64)> {
+/// Every build request's state, in order.
+pub fn requests(dir: &Path) -> Vec<RequestRow> {
     let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-    let rows: Vec<(i64, i64)> = c
-        .prepare("SELECT complete, coalesce(results, -1) FROM buildrequests ORDER BY id")
+    let rows: Vec<(i64, Option<i64>)> = c
+        .prepare("SELECT complete, results FROM buildrequests ORDER BY id")
         .expect("prepare")
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .expect("query")
         .collect::<Result<_, _>>()
         .expect("rows");
-    rows
+    rows.into_iter()
+        .map(|(complete, results)| RequestRow {
+            complete: complete != 0,
+            result: result_of(results),
+        })
+        .collect()
+}
+
+/// A complete request with this result.
+pub fn done(result: Results) -> RequestRow {
+    RequestRow {
+        complete: true,
+        result: Some(result),
+    }
 }
 
 /// The standalone `kiln-worker` binary, built beside `kiln` by `cargo
