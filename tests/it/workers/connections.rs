@@ -1,0 +1,677 @@
+//! Worker connections: stock and kiln workers connecting, bad clients,
+//! workers and masters killed mid-build, transfers, stop and shutdown,
+//! timeouts.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::workers::*;
+use common::{wait_until, Master};
+use futures_util::{SinkExt, StreamExt};
+
+use super::{master_dir, master_with_steps, rpc};
+
+#[test]
+fn a_stock_worker_connects_and_a_wrong_password_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_dir(tmp.path());
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+
+    let bad = StockWorker::start(tmp.path(), "w2", "not-the-password", port);
+    master.wait_for_log("wrong password for worker `w2`", 1, Duration::from_secs(60));
+    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    wait_until(Duration::from_secs(30), "w1 recorded as connected", || {
+        (connected(&dir) == ["w1"]).then_some(())
+    });
+    let info: String = rusqlite::Connection::open(dir.join("state.sqlite"))
+        .expect("db")
+        .query_row("SELECT info_json FROM workers WHERE name = 'w1'", [], |r| {
+            r.get(0)
+        })
+        .expect("info");
+    let info: serde_json::Value = serde_json::from_str(&info).expect("json");
+    assert_eq!(info["version"], "4.3.0");
+    assert_eq!(info["basedir"], w1.dir.display().to_string());
+    drop(bad);
+
+    // The worker goes away: no longer connected.
+    drop(w1);
+    wait_until(Duration::from_secs(30), "w1 recorded as gone", || {
+        connected(&dir).is_empty().then_some(())
+    });
+    assert_eq!(master.stop(), Some(0));
+}
+
+async fn ws_connect(
+    port: u16,
+    user: &str,
+    password: &str,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    String,
+> {
+    use base64::Engine as _;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://127.0.0.1:{port}/")
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Basic {auth}")
+            .parse()
+            .map_err(|_| "header".to_string())?,
+    );
+    tokio_tungstenite::connect_async(req)
+        .await
+        .map(|(ws, _)| ws)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn bad_clients_are_closed_and_touch_nothing_else() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_dir(tmp.path());
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        // An unknown worker is refused in the handshake.
+        let err = ws_connect(port, "nobody", "x").await.expect_err("refused");
+        assert!(err.contains("401"), "{err}");
+        // A second connection for w1 while w1 answers is refused.
+        if let Ok(mut ws) = ws_connect(port, "w1", "pw-one").await {
+            // Answer nothing; the master checks the first connection and closes this one.
+            let end = tokio::time::timeout(Duration::from_secs(30), async {
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_close() {
+                        break;
+                    }
+                }
+            })
+            .await;
+            assert!(end.is_ok(), "the duplicate connection was not closed");
+        }
+        // w2 connects, then sends garbage: that connection is closed.
+        let mut ws = ws_connect(port, "w2", "pw-two").await.expect("w2 connects");
+        let _ = ws
+            .send(tokio_tungstenite::tungstenite::Message::Binary(
+                vec![0xc1, 0xff, 0x00].into(),
+            ))
+            .await;
+        let end = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(Ok(m)) = ws.next().await {
+                if m.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "garbage did not close the connection");
+        // A half-open TCP connection that never completes a handshake.
+        let _idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("tcp");
+    });
+    master.wait_for_log("malformed message", 1, Duration::from_secs(30));
+    master.wait_for_log(
+        "already connected and answering",
+        1,
+        Duration::from_secs(30),
+    );
+    // w1 is untouched.
+    assert_eq!(connected(&dir), ["w1"]);
+    assert!(!w1.log().contains("connection lost"), "{}", w1.log());
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn a_worker_killed_mid_build_gives_retry_and_the_request_runs_again_elsewhere() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_with_steps(
+        tmp.path(),
+        // Runs until the test creates `release` beside the workers' dirs.
+        r#"f.addStep(ShellCommand(#{ name: "slow", command: "echo start; while [ ! -e ../../../release ]; do sleep 0.1; done; echo done" }));"#,
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    drop(w1); // SIGKILL
+    master.wait_for_log(
+        "worker lost; the request will run again",
+        1,
+        Duration::from_secs(60),
+    );
+    // The commands may end now (also the one w1 left behind).
+    std::fs::write(tmp.path().join("release"), "").expect("release");
+    let _w2 = StockWorker::start(tmp.path(), "w2", "pw-two", port);
+    wait_until(
+        Duration::from_secs(90),
+        "the retried build to finish",
+        || finished(&dir, 2).then_some(()),
+    );
+    let b = builds(&dir);
+    assert_eq!(b.len(), 2, "{b:?}");
+    assert_eq!(
+        b[0].result,
+        Some(Results::Retry),
+        "the lost build is RETRY: {b:?}"
+    );
+    assert_eq!(b[1].result, Some(Results::Success), "{b:?}");
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let n: i64 = c
+        .query_row(
+            "SELECT count(*) FROM buildrequests WHERE complete = 1",
+            [],
+            |r| r.get(0),
+        )
+        .expect("n");
+    assert_eq!(n, 1);
+    let worker: String = c
+        .query_row(
+            "SELECT w.name FROM builds b JOIN workers w ON w.id = b.workerid WHERE b.number = 2",
+            [],
+            |r| r.get(0),
+        )
+        .expect("worker");
+    assert_eq!(worker, "w2");
+    // Give the orphaned command of the killed worker time to see `release`.
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+#[test]
+fn a_master_killed_mid_build_retries_it_on_the_next_start() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_with_steps(
+        tmp.path(),
+        r#"f.addStep(ShellCommand(#{ name: "slow", command: "if [ -e ../../../second ]; then echo again; else touch ../../../second; while [ ! -e ../../../release ]; do sleep 0.1; done; fi" }));"#,
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    // Mid-build: the command is running on the worker.
+    wait_until(Duration::from_secs(60), "the command to start", || {
+        tmp.path().join("second").exists().then_some(())
+    });
+    drop(master); // SIGKILL: no clean stop
+    drop(w1);
+    // The same port, so that a worker can come back.
+    let text = std::fs::read_to_string(dir.join("master.rhai")).expect("read");
+    std::fs::write(
+        dir.join("master.rhai"),
+        text.replace("port: 0 } }", &format!("port: {port} }} }}")),
+    )
+    .expect("write");
+    let master = Master::start(&dir);
+    master.wait_for_log("they end as RETRY", 1, Duration::from_secs(60));
+    let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    wait_until(Duration::from_secs(90), "the build to run again", || {
+        finished(&dir, 2).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(b.len(), 2, "{b:?}");
+    assert_eq!(b[0].result, Some(Results::Retry));
+    assert_eq!(b[1].result, Some(Results::Success));
+    assert!(stdio(&dir, "slow").contains("oagain"));
+    // The first command, orphaned by the killed worker, may end now.
+    std::fs::write(tmp.path().join("release"), "").expect("release");
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+#[test]
+fn kilns_worker_runs_builds_enforces_timeouts_and_reconnects() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "out", command: ["sh", "-c", "echo to-out; echo to-err >&2; exit 4"], flunkOnFailure: false }));
+// The background sleep is in the command's process group: the timeout kills it too.
+f.addStep(ShellCommand(#{ name: "hangs", command: "(sleep 2; touch ../../../survived) & sleep 30", timeout: 1 }));
+f.addStep(ShellCommand(#{ name: "env", command: "echo $GREETING", env: #{ GREETING: "hello from kiln" } }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(b[0].result, Some(Results::Failure), "{b:?}");
+    assert_eq!(
+        b[0].steps,
+        [
+            ("out".to_string(), Some(Results::Failure)),
+            ("hangs".to_string(), Some(Results::Failure)),
+            ("env".to_string(), Some(Results::Success))
+        ]
+    );
+    let out = stdio(&dir, "out");
+    assert!(
+        out.contains("oto-out\n") && out.contains("eto-err\n"),
+        "{out}"
+    );
+    let hangs = stdio(&dir, "hangs");
+    assert!(
+        hangs.contains("command timed out: 1 seconds without output"),
+        "{hangs}"
+    );
+    assert!(stdio(&dir, "env").contains("ohello from kiln"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !tmp.path().join("survived").exists(),
+        "the timeout left a process of the group running"
+    );
+
+    // The master restarts on the same port: the worker comes back by itself.
+    let mut master = master;
+    assert_eq!(master.stop(), Some(0));
+    let text = std::fs::read_to_string(dir.join("master.rhai")).expect("read");
+    std::fs::write(
+        dir.join("master.rhai"),
+        text.replace(
+            "msgpack_experimental_v7: #{ port: 0 }",
+            &format!("msgpack_experimental_v7: #{{ port: {port} }}"),
+        ),
+    )
+    .expect("write");
+    let master = Master::start(&dir);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    drop(w1);
+    drop(master);
+}
+
+/// Downloads, a command that uses them, and uploads back, on one worker.
+fn transfer_run(kiln_worker: bool) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(StringDownload(#{ name: "greet", s: "hello\n", workerdest: "greeting.txt", mode: 0o600 }));
+f.addStep(FileDownload(#{ name: "tool", mastersrc: "tool.sh", workerdest: "bin/tool.sh", mode: 0o755, blocksize: 7 }));
+f.addStep(ShellCommand(#{ name: "use", command: "test \"$(stat -c %a greeting.txt)\" = 600 && bin/tool.sh > out.txt && cat greeting.txt >> out.txt && mkdir -p dist/sub && echo a > dist/a && echo b > dist/sub/b && touch -d 2001-02-03T04:05:06 out.txt" }));
+f.addStep(FileUpload(#{ name: "up", workersrc: "out.txt", masterdest: "uploads/out.txt", keepstamp: true, blocksize: 5 }));
+f.addStep(DirectoryUpload(#{ name: "updir", workersrc: "dist", masterdest: "uploads/dist", compress: "gz" }));
+f.addStep(FileUpload(#{ name: "missing", workersrc: "nothing-here", masterdest: "uploads/missing" }));
+f.addStep(FileUpload(#{ name: "toobig", workersrc: "out.txt", masterdest: "uploads/big", maxsize: 3 }));
+f.addStep(FileDownload(#{ name: "nosrc", mastersrc: "no-such-file", workerdest: "x" }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    std::fs::write(dir.join("tool.sh"), "#!/bin/sh\necho made by the tool\n").expect("tool");
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let (_stock, _kiln);
+    if kiln_worker {
+        _kiln = Some(KilnWorker::start(tmp.path(), "w1", "pw-one", port));
+    } else {
+        _stock = Some(StockWorker::start(tmp.path(), "w1", "pw-one", port));
+    }
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(90), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    let steps: Vec<(&str, Option<Results>)> =
+        b[0].steps.iter().map(|(n, r)| (n.as_str(), *r)).collect();
+    assert_eq!(
+        steps,
+        [
+            ("greet", Some(Results::Success)),
+            ("tool", Some(Results::Success)),
+            ("use", Some(Results::Success)),
+            ("up", Some(Results::Success)),
+            ("updir", Some(Results::Success)),
+            ("missing", Some(Results::Failure)),
+            ("toobig", Some(Results::Failure)),
+            ("nosrc", Some(Results::Failure)),
+        ],
+        "use: {}\nmissing: {}\ntoobig: {}",
+        stdio(&dir, "use"),
+        stdio(&dir, "missing"),
+        stdio(&dir, "toobig")
+    );
+    assert_eq!(b[0].result, Some(Results::Failure));
+    let up = dir.join("uploads");
+    assert_eq!(
+        std::fs::read_to_string(up.join("out.txt")).expect("out.txt"),
+        "made by the tool\nhello\n"
+    );
+    // keepstamp: the worker's modification time came along.
+    let mtime = std::fs::metadata(up.join("out.txt"))
+        .expect("meta")
+        .modified()
+        .expect("mtime");
+    let secs = mtime
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("epoch")
+        .as_secs();
+    let local_2001 = 981_173_106i64; // 2001-02-03T04:05:06 UTC
+    assert!(
+        (secs as i64 - local_2001).abs() <= 14 * 3600,
+        "mtime {secs} is not 2001-02-03"
+    );
+    assert_eq!(
+        std::fs::read_to_string(up.join("dist/a")).expect("a"),
+        "a\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(up.join("dist/sub/b")).expect("b"),
+        "b\n"
+    );
+    // Failed uploads leave nothing behind, not even temporary files.
+    let mut names: Vec<String> = std::fs::read_dir(&up)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["dist", "out.txt"]);
+    assert!(stdio(&dir, "nosrc").contains("not available on the master"));
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn a_stock_worker_transfers_files_both_ways() {
+    transfer_run(false);
+}
+
+#[test]
+fn kilns_worker_transfers_files_both_ways() {
+    transfer_run(true);
+}
+
+fn stop_run(kiln_worker: bool) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "long", command: "touch ../../../started; sleep 120" }));
+f.addStep(ShellCommand(#{ name: "after", command: "touch ../../../after" }));
+f.addStep(ShellCommand(#{ name: "cleanup", command: "touch ../../../cleanup", alwaysRun: true }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let (_stock, _kiln);
+    if kiln_worker {
+        _kiln = Some(KilnWorker::start(tmp.path(), "w1", "pw-one", port));
+    } else {
+        _stock = Some(StockWorker::start(tmp.path(), "w1", "pw-one", port));
+    }
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let (status, body) = rpc(&master, "/api/v2/builds/1", "stop", serde_json::json!({}));
+    assert_eq!(status, 404, "no build is running yet: {body}");
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the command to start", || {
+        tmp.path().join("started").exists().then_some(())
+    });
+    let (status, body) = rpc(
+        &master,
+        "/api/v2/builds/1",
+        "stop",
+        serde_json::json!({ "reason": "wrong push" }),
+    );
+    assert_eq!(status, 200, "{body}");
+    // Bounded well below the command's 120 s: the interrupt killed it.
+    wait_until(Duration::from_secs(40), "the stopped build to end", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(b[0].result, Some(Results::Cancelled), "{b:?}");
+    assert!(b[0].state.contains("wrong push"), "{b:?}");
+    assert_eq!(
+        b[0].steps,
+        [
+            ("long".to_string(), Some(Results::Cancelled)),
+            ("after".to_string(), Some(Results::Skipped)),
+            ("cleanup".to_string(), Some(Results::Success))
+        ]
+    );
+    assert!(
+        !tmp.path().join("after").exists(),
+        "no step runs after a stop"
+    );
+    assert!(tmp.path().join("cleanup").exists(), "but alwaysRun ones do");
+    assert_eq!(requests(&dir), [done(Results::Cancelled)]);
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn a_stopped_build_interrupts_its_command_on_a_stock_worker() {
+    stop_run(false);
+}
+
+#[test]
+fn a_stopped_build_interrupts_its_command_on_kilns_worker() {
+    stop_run(true);
+}
+
+#[test]
+fn workers_shut_down_gracefully_or_at_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "s", command: "touch ../../../started; while [ ! -e ../../../release ]; do sleep 0.1; done" }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let mut w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    let mut w2 = StockWorker::start(tmp.path(), "w2", "pw-two", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    master.wait_for_log("connected worker=w2", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build to start", || {
+        tmp.path().join("started").exists().then_some(())
+    });
+    // Graceful: w1 finishes its build, takes no new one, then goes.
+    let (status, body) = rpc(&master, "/api/v2/workers/w1", "stop", serde_json::json!({}));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("when its 1 running build(s) end"), "{body}");
+    force(&master, "b");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        builds(&dir).len(),
+        1,
+        "a draining worker takes no new build"
+    );
+    assert!(
+        w1.child.try_wait().expect("wait").is_none(),
+        "w1 is still up"
+    );
+    std::fs::write(tmp.path().join("release"), "").expect("release");
+    wait_until(Duration::from_secs(30), "w1 to exit", || {
+        w1.child.try_wait().expect("wait")
+    });
+    let b = builds(&dir);
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert_eq!(b[0].result, Some(Results::Success), "{b:?}");
+    assert_eq!(
+        requests(&dir),
+        [
+            done(Results::Success),
+            RequestRow {
+                complete: false,
+                result: None
+            }
+        ],
+        "the second request waits"
+    );
+    // At once: the stock worker's process ends.
+    let (status, body) = rpc(&master, "/api/v2/workers/w2", "kill", serde_json::json!({}));
+    assert_eq!(status, 200, "{body}");
+    wait_until(Duration::from_secs(30), "w2 to exit", || {
+        w2.child.try_wait().expect("wait")
+    });
+    wait_until(Duration::from_secs(30), "no worker connected", || {
+        connected(&dir).is_empty().then_some(())
+    });
+    let (status, body) = rpc(&master, "/api/v2/workers/w2", "stop", serde_json::json!({}));
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = rpc(
+        &master,
+        "/api/v2/workers/w2",
+        "pause",
+        serde_json::json!({}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(master.stop(), Some(0));
+}
+
+/// A step that prints forever hits maxTime; one that prints nothing hits
+/// timeout; both end FAILURE "(timed out)", with the worker's line and the
+/// master's in the log.
+fn timeout_run(kiln_worker: bool) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+// A line longer than any read or update, and a last line without newline.
+f.addStep(ShellCommand(#{ name: "long", command: ["python3", "-c", "import sys; sys.stdout.write('x' * 100000 + '\\n' + 'tail')"] }));
+f.addStep(ShellCommand(#{ name: "chatty", command: "while true; do echo tick; sleep 0.2; done",
+    timeout: 30, maxTime: 2, flunkOnFailure: true }));
+f.addStep(ShellCommand(#{ name: "silent", command: ["sleep", "30"], timeout: 1, alwaysRun: true }));
+f.addStep(ShellCommand(#{ name: "after", command: ["true"], alwaysRun: true }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let (_k, _s) = if kiln_worker {
+        (
+            Some(KilnWorker::start(tmp.path(), "w1", "pw-one", port)),
+            None,
+        )
+    } else {
+        (
+            None,
+            Some(StockWorker::start(tmp.path(), "w1", "pw-one", port)),
+        )
+    };
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(90), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(b[0].result, Some(Results::Failure), "{b:?}");
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let states: Vec<(String, i64, String)> = c
+        .prepare("SELECT name, results, state_string FROM steps ORDER BY number")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let fail = states[1].2.replace(" (timed out)", "");
+    assert_eq!(
+        states,
+        [
+            ("long".to_string(), 0, states[0].2.clone()),
+            ("chatty".to_string(), 2, format!("{fail} (timed out)")),
+            ("silent".to_string(), 2, format!("{fail} (timed out)")),
+            ("after".to_string(), 0, states[3].2.clone()),
+        ]
+    );
+    assert!(!states[3].2.contains("timed out"));
+    // Stored as two lines, whichever way the workers cut the output.
+    let long = stdio(&dir, "long");
+    let body: Vec<&str> = long.lines().filter(|l| l.starts_with('o')).collect();
+    assert_eq!(
+        body.len(),
+        2,
+        "{:?}",
+        body.iter().map(|l| l.len()).collect::<Vec<_>>()
+    );
+    assert_eq!(body[0], format!("o{}", "x".repeat(100000)));
+    assert_eq!(body[1], "otail");
+    let chatty = stdio(&dir, "chatty");
+    assert!(chatty.contains("otick"), "{chatty}");
+    assert!(
+        chatty.contains("command timed out: 2 seconds elapsed"),
+        "{chatty}"
+    );
+    assert!(
+        chatty.contains("h[kiln] the worker killed the command: it ran longer than maxTime (2 s)"),
+        "{chatty}"
+    );
+    let silent = stdio(&dir, "silent");
+    assert!(
+        silent.contains("command timed out: 1 seconds without output"),
+        "{silent}"
+    );
+    assert!(
+        silent.contains(
+            "h[kiln] the worker killed the command: it printed nothing for timeout (1 s)"
+        ),
+        "{silent}"
+    );
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn timeout_and_max_time_end_commands_on_a_stock_worker() {
+    timeout_run(false);
+}
+
+#[test]
+fn timeout_and_max_time_end_commands_on_kilns_worker() {
+    timeout_run(true);
+}

@@ -1,0 +1,426 @@
+//! Dispatch: collapsing, max_builds, nextWorker, locks, prioritizeBuilders,
+//! canStartBuild, collapseRequests.
+
+use crate::common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::workers::*;
+use common::{wait_until, Master};
+
+fn collapse_run(collapse: &str) -> (Vec<BuildRow>, Vec<RequestRow>) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        &format!(
+            r#"
+let f = BuildFactory();
+// The first build waits for `release`; later ones finish at once.
+f.addStep(ShellCommand(#{{ name: "s", command: "if [ -e ../../../first ]; then echo quick; else touch ../../../first; while [ ! -e ../../../release ]; do sleep 0.1; done; fi" }}));
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f {collapse} }})],
+}}
+"#
+        ),
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
+    force(&master, "b");
+    force(&master, "b");
+    std::fs::write(tmp.path().join("release"), "").expect("release");
+    wait_until(
+        Duration::from_secs(60),
+        "every request and build to end",
+        || all_done(&dir).then_some(()),
+    );
+    (builds(&dir), requests(&dir))
+}
+
+#[test]
+fn waiting_requests_collapse_into_one_build_unless_turned_off() {
+    let (b, reqs) = collapse_run("");
+    assert_eq!(b.len(), 2, "requests 2 and 3 were built once: {b:?}");
+    assert_eq!(
+        reqs,
+        [
+            done(Results::Success),
+            done(Results::Success),
+            done(Results::Success)
+        ]
+    );
+    let (b, reqs) = collapse_run(", collapseRequests: false");
+    assert_eq!(b.len(), 3, "{b:?}");
+    assert_eq!(
+        reqs,
+        [
+            done(Results::Success),
+            done(Results::Success),
+            done(Results::Success)
+        ]
+    );
+}
+
+#[test]
+fn max_builds_keeps_a_worker_to_one_build_at_a_time() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Two builds at once in the same worker would find `busy` taken.
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "s", command: "mkdir ../../../busy && sleep 1 && rmdir ../../../busy" }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one", #{ max_builds: 1 })],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b", "c"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f }),
+               BuilderConfig(#{ name: "c", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    // One force: a request for each builder at the same moment.
+    let out = common::kiln(
+        &master.dir,
+        &[
+            "force",
+            "--master",
+            &master.http_url(),
+            "b",
+            "--scheduler",
+            "force",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    force(&master, "c");
+    wait_until(Duration::from_secs(60), "both builds", || {
+        finished(&dir, 2).then_some(())
+    });
+    let b = builds(&dir);
+    assert!(
+        b.iter().all(|x| x.result == Some(Results::Success)),
+        "the builds overlapped: {b:?}"
+    );
+}
+
+/// nextWorker is offered the idle workers only, and its choice holds, a
+/// choice of none included: while w2 builds, the second request is offered
+/// w1 alone, the function declines, and the request waits for w2 rather
+/// than going to the idle w1.
+#[test]
+fn next_worker_chooses_among_the_idle_workers() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let release = tmp.path().join("release");
+    let dir = master_script(
+        tmp.path(),
+        &format!(
+            r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{{ name: "s", command: "while [ ! -e {release} ]; do sleep 0.05; done" }}));
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1", "w2"], factory: f, collapseRequests: false,
+        nextWorker: |builder, workers, request| {{
+            let offered = "";
+            for w in workers {{ offered += " " + w; }}
+            print("nextWorker offered" + offered + " for request " + request.buildrequestid);
+            if workers.contains("w2") {{ "w2" }} else {{ () }}
+        }} }})],
+}}
+"#,
+            release = release.display()
+        ),
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    let _w2 = KilnWorker::start(tmp.path(), "w2", "pw-two", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    master.wait_for_log("connected worker=w2", 1, Duration::from_secs(60));
+    force(&master, "b");
+    master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
+    force(&master, "b");
+    // w2 is busy: the second request is offered the idle w1 alone, and
+    // the function declines it.
+    master.wait_for_log(
+        "nextWorker offered w1 for request 2",
+        1,
+        Duration::from_secs(60),
+    );
+    let b = builds(&dir);
+    assert_eq!(b.len(), 1, "the declined request did not go to w1: {b:?}");
+    assert_eq!(b[0].worker, "w2");
+    assert!(!requests(&dir)[1].complete);
+    std::fs::write(&release, "").expect("release");
+    wait_until(Duration::from_secs(60), "both builds", || {
+        (builds(&dir).len() == 2 && all_done(&dir)).then_some(())
+    });
+    let on: Vec<String> = builds(&dir).into_iter().map(|b| b.worker).collect();
+    assert_eq!(on, ["w2", "w2"], "each request went where nextWorker chose");
+    assert!(
+        master
+            .log()
+            .contains("nextWorker offered w1 w2 for request 1"),
+        "the first request was offered both idle workers:\n{}",
+        master.log()
+    );
+}
+
+fn lock_run(locks: &str) -> Vec<BuildRow> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Both workers' builds use the same `busy` directory beside their dirs.
+    let dir = master_script(
+        tmp.path(),
+        &format!(
+            r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{{ name: "s", command: "mkdir ../../../busy && sleep 3 && rmdir ../../../busy" }}));
+let one = MasterLock("one");
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b", "c"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f, locks: [{locks}] }}),
+               BuilderConfig(#{{ name: "c", workernames: ["w2"], factory: f, locks: [{locks}] }})],
+}}
+"#
+        ),
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    let _w2 = StockWorker::start(tmp.path(), "w2", "pw-two", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    master.wait_for_log("connected worker=w2", 1, Duration::from_secs(60));
+    let out = common::kiln(
+        &master.dir,
+        &["force", "--master", &master.http_url(), "b"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    force(&master, "c");
+    wait_until(Duration::from_secs(60), "both builds", || {
+        finished(&dir, 2).then_some(())
+    });
+    builds(&dir)
+}
+
+#[test]
+fn an_exclusive_master_lock_keeps_builds_on_different_workers_apart() {
+    let b = lock_run(r#"one.access("exclusive")"#);
+    assert!(
+        b.iter().all(|x| x.result == Some(Results::Success)),
+        "the builds overlapped: {b:?}"
+    );
+    // Without the lock they do overlap, which is what the lock is for.
+    let b = lock_run("");
+    assert!(
+        b.iter().any(|x| x.result == Some(Results::Failure)),
+        "expected an overlap: {b:?}"
+    );
+}
+
+fn builders_in_build_order(dir: &Path) -> Vec<String> {
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let rows: Vec<String> = c
+        .prepare(
+            "SELECT bu.name FROM builds b JOIN builders bu ON bu.id = b.builderid ORDER BY b.id",
+        )
+        .expect("prepare")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    rows
+}
+
+/// Requests for a, b and c (in that order) wait for the one worker, which
+/// takes one build at a time; the order they build in is the master's.
+fn prioritize_run(prioritize: &str) -> Vec<String> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        &format!(
+            r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{{ name: "s", command: "true" }}));
+let b = |name| BuilderConfig(#{{ name: name, workernames: ["w1"], factory: f }});
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [Worker("w1", "pw-one", #{{ max_builds: 1 }})],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["a", "b", "c"] }})],
+    builders: [b.call("a"), b.call("b"), b.call("c")],
+    {prioritize}
+}}
+"#
+        ),
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    for name in ["a", "b", "c"] {
+        force(&master, name);
+        // Oldest first is by submission time, in whole seconds.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    wait_until(Duration::from_secs(60), "three builds", || {
+        finished(&dir, 3).then_some(())
+    });
+    assert_eq!(master.stop(), Some(0));
+    builders_in_build_order(&dir)
+}
+
+#[test]
+fn prioritize_builders_orders_the_builders_served() {
+    assert_eq!(prioritize_run(""), ["a", "b", "c"], "oldest request first");
+    let by_name_desc = r#"prioritizeBuilders: |builders| {
+        let names = builders.map(|b| b.name);
+        names.sort(|x, y| if x < y { 1 } else if x > y { -1 } else { 0 });
+        names
+    },"#;
+    assert_eq!(prioritize_run(by_name_desc), ["c", "b", "a"]);
+    // A function that fails is logged and the default order used.
+    assert_eq!(
+        prioritize_run(r#"prioritizeBuilders: |builders| builders[99].name,"#),
+        ["a", "b", "c"]
+    );
+}
+
+#[test]
+fn can_start_build_vetoes_a_worker() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "s", command: "true" }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1", "w2"], factory: f,
+        canStartBuild: |builder, worker, request| worker != "w1" || request.properties.ok == "w1" })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    let _w2 = KilnWorker::start(tmp.path(), "w2", "pw-two", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    master.wait_for_log("connected worker=w2", 1, Duration::from_secs(60));
+    // Both workers are idle, and w1 comes first: without canStartBuild the
+    // build would go to w1.
+    for i in 1..=2 {
+        force(&master, "b");
+        wait_until(Duration::from_secs(60), "the build", || {
+            finished(&dir, i).then_some(())
+        });
+    }
+    let out = common::kiln(
+        &master.dir,
+        &[
+            "force",
+            "--master",
+            &master.http_url(),
+            "b",
+            "--property",
+            "ok=w1",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_until(Duration::from_secs(60), "the third build", || {
+        finished(&dir, 3).then_some(())
+    });
+    assert_eq!(master.stop(), Some(0));
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let on: Vec<String> = c
+        .prepare("SELECT w.name FROM builds b JOIN workers w ON w.id = b.workerid ORDER BY b.id")
+        .expect("prepare")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(on, ["w2", "w2", "w1"]);
+}
+
+#[test]
+fn a_collapse_requests_function_chooses_what_collapses() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+// The first build waits for `release`; later ones finish at once.
+f.addStep(ShellCommand(#{ name: "s", command: "if [ -e ../../../first ]; then echo quick; else touch ../../../first; while [ ! -e ../../../release ]; do sleep 0.1; done; fi" }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f,
+        collapseRequests: |builder, mine, other| {
+            if other.properties.k == "boom" { throw "cannot decide"; }
+            builder == "b" && mine.properties.k == other.properties.k
+                && mine.sources[0].branch == other.sources[0].branch
+        } })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
+    for k in ["x", "x", "y", "boom"] {
+        let out = common::kiln(
+            &master.dir,
+            &[
+                "force",
+                "--master",
+                &master.http_url(),
+                "b",
+                "--property",
+                &format!("k={k}"),
+            ],
+            Duration::from_secs(60),
+        );
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+    }
+    std::fs::write(tmp.path().join("release"), "").expect("release");
+    wait_until(
+        Duration::from_secs(60),
+        "every request and build to end",
+        || all_done(&dir).then_some(()),
+    );
+    // Request 1 alone, 2 and 3 (both k=x) together, 4 (k=y) and 5 (the
+    // function throws for it: not collapsed) alone. The default rule would
+    // have collapsed 2 to 5 into one build.
+    let b = builds(&dir);
+    assert_eq!(b.len(), 4, "{b:?}");
+    assert_eq!(requests(&dir), [done(Results::Success); 5]);
+    assert!(master.log().contains("cannot decide"), "{}", master.log());
+    assert_eq!(master.stop(), Some(0));
+}

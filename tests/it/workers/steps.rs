@@ -1,0 +1,898 @@
+//! Steps as builds run them: results and flags, rendering, properties,
+//! log evaluation, Mercurial and Git, DisconnectStep, Trigger, MockCommand.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::workers::*;
+use common::{wait_until, Master};
+
+use super::master_with_steps;
+
+#[test]
+fn a_stock_worker_runs_the_steps_with_buildbots_results() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_with_steps(
+        tmp.path(),
+        r#"
+        f.addStep(ShellCommand(#{ name: "hello", command: ["sh", "-c", "echo hello; echo oops >&2"] }));
+        f.addStep(ShellCommand(#{ name: "fails", command: "exit 3", haltOnFailure: true }));
+        f.addStep(ShellCommand(#{ name: "skipped", command: "echo never" }));
+        f.addStep(ShellCommand(#{ name: "cleanup", command: "echo cleaning", alwaysRun: true }));
+        "#,
+    );
+    let master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build to finish", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].result, Some(Results::Failure), "FAILURE: {b:?}");
+    assert_eq!(
+        b[0].steps,
+        [
+            ("hello".to_string(), Some(Results::Success)),
+            ("fails".to_string(), Some(Results::Failure)),
+            ("skipped".to_string(), Some(Results::Skipped)),
+            ("cleanup".to_string(), Some(Results::Success)),
+        ]
+    );
+    let out = stdio(&dir, "hello");
+    assert!(out.contains("ohello\n"), "{out}");
+    assert!(out.contains("eoops\n"), "{out}");
+    assert!(stdio(&dir, "cleanup").contains("ocleaning"));
+    // The request is complete with the build's result.
+    assert_eq!(requests(&dir), [done(Results::Failure)]);
+}
+
+#[test]
+fn step_arguments_render_build_properties_and_a_missing_one_is_named() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "show",
+    command: ["echo", WithProperties("%(buildername)s #%(buildnumber)s on %(workername)s for %(who:-nobody)s"),
+              Interpolate("pool=%(prop:pool)s global=%(prop:site)s")],
+    env: #{ KILN_WHERE: WithProperties("%(builddir)s") } }));
+f.addStep(ShellCommand(#{ name: "env", command: "echo where=$KILN_WHERE",
+    env: #{ KILN_WHERE: WithProperties("%(builddir)s") } }));
+f.addStep(ShellCommand(#{ name: "missing", command: Interpolate("hg clone %(prop:repo_path)s") }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    properties: #{ site: "staging", pool: "global-pool" },
+    workers: [Worker("w1", "pw-one", #{ properties: #{ pool: "build-pool" } })],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let out = common::kiln(
+        &master.dir,
+        &[
+            "force",
+            "--master",
+            &master.http_url(),
+            "b",
+            "--property",
+            "who=alice",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(
+        b[0].steps,
+        [
+            ("show".to_string(), Some(Results::Success)),
+            ("env".to_string(), Some(Results::Success)),
+            ("missing".to_string(), Some(Results::Exception)),
+        ]
+    );
+    assert!(
+        stdio(&dir, "show").contains("ob #1 on w1 for alice pool=build-pool global=staging"),
+        "{}",
+        stdio(&dir, "show")
+    );
+    let builddir = tmp.path().join("kiln-worker-w1/b");
+    assert!(
+        stdio(&dir, "env").contains(&format!("owhere={}", builddir.display())),
+        "{}",
+        stdio(&dir, "env")
+    );
+    assert!(
+        stdio(&dir, "missing").contains("no property `repo_path`"),
+        "{}",
+        stdio(&dir, "missing")
+    );
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn interpolate_reads_the_sourcestamp_worker_keywords_and_secrets_and_logs_hide_secrets() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "kinds",
+    command: ["echo", Interpolate("branch=%(src::branch)s rev=%(src::revision:-none)s other=%(src:other:branch:-elsewhere)s"),
+              Interpolate("in=%(worker:basedir)s say=%(kw:greeting)s n=%(kw:n)s", #{ greeting: "hello", n: 3 })] }));
+// The token reaches the command as an argument and in the environment; the
+// stock worker writes both into the log's header, and kiln hides them.
+f.addStep(ShellCommand(#{ name: "token",
+    command: ["sh", "-c", Interpolate("echo arg=%(secret:token)s env=$TOKEN")],
+    env: #{ TOKEN: secret("token") } }));
+f.addStep(ShellCommand(#{ name: "nosecret", command: ["echo", Interpolate("%(secret:missing)s")] }));
+f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(worker:nonesuch)s")], alwaysRun: true }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    std::fs::create_dir_all(dir.join("secrets")).expect("secrets");
+    std::fs::write(dir.join("secrets/token"), "s3cr3t-t0ken\n").expect("token");
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let out = common::kiln(
+        &master.dir,
+        &[
+            "force",
+            "--master",
+            &master.http_url(),
+            "b",
+            "--branch",
+            "release",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(
+        b[0].steps,
+        [
+            ("kinds".to_string(), Some(Results::Success)),
+            ("token".to_string(), Some(Results::Success)),
+            ("nosecret".to_string(), Some(Results::Exception)),
+            ("noworker".to_string(), Some(Results::Exception)),
+        ]
+    );
+    let kinds = stdio(&dir, "kinds");
+    assert!(
+        kinds.contains("obranch=release rev=none other=elsewhere"),
+        "{kinds}"
+    );
+    assert!(
+        kinds.contains(&format!("in={} say=hello n=3", w1.dir.display())),
+        "{kinds}"
+    );
+    let token = stdio(&dir, "token");
+    assert!(token.contains("oarg=<secret> env=<secret>"), "{token}");
+    assert!(
+        token.contains("TOKEN=<secret>"),
+        "the header shows the env: {token}"
+    );
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let leaked: i64 = c
+        .query_row(
+            "SELECT count(*) FROM logchunks WHERE instr(content, 's3cr3t-t0ken') > 0",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(leaked, 0, "the secret is in no stored log");
+    let nosecret = stdio(&dir, "nosecret");
+    assert!(
+        nosecret.contains("secret `missing` cannot be read"),
+        "{nosecret}"
+    );
+    let noworker = stdio(&dir, "noworker");
+    assert!(
+        noworker.contains("the worker did not report `nonesuch`"),
+        "{noworker}"
+    );
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn each_result_flag_changes_the_builds_result() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Each builder: one step that fails (exit 1) or warns (exit 1 read as
+    // WARNINGS), then a step that succeeds; only the flags differ.
+    // (builder, flags, the first step's result, the build's result)
+    let cases = [
+        ("flunk", "", 2, 2),
+        ("noflunk", "flunkOnFailure: false", 2, 0),
+        (
+            "warnfail",
+            "flunkOnFailure: false, warnOnFailure: true",
+            2,
+            1,
+        ),
+        ("warnings", "log_eval_func: warn", 1, 0),
+        (
+            "warnwarn",
+            "log_eval_func: warn, warnOnWarnings: true",
+            1,
+            1,
+        ),
+        (
+            "flunkwarn",
+            "log_eval_func: warn, flunkOnWarnings: true",
+            1,
+            2,
+        ),
+    ];
+    let mut script = String::from(
+        "let warn = rc_eval_func(#{ \"0\": SUCCESS, \"1\": WARNINGS });\nlet builders = [];\n",
+    );
+    for (name, flags, _, _) in cases {
+        script.push_str(&format!(
+            "let f = BuildFactory();\n\
+             f.addStep(ShellCommand(#{{ name: \"first\", command: \"exit 1\", {flags} }}));\n\
+             f.addStep(ShellCommand(#{{ name: \"second\", command: \"true\" }}));\n\
+             builders.push(BuilderConfig(#{{ name: \"{name}\", workernames: [\"w1\"], factory: f }}));\n"
+        ));
+    }
+    let names: Vec<String> = cases.iter().map(|c| format!("\"{}\"", c.0)).collect();
+    script.push_str(&format!(
+        "#{{\n    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},\n    www: #{{ port: 0 }},\n\
+         workers: [Worker(\"w1\", \"pw-one\")],\n\
+         schedulers: [ForceScheduler(#{{ name: \"force\", builderNames: [{}] }})],\n\
+         builders: builders,\n}}\n",
+        names.join(", ")
+    ));
+    let dir = master_script(tmp.path(), &script);
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    for (name, _, _, _) in cases {
+        force(&master, name);
+    }
+    wait_until(Duration::from_secs(90), "every build", || {
+        finished(&dir, cases.len()).then_some(())
+    });
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    for (name, flags, step, expected) in cases {
+        let (build, first, second): (i64, i64, i64) = c
+            .query_row(
+                "SELECT b.results, s1.results, s2.results FROM builds b
+                 JOIN builders r ON r.id = b.builderid
+                 JOIN steps s1 ON s1.buildid = b.id AND s1.name = 'first'
+                 JOIN steps s2 ON s2.buildid = b.id AND s2.name = 'second'
+                 WHERE r.name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("build");
+        assert_eq!(
+            (build, first, second),
+            (expected, step, 0),
+            "builder {name} ({flags})"
+        );
+    }
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn set_property_do_step_if_and_log_rules_decide_the_steps() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(SetProperty(#{ name: "where", property: "basedir", command: ["pwd"], workdir: "." }));
+f.addStep(SetProperty(#{ name: "fixed", property: "flavour", value: WithProperties("%(buildername)s-opt") }));
+f.addStep(ShellCommand(#{ name: "use", command: ["echo", WithProperties("in %(basedir)s as %(flavour)s")] }));
+f.addStep(ShellCommand(#{ name: "skipped", command: "touch ../../../skipped",
+    doStepIf: |step| step.properties.flavour == "nope" }));
+f.addStep(ShellCommand(#{ name: "ran", command: "true", doStepIf: |step| step.properties.flavour == "b-opt" }));
+f.addStep(ShellCommand(#{ name: "rcmap", command: "exit 3", warnOnWarnings: true,
+    log_eval_func: rc_eval_func(#{ "0": SUCCESS, "3": WARNINGS }) }));
+// Known infrastructure trouble in the output means RETRY, on the first build only.
+f.addStep(ShellCommand(#{ name: "infra", command: "echo 'remote: timed out'; exit 1",
+    log_eval_func: |step, rc, log| if log.contains("timed out") && step.properties.buildnumber == 1 { RETRY } else { SUCCESS } }));
+f.addStep(ShellCommand(#{ name: "after", command: "true" }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    for _ in 0..300 {
+        if finished(&dir, 2) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        finished(&dir, 2),
+        "{:?}\n{}\n{}\n{}",
+        builds(&dir),
+        master.log(),
+        stdio(&dir, "where"),
+        stdio(&dir, "use")
+    );
+    wait_until(Duration::from_secs(30), "both builds' requests", || {
+        all_done(&dir).then_some(())
+    });
+    let b = builds(&dir);
+    let results = |i: usize| b[i].step_results();
+    // where, fixed, use, skipped, ran, rcmap, infra, after
+    assert_eq!(
+        results(0),
+        [
+            Some(Results::Success),
+            Some(Results::Success),
+            Some(Results::Success),
+            Some(Results::Skipped),
+            Some(Results::Success),
+            Some(Results::Warnings),
+            Some(Results::Retry),
+            Some(Results::Skipped)
+        ]
+    );
+    assert_eq!(b[0].result, Some(Results::Retry), "RETRY: {b:?}");
+    assert_eq!(
+        results(1),
+        [
+            Some(Results::Success),
+            Some(Results::Success),
+            Some(Results::Success),
+            Some(Results::Skipped),
+            Some(Results::Success),
+            Some(Results::Warnings),
+            Some(Results::Success),
+            Some(Results::Success)
+        ]
+    );
+    assert_eq!(b[1].result, Some(Results::Warnings), "WARNINGS: {b:?}");
+    assert_eq!(b.len(), 2);
+    assert_eq!(requests(&dir), [done(Results::Warnings)]);
+    assert!(!tmp.path().join("skipped").exists());
+    let basedir = tmp.path().join("kiln-worker-w1/b");
+    assert!(
+        stdio(&dir, "use").contains(&format!("oin {} as b-opt", basedir.display())),
+        "{}",
+        stdio(&dir, "use")
+    );
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let (value, source): (String, String) = c
+        .query_row(
+            "SELECT value_json, source FROM build_properties WHERE buildid = 1 AND name = 'basedir'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("basedir property");
+    assert_eq!(value, format!("{:?}", basedir.display().to_string()));
+    assert_eq!(source, "SetProperty");
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn a_log_is_cut_at_log_max_size_with_a_marker() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "chatty", command: "for i in $(seq 1 5000); do echo line-$i; done; echo rc-still-counts >&2; exit 0" }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    logMaxSize: 20000,
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(b[0].steps, [("chatty".to_string(), Some(Results::Success))]);
+    let log = stdio(&dir, "chatty");
+    assert!(log.contains("oline-1\n"), "{log}");
+    assert!(!log.contains("line-5000"), "the tail is dropped");
+    assert!(log.contains("reached logMaxSize (20000 bytes)"), "{log}");
+    assert!(log.len() < 20000 + 4096, "{} bytes kept", log.len());
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn mercurial_clone_clones_then_pulls_and_retries_into_a_fresh_directory() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("mozharness");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    common::run(&src, "hg", &["init"]);
+    common::hg_commit(&src, "rel@m.org", &["VERSION"], "one");
+    let path = common::tools_path().into_string().expect("PATH");
+    let dir = master_script(
+        tmp.path(),
+        &format!(
+            r#"
+let f = BuildFactory();
+f.addStep(MercurialCloneCommand(#{{ name: "clone", command: ["hg", "clone", "{src}", "scripts"],
+    workdir: ".", haltOnFailure: true }}));
+f.addStep(ShellCommand(#{{ name: "show", command: "cat scripts/VERSION", workdir: "." }}));
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f,
+        env: #{{ PATH: "{path}", HGPLAIN: "1", HGRCPATH: "" }} }})],
+}}
+"#,
+            src = src.display()
+        ),
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let step_log = |n: i64, step: &str| -> String {
+        let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+        let chunks: Vec<Vec<u8>> = c
+            .prepare(
+                "SELECT lc.content FROM logchunks lc JOIN logs l ON l.id = lc.logid
+                 JOIN steps s ON s.id = l.stepid JOIN builds b ON b.id = s.buildid
+                 WHERE b.number = ?1 AND s.name = ?2 ORDER BY lc.first_line",
+            )
+            .expect("prepare")
+            .query_map(rusqlite::params![n, step], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        chunks
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    };
+    // 1: a fresh clone.
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "build 1", || {
+        finished(&dir, 1).then_some(())
+    });
+    assert!(
+        step_log(1, "show").contains("oone"),
+        "{}",
+        step_log(1, "clone")
+    );
+    // 2: the clone is there: pull and update bring the new changeset.
+    common::hg_commit(&src, "rel@m.org", &["VERSION"], "two");
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "build 2", || {
+        finished(&dir, 2).then_some(())
+    });
+    assert!(
+        step_log(2, "clone").contains("is a repository already"),
+        "{}",
+        step_log(2, "clone")
+    );
+    assert!(
+        step_log(2, "show").contains("otwo"),
+        "{}",
+        step_log(2, "show")
+    );
+    // 3: a directory that is not a repository makes the clone fail; with
+    // retry (the default) it is removed and cloned again.
+    let scripts = w1.dir.join("b/scripts");
+    std::fs::remove_dir_all(scripts.join(".hg")).expect("rm .hg");
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "build 3", || {
+        finished(&dir, 3).then_some(())
+    });
+    assert!(
+        step_log(3, "clone").contains("removing scripts and cloning again"),
+        "{}",
+        step_log(3, "clone")
+    );
+    let b = builds(&dir);
+    let results: Vec<Option<Results>> = b.iter().map(|x| x.result).collect();
+    assert_eq!(results, [Some(Results::Success); 3], "{b:?}");
+    assert!(step_log(3, "show").contains("otwo"));
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn a_disconnect_step_lets_the_worker_go_without_failing_or_retrying() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let reboot = BuildFactory();
+reboot.addStep(ShellCommand(#{ name: "work", command: "true" }));
+reboot.addStep(DisconnectStep(#{ name: "reboot", command: "echo SCHEDULED REBOOT",
+    force_disconnect: "SCHEDULED REBOOT", alwaysRun: true, flunkOnFailure: false, warnOnFailure: false }));
+reboot.addStep(ShellCommand(#{ name: "after", command: "touch ../../../after", alwaysRun: true }));
+let die = BuildFactory();
+// The command takes its worker down with it, as a reboot does.
+die.addStep(DisconnectStep(#{ name: "die", command: "kill -9 $PPID; sleep 5", flunkOnFailure: false }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b", "d"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: reboot }),
+               BuilderConfig(#{ name: "d", workernames: ["w1"], factory: die })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let mut w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    // The master dropped the connection; kiln's worker comes back.
+    master.wait_for_log("disconnecting the worker", 1, Duration::from_secs(30));
+    master.wait_for_log("connected worker=w1", 2, Duration::from_secs(60));
+    let b = builds(&dir);
+    assert_eq!(b[0].result, Some(Results::Success), "{b:?}");
+    assert_eq!(
+        b[0].steps,
+        [
+            ("work".to_string(), Some(Results::Success)),
+            ("reboot".to_string(), Some(Results::Success)),
+            ("after".to_string(), Some(Results::Skipped)),
+        ]
+    );
+    assert!(!tmp.path().join("after").exists());
+    // A worker that dies under a DisconnectStep: SUCCESS, not RETRY.
+    force(&master, "d");
+    wait_until(Duration::from_secs(60), "the second build", || {
+        finished(&dir, 2).then_some(())
+    });
+    wait_until(Duration::from_secs(30), "the worker to be gone", || {
+        w1.child.try_wait().expect("wait")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let b = builds(&dir);
+    assert_eq!(b.len(), 2, "not retried: {b:?}");
+    assert_eq!(b[1].result, Some(Results::Success), "{b:?}");
+    assert_eq!(
+        requests(&dir),
+        [done(Results::Success), done(Results::Success)]
+    );
+    assert!(stdio(&dir, "die").contains("went away, as this step expects"));
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn a_trigger_step_waits_for_the_triggered_builds_and_takes_their_result() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(
+        tmp.path(),
+        r#"
+let parent = BuildFactory();
+parent.addStep(Trigger(#{ name: "trigger", schedulerNames: ["tr"], waitForFinish: true,
+    set_properties: #{ flavour: "debug" } }));
+parent.addStep(ShellCommand(#{ name: "after", command: "true" }));
+let child = BuildFactory();
+child.addStep(ShellCommand(#{ name: "child", command: ["sh", "-c", WithProperties("echo %(flavour)s; exit 1")] }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["parent"] }),
+                 Triggerable(#{ name: "tr", builderNames: ["child"] })],
+    builders: [BuilderConfig(#{ name: "parent", workernames: ["w1"], factory: parent }),
+               BuilderConfig(#{ name: "child", workernames: ["w1"], factory: child })],
+}
+"#,
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "parent");
+    wait_until(Duration::from_secs(60), "both builds", || {
+        finished(&dir, 2).then_some(())
+    });
+    let b = builds(&dir);
+    // The child finished first (FAILURE); the parent waited, took FAILURE
+    // from its trigger step, and went on (flunkOnFailure, no halt).
+    assert_eq!(b.len(), 2, "{b:?}");
+    let parent = b
+        .iter()
+        .find(|x| x.steps[0].0 == "trigger")
+        .expect("parent");
+    let child = b.iter().find(|x| x.steps[0].0 == "child").expect("child");
+    assert_eq!(child.result, Some(Results::Failure));
+    assert_eq!(
+        parent.steps,
+        [
+            ("trigger".to_string(), Some(Results::Failure)),
+            ("after".to_string(), Some(Results::Success))
+        ]
+    );
+    assert_eq!(parent.result, Some(Results::Failure));
+    assert!(
+        stdio(&dir, "child").contains("odebug"),
+        "{}",
+        stdio(&dir, "child")
+    );
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let linked: i64 = c
+        .query_row(
+            "SELECT count(*) FROM buildsets WHERE parent_buildid = 1",
+            [],
+            |r| r.get(0),
+        )
+        .expect("query");
+    assert_eq!(linked, 1);
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn log_rules_raise_a_result_when_the_output_matches() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let script = r#"
+let rules = [["^abort: error: .*refused", WARNINGS]];
+let f = BuildFactory();
+f.addStep(ShellCommand(#{ name: "hit", command: "echo 'abort: error: Connection refused'", log_rules: rules, warnOnWarnings: true }));
+f.addStep(ShellCommand(#{ name: "miss", command: "echo fine", log_rules: rules }));
+f.addStep(ShellCommand(#{ name: "worse", command: "echo 'abort: error: refused'; exit 2", log_rules: rules }));
+#{
+    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
+    www: #{ port: 0 },
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
+    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
+}
+"#;
+    let dir = master_script(tmp.path(), script);
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(
+        b[0].step_results(),
+        [
+            Some(Results::Warnings),
+            Some(Results::Success),
+            Some(Results::Failure)
+        ],
+        "{b:?}"
+    );
+    assert_eq!(b[0].result, Some(Results::Failure));
+    assert!(
+        stdio(&dir, "hit").contains("matched"),
+        "{}",
+        stdio(&dir, "hit")
+    );
+    assert_eq!(master.stop(), Some(0));
+    // A pattern that is not a regular expression is a config error.
+    std::fs::write(
+        dir.join("master.rhai"),
+        script.replace(".*refused", "(refused"),
+    )
+    .expect("write");
+    let out = common::kiln(&dir, &["checkconfig"], Duration::from_secs(60));
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("is not a regular expression"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_git_step_clones_then_fetches_and_checks_out_the_build_revision() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src.git");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    common::run(&src, "git", &["init", "-q", "-b", "main"]);
+    let commit = |text: &str| {
+        std::fs::write(src.join("VERSION"), format!("{text}\n")).expect("write");
+        common::run(&src, "git", &["add", "VERSION"]);
+        common::run(&src, "git", &["commit", "-q", "-m", text]);
+        common::run(&src, "git", &["rev-parse", "HEAD"])
+            .trim()
+            .to_string()
+    };
+    let first = commit("one");
+    let dir = master_script(
+        tmp.path(),
+        &format!(
+            r#"
+let f = BuildFactory();
+f.addStep(Git(#{{ name: "git", repourl: "{src}", branch: "main" }}));
+f.addStep(ShellCommand(#{{ name: "show", command: ["sh", "-c", WithProperties("cat VERSION; echo got=%(got_revision)s")] }}));
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f }})],
+}}
+"#,
+            src = src.display()
+        ),
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let show = |n: usize| -> String {
+        let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+        let chunks: Vec<Vec<u8>> = c
+            .prepare(
+                "SELECT lc.content FROM logchunks lc JOIN logs l ON l.id = lc.logid
+                 JOIN steps s ON s.id = l.stepid JOIN builds b ON b.id = s.buildid
+                 WHERE b.number = ?1 AND s.name = 'show' ORDER BY lc.first_line",
+            )
+            .expect("prepare")
+            .query_map([n as i64], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        chunks
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    };
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "build 1", || {
+        finished(&dir, 1).then_some(())
+    });
+    assert!(
+        show(1).contains(&format!("oone\nogot={first}")),
+        "{}",
+        show(1)
+    );
+    let second = commit("two");
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "build 2", || {
+        finished(&dir, 2).then_some(())
+    });
+    assert!(
+        show(2).contains(&format!("otwo\nogot={second}")),
+        "{}",
+        show(2)
+    );
+    // A build of a given revision checks that one out.
+    let out = common::kiln(
+        &master.dir,
+        &[
+            "force",
+            "--master",
+            &master.http_url(),
+            "b",
+            "--revision",
+            &first,
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    wait_until(Duration::from_secs(60), "build 3", || {
+        finished(&dir, 3).then_some(())
+    });
+    assert!(
+        show(3).contains(&format!("oone\nogot={first}")),
+        "{}",
+        show(3)
+    );
+    let b = builds(&dir);
+    assert!(
+        b.iter().all(|x| x.result == Some(Results::Success)),
+        "{b:?}"
+    );
+    assert_eq!(master.stop(), Some(0));
+}
+
+#[test]
+fn a_mock_command_runs_inside_mock_mozilla_when_asked() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // A stand-in for mock_mozilla: records its arguments, runs the shell.
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    std::fs::write(
+        bin.join("mock_mozilla"),
+        "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$(dirname \"$0\")/mock-args\"\nwhile [ \"$1\" != --shell ]; do shift; done\nexec sh -c \"$2\"\n",
+    )
+    .expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        bin.join("mock_mozilla"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod");
+    let path = format!("{}:/usr/bin:/bin", bin.display());
+    let dir = master_script(
+        tmp.path(),
+        &format!(
+            r#"
+let f = BuildFactory();
+f.addStep(MockCommand(#{{ name: "in_mock", command: ["sh", "-c", "echo in mock: $FLAVOUR"],
+    mock: true, target: "mozilla-centos6-x86_64", env: #{{ FLAVOUR: "opt" }} }}));
+f.addStep(MockCommand(#{{ name: "plain", command: ["sh", "-c", "echo plain: $FLAVOUR"],
+    env: #{{ FLAVOUR: "dbg" }} }}));
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f, env: #{{ PATH: "{path}" }} }})],
+}}
+"#
+        ),
+    );
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
+    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let b = builds(&dir);
+    assert_eq!(
+        b[0].result,
+        Some(Results::Success),
+        "{b:?} {}",
+        stdio(&dir, "in_mock")
+    );
+    assert!(
+        stdio(&dir, "in_mock").contains("oin mock: opt"),
+        "{}",
+        stdio(&dir, "in_mock")
+    );
+    assert!(stdio(&dir, "plain").contains("oplain: dbg"));
+    let args = std::fs::read_to_string(bin.join("mock-args")).expect("mock ran");
+    let workdir = tmp.path().join("kiln-worker-w1/b/build");
+    assert_eq!(
+        args,
+        format!(
+            "-r\nmozilla-centos6-x86_64\n--cwd\n{}\n--unpriv\n--shell\n/usr/bin/env FLAVOUR=opt sh -c 'echo in mock: $FLAVOUR'\n",
+            workdir.display()
+        )
+    );
+    assert_eq!(master.stop(), Some(0));
+}
