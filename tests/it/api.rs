@@ -56,15 +56,10 @@ bad.addStep(ShellCommand(#{ name: "fails", command: ["false"] }));
     );
     let master = Master::start(&dir);
     let url = master.http_url();
-    let port = worker_port(&master);
-    let _w = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "good");
     force(&master, "broken");
-    force(&master, "good");
-    wait_until(Duration::from_secs(60), "three builds", || {
-        finished(&dir, 3).then_some(())
-    });
+    force_and_wait(&master, "good", 3);
     let out = kiln(
         &dir,
         &[
@@ -266,9 +261,7 @@ bad.addStep(ShellCommand(#{ command: ["false"] }));
     );
     let master = Master::start_with(&dir, &["--no-watch"]);
     let url = master.http_url();
-    let port = worker_port(&master);
-    let _w = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     for b in ["good", "good", "broken", "waits"] {
         force(&master, b);
     }
@@ -368,9 +361,7 @@ f.addStep(ShellCommand(#{ name: "talk", command: ["sh", "-c", "sleep 2; echo fir
     );
     let master = Master::start(&dir);
     let url = master.http_url();
-    let port = worker_port(&master);
-    let _w = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
 
     assert_eq!(status(&format!("{url}/api/v2/events?topics=bilds")).0, 400);
 

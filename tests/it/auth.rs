@@ -123,9 +123,7 @@ fn every_write_needs_a_user_with_its_role_and_reads_need_a_login() {
     let master = Master::start(&dir);
     let url = master.http_url();
     let api = format!("{url}/api/v2");
-    let port = worker_port(&master);
-    let _w = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
 
     // Reads: public_read is false.
     assert_eq!(

@@ -36,9 +36,7 @@ let commands = QueueDir("commands", "queue/commands");
         ),
     );
     let master = Master::start(&dir);
-    let port = worker_port(&master);
-    let _w = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "linux");
     force(&master, "linux");
     let text = wait_until(Duration::from_secs(60), "two postruns", || {

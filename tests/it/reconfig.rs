@@ -126,9 +126,7 @@ fn a_running_build_keeps_its_steps_while_one_save_changes_adds_and_removes_build
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = master_script(tmp.path(), BUILDS_BEFORE);
     let master = Master::start(&dir);
-    let port = worker_port(&master);
-    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "long");
     master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
     force(&master, "gone");
@@ -609,9 +607,7 @@ f.addStep(ShellCommand(#{{ name: "wait", command: "while [ ! -e ../../../release
         &script(r#"Worker("w1", "pw-one"), Worker("w2", "pw-two")"#, "w1"),
     );
     let master = Master::start(&dir);
-    let port = worker_port(&master);
-    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "b");
     master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
 

@@ -393,7 +393,7 @@ fn a_terminal_session_completes_continues_blocks_and_interrupts_an_endless_loop(
 
 #[test]
 fn with_master_live_shows_workers_and_waiting_requests_and_diff_compares_with_the_running_config() {
-    use common::workers::{force, master_script, worker_port, KilnWorker};
+    use common::workers::{force, master_script, KilnWorker};
     let tmp = tempfile::tempdir().expect("tmp");
     let script = |builders: &[&str]| {
         let list: Vec<String> = builders
@@ -423,9 +423,7 @@ f.addStep(ShellCommand(#{{ command: ["true"] }}));
     let dir = master_script(tmp.path(), &script(&["b"]));
     let master = common::Master::start_with(&dir, &["--no-watch"]);
     let url = master.http_url();
-    let port = worker_port(&master);
-    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "b");
     force(&master, "b");
 

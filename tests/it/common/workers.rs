@@ -25,6 +25,14 @@ pub struct StockWorker {
 }
 
 impl StockWorker {
+    /// Starts a stock worker against `master` and waits until it is
+    /// connected.
+    pub fn connect(master: &Master, root: &Path, name: &str, password: &str) -> StockWorker {
+        let w = StockWorker::start(root, name, password, worker_port(master));
+        master.wait_for_log(&format!("connected worker={name}"), 1, CONNECT_LIMIT);
+        w
+    }
+
     pub fn start(root: &Path, name: &str, password: &str, port: u16) -> StockWorker {
         let dir = root.join(format!("worker-{name}"));
         let bin = super::repo_root().join("target/tools/venv/bin/buildbot-worker");
@@ -83,6 +91,21 @@ pub fn connected(dir: &Path) -> Vec<String> {
     stmt.query_map([], |r| r.get(0))
         .map(|rows| rows.filter_map(Result::ok).collect())
         .unwrap_or_default()
+}
+
+/// How long a worker may take to connect.
+const CONNECT_LIMIT: Duration = Duration::from_secs(60);
+
+/// Forces a build of `builder`, waits until `n` builds of the master have
+/// finished, and returns every build.
+pub fn force_and_wait(master: &Master, builder: &str, n: usize) -> Vec<BuildRow> {
+    force(master, builder);
+    super::wait_until(
+        Duration::from_secs(60),
+        &format!("{n} finished build(s)"),
+        || finished(&master.dir, n).then_some(()),
+    );
+    builds(&master.dir)
 }
 
 pub fn force(master: &Master, builder: &str) {
@@ -283,6 +306,14 @@ pub struct KilnWorker {
 }
 
 impl KilnWorker {
+    /// Starts a kiln worker against `master` and waits until it is
+    /// connected.
+    pub fn connect(master: &Master, root: &Path, name: &str, password: &str) -> KilnWorker {
+        let w = KilnWorker::start(root, name, password, worker_port(master));
+        master.wait_for_log(&format!("connected worker={name}"), 1, CONNECT_LIMIT);
+        w
+    }
+
     pub fn start(root: &Path, name: &str, password: &str, port: u16) -> KilnWorker {
         let dir = root.join(format!("kiln-worker-{name}"));
         if !dir.join("kiln-worker.json").exists() {

@@ -21,8 +21,7 @@ fn a_stock_worker_connects_and_a_wrong_password_is_refused() {
 
     let bad = StockWorker::start(tmp.path(), "w2", "not-the-password", port);
     master.wait_for_log("wrong password for worker `w2`", 1, Duration::from_secs(60));
-    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
     wait_until(Duration::from_secs(30), "w1 recorded as connected", || {
         (connected(&dir) == ["w1"]).then_some(())
     });
@@ -77,8 +76,7 @@ fn bad_clients_are_closed_and_touch_nothing_else() {
     let dir = master_dir(tmp.path());
     let mut master = Master::start(&dir);
     let port = worker_port(&master);
-    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -144,8 +142,7 @@ fn a_worker_killed_mid_build_gives_retry_and_the_request_runs_again_elsewhere() 
     );
     let master = Master::start(&dir);
     let port = worker_port(&master);
-    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "b");
     master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));
@@ -201,8 +198,7 @@ fn a_master_killed_mid_build_retries_it_on_the_next_start() {
     );
     let master = Master::start(&dir);
     let port = worker_port(&master);
-    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "b");
     // Mid-build: the command is running on the worker.
     wait_until(Duration::from_secs(60), "the command to start", || {
@@ -255,13 +251,8 @@ f.addStep(ShellCommand(#{ name: "env", command: "echo $GREETING", env: #{ GREETI
     );
     let master = Master::start(&dir);
     let port = worker_port(&master);
-    let w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
-    force(&master, "b");
-    wait_until(Duration::from_secs(60), "the build", || {
-        finished(&dir, 1).then_some(())
-    });
-    let b = builds(&dir);
+    let w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
+    let b = force_and_wait(&master, "b", 1);
     assert_eq!(b[0].result, Some(Results::Failure), "{b:?}");
     assert_eq!(
         b[0].steps,
@@ -340,11 +331,7 @@ f.addStep(FileDownload(#{ name: "nosrc", mastersrc: "no-such-file", workerdest: 
         _stock = Some(StockWorker::start(tmp.path(), "w1", "pw-one", port));
     }
     master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
-    force(&master, "b");
-    wait_until(Duration::from_secs(90), "the build", || {
-        finished(&dir, 1).then_some(())
-    });
-    let b = builds(&dir);
+    let b = force_and_wait(&master, "b", 1);
     let steps: Vec<(&str, Option<Results>)> =
         b[0].steps.iter().map(|(n, r)| (n.as_str(), *r)).collect();
     assert_eq!(
@@ -606,11 +593,7 @@ f.addStep(ShellCommand(#{ name: "after", command: ["true"], alwaysRun: true }));
         )
     };
     master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
-    force(&master, "b");
-    wait_until(Duration::from_secs(90), "the build", || {
-        finished(&dir, 1).then_some(())
-    });
-    let b = builds(&dir);
+    let b = force_and_wait(&master, "b", 1);
     assert_eq!(b[0].result, Some(Results::Failure), "{b:?}");
     let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
     let states: Vec<(String, i64, String)> = c

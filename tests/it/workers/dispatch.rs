@@ -29,9 +29,7 @@ f.addStep(ShellCommand(#{{ name: "s", command: "if [ -e ../../../first ]; then e
         ),
     );
     let master = Master::start(&dir);
-    let port = worker_port(&master);
-    let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "b");
     master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
     force(&master, "b");
@@ -89,9 +87,7 @@ f.addStep(ShellCommand(#{ name: "s", command: "mkdir ../../../busy && sleep 1 &&
 "#,
     );
     let master = Master::start(&dir);
-    let port = worker_port(&master);
-    let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
     // One force: a request for each builder at the same moment.
     let out = common::kiln(
         &master.dir,
@@ -106,11 +102,7 @@ f.addStep(ShellCommand(#{ name: "s", command: "mkdir ../../../busy && sleep 1 &&
         Duration::from_secs(60),
     );
     assert_eq!(out.code, Some(0), "{}", out.stderr);
-    force(&master, "c");
-    wait_until(Duration::from_secs(60), "both builds", || {
-        finished(&dir, 2).then_some(())
-    });
-    let b = builds(&dir);
+    let b = force_and_wait(&master, "c", 2);
     assert!(
         b.iter().all(|x| x.result == Some(Results::Success)),
         "the builds overlapped: {b:?}"
@@ -216,10 +208,7 @@ let one = MasterLock("one");
         Duration::from_secs(60),
     );
     assert_eq!(out.code, Some(0), "{}", out.stderr);
-    force(&master, "c");
-    wait_until(Duration::from_secs(60), "both builds", || {
-        finished(&dir, 2).then_some(())
-    });
+    force_and_wait(&master, "c", 2);
     builds(&dir)
 }
 
@@ -389,9 +378,7 @@ f.addStep(ShellCommand(#{ name: "s", command: "if [ -e ../../../first ]; then ec
 "#,
     );
     let mut master = Master::start(&dir);
-    let port = worker_port(&master);
-    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "b");
     master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
     for k in ["x", "x", "y", "boom"] {

@@ -23,14 +23,8 @@ fn a_stock_worker_runs_the_steps_with_buildbots_results() {
         "#,
     );
     let master = Master::start(&dir);
-    let port = worker_port(&master);
-    let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
-    force(&master, "b");
-    wait_until(Duration::from_secs(60), "the build to finish", || {
-        finished(&dir, 1).then_some(())
-    });
-    let b = builds(&dir);
+    let _w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
+    let b = force_and_wait(&master, "b", 1);
     assert_eq!(b.len(), 1);
     assert_eq!(b[0].result, Some(Results::Failure), "FAILURE: {b:?}");
     assert_eq!(
@@ -75,9 +69,7 @@ f.addStep(ShellCommand(#{ name: "missing", command: Interpolate("hg clone %(prop
 "#,
     );
     let mut master = Master::start(&dir);
-    let port = worker_port(&master);
-    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     let out = common::kiln(
         &master.dir,
         &[
@@ -151,9 +143,7 @@ f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(wor
     std::fs::create_dir_all(dir.join("secrets")).expect("secrets");
     std::fs::write(dir.join("secrets/token"), "s3cr3t-t0ken\n").expect("token");
     let mut master = Master::start(&dir);
-    let port = worker_port(&master);
-    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
     let out = common::kiln(
         &master.dir,
         &[
@@ -267,9 +257,7 @@ fn each_result_flag_changes_the_builds_result() {
     ));
     let dir = master_script(tmp.path(), &script);
     let mut master = Master::start(&dir);
-    let port = worker_port(&master);
-    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     for (name, _, _, _) in cases {
         force(&master, name);
     }
@@ -327,9 +315,7 @@ f.addStep(ShellCommand(#{ name: "after", command: "true" }));
 "#,
     );
     let mut master = Master::start(&dir);
-    let port = worker_port(&master);
-    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "b");
     for _ in 0..300 {
         if finished(&dir, 2) {
@@ -420,14 +406,8 @@ f.addStep(ShellCommand(#{ name: "chatty", command: "for i in $(seq 1 5000); do e
 "#,
     );
     let mut master = Master::start(&dir);
-    let port = worker_port(&master);
-    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
-    force(&master, "b");
-    wait_until(Duration::from_secs(60), "the build", || {
-        finished(&dir, 1).then_some(())
-    });
-    let b = builds(&dir);
+    let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
+    let b = force_and_wait(&master, "b", 1);
     assert_eq!(b[0].steps, [("chatty".to_string(), Some(Results::Success))]);
     let log = stdio(&dir, "chatty");
     assert!(log.contains("oline-1\n"), "{log}");
@@ -466,9 +446,7 @@ f.addStep(ShellCommand(#{{ name: "show", command: "cat scripts/VERSION", workdir
         ),
     );
     let mut master = Master::start(&dir);
-    let port = worker_port(&master);
-    let w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
     let step_log = |n: i64, step: &str| -> String {
         let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
         let chunks: Vec<Vec<u8>> = c
@@ -488,10 +466,7 @@ f.addStep(ShellCommand(#{{ name: "show", command: "cat scripts/VERSION", workdir
             .collect()
     };
     // 1: a fresh clone.
-    force(&master, "b");
-    wait_until(Duration::from_secs(60), "build 1", || {
-        finished(&dir, 1).then_some(())
-    });
+    force_and_wait(&master, "b", 1);
     assert!(
         step_log(1, "show").contains("oone"),
         "{}",
@@ -499,10 +474,7 @@ f.addStep(ShellCommand(#{{ name: "show", command: "cat scripts/VERSION", workdir
     );
     // 2: the clone is there: pull and update bring the new changeset.
     common::hg_commit(&src, "rel@m.org", &["VERSION"], "two");
-    force(&master, "b");
-    wait_until(Duration::from_secs(60), "build 2", || {
-        finished(&dir, 2).then_some(())
-    });
+    force_and_wait(&master, "b", 2);
     assert!(
         step_log(2, "clone").contains("is a repository already"),
         "{}",
@@ -517,10 +489,7 @@ f.addStep(ShellCommand(#{{ name: "show", command: "cat scripts/VERSION", workdir
     // retry (the default) it is removed and cloned again.
     let scripts = w1.dir.join("b/scripts");
     std::fs::remove_dir_all(scripts.join(".hg")).expect("rm .hg");
-    force(&master, "b");
-    wait_until(Duration::from_secs(60), "build 3", || {
-        finished(&dir, 3).then_some(())
-    });
+    force_and_wait(&master, "b", 3);
     assert!(
         step_log(3, "clone").contains("removing scripts and cloning again"),
         "{}",
@@ -561,10 +530,7 @@ die.addStep(DisconnectStep(#{ name: "die", command: "kill -9 $PPID; sleep 5", fl
     let port = worker_port(&master);
     let mut w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
     master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
-    force(&master, "b");
-    wait_until(Duration::from_secs(60), "the build", || {
-        finished(&dir, 1).then_some(())
-    });
+    force_and_wait(&master, "b", 1);
     // The master dropped the connection; kiln's worker comes back.
     master.wait_for_log("disconnecting the worker", 1, Duration::from_secs(30));
     master.wait_for_log("connected worker=w1", 2, Duration::from_secs(60));
@@ -580,10 +546,7 @@ die.addStep(DisconnectStep(#{ name: "die", command: "kill -9 $PPID; sleep 5", fl
     );
     assert!(!tmp.path().join("after").exists());
     // A worker that dies under a DisconnectStep: SUCCESS, not RETRY.
-    force(&master, "d");
-    wait_until(Duration::from_secs(60), "the second build", || {
-        finished(&dir, 2).then_some(())
-    });
+    force_and_wait(&master, "d", 2);
     wait_until(Duration::from_secs(30), "the worker to be gone", || {
         w1.child.try_wait().expect("wait")
     });
@@ -623,14 +586,8 @@ child.addStep(ShellCommand(#{ name: "child", command: ["sh", "-c", WithPropertie
 "#,
     );
     let mut master = Master::start(&dir);
-    let port = worker_port(&master);
-    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
-    force(&master, "parent");
-    wait_until(Duration::from_secs(60), "both builds", || {
-        finished(&dir, 2).then_some(())
-    });
-    let b = builds(&dir);
+    let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
+    let b = force_and_wait(&master, "parent", 2);
     // The child finished first (FAILURE); the parent waited, took FAILURE
     // from its trigger step, and went on (flunkOnFailure, no halt).
     assert_eq!(b.len(), 2, "{b:?}");
@@ -684,14 +641,8 @@ f.addStep(ShellCommand(#{ name: "worse", command: "echo 'abort: error: refused';
 "#;
     let dir = master_script(tmp.path(), script);
     let mut master = Master::start(&dir);
-    let port = worker_port(&master);
-    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
-    force(&master, "b");
-    wait_until(Duration::from_secs(60), "the build", || {
-        finished(&dir, 1).then_some(())
-    });
-    let b = builds(&dir);
+    let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
+    let b = force_and_wait(&master, "b", 1);
     assert_eq!(
         b[0].step_results(),
         [
@@ -757,9 +708,7 @@ f.addStep(ShellCommand(#{{ name: "show", command: ["sh", "-c", WithProperties("c
         ),
     );
     let mut master = Master::start(&dir);
-    let port = worker_port(&master);
-    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     let show = |n: usize| -> String {
         let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
         let chunks: Vec<Vec<u8>> = c
@@ -778,20 +727,14 @@ f.addStep(ShellCommand(#{{ name: "show", command: ["sh", "-c", WithProperties("c
             .map(|b| String::from_utf8_lossy(b).into_owned())
             .collect()
     };
-    force(&master, "b");
-    wait_until(Duration::from_secs(60), "build 1", || {
-        finished(&dir, 1).then_some(())
-    });
+    force_and_wait(&master, "b", 1);
     assert!(
         show(1).contains(&format!("oone\nogot={first}")),
         "{}",
         show(1)
     );
     let second = commit("two");
-    force(&master, "b");
-    wait_until(Duration::from_secs(60), "build 2", || {
-        finished(&dir, 2).then_some(())
-    });
+    force_and_wait(&master, "b", 2);
     assert!(
         show(2).contains(&format!("otwo\nogot={second}")),
         "{}",
@@ -865,14 +808,8 @@ f.addStep(MockCommand(#{{ name: "plain", command: ["sh", "-c", "echo plain: $FLA
         ),
     );
     let mut master = Master::start(&dir);
-    let port = worker_port(&master);
-    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
-    force(&master, "b");
-    wait_until(Duration::from_secs(60), "the build", || {
-        finished(&dir, 1).then_some(())
-    });
-    let b = builds(&dir);
+    let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
+    let b = force_and_wait(&master, "b", 1);
     assert_eq!(
         b[0].result,
         Some(Results::Success),
