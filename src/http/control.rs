@@ -208,38 +208,45 @@ pub(super) fn rpc_call(body: &[u8]) -> Result<(Value, String, Value), Response> 
     Ok((id.clone(), method.to_string(), params))
 }
 
-/// `POST /api/v2/builds/{id}` with `{"method": "stop", "params": {"reason"}}`:
-/// Buildbot's stop control.
-pub(super) async fn build_rpc(
-    State(st): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: axum::body::Bytes,
-) -> Response {
-    let who = match st.writer(&headers, peer, WwwAction::Stop) {
-        Ok(u) => u,
-        Err(d) => return d.into_response(),
-    };
-    let (rpc_id, method, params) = match rpc_call(&body) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let Ok(buildid) = id.parse::<i64>() else {
-        return rpc_error(
+/// A stop or cancel call on one item, once the writer may do `action`, the
+/// path names an id and the method is `method`: the call's id, the item's
+/// id, and the reason (with who gave it).
+struct ItemCall {
+    rpc_id: Value,
+    item: i64,
+    reason: String,
+}
+
+#[allow(clippy::too_many_arguments, clippy::result_large_err)] // the error is the response itself
+fn item_call(
+    st: &AppState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    action: WwwAction,
+    path_id: &str,
+    body: &[u8],
+    method: &str,
+    what: &str,
+) -> Result<ItemCall, Response> {
+    let who = st
+        .writer(headers, peer, action)
+        .map_err(IntoResponse::into_response)?;
+    let (rpc_id, called, params) = rpc_call(body)?;
+    let Ok(item) = path_id.parse::<i64>() else {
+        return Err(rpc_error(
             StatusCode::NOT_FOUND,
             &rpc_id,
             -32602,
-            format!("`{id}` is not a build id"),
-        );
+            format!("`{path_id}` is not a {what} id"),
+        ));
     };
-    if method != "stop" {
-        return rpc_error(
+    if called != method {
+        return Err(rpc_error(
             StatusCode::BAD_REQUEST,
             &rpc_id,
             -32601,
-            format!("builds have the method `stop`, not `{method}`"),
-        );
+            format!("{what}s have the method `{method}`, not `{called}`"),
+        ));
     }
     let mut reason = params
         .get("reason")
@@ -250,14 +257,43 @@ pub(super) async fn build_rpc(
     if !who.is_empty() {
         reason = format!("{reason} (by {who})");
     }
-    if st.builds.stop_build(buildid, &reason) {
-        Json(json!({ "jsonrpc": "2.0", "id": rpc_id, "result": null })).into_response()
+    Ok(ItemCall {
+        rpc_id,
+        item,
+        reason,
+    })
+}
+
+/// `POST /api/v2/builds/{id}` with `{"method": "stop", "params": {"reason"}}`:
+/// Buildbot's stop control.
+pub(super) async fn build_rpc(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let call = match item_call(
+        &st,
+        &headers,
+        peer,
+        WwwAction::Stop,
+        &id,
+        &body,
+        "stop",
+        "build",
+    ) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if st.builds.stop_build(call.item, &call.reason) {
+        Json(json!({ "jsonrpc": "2.0", "id": call.rpc_id, "result": null })).into_response()
     } else {
         rpc_error(
             StatusCode::NOT_FOUND,
-            &rpc_id,
+            &call.rpc_id,
             -32602,
-            format!("build {buildid} is not running"),
+            format!("build {} is not running", call.item),
         )
     }
 }
@@ -271,48 +307,30 @@ pub(super) async fn buildrequest_rpc(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let who = match st.writer(&headers, peer, WwwAction::Cancel) {
-        Ok(u) => u,
-        Err(d) => return d.into_response(),
-    };
-    let (rpc_id, method, params) = match rpc_call(&body) {
+    let call = match item_call(
+        &st,
+        &headers,
+        peer,
+        WwwAction::Cancel,
+        &id,
+        &body,
+        "cancel",
+        "build request",
+    ) {
         Ok(c) => c,
         Err(r) => return r,
     };
-    let Ok(brid) = id.parse::<i64>() else {
-        return rpc_error(
-            StatusCode::NOT_FOUND,
-            &rpc_id,
-            -32602,
-            format!("`{id}` is not a build request id"),
-        );
-    };
-    if method != "cancel" {
-        return rpc_error(
-            StatusCode::BAD_REQUEST,
-            &rpc_id,
-            -32601,
-            format!("build requests have the method `cancel`, not `{method}`"),
-        );
-    }
-    let mut reason = params
-        .get("reason")
-        .and_then(Value::as_str)
-        .filter(|r| !r.is_empty())
-        .unwrap_or("no reason given")
-        .to_string();
-    if !who.is_empty() {
-        reason = format!("{reason} (by {who})");
-    }
-    match st.builds.cancel_request(brid, &reason).await {
-        Ok(msg) => Json(json!({ "jsonrpc": "2.0", "id": rpc_id, "result": msg })).into_response(),
+    match st.builds.cancel_request(call.item, &call.reason).await {
+        Ok(msg) => {
+            Json(json!({ "jsonrpc": "2.0", "id": call.rpc_id, "result": msg })).into_response()
+        }
         Err(e) => {
             let status = match e {
                 CancelError::Missing(_) => StatusCode::NOT_FOUND,
                 CancelError::Complete(_) | CancelError::NotRunningHere(_) => StatusCode::CONFLICT,
                 CancelError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             };
-            rpc_error(status, &rpc_id, -32602, e.to_string())
+            rpc_error(status, &call.rpc_id, -32602, e.to_string())
         }
     }
 }
