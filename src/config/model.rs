@@ -6,6 +6,10 @@
 //! with the engine as custom types, so what a script builds is exactly what
 //! the master runs. Callbacks keep their Rhai function pointer, opaque to
 //! everything but the callback runner.
+//!
+//! One file on purpose: it is the whole shape of a config, read top to
+//! bottom like the BuildmasterConfig it mirrors, and every type in it is
+//! plain data with no logic to split along.
 
 use std::collections::BTreeMap;
 use std::fmt;

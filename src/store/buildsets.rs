@@ -1,6 +1,8 @@
 //! Buildsets, their sourcestamps, properties and changes, and build
 //! requests with their lifecycle (unclaimed → claimed → complete, or
 //! cancelled: complete with results CANCELLED, as Buildbot records it).
+//! Over 800 lines on purpose: one table family's reads and writes (and the
+//! tests of the lifecycle), which change together.
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
