@@ -16,7 +16,7 @@ use crate::workers::protocol::map_get;
 use crate::workers::transfer;
 
 use super::{
-    command::{arg_text, join_path, CommandEnd, Prepared, DEFAULT_TIMEOUT},
+    command::{arg_text, join_path, CommandEnd, CommandRun, Prepared, DEFAULT_TIMEOUT},
     logs::LogSink,
     render,
     runner::{severity, Build},
@@ -82,6 +82,9 @@ pub(super) fn step_map(step: &Step, props: &Properties) -> rhai::Map {
 }
 
 impl Distributor {
+    /// Runs one step: what its kind does on the master (`SetProperty`
+    /// with a value, `Trigger`) or on the worker (every other kind, as a
+    /// command), with its stdio log opened first and finished last.
     pub(super) async fn run_step(
         &self,
         b: &Build<'_>,
@@ -90,65 +93,89 @@ impl Distributor {
         stop: &CancellationToken,
         props: &Properties,
     ) -> anyhow::Result<StepOutcome> {
-        let (builder, worker, builddir) = (b.builder, b.worker, b.builddir);
         let log = self.store.new_log(stepid, "stdio", "s").await?;
         let secrets_dir = self.master_dir.join(crate::script::SECRETS_DIR);
         let scope = render::Scope::of(props)
-            .with_worker(worker.info.get())
+            .with_worker(b.worker.info.get())
             .with_secrets(&secrets_dir);
-        let exception = |why: String| async move {
-            let _ = self.store.append_header(log, &why).await;
-            let _ = self.store.finish_log(log).await;
-            Ok(StepOutcome::of(Results::Exception))
-        };
-        if let (
-            StepKind::SetProperty {
-                property,
-                value: Some(value),
-            },
-            None,
-        ) = (&step.kind, &step.command)
-        {
-            return match arg_text(value, &scope) {
-                Ok(v) => {
-                    self.store
-                        .append_header(log, format!("{property} = {v:?}"))
-                        .await?;
-                    self.store.finish_log(log).await?;
-                    Ok(StepOutcome {
-                        set_property: Some((property.to_string(), v.into())),
-                        ..StepOutcome::of(Results::Success)
-                    })
-                }
-                Err(why) => exception(why).await,
-            };
-        }
-        if let StepKind::Trigger {
-            scheduler_names,
-            wait_for_finish,
-            set_properties,
-        } = &step.kind
-        {
-            let result = match self
-                .trigger(
-                    b,
-                    log,
+        let outcome = match (&step.kind, &step.command) {
+            (
+                StepKind::SetProperty {
+                    property,
+                    value: Some(value),
+                },
+                None,
+            ) => self.set_property(log, property, value, &scope).await?,
+            (
+                StepKind::Trigger {
                     scheduler_names,
-                    *wait_for_finish,
+                    wait_for_finish,
                     set_properties,
-                    stop,
-                )
-                .await?
-            {
-                Ok(r) => r,
-                Err(why) => {
-                    self.store.append_header(log, &why).await?;
-                    Results::Exception
+                },
+                _,
+            ) => {
+                match self
+                    .trigger(
+                        b,
+                        log,
+                        scheduler_names,
+                        *wait_for_finish,
+                        set_properties,
+                        stop,
+                    )
+                    .await?
+                {
+                    Ok(r) => StepOutcome::of(r),
+                    Err(why) => self.exception(log, why).await?,
                 }
-            };
-            self.store.finish_log(log).await?;
-            return Ok(StepOutcome::of(result));
+            }
+            _ => self.command_step(b, log, step, stop, props, &scope).await?,
+        };
+        self.store.finish_log(log).await?;
+        Ok(outcome)
+    }
+
+    /// A step that cannot run, for a fault of the config or the master:
+    /// EXCEPTION, with the reason in its log.
+    async fn exception(&self, log: i64, why: String) -> anyhow::Result<StepOutcome> {
+        self.store.append_header(log, &why).await?;
+        Ok(StepOutcome::of(Results::Exception))
+    }
+
+    /// `SetProperty` with a `value`: rendered on the master.
+    async fn set_property(
+        &self,
+        log: i64,
+        property: &str,
+        value: &Arg,
+        scope: &render::Scope<'_>,
+    ) -> anyhow::Result<StepOutcome> {
+        match arg_text(value, scope) {
+            Ok(v) => {
+                self.store
+                    .append_header(log, format!("{property} = {v:?}"))
+                    .await?;
+                Ok(StepOutcome {
+                    set_property: Some((property.to_string(), v.into())),
+                    ..StepOutcome::of(Results::Success)
+                })
+            }
+            Err(why) => self.exception(log, why).await,
         }
+    }
+
+    /// Every other step: a command on the worker (a VCS checkout, a
+    /// transfer, a shell command), then its outcome judged.
+    async fn command_step(
+        &self,
+        b: &Build<'_>,
+        log: i64,
+        step: &Step,
+        stop: &CancellationToken,
+        props: &Properties,
+        scope: &render::Scope<'_>,
+    ) -> anyhow::Result<StepOutcome> {
+        let (builder, builddir) = (b.builder, b.builddir);
         let workdir = join_path(builddir, step.workdir.as_deref().unwrap_or("build"));
         let git_step = matches!(step.kind, StepKind::Git { .. }) && step.command.is_none();
         // Secrets given as they are (env, command) are hidden from the
@@ -170,11 +197,11 @@ impl Distributor {
         let mut sink = LogSink::new(log, stop.clone(), scope.secrets());
         let run = if git_step {
             match self
-                .git_checkout(b, &mut sink, step, &workdir, &scope)
+                .git_checkout(b, &mut sink, step, &workdir, scope)
                 .await?
             {
                 Ok(run) => run,
-                Err(why) => return exception(why).await,
+                Err(why) => return self.exception(log, why).await,
             }
         } else {
             // JSONPropertiesDownload is a StringDownload of the build's
@@ -197,12 +224,11 @@ impl Distributor {
                 }
                 _ => step,
             };
-            let prepared = match self.prepare_command(step, builder, &workdir, &scope) {
+            let prepared = match self.prepare_command(step, builder, &workdir, scope) {
                 Ok(p) => p,
-                Err(Prepared::Exception(why)) => return exception(why).await,
+                Err(Prepared::Exception(why)) => return self.exception(log, why).await,
                 Err(Prepared::Failure(why)) => {
                     self.store.append_header(log, &why).await?;
-                    self.store.finish_log(log).await?;
                     return Ok(StepOutcome::of(Results::Failure));
                 }
             };
@@ -222,7 +248,7 @@ impl Distributor {
                     };
                     match argv {
                         Some(argv) => {
-                            self.hg_clone(b, &mut sink, step, &argv, &workdir, &scope)
+                            self.hg_clone(b, &mut sink, step, &argv, &workdir, scope)
                                 .await?
                         }
                         None => None,
@@ -239,7 +265,38 @@ impl Distributor {
             }
         };
         let command_id = run.command_id.clone();
-        let mut outcome = match run.ended {
+        let mut outcome = self.judge(b, log, step, props, run).await?;
+        // A transfer ends here: an upload lands only if the command
+        // succeeded.
+        if let Some(transfer::Transfer::Upload(u)) = b.worker.take_transfer(&command_id) {
+            match u.finish(outcome.result == Results::Success) {
+                Ok(what) => {
+                    self.store
+                        .append_header(log, format!("uploaded {what}"))
+                        .await?
+                }
+                Err(why) if outcome.result == Results::Success => {
+                    self.store.append_header(log, &why).await?;
+                    outcome.result = Results::Failure;
+                }
+                Err(why) => self.store.append_header(log, &why).await?,
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// A finished command's outcome: the worker lost (a DisconnectStep
+    /// expects it), stopped, failed, or done and evaluated; and what the
+    /// step takes from it (`got_revision`, a property, a disconnect).
+    async fn judge(
+        &self,
+        b: &Build<'_>,
+        log: i64,
+        step: &Step,
+        props: &Properties,
+        run: CommandRun,
+    ) -> anyhow::Result<StepOutcome> {
+        Ok(match run.ended {
             CommandEnd::Lost if matches!(step.kind, StepKind::DisconnectStep { .. }) => {
                 self.store
                     .append_header(log, "the worker went away, as this step expects")
@@ -329,25 +386,7 @@ impl Distributor {
                 }
                 o
             }
-        };
-        // A transfer ends here: an upload lands only if the command
-        // succeeded.
-        if let Some(transfer::Transfer::Upload(u)) = worker.take_transfer(&command_id) {
-            match u.finish(outcome.result == Results::Success) {
-                Ok(what) => {
-                    self.store
-                        .append_header(log, format!("uploaded {what}"))
-                        .await?
-                }
-                Err(why) if outcome.result == Results::Success => {
-                    self.store.append_header(log, &why).await?;
-                    outcome.result = Results::Failure;
-                }
-                Err(why) => self.store.append_header(log, &why).await?,
-            }
-        }
-        self.store.finish_log(log).await?;
-        Ok(outcome)
+        })
     }
 
     /// `Trigger`: a buildset from each Triggerable scheduler named, on this
