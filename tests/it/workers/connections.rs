@@ -138,14 +138,15 @@ fn a_worker_killed_mid_build_gives_retry_and_the_request_runs_again_elsewhere() 
     let dir = master_with_steps(
         tmp.path(),
         // Runs until the test creates `release` beside the workers' dirs.
-        r#"f.addStep(ShellCommand(#{ name: "slow", command: "echo start; while [ ! -e ../../../release ]; do sleep 0.1; done; echo done" }));"#,
+        r#"f.addStep(ShellCommand(#{ name: "slow", command: "echo start; while [ ! -e ../../../release ]; do sleep 0.1; done; touch ../../../ended.$$; echo done" }));"#,
     );
     let master = Master::start(&dir);
     let port = worker_port(&master);
     let w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "b");
-    master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until(Duration::from_secs(60), "the command to run", || {
+        stdio(&dir, "slow").contains("ostart").then_some(())
+    });
     drop(w1); // SIGKILL
     master.wait_for_log(
         "worker lost; the request will run again",
@@ -185,8 +186,22 @@ fn a_worker_killed_mid_build_gives_retry_and_the_request_runs_again_elsewhere() 
         )
         .expect("worker");
     assert_eq!(worker, "w2");
-    // Give the orphaned command of the killed worker time to see `release`.
-    std::thread::sleep(Duration::from_millis(500));
+    // The command the killed worker left behind ends too (no process
+    // outlives the test): one marker per command.
+    wait_until(Duration::from_secs(30), "both commands to end", || {
+        (ended(tmp.path()) == 2).then_some(())
+    });
+}
+
+/// How many of the step's commands have ended (each leaves `ended.PID`).
+fn ended(root: &std::path::Path) -> usize {
+    std::fs::read_dir(root)
+        .expect("read_dir")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("ended."))
+        })
+        .count()
 }
 
 #[test]
@@ -194,7 +209,7 @@ fn a_master_killed_mid_build_retries_it_on_the_next_start() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = master_with_steps(
         tmp.path(),
-        r#"f.addStep(ShellCommand(#{ name: "slow", command: "if [ -e ../../../second ]; then echo again; else touch ../../../second; while [ ! -e ../../../release ]; do sleep 0.1; done; fi" }));"#,
+        r#"f.addStep(ShellCommand(#{ name: "slow", command: "if [ -e ../../../second ]; then echo again; else touch ../../../second; while [ ! -e ../../../release ]; do sleep 0.1; done; touch ../../../ended.$$; fi" }));"#,
     );
     let master = Master::start(&dir);
     let port = worker_port(&master);
@@ -226,7 +241,11 @@ fn a_master_killed_mid_build_retries_it_on_the_next_start() {
     assert!(stdio(&dir, "slow").contains("oagain"));
     // The first command, orphaned by the killed worker, may end now.
     std::fs::write(tmp.path().join("release"), "").expect("release");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until(
+        Duration::from_secs(30),
+        "the orphaned command to end",
+        || (ended(tmp.path()) == 1).then_some(()),
+    );
 }
 
 #[test]
