@@ -14,15 +14,8 @@ fn get(url: &str) -> Value {
 }
 
 fn status(url: &str) -> (u16, Value) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let r = reqwest::get(url).await.expect("GET");
-        let code = r.status().as_u16();
-        (code, r.json().await.unwrap_or(Value::Null))
-    })
+    let (code, body) = common::http("GET", url, None, &[], common::Body::None);
+    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
 fn names(v: &Value, list: &str, field: &str) -> Vec<Value> {

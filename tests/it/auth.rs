@@ -50,30 +50,12 @@ fn call(
     headers: &[(&str, &str)],
     body: Option<Value>,
 ) -> (u16, Value) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let client = reqwest::Client::new();
-        let mut r = match method {
-            "GET" => client.get(url),
-            _ => client.post(url),
-        }
-        .timeout(Duration::from_secs(30));
-        if let Some((u, p)) = who {
-            r = r.basic_auth(u, Some(p));
-        }
-        for (k, v) in headers {
-            r = r.header(*k, *v);
-        }
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().await.expect("request");
-        let code = resp.status().as_u16();
-        (code, resp.json().await.unwrap_or(Value::Null))
-    })
+    let body = match body {
+        Some(v) => common::Body::Json(v),
+        None => common::Body::None,
+    };
+    let (code, text) = common::http(method, url, who, headers, body);
+    (code, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 fn rpc(method: &str, params: Value) -> Option<Value> {
@@ -260,24 +242,12 @@ fn every_write_needs_a_user_with_its_role_and_reads_need_a_login() {
     // A change through the base hook: admins only, as www.authz says.
     let hook = format!("{url}/change_hook/base");
     let post_change = |who: Option<(&str, &str)>| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let mut r = reqwest::Client::new()
-                .post(&hook)
-                .form(&[
-                    ("author", "dev"),
-                    ("comments", "via the hook"),
-                    ("branch", "main"),
-                ])
-                .timeout(Duration::from_secs(30));
-            if let Some((u, p)) = who {
-                r = r.basic_auth(u, Some(p));
-            }
-            r.send().await.expect("POST").status().as_u16()
-        })
+        let form = [
+            ("author", "dev"),
+            ("comments", "via the hook"),
+            ("branch", "main"),
+        ];
+        common::http("POST", &hook, who, &[], common::Body::Form(&form)).0
     };
     assert_eq!(post_change(None), 401);
     assert_eq!(post_change(Some(("ann", "bad"))), 401);

@@ -3,7 +3,6 @@
 
 use crate::common;
 
-use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -40,17 +39,8 @@ fn the_quickstart_builds_a_commit_on_its_two_workers_and_stops_them_with_it() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("kiln quickstart");
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let sink = log.clone();
-    let err = child.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-            let mut l = sink.lock().unwrap_or_else(|e| e.into_inner());
-            l.push_str(&line);
-            l.push('\n');
-        }
-    });
-    let text = || log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let log = common::capture(child.stderr.take().expect("stderr"));
+    let text = || common::captured(&log);
     wait_until(Duration::from_secs(60), "both workers", || {
         (text().matches("connected worker=").count() >= 2 && text().contains("first poll"))
             .then_some(())

@@ -6,7 +6,6 @@
 
 use crate::common;
 
-use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -144,17 +143,8 @@ fn a_push_appears_and_turns_green_live_and_its_build_log_can_be_read() {
             .stdout(Stdio::null())
             .stderr(Stdio::piped()),
     );
-    let err = master.0.stderr.take().expect("stderr");
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-            let mut l = sink.lock().unwrap_or_else(|e| e.into_inner());
-            l.push_str(&line);
-            l.push('\n');
-        }
-    });
-    let text = || log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let log = common::capture(master.0.stderr.take().expect("stderr"));
+    let text = || common::captured(&log);
     wait_until(
         Duration::from_secs(60),
         "both workers and a first poll",

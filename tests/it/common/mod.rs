@@ -160,11 +160,38 @@ pub fn hg_commit(repo: &Path, user: &str, files: &[&str], message: &str) -> Stri
     run(repo, "hg", &["log", "-r", ".", "-T", "{node}"])
 }
 
+/// What a child process writes to `stream`, line by line, as it comes (a
+/// thread reads it until the stream closes).
+pub fn capture(stream: impl std::io::Read + Send + 'static) -> Captured {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stream)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let mut l = sink.lock().unwrap_or_else(|e| e.into_inner());
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    log
+}
+
+/// Captured output, growing.
+pub type Captured = std::sync::Arc<std::sync::Mutex<String>>;
+
+/// Everything captured so far.
+pub fn captured(log: &Captured) -> String {
+    log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// A `kiln start` in the background; stopped (or killed) when dropped.
 pub struct Master {
     pub dir: PathBuf,
     child: Option<std::process::Child>,
-    log: std::sync::Arc<std::sync::Mutex<String>>,
+    log: Captured,
 }
 
 impl Master {
@@ -186,18 +213,7 @@ impl Master {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn kiln start");
-        let err = child.stderr.take().expect("stderr");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                let mut l = sink.lock().unwrap_or_else(|e| e.into_inner());
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let log = capture(child.stderr.take().expect("stderr"));
         Master {
             dir: dir.to_path_buf(),
             child: Some(child),
@@ -206,7 +222,7 @@ impl Master {
     }
 
     pub fn log(&self) -> String {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        captured(&self.log)
     }
 
     /// Waits until the log has `count` lines containing `needle`.
@@ -281,39 +297,53 @@ pub fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<
 }
 
 /// A blocking GET with a bounded wait; the body.
-pub fn http_get(url: &str) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
+/// What an HTTP call sends.
+pub enum Body<'a> {
+    None,
+    Json(serde_json::Value),
+    Form(&'a [(&'a str, &'a str)]),
+}
+
+/// One HTTP call from a test: its status and body. `who` logs in with
+/// Basic auth; `headers` are added as they are.
+pub fn http(
+    method: &str,
+    url: &str,
+    who: Option<(&str, &str)>,
+    headers: &[(&str, &str)],
+    body: Body<'_>,
+) -> (u16, String) {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
         .build()
-        .expect("runtime");
-    rt.block_on(async {
-        reqwest::Client::new()
-            .get(url)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .expect("GET")
-            .text()
-            .await
-            .expect("body")
-    })
+        .expect("HTTP client");
+    let mut r = match method {
+        "GET" => client.get(url),
+        "POST" => client.post(url),
+        other => panic!("no {other} in the tests' HTTP helper"),
+    };
+    if let Some((u, p)) = who {
+        r = r.basic_auth(u, Some(p));
+    }
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r = match body {
+        Body::None => r,
+        Body::Json(v) => r.json(&v),
+        Body::Form(f) => r.form(f),
+    };
+    let resp = r.send().unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let code = resp.status().as_u16();
+    (code, resp.text().expect("body"))
+}
+
+pub fn http_get(url: &str) -> String {
+    http("GET", url, None, &[], Body::None).1
 }
 
 pub fn post_form(url: &str, form: &[(&str, &str)]) -> (u16, String) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let r = reqwest::Client::new()
-            .post(url)
-            .form(form)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .expect("POST");
-        (r.status().as_u16(), r.text().await.expect("body"))
-    })
+    http("POST", url, None, &[], Body::Form(form))
 }
 
 /// `hg serve` on 127.0.0.1, port 0; killed when dropped.

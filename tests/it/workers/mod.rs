@@ -9,7 +9,6 @@ mod steps;
 use crate::common;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use common::Master;
 
@@ -50,19 +49,13 @@ pub(super) fn rpc(
     method: &str,
     params: serde_json::Value,
 ) -> (u16, String) {
-    let url = format!("{}{path}", master.http_url());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let r = reqwest::Client::new()
-            .post(&url)
-            .json(&serde_json::json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params }))
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .expect("POST");
-        (r.status().as_u16(), r.text().await.expect("body"))
-    })
+    common::http(
+        "POST",
+        &format!("{}{path}", master.http_url()),
+        None,
+        &[],
+        common::Body::Json(
+            serde_json::json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params }),
+        ),
+    )
 }
