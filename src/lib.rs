@@ -20,6 +20,7 @@ pub mod schedulers;
 pub mod script;
 pub mod store;
 pub mod suggest;
+pub mod sync;
 pub mod workers;
 
 #[global_allocator]

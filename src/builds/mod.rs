@@ -127,9 +127,7 @@ struct RunningBuild {
     reason: Mutex<String>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::sync::lock;
 
 impl Distributor {
     pub fn new(
@@ -180,14 +178,13 @@ impl Distributor {
     }
 
     pub fn generation(&self) -> Arc<Generation> {
-        self.gen.read().unwrap_or_else(|e| e.into_inner()).clone()
+        crate::sync::read(&self.gen).clone()
     }
 
     /// Applies a reload: the next builds use `config`; running builds
     /// finish with the generation they started with.
     pub fn reload(&self, config: Arc<MasterConfig>, runtime: ScriptRuntime) {
-        *self.gen.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::new(Generation::new(config, runtime));
+        *crate::sync::write(&self.gen) = Arc::new(Generation::new(config, runtime));
         lock(&self.warned).clear();
         self.wake.notify_one();
     }

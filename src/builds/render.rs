@@ -101,10 +101,7 @@ impl<'a> Scope<'a> {
     /// Counts `secret` among the values to hide (a secret given to the
     /// step as it is, not rendered).
     pub fn add_secret(&self, secret: &str) {
-        self.used_secrets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(secret.to_string());
+        crate::sync::lock(&self.used_secrets).push(secret.to_string());
     }
 
     /// The secret values rendered through this scope (or added), as they
@@ -204,11 +201,7 @@ pub fn render(r: &Renderable, scope: &Scope) -> Result<String, RenderError> {
                     match std::fs::read_to_string(dir.join(name)) {
                         Ok(v) => {
                             let v = v.trim_end_matches(['\n', '\r']).to_string();
-                            scope
-                                .used_secrets
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push(v.clone());
+                            crate::sync::lock(&scope.used_secrets).push(v.clone());
                             Some(Value::String(v))
                         }
                         Err(e) => {

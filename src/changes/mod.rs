@@ -84,7 +84,7 @@ impl PollNow {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Wakeable>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.0)
     }
 
     /// Wakes the pollers named (every poller when `names` is empty) and
@@ -135,16 +135,13 @@ pub struct PollErrors(Arc<std::sync::Mutex<std::collections::BTreeMap<String, u6
 
 impl PollErrors {
     fn count(&self, source: &str) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        *crate::sync::lock(&self.0)
             .entry(source.to_string())
             .or_default() += 1;
     }
 
     pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        crate::sync::lock(&self.0).clone()
     }
 }
 

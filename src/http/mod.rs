@@ -140,12 +140,12 @@ impl AppState {
         peer: SocketAddr,
         action: WwwAction,
     ) -> Result<String, Denied> {
-        let access = self.access.read().unwrap_or_else(|e| e.into_inner());
+        let access = crate::sync::read(&self.access);
         auth::writer(&access, headers, peer, action)
     }
 
     fn hook(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<(), Denied> {
-        let access = self.access.read().unwrap_or_else(|e| e.into_inner());
+        let access = crate::sync::read(&self.access);
         auth::hook(&access, headers, peer)
     }
 }
@@ -160,7 +160,7 @@ async fn read_guard(
 ) -> Response {
     if req.method() == axum::http::Method::GET && req.uri().path() != "/health" {
         let verdict = {
-            let access = st.access.read().unwrap_or_else(|e| e.into_inner());
+            let access = crate::sync::read(&st.access);
             auth::reader(&access, req.headers(), peer)
         };
         if let Err(d) = verdict {
@@ -229,7 +229,7 @@ async fn events(
 /// `kiln print-config --json` prints it (secrets as `<secret>`).
 async fn running_config(State(st): State<Arc<AppState>>) -> Response {
     let gen = st.builds.generation();
-    let watched = st.watched.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let watched = crate::sync::read(&st.watched).clone();
     match serde_json::to_value(&*gen.config) {
         Ok(v) => Json(json!({ "config": v, "files": watched })).into_response(),
         Err(e) => internal(e.into()),

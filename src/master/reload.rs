@@ -83,7 +83,7 @@ impl Live {
             }
         }
         record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-        *self.app.watched.write().unwrap_or_else(|e| e.into_inner()) = paths(&self.files);
+        *crate::sync::write(&self.app.watched) = paths(&self.files);
         if record.applied {
             tracing::info!(
                 "config reloaded in {:.1} ms (scripts {load_ms:.1} ms) ({trigger}): {}",
@@ -173,8 +173,7 @@ impl Live {
         }
         self.schedulers.reload(&new, runtime).await;
         self.pollers.reload(&new.change_source).await;
-        *self.app.access.write().unwrap_or_else(|e| e.into_inner()) =
-            crate::http::auth::Access::of(new.www.as_ref());
+        *crate::sync::write(&self.app.access) = crate::http::auth::Access::of(new.www.as_ref());
         if http_moved {
             if let Some(old) = self.http.take() {
                 old.stop.cancel();

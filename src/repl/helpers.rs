@@ -60,16 +60,11 @@ pub(super) fn live_state(url: &str) -> Result<String, String> {
 
 impl Shared {
     pub(super) fn master(&self) -> Option<String> {
-        self.master
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        crate::sync::read(&self.master).clone()
     }
 
     pub(super) fn config(&self) -> Result<Arc<MasterConfig>, Box<rhai::EvalAltResult>> {
-        self.config
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
+        crate::sync::read(&self.config)
             .clone()
             .ok_or_else(|| "the config did not load; fix it and :reload".into())
     }
@@ -254,10 +249,7 @@ pub(super) fn explain(
     change: rhai::Map,
 ) -> Result<String, Box<rhai::EvalAltResult>> {
     let c = shared.config()?;
-    let runtime = shared
-        .runtime
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
+    let runtime = crate::sync::read(&shared.runtime)
         .clone()
         .ok_or("the config did not load")?;
     let get = |k: &str| change.get(k).and_then(|v| v.clone().into_string().ok());

@@ -146,11 +146,7 @@ pub fn run(opts: Options) -> anyhow::Result<std::process::ExitCode> {
         mut session,
         problems,
     } = Session::open(&opts.dir, opts.limits.clone());
-    *session
-        .shared
-        .master
-        .write()
-        .unwrap_or_else(|e| e.into_inner()) =
+    *crate::sync::write(&session.shared.master) =
         opts.master.map(|m| m.trim_end_matches('/').to_string());
     let failed_load = session.config().is_none();
     if !problems.is_empty() {
@@ -239,13 +235,13 @@ fn interactive(session: Session, color: bool) -> anyhow::Result<std::process::Ex
     let _ = rl.load_history(&history);
     println!(
         "kiln repl in {}: the config's values are in scope; :help for help, Ctrl-D to leave",
-        crate::diagnostics::display_pathbuf(&shared.lock().unwrap_or_else(|e| e.into_inner()).dir)
+        crate::diagnostics::display_pathbuf(&crate::sync::lock(&shared).dir)
     );
     loop {
         match rl.readline("kiln> ") {
             Ok(line) => {
                 let _ = rl.add_history_entry(line.as_str());
-                let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+                let mut s = crate::sync::lock(&shared);
                 let (go_on, _) = handle(
                     &mut s,
                     &line,
@@ -300,7 +296,7 @@ impl rustyline::completion::Completer for ReplHelper {
             .rfind(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.' || c == ':'))
             .map_or(0, |i| i + 1);
         let word = &before[start..];
-        let s = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let s = crate::sync::lock(&self.session);
         Ok((start, s.completions(word)))
     }
 }

@@ -107,9 +107,9 @@ impl Session {
         let libs = std::iter::once(functions.clone())
             .chain(state.module_functions())
             .collect();
-        *shared.runtime.write().unwrap_or_else(|e| e.into_inner()) =
+        *crate::sync::write(&shared.runtime) =
             Some(ScriptRuntime::new(engine.clone(), libs, limits.clone()));
-        *shared.config.write().unwrap_or_else(|e| e.into_inner()) = config.clone();
+        *crate::sync::write(&shared.config) = config.clone();
         let mut all = state.warnings();
         all.append(&mut problems);
         let sources = state.sources();
@@ -132,11 +132,7 @@ impl Session {
 
     /// Whether the config loaded (the helpers need it).
     pub fn config(&self) -> Option<Arc<MasterConfig>> {
-        self.shared
-            .config
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        crate::sync::read(&self.shared.config).clone()
     }
 
     /// Diagnostics as the terminal shows them.
@@ -219,11 +215,7 @@ impl Session {
         }
         session.functions = self.functions.merge(&session.functions);
         session.started = self.started.take();
-        *session
-            .shared
-            .master
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = self.shared.master();
+        *crate::sync::write(&session.shared.master) = self.shared.master();
         *self = session;
         problems
     }

@@ -177,11 +177,11 @@ impl Schedulers {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Entry>> {
-        self.running.read().unwrap_or_else(|e| e.into_inner())
+        crate::sync::read(&self.running)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
-        self.running.write().unwrap_or_else(|e| e.into_inner())
+        crate::sync::write(&self.running)
     }
 
     fn spawn(&self, cfg: &SchedulerConfig) -> Entry {
@@ -214,11 +214,7 @@ impl Schedulers {
     /// scheduler that keeps its name keeps its stored state (last change
     /// handled, classified changes, timers): its successor reads it.
     pub async fn reload(&self, config: &MasterConfig, runtime: ScriptRuntime) {
-        *self
-            .shared
-            .runtime
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = runtime;
+        *crate::sync::write(&self.shared.runtime) = runtime;
         let wanted: HashMap<&str, &SchedulerConfig> = config
             .schedulers
             .iter()
@@ -274,12 +270,7 @@ impl Schedulers {
     /// The last change the scheduler `name` has handled (change-based
     /// schedulers, once they have started).
     pub fn handled_up_to(&self, name: &str) -> Option<i64> {
-        self.shared
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .copied()
+        crate::sync::lock(&self.shared.progress).get(name).copied()
     }
 
     /// Notified whenever a scheduler stores build requests.

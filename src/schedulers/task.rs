@@ -359,11 +359,7 @@ impl Task {
     }
 
     pub(super) fn report_progress(&self, last: i64) {
-        self.shared
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(self.cfg.name.clone(), last);
+        crate::sync::lock(&self.shared.progress).insert(self.cfg.name.clone(), last);
     }
 
     pub(super) fn log_made(&self, made: &[BuildsetIds]) {
@@ -383,12 +379,7 @@ impl Task {
     /// `fileIsImportant`, off the async runtime; any failure counts the
     /// change as important (the safe default) and is logged.
     pub(super) async fn classify(&self, cb: &Callback, c: &Change) -> bool {
-        let rt = self
-            .shared
-            .runtime
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let rt = crate::sync::read(&self.shared.runtime).clone();
         let cb = cb.clone();
         let arg = change_map(c);
         let r = tokio::task::spawn_blocking(move || rt.call(&cb, (arg,))).await;

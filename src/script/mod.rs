@@ -18,7 +18,7 @@ mod vocab;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rhai::{Dynamic, Engine, Scope, AST};
@@ -68,11 +68,7 @@ pub struct LoadState {
     modules: resolver::ModuleCache,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks cannot leave the data in a
-    // state worse than "partially recorded", so poisoning is ignored.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::sync::lock;
 
 impl LoadState {
     pub fn new(master_dir: &Path, limits: Limits) -> Arc<Self> {

@@ -35,19 +35,14 @@ pub struct ModuleCache {
 
 impl ModuleCache {
     pub fn done(&self) -> Vec<(String, SharedModule)> {
-        self.done
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.done)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
 
     pub fn functions(&self) -> Vec<rhai::AST> {
-        self.functions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        crate::sync::lock(&self.functions).clone()
     }
 }
 

@@ -147,7 +147,7 @@ impl Store {
     {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
+            let mut c = crate::sync::lock(&conn);
             f(&mut c)
         })
         .await

@@ -70,15 +70,11 @@ impl WorkerSetup {
             .iter()
             .map(|w| (w.name.clone(), (w.password.clone(), w.keepalive_interval)))
             .collect();
-        *self.workers.write().unwrap_or_else(|e| e.into_inner()) = workers;
+        *crate::sync::write(&self.workers) = workers;
     }
 
     fn get(&self, name: &str) -> Option<(crate::config::Secret, u64)> {
-        self.workers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
+        crate::sync::read(&self.workers).get(name).cloned()
     }
 }
 
@@ -114,9 +110,7 @@ pub struct WorkerConn {
     pub shutdown_sent: std::sync::atomic::AtomicBool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::sync::lock;
 
 impl WorkerConn {
     /// Sends a request and waits for its response.
