@@ -340,17 +340,10 @@ fn the_event_stream_follows_a_build_from_request_to_result_and_tails_a_log() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = master_script(
         tmp.path(),
-        r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{ name: "talk", command: ["sh", "-c", "sleep 2; echo first-line; sleep 1; echo second-line"] }));
-#{
-    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
-    www: #{ port: 0 },
-    workers: [Worker("w1", "pw-one")],
-    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
-    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
-}
-"#,
+        &one_builder(
+            r#"
+f.addStep(ShellCommand(#{ name: "talk", command: ["sh", "-c", "sleep 2; echo first-line; sleep 1; echo second-line"] }));"#,
+        ),
     );
     let master = Master::start(&dir);
     let url = master.http_url();

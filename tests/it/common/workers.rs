@@ -251,6 +251,25 @@ pub fn finished(dir: &Path, n: usize) -> bool {
     builds(dir).iter().filter(|b| b.result.is_some()).count() >= n
 }
 
+/// The master script most build tests need: `steps` (Rhai that adds
+/// steps to the factory `f`), free ports, worker w1 (password pw-one), a
+/// ForceScheduler `force`, and builder `b` on w1.
+pub fn one_builder(steps: &str) -> String {
+    format!(
+        r#"
+let f = BuildFactory();
+{steps}
+#{{
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [Worker("w1", "pw-one")],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f }})],
+}}
+"#
+    )
+}
+
 /// A master dir from a whole master.rhai (workers w1/pw-one and w2/pw-two
 /// are for the test to declare).
 pub fn master_script(root: &Path, script: &str) -> PathBuf {

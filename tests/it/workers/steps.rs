@@ -119,8 +119,8 @@ fn interpolate_reads_the_sourcestamp_worker_keywords_and_secrets_and_logs_hide_s
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = master_script(
         tmp.path(),
-        r#"
-let f = BuildFactory();
+        &one_builder(
+            r#"
 f.addStep(ShellCommand(#{ name: "kinds",
     command: ["echo", Interpolate("branch=%(src::branch)s rev=%(src::revision:-none)s other=%(src:other:branch:-elsewhere)s"),
               Interpolate("in=%(worker:basedir)s say=%(kw:greeting)s n=%(kw:n)s", #{ greeting: "hello", n: 3 })] }));
@@ -130,15 +130,8 @@ f.addStep(ShellCommand(#{ name: "token",
     command: ["sh", "-c", Interpolate("echo arg=%(secret:token)s env=$TOKEN")],
     env: #{ TOKEN: secret("token") } }));
 f.addStep(ShellCommand(#{ name: "nosecret", command: ["echo", Interpolate("%(secret:missing)s")] }));
-f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(worker:nonesuch)s")], alwaysRun: true }));
-#{
-    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
-    www: #{ port: 0 },
-    workers: [Worker("w1", "pw-one")],
-    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
-    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
-}
-"#,
+f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(worker:nonesuch)s")], alwaysRun: true }));"#,
+        ),
     );
     std::fs::create_dir_all(dir.join("secrets")).expect("secrets");
     std::fs::write(dir.join("secrets/token"), "s3cr3t-t0ken\n").expect("token");
@@ -291,8 +284,8 @@ fn set_property_do_step_if_and_log_rules_decide_the_steps() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = master_script(
         tmp.path(),
-        r#"
-let f = BuildFactory();
+        &one_builder(
+            r#"
 f.addStep(SetProperty(#{ name: "where", property: "basedir", command: ["pwd"], workdir: "." }));
 f.addStep(SetProperty(#{ name: "fixed", property: "flavour", value: WithProperties("%(buildername)s-opt") }));
 f.addStep(ShellCommand(#{ name: "use", command: ["echo", WithProperties("in %(basedir)s as %(flavour)s")] }));
@@ -304,15 +297,8 @@ f.addStep(ShellCommand(#{ name: "rcmap", command: "exit 3", warnOnWarnings: true
 // Known infrastructure trouble in the output means RETRY, on the first build only.
 f.addStep(ShellCommand(#{ name: "infra", command: "echo 'remote: timed out'; exit 1",
     log_eval_func: |step, rc, log| if log.contains("timed out") && step.properties.buildnumber == 1 { RETRY } else { SUCCESS } }));
-f.addStep(ShellCommand(#{ name: "after", command: "true" }));
-#{
-    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
-    www: #{ port: 0 },
-    workers: [Worker("w1", "pw-one")],
-    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
-    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
-}
-"#,
+f.addStep(ShellCommand(#{ name: "after", command: "true" }));"#,
+        ),
     );
     let mut master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
