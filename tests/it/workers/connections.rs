@@ -257,7 +257,7 @@ fn kilns_worker_runs_builds_enforces_timeouts_and_reconnects() {
             r#"
 f.addStep(ShellCommand(#{ name: "out", command: ["sh", "-c", "echo to-out; echo to-err >&2; exit 4"], flunkOnFailure: false }));
 // The background sleep is in the command's process group: the timeout kills it too.
-f.addStep(ShellCommand(#{ name: "hangs", command: "(sleep 2; touch ../../../survived) & sleep 30", timeout: 1 }));
+f.addStep(ShellCommand(#{ name: "hangs", command: "(sleep 2; touch ../../../survived) & echo $! > ../../../background.pid; sleep 30", timeout: 1 }));
 f.addStep(ShellCommand(#{ name: "env", command: "echo $GREETING", env: #{ GREETING: "hello from kiln" } }));"#,
         ),
     );
@@ -285,7 +285,16 @@ f.addStep(ShellCommand(#{ name: "env", command: "echo $GREETING", env: #{ GREETI
         "{hangs}"
     );
     assert!(stdio(&dir, "env").contains("ohello from kiln"));
-    std::thread::sleep(Duration::from_secs(3));
+    // The background process ends either killed with its group, or by
+    // itself after 2 s, leaving `survived`: wait for it to end, then see
+    // which.
+    let pid = std::fs::read_to_string(tmp.path().join("background.pid")).expect("pid");
+    let pid = pid.trim();
+    wait_until(
+        Duration::from_secs(30),
+        "the background process to end",
+        || (!running(pid)).then_some(()),
+    );
     assert!(
         !tmp.path().join("survived").exists(),
         "the timeout left a process of the group running"
@@ -648,4 +657,15 @@ fn timeout_and_max_time_end_commands_on_a_stock_worker() {
 #[test]
 fn timeout_and_max_time_end_commands_on_kilns_worker() {
     timeout_run(true);
+}
+
+/// Whether process `pid` runs (an exited one waiting to be reaped does not).
+fn running(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().next().map(|state| state != "Z")
+        })
+        .unwrap_or(false)
 }
