@@ -88,7 +88,7 @@ f.addStep(ShellCommand(#{ name: "s", command: "mkdir ../../../busy && sleep 1 &&
     );
     let master = Master::start(&dir);
     let _w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
-    // One force: a request for each builder at the same moment.
+    // b builds for a second; c is requested while it runs, and must wait.
     let out = common::kiln(
         &master.dir,
         &[
