@@ -6,6 +6,7 @@
 mod common;
 
 mod api;
+mod architecture;
 mod auth;
 mod change_sources;
 mod config_host;
