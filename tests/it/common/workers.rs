@@ -109,11 +109,16 @@ pub fn force_and_wait(master: &Master, builder: &str, n: usize) -> Vec<BuildRow>
 }
 
 pub fn force(master: &Master, builder: &str) {
-    let out = super::kiln(
-        &master.dir,
-        &["force", "--master", &master.http_url(), builder],
-        Duration::from_secs(60),
-    );
+    force_with(master, builder, &[]);
+}
+
+/// `kiln force` of `builder` with more arguments (`--property k=v`,
+/// `--branch b`, ...), which must succeed.
+pub fn force_with(master: &Master, builder: &str, args: &[&str]) {
+    let url = master.http_url();
+    let mut all = vec!["force", "--master", &url, builder];
+    all.extend_from_slice(args);
+    let out = super::kiln(&master.dir, &all, Duration::from_secs(60));
     assert_eq!(out.code, Some(0), "{}", out.stderr);
 }
 

@@ -89,19 +89,7 @@ f.addStep(ShellCommand(#{ name: "s", command: "mkdir ../../../busy && sleep 1 &&
     let master = Master::start(&dir);
     let _w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
     // b builds for a second; c is requested while it runs, and must wait.
-    let out = common::kiln(
-        &master.dir,
-        &[
-            "force",
-            "--master",
-            &master.http_url(),
-            "b",
-            "--scheduler",
-            "force",
-        ],
-        Duration::from_secs(60),
-    );
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    force_with(&master, "b", &["--scheduler", "force"]);
     let b = force_and_wait(&master, "c", 2);
     assert!(
         b.iter().all(|x| x.result == Some(Results::Success)),
@@ -326,19 +314,7 @@ f.addStep(ShellCommand(#{ name: "s", command: "true" }));
             finished(&dir, i).then_some(())
         });
     }
-    let out = common::kiln(
-        &master.dir,
-        &[
-            "force",
-            "--master",
-            &master.http_url(),
-            "b",
-            "--property",
-            "ok=w1",
-        ],
-        Duration::from_secs(60),
-    );
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    force_with(&master, "b", &["--property", "ok=w1"]);
     wait_until(Duration::from_secs(60), "the third build", || {
         finished(&dir, 3).then_some(())
     });

@@ -70,19 +70,7 @@ f.addStep(ShellCommand(#{ name: "missing", command: Interpolate("hg clone %(prop
     );
     let mut master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
-    let out = common::kiln(
-        &master.dir,
-        &[
-            "force",
-            "--master",
-            &master.http_url(),
-            "b",
-            "--property",
-            "who=alice",
-        ],
-        Duration::from_secs(60),
-    );
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    force_with(&master, "b", &["--property", "who=alice"]);
     wait_until(Duration::from_secs(60), "the build", || {
         finished(&dir, 1).then_some(())
     });
@@ -137,19 +125,7 @@ f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(wor
     std::fs::write(dir.join("secrets/token"), "s3cr3t-t0ken\n").expect("token");
     let mut master = Master::start(&dir);
     let w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
-    let out = common::kiln(
-        &master.dir,
-        &[
-            "force",
-            "--master",
-            &master.http_url(),
-            "b",
-            "--branch",
-            "release",
-        ],
-        Duration::from_secs(60),
-    );
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    force_with(&master, "b", &["--branch", "release"]);
     wait_until(Duration::from_secs(60), "the build", || {
         finished(&dir, 1).then_some(())
     });
@@ -727,19 +703,7 @@ f.addStep(ShellCommand(#{{ name: "show", command: ["sh", "-c", WithProperties("c
         show(2)
     );
     // A build of a given revision checks that one out.
-    let out = common::kiln(
-        &master.dir,
-        &[
-            "force",
-            "--master",
-            &master.http_url(),
-            "b",
-            "--revision",
-            &first,
-        ],
-        Duration::from_secs(60),
-    );
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    force_with(&master, "b", &["--revision", &first]);
     wait_until(Duration::from_secs(60), "build 3", || {
         finished(&dir, 3).then_some(())
     });
