@@ -49,8 +49,15 @@ impl Client {
         })
     }
 
-    fn send(&self, path: &str, req: reqwest::blocking::RequestBuilder) -> anyhow::Result<Answer> {
+    /// Sends what `build` makes of the client and the full address of
+    /// `path`.
+    fn send(
+        &self,
+        path: &str,
+        build: impl FnOnce(&reqwest::blocking::Client, &str) -> reqwest::blocking::RequestBuilder,
+    ) -> anyhow::Result<Answer> {
         let url = format!("{}{path}", self.base);
+        let req = build(&self.http, &url);
         let req = match &self.auth {
             Some((u, p)) => req.basic_auth(u, Some(p)),
             None => req,
@@ -67,23 +74,17 @@ impl Client {
 
     /// GET `path` (from `/`).
     pub fn get(&self, path: &str) -> anyhow::Result<Answer> {
-        self.send(path, self.http.get(format!("{}{path}", self.base)))
+        self.send(path, |c, url| c.get(url))
     }
 
     /// POST a JSON body to `path`.
     pub fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Answer> {
-        self.send(
-            path,
-            self.http.post(format!("{}{path}", self.base)).json(body),
-        )
+        self.send(path, |c, url| c.post(url).json(body))
     }
 
     /// POST a form to `path`.
     pub fn post_form(&self, path: &str, form: &[(&str, String)]) -> anyhow::Result<Answer> {
-        self.send(
-            path,
-            self.http.post(format!("{}{path}", self.base)).form(form),
-        )
+        self.send(path, |c, url| c.post(url).form(form))
     }
 }
 

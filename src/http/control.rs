@@ -169,7 +169,7 @@ pub(super) async fn force_rpc(
                 .iter()
                 .map(|r| (r.builderid.to_string(), json!(r.brid)))
                 .collect();
-            Json(json!({ "jsonrpc": "2.0", "id": id, "result": [ids.bsid, brids] })).into_response()
+            rpc_result(&id, json!([ids.bsid, brids]))
         }
         Err(e) => rpc_error(StatusCode::BAD_REQUEST, &id, -32602, format!("{e:#}")),
     }
@@ -208,28 +208,51 @@ pub(super) fn rpc_call(body: &[u8]) -> Result<(Value, String, Value), Response> 
     Ok((id.clone(), method.to_string(), params))
 }
 
-/// A stop or cancel call on one item, once the writer may do `action`, the
-/// path names an id and the method is `method`: the call's id, the item's
-/// id, and the reason (with who gave it).
+/// A successful JSON-RPC answer.
+fn rpc_result(id: &Value, result: Value) -> Response {
+    Json(json!({ "jsonrpc": "2.0", "id": id, "result": result })).into_response()
+}
+
+/// The one-item calls (stop a build, cancel a request): the action they
+/// need, their method, and what the item is called in errors.
+struct ItemKind {
+    action: WwwAction,
+    method: &'static str,
+    what: &'static str,
+}
+
+const STOP_BUILD: ItemKind = ItemKind {
+    action: WwwAction::Stop,
+    method: "stop",
+    what: "build",
+};
+
+const CANCEL_REQUEST: ItemKind = ItemKind {
+    action: WwwAction::Cancel,
+    method: "cancel",
+    what: "build request",
+};
+
+/// A one-item call, once the writer may do its action, the path names an
+/// id and the method is the kind's: the call's id, the item's id, and the
+/// reason (with who gave it).
 struct ItemCall {
     rpc_id: Value,
     item: i64,
     reason: String,
 }
 
-#[allow(clippy::too_many_arguments, clippy::result_large_err)] // the error is the response itself
+#[allow(clippy::result_large_err)] // the error is the response itself
 fn item_call(
     st: &AppState,
     headers: &HeaderMap,
     peer: SocketAddr,
-    action: WwwAction,
+    kind: &ItemKind,
     path_id: &str,
     body: &[u8],
-    method: &str,
-    what: &str,
 ) -> Result<ItemCall, Response> {
     let who = st
-        .writer(headers, peer, action)
+        .writer(headers, peer, kind.action)
         .map_err(IntoResponse::into_response)?;
     let (rpc_id, called, params) = rpc_call(body)?;
     let Ok(item) = path_id.parse::<i64>() else {
@@ -237,15 +260,18 @@ fn item_call(
             StatusCode::NOT_FOUND,
             &rpc_id,
             -32602,
-            format!("`{path_id}` is not a {what} id"),
+            format!("`{path_id}` is not a {} id", kind.what),
         ));
     };
-    if called != method {
+    if called != kind.method {
         return Err(rpc_error(
             StatusCode::BAD_REQUEST,
             &rpc_id,
             -32601,
-            format!("{what}s have the method `{method}`, not `{called}`"),
+            format!(
+                "{}s have the method `{}`, not `{called}`",
+                kind.what, kind.method
+            ),
         ));
     }
     let mut reason = params
@@ -273,21 +299,12 @@ pub(super) async fn build_rpc(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let call = match item_call(
-        &st,
-        &headers,
-        peer,
-        WwwAction::Stop,
-        &id,
-        &body,
-        "stop",
-        "build",
-    ) {
+    let call = match item_call(&st, &headers, peer, &STOP_BUILD, &id, &body) {
         Ok(c) => c,
         Err(r) => return r,
     };
     if st.builds.stop_build(call.item, &call.reason) {
-        Json(json!({ "jsonrpc": "2.0", "id": call.rpc_id, "result": null })).into_response()
+        rpc_result(&call.rpc_id, json!(null))
     } else {
         rpc_error(
             StatusCode::NOT_FOUND,
@@ -307,23 +324,12 @@ pub(super) async fn buildrequest_rpc(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let call = match item_call(
-        &st,
-        &headers,
-        peer,
-        WwwAction::Cancel,
-        &id,
-        &body,
-        "cancel",
-        "build request",
-    ) {
+    let call = match item_call(&st, &headers, peer, &CANCEL_REQUEST, &id, &body) {
         Ok(c) => c,
         Err(r) => return r,
     };
     match st.builds.cancel_request(call.item, &call.reason).await {
-        Ok(msg) => {
-            Json(json!({ "jsonrpc": "2.0", "id": call.rpc_id, "result": msg })).into_response()
-        }
+        Ok(msg) => rpc_result(&call.rpc_id, json!(msg)),
         Err(e) => {
             let status = match e {
                 CancelError::Missing(_) => StatusCode::NOT_FOUND,
@@ -383,7 +389,7 @@ pub(super) async fn worker_rpc(
         Err(_) => name,
     };
     match st.builds.shutdown_worker(&name, graceful).await {
-        Ok(msg) => Json(json!({ "jsonrpc": "2.0", "id": rpc_id, "result": msg })).into_response(),
+        Ok(msg) => rpc_result(&rpc_id, json!(msg)),
         Err(e) => rpc_error(StatusCode::NOT_FOUND, &rpc_id, -32602, format!("{e:#}")),
     }
 }

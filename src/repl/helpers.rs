@@ -18,17 +18,32 @@ pub(super) struct Shared {
     pub(super) master: RwLock<Option<String>>,
 }
 
-/// GET `path` from the running master at `url`, as JSON.
-pub(super) fn fetch_json(url: &str, path: &str) -> Result<serde_json::Value, String> {
-    crate::client::Client::new(url, None)
-        .and_then(|c| c.get(path)?.ok_json("the master refused"))
-        .map_err(|e| format!("{e:#}"))
+/// GET each of `paths` from the running master at `url`, as JSON, with
+/// one client.
+pub(super) fn fetch_json<const N: usize>(
+    url: &str,
+    paths: [&str; N],
+) -> Result<[serde_json::Value; N], String> {
+    let client = crate::client::Client::new(url, None).map_err(|e| format!("{e:#}"))?;
+    let mut out = Vec::with_capacity(N);
+    for path in paths {
+        out.push(
+            client
+                .get(path)
+                .and_then(|a| a.ok_json("the master refused"))
+                .map_err(|e| format!("{e:#}"))?,
+        );
+    }
+    out.try_into()
+        .map_err(|_| "the master's answers did not add up".to_string())
 }
 
 /// The running master's connected workers and waiting requests.
 pub(super) fn live_state(url: &str) -> Result<String, String> {
-    let workers = fetch_json(url, "/api/v2/workers")?;
-    let requests = fetch_json(url, "/api/v2/buildrequests?claimed=false")?;
+    let [workers, requests] = fetch_json(
+        url,
+        ["/api/v2/workers", "/api/v2/buildrequests?claimed=false"],
+    )?;
     let mut connected: Vec<String> = workers["workers"]
         .as_array()
         .into_iter()

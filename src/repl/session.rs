@@ -224,7 +224,7 @@ impl Session {
     /// config this session started with.
     pub fn diff(&self) -> Result<String, String> {
         if let Some(url) = self.shared.master() {
-            let running = fetch_json(&url, "/api/v2/config")?;
+            let [running] = fetch_json(&url, ["/api/v2/config"])?;
             let now = script::load_master(&self.dir, self.limits.clone())
                 .map_err(|f| render(&f.diagnostics, &f.sources, false))?;
             let files = serde_json::to_value(&now.config).map_err(|e| e.to_string())?;
