@@ -251,9 +251,27 @@ pub fn all_done(dir: &Path) -> bool {
     requests(dir).iter().all(|r| r.complete) && builds(dir).iter().all(|b| b.result.is_some())
 }
 
-/// Whether at least `n` builds have finished.
+/// Whether at least `n` builds have finished and the master has recorded
+/// what follows from them: a finished build and the completion of its
+/// requests are two writes, so a request whose build has ended but which
+/// is still claimed and incomplete (with no other build running for it)
+/// means "not yet".
 pub fn finished(dir: &Path, n: usize) -> bool {
-    builds(dir).iter().filter(|b| b.result.is_some()).count() >= n
+    if builds(dir).iter().filter(|b| b.result.is_some()).count() < n {
+        return false;
+    }
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let unsettled: i64 = c
+        .query_row(
+            "SELECT count(*) FROM buildrequests r JOIN buildrequest_claims c ON c.brid = r.id
+             WHERE r.complete = 0
+               AND EXISTS (SELECT 1 FROM builds b WHERE b.buildrequestid = r.id AND b.complete_at IS NOT NULL)
+               AND NOT EXISTS (SELECT 1 FROM builds b WHERE b.buildrequestid = r.id AND b.complete_at IS NULL)",
+            [],
+            |r| r.get(0),
+        )
+        .expect("requests");
+    unsettled == 0
 }
 
 /// The master script most build tests need: `steps` (Rhai that adds
