@@ -3,9 +3,9 @@
 //! ending in `__bool` is a 0/1 shown as a boolean, one ending in `__json`
 //! is JSON text shown as JSON; the suffix is dropped.
 
-use rusqlite::types::ValueRef;
 use serde_json::{Map, Value};
 
+use super::db::{args, Dialect, Value as SqlValue};
 use super::query::{ListQuery, Row};
 use super::Store;
 
@@ -37,7 +37,9 @@ impl Collection {
         }
     }
 
-    fn sql(self) -> &'static str {
+    fn sql(self, dialect: Dialect) -> &'static str {
+        // JSON arrays built in SQL: the one place the dialects differ here.
+        let pg = dialect == Dialect::Postgres;
         match self {
             Collection::Builders => {
                 "SELECT id AS builderid, name, description, tags_json AS tags__json FROM builders"
@@ -73,6 +75,15 @@ impl Collection {
                         parent_relationship
                  FROM buildsets"
             }
+            Collection::Changes if pg => {
+                "SELECT c.changeid, c.author, c.committer, c.comments, c.branch, c.revision,
+                        c.revlink, c.when_timestamp, c.category, c.repository, c.codebase,
+                        c.project, c.sourcestampid,
+                        (SELECT coalesce(json_agg(f.filename ORDER BY f.position), '[]'::json)::text
+                            FROM change_files f WHERE f.changeid = c.changeid)
+                            AS files__json
+                 FROM changes c"
+            }
             Collection::Changes => {
                 "SELECT c.changeid, c.author, c.committer, c.comments, c.branch, c.revision,
                         c.revlink, c.when_timestamp, c.category, c.repository, c.codebase,
@@ -81,6 +92,14 @@ impl Collection {
                             (SELECT filename FROM change_files f WHERE f.changeid = c.changeid ORDER BY position))
                             AS files__json
                  FROM changes c"
+            }
+            Collection::Workers if pg => {
+                "SELECT w.id AS workerid, w.name, w.info_json AS workerinfo__json,
+                        w.paused AS paused__bool, w.graceful AS graceful__bool,
+                        (SELECT coalesce(json_agg(json_build_object('masterid', c.masterid) ORDER BY c.masterid),
+                                         '[]'::json)::text
+                            FROM connected_workers c WHERE c.workerid = w.id) AS connected_to__json
+                 FROM workers w"
             }
             Collection::Workers => {
                 "SELECT w.id AS workerid, w.name, w.info_json AS workerinfo__json,
@@ -93,33 +112,33 @@ impl Collection {
     }
 }
 
-fn json_of(v: ValueRef<'_>) -> Value {
+fn json_of(v: &SqlValue) -> Value {
     match v {
-        ValueRef::Null => Value::Null,
-        ValueRef::Integer(i) => i.into(),
-        ValueRef::Real(f) => f.into(),
-        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
-        ValueRef::Blob(b) => String::from_utf8_lossy(b).into_owned().into(),
+        SqlValue::Null => Value::Null,
+        SqlValue::Int(i) => (*i).into(),
+        SqlValue::Real(f) => (*f).into(),
+        SqlValue::Text(t) => t.clone().into(),
+        SqlValue::Blob(b) => String::from_utf8_lossy(b).into_owned().into(),
     }
 }
 
-/// A read of a collection that SQLite does whole: conditions (SQL over the
+/// A read of a collection that the database does whole: conditions (SQL over the
 /// collection's column aliases, with their arguments), order (alias,
 /// descending), and a page. `Query::select` makes one when every part of
 /// a query can be said in SQL with the meaning the API gives it.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Select {
-    pub(super) conditions: Vec<(String, Vec<rusqlite::types::Value>)>,
+    pub(super) conditions: Vec<(String, Vec<SqlValue>)>,
     pub(super) order: Vec<(String, bool)>,
     pub(super) limit: Option<usize>,
     pub(super) offset: usize,
 }
 
 /// Rows as the API shows them: the suffixes of `names` say how.
-fn api_row(names: &[String], row: &rusqlite::Row<'_>) -> rusqlite::Result<Map<String, Value>> {
+fn api_row(names: &[String], row: &super::db::Row) -> Map<String, Value> {
     let mut m = Map::new();
-    for (i, name) in names.iter().enumerate() {
-        let v = json_of(row.get_ref(i)?);
+    for (name, v) in names.iter().zip(&row.0) {
+        let v = json_of(v);
         if let Some(n) = name.strip_suffix("__bool") {
             m.insert(n.to_string(), Value::Bool(v.as_i64().unwrap_or(0) != 0));
         } else if let Some(n) = name.strip_suffix("__json") {
@@ -132,7 +151,7 @@ fn api_row(names: &[String], row: &rusqlite::Row<'_>) -> rusqlite::Result<Map<St
             m.insert(name.clone(), v);
         }
     }
-    Ok(m)
+    m
 }
 
 /// A column alias without its suffix: the API's field name.
@@ -144,8 +163,8 @@ impl Store {
     /// The column aliases of `c` (suffixes included), in order.
     pub async fn api_columns(&self, c: Collection) -> anyhow::Result<Vec<String>> {
         self.call(move |conn| {
-            let st = conn.prepare_cached(c.sql())?;
-            Ok(st.column_names().iter().map(|s| s.to_string()).collect())
+            let sql = format!("SELECT * FROM ({}) AS q LIMIT 0", c.sql(conn.dialect()));
+            Ok(conn.query_named(&sql, args![])?.0)
         })
         .await
     }
@@ -159,7 +178,7 @@ impl Store {
         q: &ListQuery,
     ) -> anyhow::Result<(Vec<Row>, usize)> {
         let columns = self.api_columns(c).await?;
-        if let Some(sel) = q.select(&columns, &pre) {
+        if let Some(sel) = q.select(&columns, &pre, self.dialect()) {
             let (_, rows, total) = self.api_select(c, sel).await?;
             return Ok((rows, total));
         }
@@ -176,7 +195,7 @@ impl Store {
     ) -> anyhow::Result<(Vec<String>, Vec<Map<String, Value>>, usize)> {
         self.call(move |conn| {
             let mut filter = String::new();
-            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            let mut args: Vec<SqlValue> = Vec::new();
             for (i, (cond, a)) in sel.conditions.iter().enumerate() {
                 filter.push_str(if i == 0 { " WHERE " } else { " AND " });
                 filter.push('(');
@@ -188,29 +207,37 @@ impl Store {
             let mut order: Vec<String> = sel
                 .order
                 .iter()
-                .map(|(a, desc)| format!("\"{a}\"{}", if *desc { " DESC" } else { "" }))
+                // NULL sorts first, as the in-memory order has it (PostgreSQL's
+                // default puts it last).
+                .map(|(a, desc)| {
+                    format!(
+                        "\"{a}\" {}",
+                        if *desc {
+                            "DESC NULLS LAST"
+                        } else {
+                            "ASC NULLS FIRST"
+                        }
+                    )
+                })
                 .collect();
             order.push(format!("\"{id}\""));
             let paged = sel.limit.is_some() || sel.offset > 0;
             let sql = format!(
-                "SELECT * FROM ({}){filter} ORDER BY {} LIMIT {} OFFSET {}",
-                c.sql(),
+                "SELECT * FROM ({}) AS q{filter} ORDER BY {} LIMIT {} OFFSET {}",
+                c.sql(conn.dialect()),
                 order.join(", "),
-                sel.limit.map_or(-1, |l| l.min(i64::MAX as usize) as i64),
+                sel.limit
+                    .map_or(i64::MAX, |l| l.min(i64::MAX as usize) as i64),
                 sel.offset
             );
-            let mut st = conn.prepare_cached(&sql)?;
-            let names: Vec<String> = st.column_names().iter().map(|s| s.to_string()).collect();
-            let rows = st
-                .query_map(rusqlite::params_from_iter(args.iter()), |r| {
-                    api_row(&names, r)
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
+            let (names, rows) = conn.query_named(&sql, &args)?;
+            let rows: Vec<_> = rows.iter().map(|r| api_row(&names, r)).collect();
             let total = if paged {
-                let count = format!("SELECT count(*) FROM ({}){filter}", c.sql());
-                let n: i64 = conn
-                    .prepare_cached(&count)?
-                    .query_row(rusqlite::params_from_iter(args.iter()), |r| r.get(0))?;
+                let count = format!(
+                    "SELECT count(*) FROM ({}) AS q{filter}",
+                    c.sql(conn.dialect())
+                );
+                let n: i64 = conn.value(&count, &args)?;
                 n as usize
             } else {
                 rows.len()
@@ -232,9 +259,9 @@ impl Store {
         let mut sel = Select::default();
         if let Some((field, v)) = only {
             let arg = match v {
-                Value::Number(n) => rusqlite::types::Value::Integer(n.as_i64().unwrap_or(-1)),
-                Value::String(s) => rusqlite::types::Value::Text(s),
-                other => rusqlite::types::Value::Text(other.to_string()),
+                Value::Number(n) => SqlValue::Int(n.as_i64().unwrap_or(-1)),
+                Value::String(s) => SqlValue::Text(s),
+                other => SqlValue::Text(other.to_string()),
             };
             sel.conditions.push((format!("\"{field}\" = ?"), vec![arg]));
         }
@@ -245,16 +272,16 @@ impl Store {
     /// A log's chunks: (first line, content) in order.
     pub async fn log_chunks(&self, logid: i64) -> anyhow::Result<Vec<(i64, String)>> {
         self.call(move |conn| {
-            let mut st = conn.prepare_cached(
+            conn.query(
                 "SELECT first_line, content FROM logchunks WHERE logid = ?1 ORDER BY first_line",
-            )?;
-            let rows = st
-                .query_map([logid], |r| {
-                    let content: Vec<u8> = r.get(1)?;
-                    Ok((r.get(0)?, String::from_utf8_lossy(&content).into_owned()))
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
+                args![logid],
+            )?
+            .iter()
+            .map(|r| {
+                let content: Vec<u8> = r.get(1)?;
+                Ok((r.get(0)?, String::from_utf8_lossy(&content).into_owned()))
+            })
+            .collect()
         })
         .await
     }
@@ -278,39 +305,51 @@ pub struct StoreMetrics {
 impl Store {
     pub async fn metrics(&self) -> anyhow::Result<StoreMetrics> {
         self.call(|c| {
-            let mut m = StoreMetrics::default();
-            let mut st = c.prepare_cached(
-                "SELECT r.name, b.results, count(*) FROM builds b JOIN builders r ON r.id = b.builderid
-                 GROUP BY r.name, b.results ORDER BY r.name, b.results",
-            )?;
-            m.builds = st
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<_, _>>()?;
-            let mut st = c.prepare_cached(
-                "SELECT r.name, count(*) FROM buildrequests q JOIN builders r ON r.id = q.builderid
-                 LEFT JOIN buildrequest_claims c ON c.brid = q.id
-                 WHERE q.complete = 0 AND c.brid IS NULL GROUP BY r.name ORDER BY r.name",
-            )?;
-            m.pending = st
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?;
-            (m.wait_sum, m.wait_count) = c.query_row(
-                "SELECT coalesce(sum(b.started_at - q.submitted_at), 0), count(*)
+            let builds = c
+                .query(
+                    "SELECT r.name, b.results, count(*) FROM builds b JOIN builders r ON r.id = b.builderid
+                     GROUP BY r.name, b.results ORDER BY r.name, b.results",
+                    args![],
+                )?
+                .iter()
+                .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .collect::<anyhow::Result<_>>()?;
+            let pending = c
+                .query(
+                    "SELECT r.name, count(*) FROM buildrequests q JOIN builders r ON r.id = q.builderid
+                     LEFT JOIN buildrequest_claims c ON c.brid = q.id
+                     WHERE q.complete = 0 AND c.brid IS NULL GROUP BY r.name ORDER BY r.name",
+                    args![],
+                )?
+                .iter()
+                .map(|r| Ok((r.get(0)?, r.get(1)?)))
+                .collect::<anyhow::Result<_>>()?;
+            let wait = c.query_one(
+                "SELECT CAST(coalesce(sum(b.started_at - q.submitted_at), 0) AS BIGINT), count(*)
                  FROM builds b JOIN buildrequests q ON q.id = b.buildrequestid",
-                [],
-                |r| Ok((r.get::<_, f64>(0)?, r.get(1)?)),
+                args![],
             )?;
-            m.workers_connected = c.query_row(
+            let workers_connected = c.value(
                 "SELECT count(DISTINCT workerid) FROM connected_workers",
-                [],
-                |r| r.get(0),
+                args![],
             )?;
-            let mut st = c.prepare_cached(
-                "SELECT applied, count(*), coalesce(sum(duration_ms), 0) FROM reloads GROUP BY applied ORDER BY applied",
-            )?;
-            m.reloads = st
-                .query_map([], |r| Ok((r.get::<_, i64>(0)? != 0, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<_, _>>()?;
+            let reloads = c
+                .query(
+                    "SELECT applied, count(*), coalesce(sum(duration_ms), 0) FROM reloads
+                     GROUP BY applied ORDER BY applied",
+                    args![],
+                )?
+                .iter()
+                .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .collect::<anyhow::Result<_>>()?;
+            let m = StoreMetrics {
+                builds,
+                pending,
+                wait_sum: wait.get(0)?,
+                wait_count: wait.get(1)?,
+                workers_connected,
+                reloads,
+            };
             Ok(m)
         })
         .await

@@ -1,9 +1,9 @@
 //! Builds, their steps and their logs.
 
-use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 use serde_json::json;
 
+use super::db::args;
 use super::{now, Properties, Store};
 
 /// A stored build, as Buildbot's data API shows it.
@@ -93,29 +93,22 @@ impl Store {
         properties: Properties,
     ) -> anyhow::Result<(i64, i64)> {
         let ids = self.call(move |c| {
-            let tx = c.transaction()?;
-            let number: i64 = tx.query_row(
+            let number: i64 = c.value(
                 "SELECT coalesce(max(number), 0) + 1 FROM builds WHERE builderid = ?1",
-                params![builderid],
-                |r| r.get(0),
+                args![builderid],
             )?;
-            tx.execute(
+            let id: i64 = c.value(
                 "INSERT INTO builds (number, builderid, buildrequestid, workerid, masterid, started_at, state_string)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'starting')",
-                params![number, builderid, brid, workerid, masterid, now()],
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'starting') RETURNING id",
+                args![number, builderid, brid, workerid, masterid, now()],
             )?;
-            let id = tx.last_insert_rowid();
             let number_prop = (serde_json::Value::from(number), "Build".to_string());
             for (name, (value, source)) in properties
                 .iter()
                 .chain(std::iter::once((&"buildnumber".to_string(), &number_prop)))
             {
-                tx.execute(
-                    "INSERT OR REPLACE INTO build_properties (buildid, name, value_json, source) VALUES (?1, ?2, ?3, ?4)",
-                    params![id, name, value.to_string(), source],
-                )?;
+                set_property(c, id, name, &value.to_string(), source)?;
             }
-            tx.commit()?;
             Ok((id, number))
         })
         .await?;
@@ -136,14 +129,8 @@ impl Store {
         source: &str,
     ) -> anyhow::Result<()> {
         let (name, value, source) = (name.to_string(), value.to_string(), source.to_string());
-        self.call(move |c| {
-            c.prepare_cached(
-                "INSERT OR REPLACE INTO build_properties (buildid, name, value_json, source) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![buildid, name, value, source])?;
-            Ok(())
-        })
-        .await
+        self.call(move |c| set_property(c, buildid, &name, &value, &source))
+            .await
     }
 
     pub async fn finish_build(
@@ -157,14 +144,16 @@ impl Store {
             .call(move |c| {
                 c.execute(
                     "UPDATE builds SET complete_at = ?2, results = ?3, state_string = ?4 WHERE id = ?1",
-                    params![buildid, now(), results, state],
+                    args![buildid, now(), results, state],
                 )?;
-                Ok(c.query_row(
+                c.query_opt(
                     "SELECT builderid, number, buildrequestid, state_string FROM builds WHERE id = ?1",
-                    params![buildid],
-                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?)),
-                )
-                .optional()?)
+                    args![buildid],
+                )?
+                .map(|r| -> anyhow::Result<(i64, i64, i64, String)> {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .transpose()
             })
             .await?;
         if let Some((builderid, number, brid, state)) = row {
@@ -180,11 +169,12 @@ impl Store {
     pub async fn new_step(&self, buildid: i64, number: i64, name: &str) -> anyhow::Result<i64> {
         let name = name.to_string();
         let id = self.call(move |c| {
-            c.execute(
-                "INSERT INTO steps (number, name, buildid, started_at, state_string) VALUES (?1, ?2, ?3, ?4, 'running')",
-                params![number, name, buildid, now()],
+            let id: i64 = c.value(
+                "INSERT INTO steps (number, name, buildid, started_at, state_string) VALUES (?1, ?2, ?3, ?4, 'running')
+                 RETURNING id",
+                args![number, &name, buildid, now()],
             )?;
-            Ok((c.last_insert_rowid(), name))
+            Ok((id, name))
         })
         .await?;
         self.events.emit("steps", id.0, "started", || {
@@ -200,14 +190,14 @@ impl Store {
             .call(move |c| {
                 c.execute(
                     "UPDATE steps SET complete_at = ?2, results = ?3, state_string = ?4 WHERE id = ?1",
-                    params![stepid, now(), results, state],
+                    args![stepid, now(), results, state],
                 )?;
-                Ok(c.query_row(
+                c.query_opt(
                     "SELECT buildid, state_string FROM steps WHERE id = ?1",
-                    params![stepid],
-                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
-                )
-                .optional()?)
+                    args![stepid],
+                )?
+                .map(|r| -> anyhow::Result<(i64, String)> { Ok((r.get(0)?, r.get(1)?)) })
+                .transpose()
             })
             .await?;
         if let Some((buildid, state)) = buildid {
@@ -234,11 +224,11 @@ impl Store {
                         }
                     })
                     .collect();
-                c.execute(
-                    "INSERT INTO logs (name, slug, stepid, type) VALUES (?1, ?2, ?3, ?4)",
-                    params![name, slug, stepid, kind],
+                let id: i64 = c.value(
+                    "INSERT INTO logs (name, slug, stepid, type) VALUES (?1, ?2, ?3, ?4) RETURNING id",
+                    args![&name, &slug, stepid, &kind],
                 )?;
-                Ok((c.last_insert_rowid(), name, slug, kind))
+                Ok((id, name, slug, kind))
             })
             .await?;
         self.events.emit("logs", id, "new", || {
@@ -263,24 +253,18 @@ impl Store {
         // The lines go to the store and, when someone listens, to them.
         let listened = (self.events.subscribers() > 0).then(|| lines.clone());
         let first = self.call(move |c| {
-            let tx = c.transaction()?;
-            let first: i64 = tx.query_row(
-                "SELECT num_lines FROM logs WHERE id = ?1",
-                params![logid],
-                |r| r.get(0),
-            )?;
+            let first: i64 = c.value("SELECT num_lines FROM logs WHERE id = ?1", args![logid])?;
             let last = first + lines.len() as i64 - 1;
             let mut content = lines.join("\n");
             content.push('\n');
-            tx.execute(
+            c.execute(
                 "INSERT INTO logchunks (logid, first_line, last_line, content, compressed) VALUES (?1, ?2, ?3, ?4, 0)",
-                params![logid, first, last, content.into_bytes()],
+                args![logid, first, last, content.into_bytes()],
             )?;
-            tx.execute(
+            c.execute(
                 "UPDATE logs SET num_lines = ?2 WHERE id = ?1",
-                params![logid, last + 1],
+                args![logid, last + 1],
             )?;
-            tx.commit()?;
             Ok(first)
         })
         .await?;
@@ -297,7 +281,7 @@ impl Store {
 
     pub async fn finish_log(&self, logid: i64) -> anyhow::Result<()> {
         self.call(move |c| {
-            c.execute("UPDATE logs SET complete = 1 WHERE id = ?1", params![logid])?;
+            c.execute("UPDATE logs SET complete = 1 WHERE id = ?1", args![logid])?;
             Ok(())
         })
         .await?;
@@ -313,12 +297,10 @@ impl Store {
     /// The whole text of a log.
     pub async fn log_text(&self, logid: i64) -> anyhow::Result<String> {
         self.call(move |c| {
-            let chunks: Vec<Vec<u8>> = c
-                .prepare_cached(
-                    "SELECT content FROM logchunks WHERE logid = ?1 ORDER BY first_line",
-                )?
-                .query_map(params![logid], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
+            let chunks: Vec<Vec<u8>> = c.column(
+                "SELECT content FROM logchunks WHERE logid = ?1 ORDER BY first_line",
+                args![logid],
+            )?;
             Ok(chunks
                 .into_iter()
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -332,7 +314,7 @@ impl Store {
         self.call(move |c| {
             c.execute(
                 "DELETE FROM buildrequest_claims WHERE brid = ?1",
-                params![brid],
+                args![brid],
             )?;
             Ok(())
         })
@@ -343,31 +325,34 @@ impl Store {
     /// end as RETRY and their requests are given back.
     pub async fn retry_unfinished_builds(&self, masterid: i64) -> anyhow::Result<Vec<i64>> {
         self.call(move |c| {
-            let tx = c.transaction()?;
-            let rows: Vec<(i64, i64)> = tx
-                .prepare("SELECT id, buildrequestid FROM builds WHERE masterid = ?1 AND complete_at IS NULL")?
-                .query_map(params![masterid], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?;
-            for (id, brid) in &rows {
-                tx.execute(
+            let rows = c.query(
+                "SELECT id, buildrequestid FROM builds WHERE masterid = ?1 AND complete_at IS NULL",
+                args![masterid],
+            )?;
+            let mut ids = Vec::with_capacity(rows.len());
+            for r in rows {
+                let (id, brid): (i64, i64) = (r.get(0)?, r.get(1)?);
+                c.execute(
                     "UPDATE builds SET complete_at = ?2, results = 5, state_string = 'retry: the master stopped' WHERE id = ?1",
-                    params![id, now()],
+                    args![id, now()],
                 )?;
-                tx.execute("DELETE FROM buildrequest_claims WHERE brid = ?1", params![brid])?;
+                c.execute("DELETE FROM buildrequest_claims WHERE brid = ?1", args![brid])?;
+                ids.push(id);
             }
-            tx.commit()?;
-            Ok(rows.into_iter().map(|(id, _)| id).collect())
+            Ok(ids)
         })
         .await
     }
 
     pub async fn builds_of_request(&self, brid: i64) -> anyhow::Result<Vec<BuildRow>> {
         self.call(move |c| {
-            Ok(c.prepare_cached(
+            c.query(
                 "SELECT id, number, builderid, buildrequestid, workerid, masterid, started_at, complete_at, state_string, results
                  FROM builds WHERE buildrequestid = ?1 ORDER BY id",
+                args![brid],
             )?
-            .query_map(params![brid], |r| {
+            .iter()
+            .map(|r| {
                 let complete_at: Option<i64> = r.get(7)?;
                 Ok(BuildRow {
                     buildid: r.get(0)?,
@@ -382,18 +367,20 @@ impl Store {
                     state_string: r.get(8)?,
                     results: r.get(9)?,
                 })
-            })?
-            .collect::<Result<_, _>>()?)
+            })
+            .collect()
         })
         .await
     }
 
     pub async fn steps_of_build(&self, buildid: i64) -> anyhow::Result<Vec<StepRow>> {
         self.call(move |c| {
-            Ok(c.prepare_cached(
+            c.query(
                 "SELECT id, number, name, buildid, results, state_string FROM steps WHERE buildid = ?1 ORDER BY number",
+                args![buildid],
             )?
-            .query_map(params![buildid], |r| {
+            .iter()
+            .map(|r| {
                 Ok(StepRow {
                     stepid: r.get(0)?,
                     number: r.get(1)?,
@@ -402,8 +389,8 @@ impl Store {
                     results: r.get(4)?,
                     state_string: r.get(5)?,
                 })
-            })?
-            .collect::<Result<_, _>>()?)
+            })
+            .collect()
         })
         .await
     }
@@ -411,16 +398,25 @@ impl Store {
     /// The id of worker `name`, if it has ever connected.
     pub async fn worker_id(&self, name: &str) -> anyhow::Result<Option<i64>> {
         let name = name.to_string();
-        self.call(move |c| {
-            Ok(c.query_row(
-                "SELECT id FROM workers WHERE name = ?1",
-                params![name],
-                |r| r.get(0),
-            )
-            .optional()?)
-        })
-        .await
+        self.call(move |c| c.value_opt("SELECT id FROM workers WHERE name = ?1", args![name]))
+            .await
     }
+}
+
+/// Sets (or replaces) a property of a build.
+fn set_property(
+    c: &mut dyn super::db::Sql,
+    buildid: i64,
+    name: &str,
+    value_json: &str,
+    source: &str,
+) -> anyhow::Result<()> {
+    c.execute(
+        "INSERT INTO build_properties (buildid, name, value_json, source) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (buildid, name) DO UPDATE SET value_json = excluded.value_json, source = excluded.source",
+        args![buildid, name, value_json, source],
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,9 +4,9 @@
 //! Over 800 lines on purpose: one table family's reads and writes (and the
 //! tests of the lifecycle), which change together.
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 
+use super::db::{args, Dialect, Row, Sql, Value};
 use super::{now, set_state, ObjectId, Properties, Store};
 
 /// Buildbot's CANCELLED result.
@@ -109,143 +109,135 @@ pub struct BuildRequest {
 }
 
 /// The id of a builder by name, created on first use.
-pub fn builder_id(c: &Connection, name: &str) -> anyhow::Result<i64> {
-    c.prepare_cached("INSERT OR IGNORE INTO builders (name) VALUES (?1)")?
-        .execute(params![name])?;
-    Ok(c.prepare_cached("SELECT id FROM builders WHERE name = ?1")?
-        .query_row(params![name], |r| r.get(0))?)
+pub fn builder_id(c: &mut dyn Sql, name: &str) -> anyhow::Result<i64> {
+    c.execute(
+        "INSERT INTO builders (name) VALUES (?1) ON CONFLICT DO NOTHING",
+        args![name],
+    )?;
+    c.value("SELECT id FROM builders WHERE name = ?1", args![name])
 }
 
-fn insert_sourcestamp(tx: &Transaction<'_>, ss: &SourceStamp) -> anyhow::Result<i64> {
-    tx.prepare_cached(
+fn insert_sourcestamp(c: &mut dyn Sql, ss: &SourceStamp) -> anyhow::Result<i64> {
+    c.value(
         "INSERT INTO sourcestamps (branch, revision, repository, project, codebase, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![
-        ss.branch,
-        ss.revision,
-        ss.repository,
-        ss.project,
-        ss.codebase,
-        now()
-    ])?;
-    Ok(tx.last_insert_rowid())
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+        args![
+            &ss.branch,
+            &ss.revision,
+            &ss.repository,
+            &ss.project,
+            &ss.codebase,
+            now()
+        ],
+    )
 }
 
-/// Stores a buildset and its requests in `tx`.
-pub fn insert_buildset(tx: &Transaction<'_>, bs: &NewBuildset) -> anyhow::Result<BuildsetIds> {
+/// Stores a buildset and its requests in the caller's transaction.
+pub fn insert_buildset(c: &mut dyn Sql, bs: &NewBuildset) -> anyhow::Result<BuildsetIds> {
     let submitted = now();
-    tx.prepare_cached(
+    let bsid: i64 = c.value(
         "INSERT INTO buildsets (external_idstring, reason, scheduler, submitted_at, parent_buildid)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
-        bs.external_idstring,
-        bs.reason,
-        bs.scheduler,
-        submitted,
-        bs.parent_buildid
-    ])?;
-    let bsid = tx.last_insert_rowid();
+         VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
+        args![
+            &bs.external_idstring,
+            &bs.reason,
+            &bs.scheduler,
+            submitted,
+            bs.parent_buildid
+        ],
+    )?;
     let sourcestamps: Vec<i64> = match &bs.source {
         Source::Changes(ids) => {
             let mut ss = Vec::new();
             let newest = ids.iter().max();
             for id in ids {
-                tx.prepare_cached(
-                    "INSERT OR IGNORE INTO buildset_changes (buildsetid, changeid) VALUES (?1, ?2)",
-                )?
-                .execute(params![bsid, id])?;
+                c.execute(
+                    "INSERT INTO buildset_changes (buildsetid, changeid) VALUES (?1, ?2)
+                     ON CONFLICT DO NOTHING",
+                    args![bsid, id],
+                )?;
             }
             if let Some(id) = newest {
-                ss.push(
-                    tx.prepare_cached("SELECT sourcestampid FROM changes WHERE changeid = ?1")?
-                        .query_row(params![id], |r| r.get(0))?,
-                );
+                ss.push(c.value(
+                    "SELECT sourcestampid FROM changes WHERE changeid = ?1",
+                    args![id],
+                )?);
             }
             ss
         }
         Source::SourceStamps(ids) => ids.clone(),
         Source::New(list) => list
             .iter()
-            .map(|s| insert_sourcestamp(tx, s))
+            .map(|s| insert_sourcestamp(c, s))
             .collect::<anyhow::Result<_>>()?,
     };
     for ss in &sourcestamps {
-        tx.prepare_cached(
-            "INSERT OR IGNORE INTO buildset_sourcestamps (buildsetid, sourcestampid) VALUES (?1, ?2)",
-        )?
-        .execute(params![bsid, ss])?;
+        c.execute(
+            "INSERT INTO buildset_sourcestamps (buildsetid, sourcestampid) VALUES (?1, ?2)
+             ON CONFLICT DO NOTHING",
+            args![bsid, ss],
+        )?;
     }
     for (name, (value, source)) in &bs.properties {
-        tx.prepare_cached(
+        c.execute(
             "INSERT INTO buildset_properties (buildsetid, property_name, property_value) VALUES (?1, ?2, ?3)",
-        )?
-        .execute(params![
-            bsid,
-            name,
-            serde_json::json!([value, source]).to_string()
-        ])?;
+            args![bsid, name, serde_json::json!([value, source]).to_string()],
+        )?;
     }
     let mut brids = Vec::with_capacity(bs.builders.len());
     for name in &bs.builders {
-        let builderid = builder_id(tx, name)?;
-        tx.prepare_cached(
-            "INSERT INTO buildrequests (buildsetid, builderid, priority, submitted_at) VALUES (?1, ?2, ?3, ?4)",
-        )?
-        .execute(params![bsid, builderid, bs.priority, submitted])?;
+        let builderid = builder_id(c, name)?;
+        let brid: i64 = c.value(
+            "INSERT INTO buildrequests (buildsetid, builderid, priority, submitted_at) VALUES (?1, ?2, ?3, ?4)
+             RETURNING id",
+            args![bsid, builderid, bs.priority, submitted],
+        )?;
         brids.push(RequestId {
             builder: name.clone(),
             builderid,
-            brid: tx.last_insert_rowid(),
+            brid,
         });
     }
     Ok(BuildsetIds { bsid, brids })
 }
 
-pub fn get_buildset(c: &Connection, bsid: i64) -> anyhow::Result<Option<Buildset>> {
-    let row = c
-        .prepare_cached(
-            "SELECT scheduler, reason, external_idstring, submitted_at, complete, complete_at, results, parent_buildid
-             FROM buildsets WHERE id = ?1",
-        )?
-        .query_row(params![bsid], |r| {
-            Ok(Buildset {
-                bsid,
-                scheduler: r.get(0)?,
-                reason: r.get(1)?,
-                external_idstring: r.get(2)?,
-                submitted_at: r.get(3)?,
-                complete: r.get::<_, i64>(4)? != 0,
-                complete_at: r.get(5)?,
-                results: r.get(6)?,
-                sourcestamps: vec![],
-                changeids: vec![],
-                properties: Properties::new(),
-                parent_buildid: r.get(7)?,
-            })
-        })
-        .optional()?;
-    let Some(mut bs) = row else { return Ok(None) };
-    bs.sourcestamps = c
-        .prepare_cached(
-            "SELECT sourcestampid FROM buildset_sourcestamps WHERE buildsetid = ?1 ORDER BY sourcestampid",
-        )?
-        .query_map(params![bsid], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    bs.changeids = c
-        .prepare_cached(
-            "SELECT changeid FROM buildset_changes WHERE buildsetid = ?1 ORDER BY changeid",
-        )?
-        .query_map(params![bsid], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    let props: Vec<(String, String)> = c
-        .prepare_cached(
-            "SELECT property_name, property_value FROM buildset_properties WHERE buildsetid = ?1",
-        )?
-        .query_map(params![bsid], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    for (name, text) in props {
+pub fn get_buildset(c: &mut dyn Sql, bsid: i64) -> anyhow::Result<Option<Buildset>> {
+    let Some(r) = c.query_opt(
+        "SELECT scheduler, reason, external_idstring, submitted_at, complete, complete_at, results, parent_buildid
+         FROM buildsets WHERE id = ?1",
+        args![bsid],
+    )?
+    else {
+        return Ok(None);
+    };
+    let mut bs = Buildset {
+        bsid,
+        scheduler: r.get(0)?,
+        reason: r.get(1)?,
+        external_idstring: r.get(2)?,
+        submitted_at: r.get(3)?,
+        complete: r.get(4)?,
+        complete_at: r.get(5)?,
+        results: r.get(6)?,
+        sourcestamps: vec![],
+        changeids: vec![],
+        properties: Properties::new(),
+        parent_buildid: r.get(7)?,
+    };
+    bs.sourcestamps = c.column(
+        "SELECT sourcestampid FROM buildset_sourcestamps WHERE buildsetid = ?1 ORDER BY sourcestampid",
+        args![bsid],
+    )?;
+    bs.changeids = c.column(
+        "SELECT changeid FROM buildset_changes WHERE buildsetid = ?1 ORDER BY changeid",
+        args![bsid],
+    )?;
+    let props = c.query(
+        "SELECT property_name, property_value FROM buildset_properties WHERE buildsetid = ?1",
+        args![bsid],
+    )?;
+    for p in props {
+        let (name, text): (String, String) = (p.get(0)?, p.get(1)?);
         let (v, s): (serde_json::Value, String) = serde_json::from_str(&text)?;
         bs.properties.insert(name, (v, s));
     }
@@ -256,7 +248,7 @@ const REQUEST_COLUMNS: &str =
     "r.id, r.buildsetid, r.builderid, b.name, r.priority, c.masterid, c.claimed_at,
      r.complete, r.results, r.submitted_at, r.complete_at, r.waited_for";
 
-fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRequest> {
+fn request_row(r: &Row) -> anyhow::Result<BuildRequest> {
     let masterid: Option<i64> = r.get(5)?;
     Ok(BuildRequest {
         buildrequestid: r.get(0)?,
@@ -267,72 +259,72 @@ fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRequest> {
         claimed: masterid.is_some(),
         claimed_by_masterid: masterid,
         claimed_at: r.get(6)?,
-        complete: r.get::<_, i64>(7)? != 0,
+        complete: r.get(7)?,
         results: r.get(8)?,
         submitted_at: r.get(9)?,
         complete_at: r.get(10)?,
-        waited_for: r.get::<_, i64>(11)? != 0,
+        waited_for: r.get(11)?,
     })
 }
 
-pub fn requests_of_buildset(c: &Connection, bsid: i64) -> anyhow::Result<Vec<BuildRequest>> {
+fn request_rows(c: &mut dyn Sql, sql: &str, args: &[Value]) -> anyhow::Result<Vec<BuildRequest>> {
+    c.query(sql, args)?.iter().map(request_row).collect()
+}
+
+pub fn requests_of_buildset(c: &mut dyn Sql, bsid: i64) -> anyhow::Result<Vec<BuildRequest>> {
     let sql = format!(
         "SELECT {REQUEST_COLUMNS} FROM buildrequests r JOIN builders b ON b.id = r.builderid
          LEFT JOIN buildrequest_claims c ON c.brid = r.id WHERE r.buildsetid = ?1 ORDER BY r.id"
     );
-    Ok(c.prepare_cached(&sql)?
-        .query_map(params![bsid], request_row)?
-        .collect::<Result<_, _>>()?)
+    request_rows(c, &sql, args![bsid])
 }
 
 /// Requests neither complete nor claimed, highest priority first, then oldest.
-pub fn unclaimed_requests(c: &Connection, limit: usize) -> anyhow::Result<Vec<BuildRequest>> {
+pub fn unclaimed_requests(c: &mut dyn Sql, limit: usize) -> anyhow::Result<Vec<BuildRequest>> {
     let sql = format!(
         "SELECT {REQUEST_COLUMNS} FROM buildrequests r JOIN builders b ON b.id = r.builderid
          LEFT JOIN buildrequest_claims c ON c.brid = r.id
          WHERE r.complete = 0 AND c.brid IS NULL
          ORDER BY r.priority DESC, r.submitted_at, r.id LIMIT ?1"
     );
-    Ok(c.prepare_cached(&sql)?
-        .query_map(params![limit as i64], request_row)?
-        .collect::<Result<_, _>>()?)
+    request_rows(c, &sql, args![limit])
 }
 
 /// Unclaimed requests that may be built together with `brid` (Buildbot's
 /// default collapse rule): the same builder, and buildsets whose
 /// sourcestamps are on the same branch, repository, project and codebase.
-pub fn collapsible(c: &Connection, brid: i64) -> anyhow::Result<Vec<i64>> {
-    Ok(c
-        .prepare_cached(
-            "WITH me AS (
-                 SELECT r.builderid, s.branch, s.repository, s.project, s.codebase
-                 FROM buildrequests r
-                 JOIN buildset_sourcestamps bs ON bs.buildsetid = r.buildsetid
-                 JOIN sourcestamps s ON s.id = bs.sourcestampid
-                 WHERE r.id = ?1)
-             SELECT r.id FROM buildrequests r
+pub fn collapsible(c: &mut dyn Sql, brid: i64) -> anyhow::Result<Vec<i64>> {
+    c.column(
+        "WITH me AS (
+             SELECT r.builderid, s.branch, s.repository, s.project, s.codebase
+             FROM buildrequests r
              JOIN buildset_sourcestamps bs ON bs.buildsetid = r.buildsetid
              JOIN sourcestamps s ON s.id = bs.sourcestampid
-             JOIN me ON me.builderid = r.builderid
-                    AND s.branch IS me.branch AND s.repository = me.repository
-                    AND s.project = me.project AND s.codebase = me.codebase
-             LEFT JOIN buildrequest_claims cl ON cl.brid = r.id
-             WHERE r.id != ?1 AND r.complete = 0 AND cl.brid IS NULL
-               AND (SELECT count(*) FROM buildset_sourcestamps x WHERE x.buildsetid = r.buildsetid) = 1
-             ORDER BY r.id",
-        )?
-        .query_map(params![brid], |r| r.get(0))?
-        .collect::<Result<_, _>>()?)
+             WHERE r.id = ?1)
+         SELECT r.id FROM buildrequests r
+         JOIN buildset_sourcestamps bs ON bs.buildsetid = r.buildsetid
+         JOIN sourcestamps s ON s.id = bs.sourcestampid
+         JOIN me ON me.builderid = r.builderid
+                AND s.branch IS NOT DISTINCT FROM me.branch AND s.repository = me.repository
+                AND s.project = me.project AND s.codebase = me.codebase
+         LEFT JOIN buildrequest_claims cl ON cl.brid = r.id
+         WHERE r.id != ?1 AND r.complete = 0 AND cl.brid IS NULL
+           AND (SELECT count(*) FROM buildset_sourcestamps x WHERE x.buildsetid = r.buildsetid) = 1
+         ORDER BY r.id",
+        args![brid],
+    )
 }
 
 /// The sourcestamps a buildset builds, in id order.
-pub fn buildset_sourcestamps(c: &Connection, bsid: i64) -> anyhow::Result<Vec<SourceStamp>> {
-    Ok(c.prepare_cached(
+pub fn buildset_sourcestamps(c: &mut dyn Sql, bsid: i64) -> anyhow::Result<Vec<SourceStamp>> {
+    c.query(
         "SELECT s.branch, s.revision, s.repository, s.project, s.codebase
          FROM buildset_sourcestamps bs JOIN sourcestamps s ON s.id = bs.sourcestampid
          WHERE bs.buildsetid = ?1 ORDER BY s.id",
+        args![bsid],
     )?
-    .query_map(params![bsid], |r| {
+    .iter()
+    .map(|r| {
         Ok(SourceStamp {
             branch: r.get(0)?,
             revision: r.get(1)?,
@@ -340,13 +332,13 @@ pub fn buildset_sourcestamps(c: &Connection, bsid: i64) -> anyhow::Result<Vec<So
             project: r.get(3)?,
             codebase: r.get(4)?,
         })
-    })?
-    .collect::<Result<_, _>>()?)
+    })
+    .collect()
 }
 
 /// Unclaimed, incomplete requests of a builder other than `brid`, oldest
 /// first: the candidates a `collapseRequests` function is asked about.
-pub fn unclaimed_of_builder(c: &Connection, brid: i64) -> anyhow::Result<Vec<BuildRequest>> {
+pub fn unclaimed_of_builder(c: &mut dyn Sql, brid: i64) -> anyhow::Result<Vec<BuildRequest>> {
     let sql = format!(
         "SELECT {REQUEST_COLUMNS} FROM buildrequests r JOIN builders b ON b.id = r.builderid
          LEFT JOIN buildrequest_claims c ON c.brid = r.id
@@ -354,19 +346,31 @@ pub fn unclaimed_of_builder(c: &Connection, brid: i64) -> anyhow::Result<Vec<Bui
            AND r.id != ?1 AND r.complete = 0 AND c.brid IS NULL
          ORDER BY r.id"
     );
-    Ok(c.prepare_cached(&sql)?
-        .query_map(params![brid], request_row)?
-        .collect::<Result<_, _>>()?)
+    request_rows(c, &sql, args![brid])
+}
+
+/// Holds request `brid` until the transaction ends, so that a claim and a
+/// cancel of it happen one after the other. (SQLite has one writer at a
+/// time already; PostgreSQL locks the row.)
+fn lock_request(c: &mut dyn Sql, brid: i64) -> anyhow::Result<()> {
+    if c.dialect() == Dialect::Postgres {
+        c.execute(
+            "SELECT id FROM buildrequests WHERE id = ?1 FOR UPDATE",
+            args![brid],
+        )?;
+    }
+    Ok(())
 }
 
 /// Claims `brid` for `masterid`; false if it was claimed or complete already.
-pub fn claim_request(c: &Connection, brid: i64, masterid: i64) -> anyhow::Result<bool> {
-    let n = c
-        .prepare_cached(
-            "INSERT OR IGNORE INTO buildrequest_claims (brid, masterid, claimed_at)
-             SELECT id, ?2, ?3 FROM buildrequests WHERE id = ?1 AND complete = 0",
-        )?
-        .execute(params![brid, masterid, now()])?;
+pub fn claim_request(c: &mut dyn Sql, brid: i64, masterid: i64) -> anyhow::Result<bool> {
+    lock_request(c, brid)?;
+    let n = c.execute(
+        "INSERT INTO buildrequest_claims (brid, masterid, claimed_at)
+         SELECT id, ?2, ?3 FROM buildrequests WHERE id = ?1 AND complete = 0
+         ON CONFLICT DO NOTHING",
+        args![brid, masterid, now()],
+    )?;
     Ok(n == 1)
 }
 
@@ -374,39 +378,39 @@ pub fn claim_request(c: &Connection, brid: i64, masterid: i64) -> anyhow::Result
 /// buildset completes with the worst result. Returns the buildsets that
 /// completed, with their results.
 pub fn complete_requests(
-    tx: &Transaction<'_>,
+    c: &mut dyn Sql,
     brids: &[i64],
     results: i64,
 ) -> anyhow::Result<Vec<(i64, i64)>> {
     let t = now();
     let mut done = Vec::new();
     for brid in brids {
-        let n = tx
-            .prepare_cached(
-                "UPDATE buildrequests SET complete = 1, results = ?2, complete_at = ?3
-                 WHERE id = ?1 AND complete = 0",
-            )?
-            .execute(params![brid, results, t])?;
+        let n = c.execute(
+            "UPDATE buildrequests SET complete = 1, results = ?2, complete_at = ?3
+             WHERE id = ?1 AND complete = 0",
+            args![brid, results, t],
+        )?;
         if n == 0 {
             continue;
         }
-        let bsid: i64 = tx
-            .prepare_cached("SELECT buildsetid FROM buildrequests WHERE id = ?1")?
-            .query_row(params![brid], |r| r.get(0))?;
-        let (open, worst): (i64, Option<i64>) = tx
-            .prepare_cached(
-                "SELECT sum(complete = 0), max(CASE WHEN complete = 1 THEN results END)
-                 FROM buildrequests WHERE buildsetid = ?1",
-            )?
-            .query_row(params![bsid], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let bsid: i64 = c.value(
+            "SELECT buildsetid FROM buildrequests WHERE id = ?1",
+            args![brid],
+        )?;
+        let r = c.query_one(
+            "SELECT sum(CASE WHEN complete = 0 THEN 1 ELSE 0 END),
+                    max(CASE WHEN complete = 1 THEN results END)
+             FROM buildrequests WHERE buildsetid = ?1",
+            args![bsid],
+        )?;
+        let (open, worst): (i64, Option<i64>) = (r.get(0)?, r.get(1)?);
         if open == 0 {
             let worst = worst.unwrap_or(results);
-            let n = tx
-                .prepare_cached(
-                    "UPDATE buildsets SET complete = 1, complete_at = ?2, results = ?3
-                     WHERE id = ?1 AND complete = 0",
-                )?
-                .execute(params![bsid, t, worst])?;
+            let n = c.execute(
+                "UPDATE buildsets SET complete = 1, complete_at = ?2, results = ?3
+                 WHERE id = ?1 AND complete = 0",
+                args![bsid, t, worst],
+            )?;
             if n == 1 {
                 done.push((bsid, worst));
             }
@@ -433,20 +437,22 @@ pub struct Classified {
     pub branch: Option<String>,
 }
 
-pub fn classified(c: &Connection, scheduler: ObjectId) -> anyhow::Result<Vec<Classified>> {
-    Ok(c.prepare_cached(
+pub fn classified(c: &mut dyn Sql, scheduler: ObjectId) -> anyhow::Result<Vec<Classified>> {
+    c.query(
         "SELECT s.changeid, s.important, ch.branch FROM scheduler_changes s
              JOIN changes ch ON ch.changeid = s.changeid
              WHERE s.schedulerid = ?1 ORDER BY s.changeid",
+        args![scheduler.0],
     )?
-    .query_map(params![scheduler.0], |r| {
+    .iter()
+    .map(|r| {
         Ok(Classified {
             changeid: r.get(0)?,
-            important: r.get::<_, i64>(1)? != 0,
+            important: r.get(1)?,
             branch: r.get(2)?,
         })
-    })?
-    .collect::<Result<_, _>>()?)
+    })
+    .collect()
 }
 
 /// One scheduler step, stored atomically: classify changes, forget the
@@ -466,28 +472,27 @@ impl Store {
         w: SchedulerWrite,
     ) -> anyhow::Result<Vec<BuildsetIds>> {
         let ids = self.call(move |c| {
-            let tx = c.transaction()?;
             for (changeid, important) in &w.classify {
-                tx.prepare_cached(
-                    "INSERT OR REPLACE INTO scheduler_changes (schedulerid, changeid, important) VALUES (?1, ?2, ?3)",
-                )?
-                .execute(params![scheduler.0, changeid, *important as i64])?;
+                c.execute(
+                    "INSERT INTO scheduler_changes (schedulerid, changeid, important) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (schedulerid, changeid) DO UPDATE SET important = excluded.important",
+                    args![scheduler.0, changeid, *important],
+                )?;
             }
             for changeid in &w.flush {
-                tx.prepare_cached(
+                c.execute(
                     "DELETE FROM scheduler_changes WHERE schedulerid = ?1 AND changeid = ?2",
-                )?
-                .execute(params![scheduler.0, changeid])?;
+                    args![scheduler.0, changeid],
+                )?;
             }
             let ids = w
                 .buildsets
                 .iter()
-                .map(|bs| insert_buildset(&tx, bs))
+                .map(|bs| insert_buildset(c, bs))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             for (name, value) in &w.state {
-                set_state(&tx, scheduler, name, value)?;
+                set_state(c, scheduler, name, value)?;
             }
-            tx.commit()?;
             Ok(ids)
         })
         .await?;
@@ -518,14 +523,7 @@ impl Store {
     }
 
     pub async fn add_buildset(&self, bs: NewBuildset) -> anyhow::Result<BuildsetIds> {
-        let ids = self
-            .call(move |c| {
-                let tx = c.transaction()?;
-                let ids = insert_buildset(&tx, &bs)?;
-                tx.commit()?;
-                Ok(ids)
-            })
-            .await?;
+        let ids = self.call(move |c| insert_buildset(c, &bs)).await?;
         self.buildset_added(&ids);
         Ok(ids)
     }
@@ -544,9 +542,7 @@ impl Store {
                 "SELECT {REQUEST_COLUMNS} FROM buildrequests r JOIN builders b ON b.id = r.builderid
                  LEFT JOIN buildrequest_claims c ON c.brid = r.id WHERE r.id = ?1"
             );
-            Ok(c.prepare_cached(&sql)?
-                .query_row(params![brid], request_row)
-                .optional()?)
+            Ok(request_rows(c, &sql, args![brid])?.into_iter().next())
         })
         .await
     }
@@ -578,24 +574,22 @@ impl Store {
     ) -> anyhow::Result<Vec<i64>> {
         let ids = self
             .call(move |c| {
-                let tx = c.transaction()?;
-                if !claim_request(&tx, brid, masterid)? {
+                if !claim_request(c, brid, masterid)? {
                     return Ok(vec![]);
                 }
                 let mut ids = vec![brid];
                 let others = match collapse {
                     Collapse::None => vec![],
-                    Collapse::Default => collapsible(&tx, brid)?,
+                    Collapse::Default => collapsible(c, brid)?,
                     Collapse::These(v) => v,
                 };
                 for other in others {
                     // Another master may have claimed it meanwhile: then it is
                     // not ours to complete.
-                    if claim_request(&tx, other, masterid)? {
+                    if claim_request(c, other, masterid)? {
                         ids.push(other);
                     }
                 }
-                tx.commit()?;
                 Ok(ids)
             })
             .await?;
@@ -616,12 +610,7 @@ impl Store {
     ) -> anyhow::Result<Vec<(i64, i64)>> {
         let brids_done = brids.clone();
         let done = self
-            .call(move |c| {
-                let tx = c.transaction()?;
-                let done = complete_requests(&tx, &brids, results)?;
-                tx.commit()?;
-                Ok(done)
-            })
+            .call(move |c| complete_requests(c, &brids, results))
             .await?;
         self.requests_completed(&brids_done, results, &done);
         Ok(done)
@@ -634,38 +623,33 @@ impl Store {
         builders: Vec<(String, Option<String>, Vec<String>)>,
     ) -> anyhow::Result<()> {
         self.call(move |c| {
-            let tx = c.transaction()?;
             for (name, description, tags) in &builders {
-                builder_id(&tx, name)?;
-                tx.prepare_cached(
+                builder_id(c, name)?;
+                c.execute(
                     "UPDATE builders SET description = ?2, tags_json = ?3 WHERE name = ?1",
-                )?
-                .execute(params![
-                    name,
-                    description,
-                    serde_json::to_string(tags)?
-                ])?;
+                    args![name, description, serde_json::to_string(tags)?],
+                )?;
             }
-            tx.commit()?;
             Ok(())
         })
         .await
     }
 
-    /// Cancels a request that no master has claimed (in one immediate
-    /// transaction, so that no claim can slip in between).
+    /// Cancels a request that no master has claimed (with the request
+    /// locked, so that no claim can slip in between).
     pub async fn cancel_request(&self, brid: i64) -> anyhow::Result<Cancel> {
         let (verdict, done) = self
             .call(move |c| {
-                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-                let row: Option<(bool, bool)> = tx
-                    .query_row(
-                        "SELECT r.complete, c.brid IS NOT NULL FROM buildrequests r
-                         LEFT JOIN buildrequest_claims c ON c.brid = r.id WHERE r.id = ?1",
-                        params![brid],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()?;
+                lock_request(c, brid)?;
+                let row = c.query_opt(
+                    "SELECT r.complete, c.brid IS NOT NULL FROM buildrequests r
+                     LEFT JOIN buildrequest_claims c ON c.brid = r.id WHERE r.id = ?1",
+                    args![brid],
+                )?;
+                let row: Option<(bool, bool)> = match row {
+                    Some(r) => Some((r.get(0)?, r.get(1)?)),
+                    None => None,
+                };
                 let verdict = match row {
                     None => Cancel::Missing,
                     Some((true, _)) => Cancel::Complete,
@@ -673,11 +657,10 @@ impl Store {
                     Some((false, false)) => Cancel::Cancelled,
                 };
                 let done = if verdict == Cancel::Cancelled {
-                    complete_requests(&tx, &[brid], CANCELLED)?
+                    complete_requests(c, &[brid], CANCELLED)?
                 } else {
                     vec![]
                 };
-                tx.commit()?;
                 Ok((verdict, done))
             })
             .await?;
@@ -708,10 +691,10 @@ impl Store {
     /// pages).
     pub async fn buildsets(&self, limit: usize) -> anyhow::Result<Vec<Buildset>> {
         self.call(move |c| {
-            let ids: Vec<i64> = c
-                .prepare_cached("SELECT id FROM buildsets ORDER BY id LIMIT ?1")?
-                .query_map(params![limit as i64], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
+            let ids: Vec<i64> = c.column(
+                "SELECT id FROM buildsets ORDER BY id LIMIT ?1",
+                args![limit],
+            )?;
             ids.into_iter()
                 .filter_map(|id| get_buildset(c, id).transpose())
                 .collect()
@@ -721,19 +704,13 @@ impl Store {
 
     /// The newest change id (0 when there is none).
     pub async fn max_changeid(&self) -> anyhow::Result<i64> {
-        self.call(|c| {
-            Ok(
-                c.query_row("SELECT coalesce(max(changeid), 0) FROM changes", [], |r| {
-                    r.get(0)
-                })?,
-            )
-        })
-        .await
+        self.call(|c| c.value("SELECT coalesce(max(changeid), 0) FROM changes", args![]))
+            .await
     }
 
     /// How many build requests exist (for benchmarks and tests).
     pub async fn count_requests(&self) -> anyhow::Result<i64> {
-        self.call(|c| Ok(c.query_row("SELECT count(*) FROM buildrequests", [], |r| r.get(0))?))
+        self.call(|c| c.value("SELECT count(*) FROM buildrequests", args![]))
             .await
     }
 }

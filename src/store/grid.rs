@@ -9,9 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::params;
 use serde::Serialize;
 
+use super::db::args;
 use super::Store;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -49,11 +49,6 @@ pub struct GridPush {
     pub cells: Vec<GridCell>,
 }
 
-/// (bsid, reason, submitted_at, branch, revision, repository)
-type BuildsetRow = (i64, String, i64, Option<String>, Option<String>, String);
-/// (brid, builderid, complete, results, newest buildid)
-type RequestRow = (i64, i64, bool, Option<i64>, Option<i64>);
-
 impl Store {
     /// The newest pushes, made of at most `buildsets` buildsets (older
     /// than `before`, a buildset id, when given).
@@ -63,29 +58,23 @@ impl Store {
         before: Option<i64>,
     ) -> anyhow::Result<Vec<GridPush>> {
         self.call(move |c| {
-            let rows: Vec<BuildsetRow> = c
-                .prepare_cached(
-                    "SELECT b.id, b.reason, b.submitted_at, s.branch, s.revision, s.repository
-                     FROM buildsets b
-                     LEFT JOIN buildset_sourcestamps bs ON bs.buildsetid = b.id
-                     LEFT JOIN sourcestamps s ON s.id = bs.sourcestampid
-                     WHERE b.id < ?1 GROUP BY b.id ORDER BY b.id DESC LIMIT ?2",
-                )?
-                .query_map(params![before.unwrap_or(i64::MAX), buildsets as i64], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get::<_, Option<String>>(5)?.unwrap_or_default(),
-                    ))
-                })?
-                .collect::<Result<_, _>>()?;
+            // A buildset of several sourcestamps is placed by its first.
+            let rows = c.query(
+                "SELECT b.id, b.reason, b.submitted_at, s.branch, s.revision, s.repository
+                 FROM buildsets b
+                 LEFT JOIN sourcestamps s ON s.id = (
+                     SELECT min(bs.sourcestampid) FROM buildset_sourcestamps bs WHERE bs.buildsetid = b.id)
+                 WHERE b.id < ?1 ORDER BY b.id DESC LIMIT ?2",
+                args![before.unwrap_or(i64::MAX), buildsets],
+            )?;
             let mut pushes: Vec<GridPush> = Vec::new();
             let mut by_key: BTreeMap<(Option<String>, String, String), usize> = BTreeMap::new();
             let mut push_of: BTreeMap<i64, usize> = BTreeMap::new();
-            for (bsid, reason, submitted_at, branch, revision, repository) in rows {
+            for r in rows {
+                let (bsid, reason, submitted_at): (i64, String, i64) =
+                    (r.get(0)?, r.get(1)?, r.get(2)?);
+                let (branch, revision): (Option<String>, Option<String>) = (r.get(3)?, r.get(4)?);
+                let repository = r.get::<Option<String>>(5)?.unwrap_or_default();
                 let at = match &revision {
                     Some(rev) => *by_key
                         .entry((branch.clone(), repository.clone(), rev.clone()))
@@ -101,46 +90,45 @@ impl Store {
                 pushes[at].buildsets.push(bsid);
                 push_of.insert(bsid, at);
             }
-            let mut changes = c.prepare_cached(
-                "SELECT c.changeid, c.author, c.revision, c.revlink, c.comments, c.when_timestamp
-                 FROM buildset_changes x JOIN changes c ON c.changeid = x.changeid
-                 WHERE x.buildsetid = ?1 ORDER BY c.changeid DESC",
-            )?;
-            let mut requests = c.prepare_cached(
-                "SELECT q.id, q.builderid, q.complete, q.results,
-                        (SELECT b.id FROM builds b WHERE b.buildrequestid = q.id ORDER BY b.id DESC LIMIT 1)
-                 FROM buildrequests q WHERE q.buildsetid = ?1 ORDER BY q.id",
-            )?;
-            let mut build = c.prepare_cached(
-                "SELECT number, complete_at IS NOT NULL, results FROM builds WHERE id = ?1",
-            )?;
             for (bsid, at) in &push_of {
                 let push = &mut pushes[*at];
-                for ch in changes.query_map(params![bsid], |r| {
-                    Ok(GridChange {
+                let changes = c.query(
+                    "SELECT c.changeid, c.author, c.revision, c.revlink, c.comments, c.when_timestamp
+                     FROM buildset_changes x JOIN changes c ON c.changeid = x.changeid
+                     WHERE x.buildsetid = ?1 ORDER BY c.changeid DESC",
+                    args![bsid],
+                )?;
+                for r in changes {
+                    let ch = GridChange {
                         changeid: r.get(0)?,
                         author: r.get(1)?,
                         revision: r.get(2)?,
                         revlink: r.get(3)?,
                         comments: r.get(4)?,
                         when_timestamp: r.get(5)?,
-                    })
-                })? {
-                    let ch = ch?;
+                    };
                     if !push.changes.iter().any(|x| x.changeid == ch.changeid) {
                         push.changes.push(ch);
                     }
                 }
-                let reqs: Vec<RequestRow> = requests
-                    .query_map(params![bsid], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                    })?
-                    .collect::<Result<_, _>>()?;
-                for (brid, builderid, complete, req_results, buildid) in reqs {
+                let reqs = c.query(
+                    "SELECT q.id, q.builderid, q.complete, q.results,
+                            (SELECT b.id FROM builds b WHERE b.buildrequestid = q.id ORDER BY b.id DESC LIMIT 1)
+                     FROM buildrequests q WHERE q.buildsetid = ?1 ORDER BY q.id",
+                    args![bsid],
+                )?;
+                for r in reqs {
+                    let (brid, builderid, complete): (i64, i64, bool) =
+                        (r.get(0)?, r.get(1)?, r.get(2)?);
+                    let (req_results, buildid): (Option<i64>, Option<i64>) = (r.get(3)?, r.get(4)?);
                     let (number, build_done, build_results) = match buildid {
-                        Some(id) => build.query_row(params![id], |r| {
-                            Ok((Some(r.get::<_, i64>(0)?), r.get::<_, bool>(1)?, r.get(2)?))
-                        })?,
+                        Some(id) => {
+                            let b = c.query_one(
+                                "SELECT number, complete_at IS NOT NULL, results FROM builds WHERE id = ?1",
+                                args![id],
+                            )?;
+                            (Some(b.get::<i64>(0)?), b.get::<bool>(1)?, b.get(2)?)
+                        }
                         None => (None, false, None),
                     };
                     let (state, results) = if complete {

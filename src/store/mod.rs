@@ -1,12 +1,16 @@
-//! The state store: SQLite at `DIR/state.sqlite`, in WAL mode. Every SQL
-//! statement kiln runs is in this module; the rest of kiln sees typed rows.
+//! The state store: SQLite at `DIR/state.sqlite` in WAL mode (the
+//! default), or a PostgreSQL database that several masters share. Every SQL
+//! statement kiln runs is in this module, written once against
+//! [`db::Sql`]; the rest of kiln sees typed rows.
 //!
-//! The schema is versioned by SQLite's `user_version`: `MIGRATIONS[i]`
-//! brings a database from version `i` to `i + 1`. Opening applies what is
-//! missing, each step in its own transaction, and refuses a database whose
-//! version is newer than this kiln knows. Database work is blocking, so the
-//! async side goes through [`Store::call`], which runs it on tokio's
-//! blocking pool.
+//! The schema is versioned: `MIGRATIONS[i]` brings a database from
+//! version `i` to `i + 1`, written for SQLite and read by [`postgres_ddl`]
+//! into PostgreSQL's types for PostgreSQL. SQLite keeps the version in its
+//! `user_version`, PostgreSQL in the table `kiln_schema`. Opening applies
+//! what is missing and refuses a database whose version is newer than this
+//! kiln knows. Database work is blocking, so the async side goes through
+//! [`Store::call`], which runs it, as one transaction, on tokio's blocking
+//! pool.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,14 +19,17 @@ use std::sync::{Arc, Mutex};
 pub mod api;
 pub mod builds;
 pub mod buildsets;
+pub mod db;
 pub mod grid;
 pub mod query;
 pub mod reloads;
 pub mod workers;
 
 use anyhow::{bail, Context};
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::Connection;
 use serde::Serialize;
+
+use db::{args, Sql};
 
 /// File name of the store inside a master dir.
 pub const DB_FILE: &str = "state.sqlite";
@@ -88,18 +95,104 @@ pub struct Change {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObjectId(pub i64);
 
-/// The store. Cheap to clone; one connection, used by one task at a time.
+/// Where a store lives, as `db.db_url` names it.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database: its URL, and a password given apart from it.
+    Postgres {
+        url: String,
+        password: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_string())
+    }
+}
+
+impl std::fmt::Display for Target {
+    /// The path, or the URL without its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Sqlite(p) => write!(f, "{}", p.display()),
+            Target::Postgres { url, .. } => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+/// `url` with the password of its user part replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{scheme}://{name}:***@{host}{path}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+impl Target {
+    /// Reads `db.db_url`: `sqlite:///state.sqlite` is relative to the
+    /// master dir, `sqlite:////abs/path` absolute; `postgresql://` (or
+    /// `postgres://`) `USER[:PASSWORD]@HOST[:PORT]/DBNAME` is a PostgreSQL
+    /// database, its password in the URL or given apart.
+    pub fn parse(dir: &Path, db_url: &str, password: Option<String>) -> anyhow::Result<Target> {
+        if let Some(rest) = db_url.strip_prefix("sqlite://") {
+            let rest = rest.strip_prefix('/').unwrap_or(rest);
+            let p = Path::new(rest);
+            return Ok(Target::Sqlite(if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                dir.join(p)
+            }));
+        }
+        if db_url.starts_with("postgresql://") || db_url.starts_with("postgres://") {
+            db_url.parse::<tokio_postgres::Config>().with_context(|| {
+                format!("`db.db_url` {} is not a PostgreSQL URL", redact_url(db_url))
+            })?;
+            return Ok(Target::Postgres {
+                url: db_url.to_string(),
+                password,
+            });
+        }
+        bail!(
+            "`db.db_url` {} is not supported: write sqlite:///state.sqlite (relative to the master dir), \
+             sqlite:////absolute/path, or postgresql://USER@HOST:PORT/DBNAME",
+            redact_url(db_url)
+        )
+    }
+}
+
+#[derive(Clone)]
+enum Backend {
+    /// One connection, used by one call at a time.
+    Sqlite(Arc<Mutex<Connection>>),
+    /// A pool of connections.
+    Postgres(deadpool_postgres::Pool),
+}
+
+/// The store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
-    path: PathBuf,
+    backend: Backend,
+    target: Arc<Target>,
     /// What was written, for the event stream (published after commit).
     events: crate::events::Events,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Store({})", self.path.display())
+        write!(f, "Store({})", self.target)
     }
 }
 
@@ -110,8 +203,14 @@ pub(crate) fn now() -> i64 {
         .unwrap_or(0)
 }
 
+/// How many connections a master keeps to PostgreSQL.
+const PG_POOL_SIZE: usize = 16;
+
+/// How long a connection to PostgreSQL may take before it fails.
+const PG_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Store {
-    /// Opens (creating if needed) and migrates the store at `path`.
+    /// Opens (creating if needed) and migrates the SQLite store at `path`.
     pub fn open(path: &Path) -> anyhow::Result<Store> {
         let mut conn = Connection::open(path)
             .with_context(|| format!("cannot open the database {}", path.display()))?;
@@ -122,14 +221,72 @@ impl Store {
         migrate(&mut conn, SCHEMA_VERSION)
             .with_context(|| format!("database {}", path.display()))?;
         Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
-            path: path.to_path_buf(),
+            backend: Backend::Sqlite(Arc::new(Mutex::new(conn))),
+            target: Arc::new(Target::Sqlite(path.to_path_buf())),
             events: crate::events::Events::new(),
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Opens and migrates the store at `target`. A PostgreSQL database is
+    /// reached through the current tokio runtime, which must be a
+    /// multi-threaded one as long as the store is used.
+    pub async fn connect(target: &Target) -> anyhow::Result<Store> {
+        let (url, password) = match target {
+            Target::Sqlite(path) => {
+                let path = path.clone();
+                return tokio::task::spawn_blocking(move || Store::open(&path))
+                    .await
+                    .context("database task failed")?;
+            }
+            Target::Postgres { url, password } => (url, password),
+        };
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .with_context(|| format!("`db.db_url` {target} is not a PostgreSQL URL"))?;
+        if let Some(p) = password {
+            config.password(p.as_bytes());
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(PG_CONNECT_TIMEOUT);
+        }
+        config.application_name("kiln");
+        let manager = deadpool_postgres::Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(PG_POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(PG_CONNECT_TIMEOUT * 3))
+            .create_timeout(Some(PG_CONNECT_TIMEOUT))
+            .build()
+            .context("cannot make the PostgreSQL connection pool")?;
+        let store = Store {
+            backend: Backend::Postgres(pool),
+            target: Arc::new(target.clone()),
+            events: crate::events::Events::new(),
+        };
+        store
+            .call(|c| migrate_pg(c, SCHEMA_VERSION))
+            .await
+            .with_context(|| format!("database {target}"))?;
+        Ok(store)
+    }
+
+    /// Where the store lives.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Which SQL the store's database speaks.
+    pub fn dialect(&self) -> db::Dialect {
+        match self.backend {
+            Backend::Sqlite(_) => db::Dialect::Sqlite,
+            Backend::Postgres(_) => db::Dialect::Postgres,
+        }
     }
 
     /// The stream of what this store records.
@@ -137,21 +294,46 @@ impl Store {
         &self.events
     }
 
-    /// Runs blocking database work off the async runtime. The closure runs
-    /// to its end even if the caller stops waiting, so a transaction is
-    /// never left half-written by a cancelled task.
+    /// Runs blocking database work off the async runtime, as one
+    /// transaction: committed when `f` returns `Ok`, rolled back when it
+    /// returns `Err`. The closure runs to its end even if the caller stops
+    /// waiting, so a transaction is never left half-written by a cancelled
+    /// task.
     async fn call<R, F>(&self, f: F) -> anyhow::Result<R>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Connection) -> anyhow::Result<R> + Send + 'static,
+        F: FnOnce(&mut dyn Sql) -> anyhow::Result<R> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut c = crate::sync::lock(&conn);
-            f(&mut c)
-        })
-        .await
-        .context("database task failed")?
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                let conn = conn.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut c = crate::sync::lock(&conn);
+                    let tx = c.transaction()?;
+                    let r = f(&mut db::Lite(&tx))?;
+                    tx.commit()?;
+                    Ok(r)
+                })
+                .await
+                .context("database task failed")?
+            }
+            Backend::Postgres(pool) => {
+                let pool = pool.clone();
+                let target = self.target.clone();
+                let rt = tokio::runtime::Handle::current();
+                tokio::task::spawn_blocking(move || {
+                    let mut client = rt
+                        .block_on(pool.get())
+                        .map_err(|e| anyhow::anyhow!("cannot reach the database {target}: {e}"))?;
+                    let tx = rt.block_on(client.transaction())?;
+                    let r = f(&mut db::Pg { tx: &tx, rt: &rt })?;
+                    rt.block_on(tx.commit())?;
+                    Ok(r)
+                })
+                .await
+                .context("database task failed")?
+            }
+        }
     }
 
     pub async fn object_id(&self, name: &str, class_name: &str) -> anyhow::Result<ObjectId> {
@@ -175,13 +357,8 @@ impl Store {
         value: serde_json::Value,
     ) -> anyhow::Result<()> {
         let name = name.to_string();
-        self.call(move |c| {
-            let tx = c.transaction()?;
-            set_state(&tx, object, &name, &value)?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
+        self.call(move |c| set_state(c, object, &name, &value))
+            .await
     }
 
     /// Stores `changes` (in order) and, in the same transaction, the state
@@ -195,15 +372,13 @@ impl Store {
         let source = source.to_string();
         let stored = self
             .call(move |c| {
-                let tx = c.transaction()?;
                 let mut out = Vec::with_capacity(changes.len());
                 for ch in changes {
-                    out.push(insert_change(&tx, &source, ch)?);
+                    out.push(insert_change(c, &source, ch)?);
                 }
                 for (object, name, value) in &state {
-                    set_state(&tx, *object, name, value)?;
+                    set_state(c, *object, name, value)?;
                 }
-                tx.commit()?;
                 Ok(out)
             })
             .await?;
@@ -219,16 +394,12 @@ impl Store {
     pub async fn master_started(&self, name: &str) -> anyhow::Result<i64> {
         let name = name.to_string();
         self.call(move |c| {
-            c.execute(
+            c.value(
                 "INSERT INTO masters (name, active, last_active) VALUES (?1, 1, ?2)
-                 ON CONFLICT (name) DO UPDATE SET active = 1, last_active = excluded.last_active",
-                params![name, now()],
-            )?;
-            Ok(c.query_row(
-                "SELECT id FROM masters WHERE name = ?1",
-                params![name],
-                |r| r.get(0),
-            )?)
+                 ON CONFLICT (name) DO UPDATE SET active = 1, last_active = excluded.last_active
+                 RETURNING id",
+                args![name, now()],
+            )
         })
         .await
     }
@@ -237,7 +408,7 @@ impl Store {
         self.call(move |c| {
             c.execute(
                 "UPDATE masters SET active = 0, last_active = ?2 WHERE id = ?1",
-                params![id, now()],
+                args![id, now()],
             )?;
             Ok(())
         })
@@ -248,19 +419,19 @@ impl Store {
     /// `active`, `last_active`.
     pub async fn master(&self, id: i64) -> anyhow::Result<Option<serde_json::Value>> {
         self.call(move |c| {
-            Ok(c.query_row(
+            let Some(r) = c.query_opt(
                 "SELECT name, active, last_active FROM masters WHERE id = ?1",
-                [id],
-                |r| {
-                    Ok(serde_json::json!({
-                        "masterid": id,
-                        "name": r.get::<_, String>(0)?,
-                        "active": r.get::<_, i64>(1)? != 0,
-                        "last_active": r.get::<_, i64>(2)?,
-                    }))
-                },
-            )
-            .optional()?)
+                args![id],
+            )?
+            else {
+                return Ok(None);
+            };
+            Ok(Some(serde_json::json!({
+                "masterid": id,
+                "name": r.get::<String>(0)?,
+                "active": r.get::<bool>(1)?,
+                "last_active": r.get::<i64>(2)?,
+            })))
         })
         .await
     }
@@ -272,12 +443,10 @@ impl Store {
     /// Changes in the order they were stored, from `after` (exclusive).
     pub async fn changes_since(&self, after: i64, limit: usize) -> anyhow::Result<Vec<Change>> {
         self.call(move |c| {
-            let ids: Vec<i64> = c
-                .prepare_cached(
-                    "SELECT changeid FROM changes WHERE changeid > ?1 ORDER BY changeid LIMIT ?2",
-                )?
-                .query_map(params![after, limit as i64], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
+            let ids: Vec<i64> = c.column(
+                "SELECT changeid FROM changes WHERE changeid > ?1 ORDER BY changeid LIMIT ?2",
+                args![after, limit],
+            )?;
             ids.into_iter()
                 .filter_map(|id| get_change(c, id).transpose())
                 .collect()
@@ -290,12 +459,7 @@ impl Store {
 fn migrate(conn: &mut Connection, target: usize) -> anyhow::Result<()> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let version = usize::try_from(version).unwrap_or(usize::MAX);
-    if version > SCHEMA_VERSION {
-        bail!(
-            "it was written by a newer kiln (schema version {version}; this kiln knows versions up to {SCHEMA_VERSION}): \
-             run that kiln, or move the file aside to start with an empty database"
-        );
-    }
+    refuse_newer(version)?;
     for (i, (what, sql)) in MIGRATIONS.iter().enumerate().take(target).skip(version) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)
@@ -307,6 +471,66 @@ fn migrate(conn: &mut Connection, target: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn refuse_newer(version: usize) -> anyhow::Result<()> {
+    if version > SCHEMA_VERSION {
+        bail!(
+            "it was written by a newer kiln (schema version {version}; this kiln knows versions up to {SCHEMA_VERSION}): \
+             run that kiln, or move the database aside to start with an empty one"
+        );
+    }
+    Ok(())
+}
+
+/// An arbitrary number that names kiln's migration lock among PostgreSQL's
+/// advisory locks: masters that start together migrate one after another.
+const PG_MIGRATION_LOCK: i64 = 0x6b696c6e;
+
+/// Brings a PostgreSQL schema to `target`, in the caller's transaction
+/// (PostgreSQL's DDL is transactional: all of it happens or none).
+fn migrate_pg(c: &mut dyn Sql, target: usize) -> anyhow::Result<()> {
+    c.execute("SELECT pg_advisory_xact_lock(?1)", args![PG_MIGRATION_LOCK])?;
+    c.batch("CREATE TABLE IF NOT EXISTS kiln_schema (version BIGINT NOT NULL)")?;
+    let version = match c.value_opt::<i64>("SELECT version FROM kiln_schema", args![])? {
+        Some(v) => v,
+        None => {
+            c.execute("INSERT INTO kiln_schema (version) VALUES (0)", args![])?;
+            0
+        }
+    };
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    refuse_newer(version)?;
+    for (i, (what, sql)) in MIGRATIONS.iter().enumerate().take(target).skip(version) {
+        c.batch(&postgres_ddl(sql))
+            .with_context(|| format!("migration {} ({what}) failed", i + 1))?;
+        c.execute("UPDATE kiln_schema SET version = ?1", args![i + 1])?;
+        tracing::info!("database schema migrated to version {} ({what})", i + 1);
+    }
+    Ok(())
+}
+
+/// A migration's SQLite DDL in PostgreSQL's types: a row id column
+/// (`x INTEGER PRIMARY KEY,`) becomes an identity column, `INTEGER`
+/// becomes `BIGINT` (the store reads every integer as 64 bits), `BLOB`
+/// `BYTEA` and `REAL` `DOUBLE PRECISION`. The migrations use nothing else
+/// that the two read differently.
+fn postgres_ddl(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 256);
+    for line in sql.lines() {
+        let line = match line.strip_suffix(" INTEGER PRIMARY KEY,") {
+            Some(column) => {
+                format!("{column} BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,")
+            }
+            None => line
+                .replace("INTEGER", "BIGINT")
+                .replace("BLOB", "BYTEA")
+                .replace(" REAL ", " DOUBLE PRECISION "),
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
 /// Opens `path` at an older schema version (for tests of migration).
 #[doc(hidden)]
 pub fn create_at_version(path: &Path, version: usize) -> anyhow::Result<Connection> {
@@ -315,31 +539,27 @@ pub fn create_at_version(path: &Path, version: usize) -> anyhow::Result<Connecti
     Ok(conn)
 }
 
-pub fn object_id(c: &Connection, name: &str, class_name: &str) -> anyhow::Result<ObjectId> {
+pub fn object_id(c: &mut dyn Sql, name: &str, class_name: &str) -> anyhow::Result<ObjectId> {
     c.execute(
-        "INSERT OR IGNORE INTO objects (name, class_name) VALUES (?1, ?2)",
-        params![name, class_name],
+        "INSERT INTO objects (name, class_name) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        args![name, class_name],
     )?;
-    let id = c.query_row(
+    let id = c.value(
         "SELECT id FROM objects WHERE name = ?1 AND class_name = ?2",
-        params![name, class_name],
-        |r| r.get(0),
+        args![name, class_name],
     )?;
     Ok(ObjectId(id))
 }
 
 pub fn get_state(
-    c: &Connection,
+    c: &mut dyn Sql,
     object: ObjectId,
     name: &str,
 ) -> anyhow::Result<Option<serde_json::Value>> {
-    let text: Option<String> = c
-        .query_row(
-            "SELECT value_json FROM object_state WHERE objectid = ?1 AND name = ?2",
-            params![object.0, name],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let text: Option<String> = c.value_opt(
+        "SELECT value_json FROM object_state WHERE objectid = ?1 AND name = ?2",
+        args![object.0, name],
+    )?;
     match text {
         None => Ok(None),
         Some(t) => Ok(Some(serde_json::from_str(&t).with_context(|| {
@@ -349,71 +569,63 @@ pub fn get_state(
 }
 
 pub(crate) fn set_state(
-    tx: &Transaction<'_>,
+    c: &mut dyn Sql,
     object: ObjectId,
     name: &str,
     value: &serde_json::Value,
 ) -> anyhow::Result<()> {
-    tx.execute(
+    c.execute(
         "INSERT INTO object_state (objectid, name, value_json) VALUES (?1, ?2, ?3)
          ON CONFLICT (objectid, name) DO UPDATE SET value_json = excluded.value_json",
-        params![object.0, name, value.to_string()],
+        args![object.0, name, value.to_string()],
     )?;
     Ok(())
 }
 
-fn insert_change(tx: &Transaction<'_>, source: &str, ch: NewChange) -> anyhow::Result<Change> {
-    tx.prepare_cached(
+fn insert_change(c: &mut dyn Sql, source: &str, ch: NewChange) -> anyhow::Result<Change> {
+    let ssid: i64 = c.value(
         "INSERT INTO sourcestamps (branch, revision, repository, project, codebase, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![
-        ch.branch,
-        ch.revision,
-        ch.repository,
-        ch.project,
-        ch.codebase,
-        now()
-    ])?;
-    let ssid = tx.last_insert_rowid();
-    tx.prepare_cached(
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+        args![
+            &ch.branch,
+            &ch.revision,
+            &ch.repository,
+            &ch.project,
+            &ch.codebase,
+            now()
+        ],
+    )?;
+    let id: i64 = c.value(
         "INSERT INTO changes (author, committer, comments, branch, revision, revlink, when_timestamp,
                               category, repository, codebase, project, sourcestampid, source)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-    )?
-    .execute(params![
-        ch.author,
-        ch.committer,
-        ch.comments,
-        ch.branch,
-        ch.revision,
-        ch.revlink,
-        ch.when_timestamp,
-        ch.category,
-        ch.repository,
-        ch.codebase,
-        ch.project,
-        ssid,
-        source
-    ])?;
-    let id = tx.last_insert_rowid();
-    {
-        let mut files = tx.prepare_cached(
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) RETURNING changeid",
+        args![
+            &ch.author,
+            &ch.committer,
+            &ch.comments,
+            &ch.branch,
+            &ch.revision,
+            &ch.revlink,
+            ch.when_timestamp,
+            &ch.category,
+            &ch.repository,
+            &ch.codebase,
+            &ch.project,
+            ssid,
+            source
+        ],
+    )?;
+    for (i, f) in ch.files.iter().enumerate() {
+        c.execute(
             "INSERT INTO change_files (changeid, position, filename) VALUES (?1, ?2, ?3)",
+            args![id, i, f],
         )?;
-        for (i, f) in ch.files.iter().enumerate() {
-            files.execute(params![id, i as i64, f])?;
-        }
-        let mut props = tx.prepare_cached(
+    }
+    for (name, (value, src)) in &ch.properties {
+        c.execute(
             "INSERT INTO change_properties (changeid, property_name, property_value) VALUES (?1, ?2, ?3)",
+            args![id, name, serde_json::json!([value, src]).to_string()],
         )?;
-        for (name, (value, src)) in &ch.properties {
-            props.execute(params![
-                id,
-                name,
-                serde_json::json!([value, src]).to_string()
-            ])?;
-        }
     }
     Ok(Change {
         changeid: id,
@@ -423,57 +635,49 @@ fn insert_change(tx: &Transaction<'_>, source: &str, ch: NewChange) -> anyhow::R
     })
 }
 
-fn get_change(c: &Connection, changeid: i64) -> anyhow::Result<Option<Change>> {
-    let row = c
-        .prepare_cached(
-            "SELECT author, committer, comments, branch, revision, revlink, when_timestamp, category,
-                    repository, codebase, project, sourcestampid, source
-             FROM changes WHERE changeid = ?1",
-        )?
-        .query_row(params![changeid], |r| {
-            Ok((
-                NewChange {
-                    author: r.get(0)?,
-                    committer: r.get(1)?,
-                    comments: r.get(2)?,
-                    branch: r.get(3)?,
-                    revision: r.get(4)?,
-                    revlink: r.get(5)?,
-                    when_timestamp: r.get(6)?,
-                    category: r.get(7)?,
-                    repository: r.get(8)?,
-                    codebase: r.get(9)?,
-                    project: r.get(10)?,
-                    files: vec![],
-                    properties: Properties::new(),
-                },
-                r.get::<_, i64>(11)?,
-                r.get::<_, String>(12)?,
-            ))
-        })
-        .optional()?;
-    let Some((mut ch, ssid, source)) = row else {
+fn get_change(c: &mut dyn Sql, changeid: i64) -> anyhow::Result<Option<Change>> {
+    let Some(r) = c.query_opt(
+        "SELECT author, committer, comments, branch, revision, revlink, when_timestamp, category,
+                repository, codebase, project, sourcestampid, source
+         FROM changes WHERE changeid = ?1",
+        args![changeid],
+    )?
+    else {
         return Ok(None);
     };
-    ch.files = c
-        .prepare_cached("SELECT filename FROM change_files WHERE changeid = ?1 ORDER BY position")?
-        .query_map(params![changeid], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    let props: Vec<(String, String)> = c
-        .prepare_cached(
-            "SELECT property_name, property_value FROM change_properties WHERE changeid = ?1",
-        )?
-        .query_map(params![changeid], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    for (name, text) in props {
+    let mut ch = NewChange {
+        author: r.get(0)?,
+        committer: r.get(1)?,
+        comments: r.get(2)?,
+        branch: r.get(3)?,
+        revision: r.get(4)?,
+        revlink: r.get(5)?,
+        when_timestamp: r.get(6)?,
+        category: r.get(7)?,
+        repository: r.get(8)?,
+        codebase: r.get(9)?,
+        project: r.get(10)?,
+        files: vec![],
+        properties: Properties::new(),
+    };
+    ch.files = c.column(
+        "SELECT filename FROM change_files WHERE changeid = ?1 ORDER BY position",
+        args![changeid],
+    )?;
+    let props = c.query(
+        "SELECT property_name, property_value FROM change_properties WHERE changeid = ?1",
+        args![changeid],
+    )?;
+    for p in props {
+        let (name, text): (String, String) = (p.get(0)?, p.get(1)?);
         let (value, src): (serde_json::Value, String) = serde_json::from_str(&text)
             .with_context(|| format!("property `{name}` of change {changeid} is malformed"))?;
         ch.properties.insert(name, (value, src));
     }
     Ok(Some(Change {
         changeid,
-        sourcestampid: ssid,
-        source,
+        sourcestampid: r.get(11)?,
+        source: r.get(12)?,
         change: ch,
     }))
 }
@@ -561,6 +765,20 @@ mod tests {
             .query_row("SELECT count(*) FROM buildrequests", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn migrations_read_in_postgresql_types() {
+        let ddl = postgres_ddl(
+            "CREATE TABLE t (\n    id INTEGER PRIMARY KEY,\n    brid INTEGER PRIMARY KEY REFERENCES x(id),\n    \
+             n INTEGER NOT NULL,\n    b BLOB NOT NULL,\n    d REAL NOT NULL\n);",
+        );
+        assert_eq!(
+            ddl,
+            "CREATE TABLE t (\n    id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,\n    \
+             brid BIGINT PRIMARY KEY REFERENCES x(id),\n    n BIGINT NOT NULL,\n    b BYTEA NOT NULL,\n    \
+             d DOUBLE PRECISION NOT NULL\n);\n"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use std::cmp::Ordering;
 
-use rusqlite::types::Value as SqlValue;
+use super::db::{Dialect, Value as SqlValue};
 use serde_json::{Map, Value};
 
 use super::api::{field_of, Select};
@@ -187,7 +187,12 @@ impl ListQuery {
     /// aliases, narrowed by `pre` (a path's own filter), when every filter
     /// and order can be said in SQL with the meaning [`ListQuery::apply`]
     /// gives it.
-    pub(super) fn select(&self, columns: &[String], pre: &Option<(&str, Value)>) -> Option<Select> {
+    pub(super) fn select(
+        &self,
+        columns: &[String],
+        pre: &Option<(&str, Value)>,
+        dialect: Dialect,
+    ) -> Option<Select> {
         let alias = |field: &str| columns.iter().find(|a| field_of(a) == field).cloned();
         let mut sel = Select {
             limit: self.limit,
@@ -196,7 +201,7 @@ impl ListQuery {
         };
         if let Some((field, v)) = pre {
             let arg = match v {
-                Value::Number(n) => SqlValue::Integer(n.as_i64()?),
+                Value::Number(n) => SqlValue::Int(n.as_i64()?),
                 Value::String(s) => SqlValue::Text(s.clone()),
                 _ => return None,
             };
@@ -204,7 +209,8 @@ impl ListQuery {
                 .push((format!("\"{}\" = ?", alias(field)?), vec![arg]));
         }
         for f in &self.filters {
-            sel.conditions.push(filter_sql(&alias(&f.field)?, f)?);
+            sel.conditions
+                .push(filter_sql(&alias(&f.field)?, f, dialect)?);
         }
         for (field, desc) in &self.order {
             let a = alias(field)?;
@@ -276,7 +282,7 @@ fn order_values(a: &Value, b: &Value) -> Ordering {
 /// and a text column as text, as the API does), else text.
 fn sql_arg(text: &str) -> SqlValue {
     if let Ok(i) = text.parse::<i64>() {
-        SqlValue::Integer(i)
+        SqlValue::Int(i)
     } else if let Ok(f) = text.parse::<f64>() {
         SqlValue::Real(f)
     } else {
@@ -295,7 +301,7 @@ fn bool_text(text: &str) -> Option<bool> {
 /// One filter as SQL with exactly the meaning [`keep`] gives it, or `None`
 /// when SQL would mean something else (then the rows are filtered here).
 /// `alias` is one of the collection's own column names, never user text.
-fn filter_sql(alias: &str, f: &FieldFilter) -> Option<(String, Vec<SqlValue>)> {
+fn filter_sql(alias: &str, f: &FieldFilter, dialect: Dialect) -> Option<(String, Vec<SqlValue>)> {
     if alias.ends_with("__json") {
         return None;
     }
@@ -306,13 +312,16 @@ fn filter_sql(alias: &str, f: &FieldFilter) -> Option<(String, Vec<SqlValue>)> {
     for text in &f.values {
         let numeric = text.parse::<f64>().is_ok();
         let arg = if is_bool {
-            SqlValue::Integer(bool_text(text)? as i64)
+            SqlValue::Int(bool_text(text)? as i64)
         } else {
             sql_arg(text)
         };
         let null_text = !is_bool && (text.is_empty() || text == "null");
         let part = match f.op {
             Op::Contains if is_bool || numeric => return None,
+            Op::Contains if dialect == Dialect::Postgres => {
+                format!("strpos(CAST({col} AS TEXT), ?) > 0")
+            }
             Op::Contains => format!("instr({col}, ?) > 0"),
             Op::Eq if null_text => format!("({col} IS NULL OR {col} = ?)"),
             Op::Eq => format!("{col} = ?"),
@@ -427,7 +436,7 @@ mod tests {
                 .collect();
             let q = ListQuery::parse(&params, &known).expect("query");
             let sel = q
-                .select(&columns, &None)
+                .select(&columns, &None, store.dialect())
                 .unwrap_or_else(|| panic!("{query} is said in SQL"));
             let (_, sql_rows, sql_total) = store.api_select(*c, sel).await.expect("select");
             let (_, all) = store.api_rows(*c, None).await.expect("rows");
@@ -451,7 +460,7 @@ mod tests {
         for query in ["results__lt=abc", "complete=maybe", "results__contains=1"] {
             let (k, v) = query.split_once('=').expect("k=v");
             let q = ListQuery::parse(&[(k.to_string(), v.to_string())], &known).expect("query");
-            assert!(q.select(&cols, &None).is_none(), "{query}");
+            assert!(q.select(&cols, &None, Dialect::Sqlite).is_none(), "{query}");
         }
     }
 }

@@ -1,8 +1,8 @@
 //! Reconfigurations: every reload the master tried, applied or not.
 
-use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
+use super::db::{args, Row};
 use super::{now, Store};
 
 /// One reload as the store keeps it.
@@ -35,14 +35,14 @@ pub struct NewReload {
     pub duration_ms: f64,
 }
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Reload> {
+fn reload(r: &Row) -> anyhow::Result<Reload> {
     let files: String = r.get(7)?;
     Ok(Reload {
         reloadid: r.get(0)?,
         started_at: r.get(1)?,
         finished_at: r.get(2)?,
         trigger: r.get(3)?,
-        applied: r.get::<_, i64>(4)? != 0,
+        applied: r.get(4)?,
         diff: r.get(5)?,
         errors: r.get(6)?,
         files: serde_json::from_str(&files).unwrap_or_default(),
@@ -57,21 +57,20 @@ impl Store {
     /// Stores a finished reload; returns its id.
     pub async fn add_reload(&self, r: NewReload) -> anyhow::Result<i64> {
         let id = self.call(move |c| {
-            c.execute(
+            c.value(
                 "INSERT INTO reloads (started_at, finished_at, trigger, applied, diff, errors, files_json, duration_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+                args![
                     r.started_at,
                     now(),
                     r.trigger,
-                    r.applied as i64,
+                    r.applied,
                     r.diff,
                     r.errors,
                     serde_json::to_string(&r.files)?,
                     r.duration_ms
                 ],
-            )?;
-            Ok(c.last_insert_rowid())
+            )
         })
         .await?;
         if let Ok(Some(r)) = self.reload(id).await {
@@ -88,25 +87,26 @@ impl Store {
     /// The newest reloads first.
     pub async fn reloads(&self, limit: usize) -> anyhow::Result<Vec<Reload>> {
         self.call(move |c| {
-            let mut st = c.prepare(&format!(
-                "SELECT {COLUMNS} FROM reloads ORDER BY id DESC LIMIT ?1"
-            ))?;
-            let rows = st
-                .query_map(params![limit as i64], row)?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
+            c.query(
+                &format!("SELECT {COLUMNS} FROM reloads ORDER BY id DESC LIMIT ?1"),
+                args![limit],
+            )?
+            .iter()
+            .map(reload)
+            .collect()
         })
         .await
     }
 
     pub async fn reload(&self, id: i64) -> anyhow::Result<Option<Reload>> {
         self.call(move |c| {
-            Ok(c.query_row(
+            c.query_opt(
                 &format!("SELECT {COLUMNS} FROM reloads WHERE id = ?1"),
-                params![id],
-                row,
-            )
-            .optional()?)
+                args![id],
+            )?
+            .as_ref()
+            .map(reload)
+            .transpose()
         })
         .await
     }

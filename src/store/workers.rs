@@ -1,8 +1,8 @@
 //! Workers and their connections to this master.
 
-use rusqlite::params;
 use serde::Serialize;
 
+use super::db::args;
 use super::{now, Store};
 
 /// A worker as the store knows it.
@@ -26,20 +26,17 @@ impl Store {
         let name = name.to_string();
         let who = name.clone();
         let id = self.call(move |c| {
-            let tx = c.transaction()?;
-            tx.execute(
+            let id: i64 = c.value(
                 "INSERT INTO workers (name, info_json) VALUES (?1, ?2)
-                 ON CONFLICT (name) DO UPDATE SET info_json = excluded.info_json",
-                params![name, info.to_string()],
+                 ON CONFLICT (name) DO UPDATE SET info_json = excluded.info_json
+                 RETURNING id",
+                args![name, info.to_string()],
             )?;
-            let id: i64 = tx.query_row("SELECT id FROM workers WHERE name = ?1", params![name], |r| {
-                r.get(0)
-            })?;
-            tx.execute(
-                "INSERT OR REPLACE INTO connected_workers (workerid, masterid, connected_at) VALUES (?1, ?2, ?3)",
-                params![id, masterid, now()],
+            c.execute(
+                "INSERT INTO connected_workers (workerid, masterid, connected_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (workerid, masterid) DO UPDATE SET connected_at = excluded.connected_at",
+                args![id, masterid, now()],
             )?;
-            tx.commit()?;
             Ok(id)
         })
         .await?;
@@ -53,7 +50,7 @@ impl Store {
         self.call(move |c| {
             c.execute(
                 "DELETE FROM connected_workers WHERE workerid = ?1 AND masterid = ?2",
-                params![workerid, masterid],
+                args![workerid, masterid],
             )?;
             Ok(())
         })
@@ -69,7 +66,7 @@ impl Store {
         self.call(move |c| {
             c.execute(
                 "DELETE FROM connected_workers WHERE masterid = ?1",
-                params![masterid],
+                args![masterid],
             )?;
             Ok(())
         })
@@ -78,16 +75,17 @@ impl Store {
 
     pub async fn workers(&self) -> anyhow::Result<Vec<WorkerRow>> {
         self.call(|c| {
-            let rows: Vec<(i64, String, String)> = c
-                .prepare_cached("SELECT id, name, info_json FROM workers ORDER BY name")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<_, _>>()?;
+            let rows = c.query(
+                "SELECT id, name, info_json FROM workers ORDER BY name",
+                args![],
+            )?;
             let mut out = Vec::with_capacity(rows.len());
-            for (id, name, info) in rows {
-                let connected_to: Vec<i64> = c
-                    .prepare_cached("SELECT masterid FROM connected_workers WHERE workerid = ?1 ORDER BY masterid")?
-                    .query_map(params![id], |r| r.get(0))?
-                    .collect::<Result<_, _>>()?;
+            for r in rows {
+                let (id, name, info): (i64, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+                let connected_to: Vec<i64> = c.column(
+                    "SELECT masterid FROM connected_workers WHERE workerid = ?1 ORDER BY masterid",
+                    args![id],
+                )?;
                 out.push(WorkerRow {
                     workerid: id,
                     name,
