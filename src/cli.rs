@@ -449,7 +449,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Reconfig { dir, wait } => {
-            let r = crate::client::reconfig(&dir, std::time::Duration::from_secs(wait))?;
+            // A PostgreSQL master's pid file names its database without the
+            // password, which the config gives.
+            let postgres = || {
+                match load(&dir, Limits::default()) {
+                Ok(loaded) => crate::master::db_target(&dir, &loaded.config.db),
+                Err(_) => bail!(
+                    "cannot read the config of {} for its database's password (the errors are above); \
+                     fix them, or send SIGHUP to the master",
+                    display_pathbuf(&dir)
+                ),
+            }
+            };
+            let r = crate::client::reconfig(&dir, std::time::Duration::from_secs(wait), postgres)?;
             if r.applied {
                 println!("config reloaded in {:.1} ms\n{}", r.duration_ms, r.diff);
                 Ok(ExitCode::SUCCESS)

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use serde_json::Value;
 
 use crate::master::{PidInfo, PID_FILE};
-use crate::store::Store;
+use crate::store::{Store, Target};
 
 /// How long one HTTP call to a master may take.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -212,7 +212,14 @@ pub fn stop(dir: &Path, wait: Duration) -> anyhow::Result<()> {
 
 /// `kiln reconfig`: SIGHUP to the master of `dir`, then its record of that
 /// reload, once stored.
-pub fn reconfig(dir: &Path, wait: Duration) -> anyhow::Result<crate::store::reloads::Reload> {
+///
+/// The pid file names the master's database; `postgres` gives the whole
+/// address (with its password) of a PostgreSQL one.
+pub fn reconfig(
+    dir: &Path,
+    wait: Duration,
+    postgres: impl FnOnce() -> anyhow::Result<Target>,
+) -> anyhow::Result<crate::store::reloads::Reload> {
     let Some(master) = PidInfo::read(dir).filter(PidInfo::is_running) else {
         bail!(
             "no master is running in {} (no live pid in {PID_FILE}); `kiln start {}` starts one",
@@ -227,12 +234,18 @@ pub fn reconfig(dir: &Path, wait: Duration) -> anyhow::Result<crate::store::relo
             dir.join(PID_FILE).display()
         );
     };
-    let store = Store::open(db)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let target = if db.starts_with("postgres") {
+        postgres()?
+    } else {
+        Target::Sqlite(db.into())
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async {
+        let store = Store::connect(&target).await?;
         let before = store.reloads(1).await?.first().map_or(0, |r| r.reloadid);
         master.signal(libc::SIGHUP)?;
         let deadline = Instant::now() + wait;

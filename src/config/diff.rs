@@ -181,12 +181,19 @@ impl ConfigDiff {
 
     /// Why this diff cannot be applied to a running master, if it cannot.
     pub fn needs_restart(old: &MasterConfig, new: &MasterConfig) -> Option<String> {
-        (old.db.db_url != new.db.db_url).then(|| {
-            format!(
+        let shown = crate::diagnostics::redact_url;
+        if old.db.db_url != new.db.db_url {
+            return Some(format!(
                 "db.db_url changed from `{}` to `{}`: the database cannot change while the master runs; \
                  nothing of this reload was applied (restart the master to use the new database, or undo the change)",
-                old.db.db_url, new.db.db_url
-            )
+                shown(&old.db.db_url),
+                shown(&new.db.db_url)
+            ));
+        }
+        (old.db.password != new.db.password).then(|| {
+            "db.password changed: the database's password cannot change while the master runs; \
+             nothing of this reload was applied (restart the master to use it, or undo the change)"
+                .to_string()
         })
     }
 }

@@ -794,9 +794,29 @@ pub struct ProtocolsConfig {
     pub msgpack_port: Option<u16>,
 }
 
+/// Buildbot's `db` key: where the master keeps its state.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DbConfig {
+    /// `sqlite:///state.sqlite` (relative to the master dir),
+    /// `sqlite:////absolute/path`, or
+    /// `postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME`; shown without
+    /// its password.
+    #[serde(serialize_with = "redacted_url")]
     pub db_url: String,
+    /// The PostgreSQL password, when it is not in the URL (a `secret(...)`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+}
+
+impl DbConfig {
+    /// Whether it names a PostgreSQL database.
+    pub fn is_postgres(&self) -> bool {
+        self.db_url.starts_with("postgresql://") || self.db_url.starts_with("postgres://")
+    }
+}
+
+fn redacted_url<S: Serializer>(url: &impl AsRef<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&crate::diagnostics::redact_url(url.as_ref()))
 }
 
 /// The whole evaluated BuildmasterConfig.

@@ -20,14 +20,15 @@ mod reload;
 mod serve;
 mod watch;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
 
 use crate::changes::{self, ChangeBus};
+use crate::config::DbConfig;
 use crate::config::MasterConfig;
-use crate::store::Store;
+use crate::store::{Store, Target};
 
 pub use pidfile::PidInfo;
 pub use pidfile::PID_FILE;
@@ -37,29 +38,25 @@ pub use serve::run;
 /// The master's log, in the master dir (also written to stderr).
 pub const LOG_FILE: &str = "kiln.log";
 
-/// Where `db.db_url` puts the database: `sqlite:///state.sqlite` is relative
-/// to the master dir, `sqlite:////abs/path` is absolute.
-pub fn db_path(dir: &Path, db_url: &str) -> PathBuf {
-    let rest = db_url.strip_prefix("sqlite://").unwrap_or(db_url);
-    let rest = rest.strip_prefix('/').unwrap_or(rest);
-    let p = Path::new(rest);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        dir.join(p)
-    }
+/// Where `db` puts the database (see [`Target::parse`]).
+pub fn db_target(dir: &Path, db: &DbConfig) -> anyhow::Result<Target> {
+    Target::parse(
+        dir,
+        &db.db_url,
+        db.password.as_ref().map(|p| p.expose().to_string()),
+    )
 }
 
 /// `kiln poll`: every change source polled once, at the same time. Returns
 /// how many failed (each is logged).
 pub fn poll_once(dir: &Path, config: &MasterConfig) -> anyhow::Result<usize> {
-    let db = db_path(dir, &config.db.db_url);
-    let store = Store::open(&db)?;
+    let target = db_target(dir, &config.db)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async {
+        let store = Store::connect(&target).await?;
         let ctx = changes::Context::new(store, ChangeBus::default(), dir)?;
         let started = Instant::now();
         let tasks: Vec<_> = config

@@ -38,8 +38,9 @@ fn parse_start_time(stat: &str) -> Option<u64> {
 #[derive(Debug)]
 pub struct PidInfo {
     pub pid: i32,
-    /// The master's database (absent in files of older masters).
-    pub db: Option<PathBuf>,
+    /// The master's database: an SQLite file, or a PostgreSQL URL without
+    /// its password (absent in files of older masters).
+    pub db: Option<String>,
     /// The master's start time (absent in files of older masters).
     started: Option<u64>,
 }
@@ -50,7 +51,7 @@ impl PidInfo {
         let text = std::fs::read_to_string(dir.join(PID_FILE)).ok()?;
         let mut lines = text.lines().map(str::trim);
         let pid = lines.next()?.parse().ok().filter(|&p: &i32| p > 0)?;
-        let db = lines.next().filter(|l| !l.is_empty()).map(PathBuf::from);
+        let db = lines.next().filter(|l| !l.is_empty()).map(String::from);
         let started = lines.next().and_then(|l| l.parse().ok());
         Some(PidInfo { pid, db, started })
     }
@@ -142,7 +143,7 @@ fn cmdline_is_kiln(pid: i32) -> bool {
 pub(super) struct PidFile(PathBuf);
 
 impl PidFile {
-    pub(super) fn take(dir: &Path, db: &Path) -> anyhow::Result<PidFile> {
+    pub(super) fn take(dir: &Path, db: &crate::store::Target) -> anyhow::Result<PidFile> {
         let path = dir.join(PID_FILE);
         let me = std::process::id() as i32;
         if let Some(other) = PidInfo::read(dir) {
@@ -162,7 +163,13 @@ impl PidFile {
         let mut f = std::fs::File::create(&path)
             .with_context(|| format!("cannot write {}", path.display()))?;
         writeln!(f, "{me}")?;
-        writeln!(f, "{}", crate::diagnostics::canonical(db).display())?;
+        match db {
+            crate::store::Target::Sqlite(path) => {
+                writeln!(f, "{}", crate::diagnostics::canonical(path).display())?
+            }
+            // Without its password: a client reads it from the config.
+            pg => writeln!(f, "{pg}")?,
+        }
         if let Some(t) = start_time(me) {
             writeln!(f, "{t}")?;
         }
@@ -191,7 +198,7 @@ mod tests {
         std::fs::write(dir.path().join(PID_FILE), format!("{me}\n/db\n{started}\n"))
             .expect("write");
         let info = PidInfo::read(dir.path()).expect("read");
-        assert_eq!(info.db.as_deref(), Some(Path::new("/db")));
+        assert_eq!(info.db.as_deref(), Some("/db"));
         assert!(info.is_running());
         // The same pid with another start time: the master that wrote the
         // file is gone and the pid belongs to someone else now.

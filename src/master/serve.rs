@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use super::db_path;
+use super::db_target;
 use super::pidfile::PidFile;
 use super::reload::{paths, Loader, ReloadOptions, MAX_DEBOUNCE};
 use super::watch::Watcher;
@@ -37,16 +37,18 @@ pub(super) async fn shutdown_signal() -> anyhow::Result<&'static str> {
 
 /// Runs the master in the foreground until SIGTERM or SIGINT.
 pub fn run(dir: &Path, loaded: Loaded, options: ReloadOptions) -> anyhow::Result<()> {
-    let db = db_path(dir, &loaded.config.db.db_url);
-    let store = Store::open(&db)?;
-    let _pid = PidFile::take(dir, &db)?;
-    tracing::info!("database {}", db.display());
+    let target = db_target(dir, &loaded.config.db)?;
+    let _pid = PidFile::take(dir, &target)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("kiln")
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(serve(dir, loaded, store, options))
+    rt.block_on(async {
+        let store = Store::connect(&target).await?;
+        tracing::info!("database {target}");
+        serve(dir, loaded, store, options).await
+    })
 }
 
 /// Buildbot's master name: `host:basedir`.

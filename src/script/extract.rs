@@ -173,32 +173,55 @@ fn strict(map: &Map, key: &str, known: &[&str]) -> ScriptResult<()> {
 }
 
 fn db_config(v: Option<Dynamic>) -> ScriptResult<DbConfig> {
+    const DEFAULT: &str = "sqlite:///state.sqlite";
     let Some(v) = v else {
         return Ok(DbConfig {
-            db_url: "sqlite:///state.sqlite".into(),
+            db_url: DEFAULT.into(),
+            password: None,
         });
     };
     let m = sub_map(v, "db")?;
-    strict(&m, "db", &["db_url"])?;
+    strict(&m, "db", &["db_url", "password"])?;
     let url = match m.get("db_url") {
-        None => "sqlite:///state.sqlite".to_string(),
+        None => DEFAULT.to_string(),
         Some(u) => u.clone().into_string().map_err(|_| {
             ScriptError::new("`db.db_url` must be a string")
                 .focus("db_url")
                 .into_err()
         })?,
     };
-    if !url.starts_with("sqlite://") {
+    let password = match m.get("password") {
+        None => None,
+        Some(p) => Some(crate::script::kwargs::secret_of(p).ok_or_else(|| {
+            ScriptError::new("`db.password` must be a string or secret(...)")
+                .focus("password")
+                .into_err()
+        })?),
+    };
+    let db = DbConfig {
+        db_url: url,
+        password,
+    };
+    if !db.is_postgres() && !db.db_url.starts_with("sqlite://") {
         return Err(ScriptError::new(format!(
-            "`db.db_url` {url:?} is not supported: kiln stores its state in SQLite"
+            "`db.db_url` {:?} is not supported",
+            crate::diagnostics::redact_url(&db.db_url)
         ))
         .help(
-            "write sqlite:///state.sqlite (relative to the master dir) or sqlite:////absolute/path",
+            "write sqlite:///state.sqlite (relative to the master dir), sqlite:////absolute/path, \
+             or postgresql://USER@HOST:PORT/DBNAME",
         )
         .focus("db_url")
         .into_err());
     }
-    Ok(DbConfig { db_url: url })
+    if db.password.is_some() && !db.is_postgres() {
+        return Err(ScriptError::new(
+            "`db.password` is for a PostgreSQL database; SQLite has none",
+        )
+        .focus("password")
+        .into_err());
+    }
+    Ok(db)
 }
 
 fn port_of(v: &Dynamic, key: &str) -> ScriptResult<u16> {

@@ -718,7 +718,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{NewChange, Store, DB_FILE};
+    use crate::store::NewChange;
 
     fn buildset(builders: &[&str]) -> NewBuildset {
         NewBuildset {
@@ -737,75 +737,75 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_is_unclaimed_then_claimed_once_then_complete() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join(DB_FILE)).unwrap();
-        let master = store.master_started("host:/m").await.unwrap();
-        let ids = store
-            .add_buildset(buildset(&["linux", "win32"]))
-            .await
-            .unwrap();
-        assert_eq!(ids.brids.len(), 2);
-        let pending = store.unclaimed_requests(10).await.unwrap();
-        assert_eq!(pending.len(), 2);
-        assert!(pending
-            .iter()
-            .all(|r| r.priority == 5 && !r.claimed && !r.complete));
+        for (store, _db) in crate::store::testing::each_backend().await {
+            let master = store.master_started("host:/m").await.unwrap();
+            let ids = store
+                .add_buildset(buildset(&["linux", "win32"]))
+                .await
+                .unwrap();
+            assert_eq!(ids.brids.len(), 2);
+            let pending = store.unclaimed_requests(10).await.unwrap();
+            assert_eq!(pending.len(), 2);
+            assert!(pending
+                .iter()
+                .all(|r| r.priority == 5 && !r.claimed && !r.complete));
 
-        let (a, b) = (ids.brids[0].brid, ids.brids[1].brid);
-        assert!(store.claim_request(a, master).await.unwrap());
-        assert!(
-            !store.claim_request(a, master).await.unwrap(),
-            "claimed once"
-        );
-        let pending = store.unclaimed_requests(10).await.unwrap();
-        assert_eq!(
-            pending.iter().map(|r| r.buildrequestid).collect::<Vec<_>>(),
-            [b]
-        );
+            let (a, b) = (ids.brids[0].brid, ids.brids[1].brid);
+            assert!(store.claim_request(a, master).await.unwrap());
+            assert!(
+                !store.claim_request(a, master).await.unwrap(),
+                "claimed once"
+            );
+            let pending = store.unclaimed_requests(10).await.unwrap();
+            assert_eq!(
+                pending.iter().map(|r| r.buildrequestid).collect::<Vec<_>>(),
+                [b]
+            );
 
-        // One finishes with WARNINGS: the buildset is not complete yet.
-        assert_eq!(store.complete_requests(vec![a], 1).await.unwrap(), []);
-        // The other is cancelled: the buildset completes with the worst result.
-        assert_eq!(
-            store.complete_requests(vec![b], CANCELLED).await.unwrap(),
-            [(ids.bsid, CANCELLED)]
-        );
-        assert!(
-            !store.claim_request(b, master).await.unwrap(),
-            "a complete request cannot be claimed"
-        );
-        let reqs = store.requests_of_buildset(ids.bsid).await.unwrap();
-        assert_eq!(reqs[0].results, Some(1));
-        assert!(reqs[0].claimed && reqs[0].claimed_by_masterid == Some(master));
-        assert_eq!(reqs[1].results, Some(CANCELLED));
-        let bs = store.get_buildset(ids.bsid).await.unwrap().unwrap();
-        assert!(bs.complete);
-        assert_eq!(bs.results, Some(CANCELLED));
-        assert_eq!(bs.properties["p"].0, 1);
-        // Completing again changes nothing.
-        assert_eq!(store.complete_requests(vec![a, b], 0).await.unwrap(), []);
+            // One finishes with WARNINGS: the buildset is not complete yet.
+            assert_eq!(store.complete_requests(vec![a], 1).await.unwrap(), []);
+            // The other is cancelled: the buildset completes with the worst result.
+            assert_eq!(
+                store.complete_requests(vec![b], CANCELLED).await.unwrap(),
+                [(ids.bsid, CANCELLED)]
+            );
+            assert!(
+                !store.claim_request(b, master).await.unwrap(),
+                "a complete request cannot be claimed"
+            );
+            let reqs = store.requests_of_buildset(ids.bsid).await.unwrap();
+            assert_eq!(reqs[0].results, Some(1));
+            assert!(reqs[0].claimed && reqs[0].claimed_by_masterid == Some(master));
+            assert_eq!(reqs[1].results, Some(CANCELLED));
+            let bs = store.get_buildset(ids.bsid).await.unwrap().unwrap();
+            assert!(bs.complete);
+            assert_eq!(bs.results, Some(CANCELLED));
+            assert_eq!(bs.properties["p"].0, 1);
+            // Completing again changes nothing.
+            assert_eq!(store.complete_requests(vec![a, b], 0).await.unwrap(), []);
+        }
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_buildset_for_changes_links_them_and_uses_the_newest_sourcestamp() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join(DB_FILE)).unwrap();
-        let change = |rev: &str| NewChange {
-            author: "a".into(),
-            revision: Some(rev.into()),
-            ..NewChange::default()
-        };
-        let stored = store
-            .add_changes("t", vec![change("one"), change("two")], vec![])
-            .await
-            .unwrap();
-        let mut bs = buildset(&["linux"]);
-        bs.source = Source::Changes(stored.iter().map(|c| c.changeid).collect());
-        let ids = store.add_buildset(bs).await.unwrap();
-        let got = store.get_buildset(ids.bsid).await.unwrap().unwrap();
-        assert_eq!(got.changeids, [stored[0].changeid, stored[1].changeid]);
-        assert_eq!(got.sourcestamps, [stored[1].sourcestampid]);
+        for (store, _db) in crate::store::testing::each_backend().await {
+            let change = |rev: &str| NewChange {
+                author: "a".into(),
+                revision: Some(rev.into()),
+                ..NewChange::default()
+            };
+            let stored = store
+                .add_changes("t", vec![change("one"), change("two")], vec![])
+                .await
+                .unwrap();
+            let mut bs = buildset(&["linux"]);
+            bs.source = Source::Changes(stored.iter().map(|c| c.changeid).collect());
+            let ids = store.add_buildset(bs).await.unwrap();
+            let got = store.get_buildset(ids.bsid).await.unwrap().unwrap();
+            assert_eq!(got.changeids, [stored[0].changeid, stored[1].changeid]);
+            assert_eq!(got.sourcestamps, [stored[1].sourcestampid]);
+        }
     }
 }

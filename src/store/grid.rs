@@ -191,7 +191,6 @@ impl GridPush {
 #[cfg(test)]
 mod tests {
     use crate::store::buildsets::{NewBuildset, Source, SourceStamp};
-    use crate::store::Store;
 
     fn buildset(builders: &[&str], revision: Option<&str>) -> NewBuildset {
         NewBuildset {
@@ -210,82 +209,82 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn buildsets_of_one_revision_are_one_push_and_cells_follow_their_requests() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let store = Store::open(&tmp.path().join("s.sqlite")).expect("store");
-        let master = store.master_started("m").await.expect("master");
-        // Two product schedulers' buildsets for push `aaa`, then `bbb`, then
-        // a forced build of the tip.
-        let firefox = store
-            .add_buildset(buildset(&["linux", "mac"], Some("aaa")))
-            .await
-            .expect("bs");
-        store
-            .add_buildset(buildset(&["mobile"], Some("aaa")))
-            .await
-            .expect("bs");
-        store
-            .add_buildset(buildset(&["linux"], Some("bbb")))
-            .await
-            .expect("bs");
-        store
-            .add_buildset(buildset(&["linux"], None))
-            .await
-            .expect("bs");
-        // linux of `aaa` is built and fails; mac was cancelled.
-        let linux = firefox.brids[0].clone();
-        assert!(store
-            .claim_request(linux.brid, master)
-            .await
-            .expect("claim"));
-        let (buildid, _) = store
-            .new_build(
-                linux.builderid,
-                linux.brid,
-                None,
-                master,
-                Default::default(),
-            )
-            .await
-            .expect("build");
-        let pushes = store.grid(10, None).await.expect("grid");
-        let revs: Vec<Option<&str>> = pushes.iter().map(|p| p.revision.as_deref()).collect();
-        assert_eq!(revs, [None, Some("bbb"), Some("aaa")], "newest first");
-        assert_eq!(pushes[2].buildsets.len(), 2);
-        let states: Vec<&str> = pushes[2].cells.iter().map(|c| c.state).collect();
-        assert_eq!(states, ["running", "pending", "pending"]);
+        for (store, _db) in crate::store::testing::each_backend().await {
+            let master = store.master_started("m").await.expect("master");
+            // Two product schedulers' buildsets for push `aaa`, then `bbb`, then
+            // a forced build of the tip.
+            let firefox = store
+                .add_buildset(buildset(&["linux", "mac"], Some("aaa")))
+                .await
+                .expect("bs");
+            store
+                .add_buildset(buildset(&["mobile"], Some("aaa")))
+                .await
+                .expect("bs");
+            store
+                .add_buildset(buildset(&["linux"], Some("bbb")))
+                .await
+                .expect("bs");
+            store
+                .add_buildset(buildset(&["linux"], None))
+                .await
+                .expect("bs");
+            // linux of `aaa` is built and fails; mac was cancelled.
+            let linux = firefox.brids[0].clone();
+            assert!(store
+                .claim_request(linux.brid, master)
+                .await
+                .expect("claim"));
+            let (buildid, _) = store
+                .new_build(
+                    linux.builderid,
+                    linux.brid,
+                    None,
+                    master,
+                    Default::default(),
+                )
+                .await
+                .expect("build");
+            let pushes = store.grid(10, None).await.expect("grid");
+            let revs: Vec<Option<&str>> = pushes.iter().map(|p| p.revision.as_deref()).collect();
+            assert_eq!(revs, [None, Some("bbb"), Some("aaa")], "newest first");
+            assert_eq!(pushes[2].buildsets.len(), 2);
+            let states: Vec<&str> = pushes[2].cells.iter().map(|c| c.state).collect();
+            assert_eq!(states, ["running", "pending", "pending"]);
 
-        store
-            .finish_build(buildid, 2, "failed")
-            .await
-            .expect("finish");
-        store
-            .complete_requests(vec![linux.brid], 2)
-            .await
-            .expect("complete");
-        store
-            .cancel_request(firefox.brids[1].brid)
-            .await
-            .expect("cancel");
-        let pushes = store.grid(10, None).await.expect("grid");
-        let aaa = &pushes[2];
-        let cells: Vec<(&str, Option<i64>, Option<i64>)> = aaa
-            .cells
-            .iter()
-            .map(|c| (c.state, c.results, c.number))
-            .collect();
-        assert_eq!(
-            cells,
-            [
-                ("done", Some(2), Some(1)),
-                ("done", Some(6), None),
-                ("pending", None, None)
-            ]
-        );
-        // Paging: only what is older than a buildset.
-        let older = store.grid(10, Some(firefox.bsid + 1)).await.expect("grid");
-        assert_eq!(older.len(), 1);
-        assert_eq!(older[0].buildsets, [firefox.bsid]);
+            store
+                .finish_build(buildid, 2, "failed")
+                .await
+                .expect("finish");
+            store
+                .complete_requests(vec![linux.brid], 2)
+                .await
+                .expect("complete");
+            store
+                .cancel_request(firefox.brids[1].brid)
+                .await
+                .expect("cancel");
+            let pushes = store.grid(10, None).await.expect("grid");
+            let aaa = &pushes[2];
+            let cells: Vec<(&str, Option<i64>, Option<i64>)> = aaa
+                .cells
+                .iter()
+                .map(|c| (c.state, c.results, c.number))
+                .collect();
+            assert_eq!(
+                cells,
+                [
+                    ("done", Some(2), Some(1)),
+                    ("done", Some(6), None),
+                    ("pending", None, None)
+                ]
+            );
+            // Paging: only what is older than a buildset.
+            let older = store.grid(10, Some(firefox.bsid + 1)).await.expect("grid");
+            assert_eq!(older.len(), 1);
+            assert_eq!(older[0].buildsets, [firefox.bsid]);
+        }
     }
 }

@@ -29,6 +29,7 @@ use anyhow::{bail, Context};
 use rusqlite::Connection;
 use serde::Serialize;
 
+use crate::diagnostics::redact_url;
 use db::{args, Sql};
 
 /// File name of the store inside a master dir.
@@ -123,24 +124,6 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// `url` with the password of its user part replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((user, host)) => match user.split_once(':') {
-            Some((name, _)) => format!("{scheme}://{name}:***@{host}{path}"),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
-}
-
 impl Target {
     /// Reads `db.db_url`: `sqlite:///state.sqlite` is relative to the
     /// master dir, `sqlite:////abs/path` absolute; `postgresql://` (or
@@ -231,6 +214,11 @@ impl Store {
     /// reached through the current tokio runtime, which must be a
     /// multi-threaded one as long as the store is used.
     pub async fn connect(target: &Target) -> anyhow::Result<Store> {
+        Store::connect_at(target, SCHEMA_VERSION).await
+    }
+
+    /// [`Store::connect`], migrating to `version` only (tests of migration).
+    async fn connect_at(target: &Target, version: usize) -> anyhow::Result<Store> {
         let (url, password) = match target {
             Target::Sqlite(path) => {
                 let path = path.clone();
@@ -264,13 +252,16 @@ impl Store {
             .create_timeout(Some(PG_CONNECT_TIMEOUT))
             .build()
             .context("cannot make the PostgreSQL connection pool")?;
+        // Reachable first, so that a wrong address or password is said as
+        // such, before any migration.
+        drop(pool.get().await.map_err(|e| unreachable(target, e))?);
         let store = Store {
             backend: Backend::Postgres(pool),
             target: Arc::new(target.clone()),
             events: crate::events::Events::new(),
         };
         store
-            .call(|c| migrate_pg(c, SCHEMA_VERSION))
+            .call(move |c| migrate_pg(c, version))
             .await
             .with_context(|| format!("database {target}"))?;
         Ok(store)
@@ -324,7 +315,7 @@ impl Store {
                 tokio::task::spawn_blocking(move || {
                     let mut client = rt
                         .block_on(pool.get())
-                        .map_err(|e| anyhow::anyhow!("cannot reach the database {target}: {e}"))?;
+                        .map_err(|e| unreachable(&target, e))?;
                     let tx = rt.block_on(client.transaction())?;
                     let r = f(&mut db::Pg { tx: &tx, rt: &rt })?;
                     rt.block_on(tx.commit())?;
@@ -455,6 +446,11 @@ impl Store {
     }
 }
 
+/// A connection that could not be made, with the driver's reason.
+fn unreachable(target: &Target, e: deadpool_postgres::PoolError) -> anyhow::Error {
+    anyhow::Error::new(e).context(format!("cannot reach the database {target}"))
+}
+
 /// Brings the schema to `target`, one migration per transaction.
 fn migrate(conn: &mut Connection, target: usize) -> anyhow::Result<()> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -489,7 +485,11 @@ const PG_MIGRATION_LOCK: i64 = 0x6b696c6e;
 /// (PostgreSQL's DDL is transactional: all of it happens or none).
 fn migrate_pg(c: &mut dyn Sql, target: usize) -> anyhow::Result<()> {
     c.execute("SELECT pg_advisory_xact_lock(?1)", args![PG_MIGRATION_LOCK])?;
-    c.batch("CREATE TABLE IF NOT EXISTS kiln_schema (version BIGINT NOT NULL)")?;
+    if c.value::<Option<String>>("SELECT CAST(to_regclass('kiln_schema') AS TEXT)", args![])?
+        .is_none()
+    {
+        c.batch("CREATE TABLE kiln_schema (version BIGINT NOT NULL)")?;
+    }
     let version = match c.value_opt::<i64>("SELECT version FROM kiln_schema", args![])? {
         Some(v) => v,
         None => {
@@ -540,6 +540,13 @@ pub fn create_at_version(path: &Path, version: usize) -> anyhow::Result<Connecti
 }
 
 pub fn object_id(c: &mut dyn Sql, name: &str, class_name: &str) -> anyhow::Result<ObjectId> {
+    let known = c.value_opt(
+        "SELECT id FROM objects WHERE name = ?1 AND class_name = ?2",
+        args![name, class_name],
+    )?;
+    if let Some(id) = known {
+        return Ok(ObjectId(id));
+    }
     c.execute(
         "INSERT INTO objects (name, class_name) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
         args![name, class_name],
@@ -704,34 +711,34 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn changes_and_state_round_trip_in_one_transaction() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join(DB_FILE)).unwrap();
-        let obj = store.object_id("HgPoller:x", "HgPoller").await.unwrap();
-        assert_eq!(
-            store.object_id("HgPoller:x", "HgPoller").await.unwrap(),
-            obj
-        );
-        let stored = store
-            .add_changes(
-                "HgPoller:x",
-                vec![change("aaa"), change("bbb")],
-                vec![(obj, "lastChangeset".into(), serde_json::json!("bbb"))],
-            )
-            .await
-            .unwrap();
-        assert_eq!(stored.len(), 2);
-        let back = store.get_change(stored[1].changeid).await.unwrap().unwrap();
-        assert_eq!(back, stored[1]);
-        assert_eq!(back.change.files, vec!["b.c", "a.c"]);
-        assert_eq!(
-            store.get_state(obj, "lastChangeset").await.unwrap(),
-            Some(serde_json::json!("bbb"))
-        );
-        let since = store.changes_since(stored[0].changeid, 10).await.unwrap();
-        assert_eq!(since.len(), 1);
-        assert_eq!(since[0].change.revision.as_deref(), Some("bbb"));
+        for (store, _db) in crate::store::testing::each_backend().await {
+            let obj = store.object_id("HgPoller:x", "HgPoller").await.unwrap();
+            assert_eq!(
+                store.object_id("HgPoller:x", "HgPoller").await.unwrap(),
+                obj
+            );
+            let stored = store
+                .add_changes(
+                    "HgPoller:x",
+                    vec![change("aaa"), change("bbb")],
+                    vec![(obj, "lastChangeset".into(), serde_json::json!("bbb"))],
+                )
+                .await
+                .unwrap();
+            assert_eq!(stored.len(), 2);
+            let back = store.get_change(stored[1].changeid).await.unwrap().unwrap();
+            assert_eq!(back, stored[1]);
+            assert_eq!(back.change.files, vec!["b.c", "a.c"]);
+            assert_eq!(
+                store.get_state(obj, "lastChangeset").await.unwrap(),
+                Some(serde_json::json!("bbb"))
+            );
+            let since = store.changes_since(stored[0].changeid, 10).await.unwrap();
+            assert_eq!(since.len(), 1);
+            assert_eq!(since[0].change.revision.as_deref(), Some("bbb"));
+        }
     }
 
     #[test]
@@ -767,6 +774,107 @@ mod tests {
         assert_eq!(n, 0);
     }
 
+    fn pg_target(url: String, password: Option<&str>) -> Target {
+        Target::Postgres {
+            url,
+            password: password.map(String::from),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_postgresql_schema_is_migrated_keeps_its_rows_and_refuses_a_newer_version() {
+        let server = kiln_testpg::PgServer::start();
+        let target = pg_target(server.create_db("kiln"), None);
+        drop(Store::connect_at(&target, 1).await.unwrap());
+        assert_eq!(
+            server.psql("kiln", "SELECT version FROM kiln_schema"),
+            "1\n"
+        );
+        server.psql(
+            "kiln",
+            "INSERT INTO objects (name, class_name) VALUES ('p', 'HgPoller')",
+        );
+        let store = Store::connect(&target).await.unwrap();
+        assert_eq!(
+            server.psql("kiln", "SELECT version FROM kiln_schema"),
+            format!("{SCHEMA_VERSION}\n")
+        );
+        assert_eq!(
+            store.object_id("p", "HgPoller").await.unwrap(),
+            ObjectId(1),
+            "the row of version 1 is kept"
+        );
+        // A table of a later migration exists, and one of the identity
+        // columns counts on from the row that was there.
+        assert_eq!(
+            server.psql("kiln", "SELECT count(*) FROM buildrequests"),
+            "0\n"
+        );
+        assert_eq!(store.object_id("q", "HgPoller").await.unwrap(), ObjectId(2));
+        drop(store);
+        server.psql("kiln", "UPDATE kiln_schema SET version = 99");
+        let err = format!("{:#}", Store::connect(&target).await.unwrap_err());
+        assert!(err.contains("newer kiln"), "{err}");
+        assert!(err.contains("schema version 99"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wrong_password_or_a_stopped_server_is_a_clear_error_that_hides_the_password() {
+        let server = kiln_testpg::PgServer::start();
+        server.create_db("kiln");
+        let url = server.url_without_password("kiln");
+        let err = Store::connect(&pg_target(url.clone(), Some("not-the-password")))
+            .await
+            .unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.contains("password authentication failed"), "{err}");
+        assert!(err.contains(&url), "the database is named: {err}");
+        assert!(!err.contains("not-the-password"), "{err}");
+        // The password given apart from the URL, as `secret(...)` gives it.
+        let store = Store::connect(&pg_target(url.clone(), Some(kiln_testpg::PASSWORD)))
+            .await
+            .unwrap();
+        assert_eq!(store.max_changeid().await.unwrap(), 0);
+        drop(store);
+        let with_password = server.url("kiln");
+        let port = server.port();
+        drop(server);
+        let err = Store::connect(&pg_target(with_password, None))
+            .await
+            .unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains(&format!(
+                "cannot reach the database postgresql://kiln:***@127.0.0.1:{port}/kiln"
+            )),
+            "{err}"
+        );
+        assert!(!err.contains(kiln_testpg::PASSWORD), "{err}");
+    }
+
+    #[test]
+    fn a_database_url_is_sqlite_or_postgresql_and_its_password_is_never_shown() {
+        let dir = Path::new("/m");
+        assert_eq!(
+            Target::parse(dir, "sqlite:///state.sqlite", None).unwrap(),
+            Target::Sqlite("/m/state.sqlite".into())
+        );
+        assert_eq!(
+            Target::parse(dir, "sqlite:////var/kiln.sqlite", None).unwrap(),
+            Target::Sqlite("/var/kiln.sqlite".into())
+        );
+        for url in ["postgresql://k:pw@db:5433/kiln", "postgres://k:pw@db/kiln"] {
+            let t = Target::parse(dir, url, None).unwrap();
+            assert!(!t.to_string().contains("pw"), "{t}");
+            assert!(t.to_string().contains("k:***@db"), "{t}");
+        }
+        let err = Target::parse(dir, "mysql://u:secretpw@h/db", None).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.contains("not supported"), "{err}");
+        assert!(!err.contains("secretpw"), "{err}");
+        assert_eq!(redact_url("postgresql://u@h/db"), "postgresql://u@h/db");
+    }
+
     #[test]
     fn migrations_read_in_postgresql_types() {
         let ddl = postgres_ddl(
@@ -793,5 +901,39 @@ mod tests {
         assert!(err.contains("newer kiln"), "{err}");
         assert!(err.contains("schema version 99"), "{err}");
         assert!(err.contains(&format!("up to {SCHEMA_VERSION}")), "{err}");
+    }
+}
+
+/// Stores for tests: the same test runs against each backend.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Store, Target, DB_FILE};
+
+    /// What keeps a test store's database alive.
+    pub enum Backing {
+        Sqlite(#[allow(dead_code)] tempfile::TempDir),
+        Postgres(#[allow(dead_code)] kiln_testpg::PgServer),
+    }
+
+    /// An empty store of each backend: SQLite in a temp dir, then
+    /// PostgreSQL on a server of its own. Each says which it is on stderr,
+    /// so that a failing test's output names the backend.
+    pub async fn each_backend() -> impl Iterator<Item = (Store, Backing)> {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sqlite = Store::open(&dir.path().join(DB_FILE)).expect("SQLite store");
+        let server = kiln_testpg::PgServer::start();
+        let url = server.create_db("kiln");
+        let pg = Store::connect(&Target::Postgres {
+            url,
+            password: None,
+        })
+        .await
+        .expect("PostgreSQL store");
+        [
+            (sqlite, Backing::Sqlite(dir)),
+            (pg, Backing::Postgres(server)),
+        ]
+        .into_iter()
+        .inspect(|(s, _)| eprintln!("backend: {}", s.dialect()))
     }
 }

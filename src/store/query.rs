@@ -317,11 +317,16 @@ fn filter_sql(alias: &str, f: &FieldFilter, dialect: Dialect) -> Option<(String,
             sql_arg(text)
         };
         let null_text = !is_bool && (text.is_empty() || text == "null");
+        // Text compares as text with any column, as SQLite's affinity has
+        // it; PostgreSQL is told so (a number column would refuse it).
+        let col = if dialect == Dialect::Postgres && !numeric && !is_bool {
+            format!("CAST({col} AS TEXT)")
+        } else {
+            col.clone()
+        };
         let part = match f.op {
             Op::Contains if is_bool || numeric => return None,
-            Op::Contains if dialect == Dialect::Postgres => {
-                format!("strpos(CAST({col} AS TEXT), ?) > 0")
-            }
+            Op::Contains if dialect == Dialect::Postgres => format!("strpos({col}, ?) > 0"),
             Op::Contains => format!("instr({col}, ?) > 0"),
             Op::Eq if null_text => format!("({col} IS NULL OR {col} = ?)"),
             Op::Eq => format!("{col} = ?"),
@@ -344,123 +349,123 @@ mod tests {
     use super::*;
     use crate::store::api::Collection;
     use crate::store::buildsets::{NewBuildset, Source, SourceStamp};
-    use crate::store::{NewChange, Store};
+    use crate::store::NewChange;
 
     /// Every query below, read in SQL and filtered here, gives the same
     /// items in the same order and the same total.
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sql_reads_mean_what_the_in_memory_filters_mean() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let store = Store::open(&tmp.path().join("s.sqlite")).expect("store");
-        let master = store.master_started("m").await.expect("master");
-        for (i, author) in ["ann <a@x>", "bob <b@x>", "ann <a@x>", "cy"]
-            .iter()
-            .enumerate()
-        {
-            let ch = NewChange {
-                author: author.to_string(),
-                comments: format!("change {i}"),
-                branch: (i != 3).then(|| "main".to_string()),
-                revision: Some(format!("{}", 100 + i)),
-                when_timestamp: 1000 + i as i64,
-                ..NewChange::default()
-            };
-            store
-                .add_changes("test", vec![ch], vec![])
-                .await
-                .expect("change");
-        }
-        for i in 0..7 {
-            let bs = store
-                .add_buildset(NewBuildset {
-                    scheduler: "s".into(),
-                    reason: "r".into(),
-                    external_idstring: None,
-                    source: Source::New(vec![SourceStamp::default()]),
-                    properties: Default::default(),
-                    builders: vec![if i % 2 == 0 { "linux" } else { "win" }.to_string()],
-                    priority: 0,
-                    parent_buildid: None,
-                })
-                .await
-                .expect("buildset");
-            let r = &bs.brids[0];
-            store.claim_request(r.brid, master).await.expect("claim");
-            let (id, _) = store
-                .new_build(r.builderid, r.brid, None, master, Default::default())
-                .await
-                .expect("build");
-            if i < 5 {
+        for (store, _db) in crate::store::testing::each_backend().await {
+            let master = store.master_started("m").await.expect("master");
+            for (i, author) in ["ann <a@x>", "bob <b@x>", "ann <a@x>", "cy"]
+                .iter()
+                .enumerate()
+            {
+                let ch = NewChange {
+                    author: author.to_string(),
+                    comments: format!("change {i}"),
+                    branch: (i != 3).then(|| "main".to_string()),
+                    revision: Some(format!("{}", 100 + i)),
+                    when_timestamp: 1000 + i as i64,
+                    ..NewChange::default()
+                };
                 store
-                    .finish_build(id, (i % 3) as i64, "done")
+                    .add_changes("test", vec![ch], vec![])
                     .await
-                    .expect("finish");
+                    .expect("change");
             }
-        }
-        let queries: &[(Collection, &str)] = &[
-            (Collection::Builds, "limit=3"),
-            (Collection::Builds, "order=-buildid&limit=2&offset=1"),
-            (Collection::Builds, "results=1"),
-            (Collection::Builds, "results=0&results=2&order=-number"),
-            (Collection::Builds, "results__ne=0"),
-            (Collection::Builds, "results=null"),
-            (Collection::Builds, "results__lt=2&order=builderid,-buildid"),
-            (Collection::Builds, "complete=false"),
-            (Collection::Builds, "complete=true&limit=2"),
-            (Collection::Builds, "buildid__gt=2&buildid__le=6"),
-            (Collection::Builds, "state_string__contains=on"),
-            (Collection::Builds, "order=-results"),
-            (Collection::Changes, "author__contains=ann"),
-            (Collection::Changes, "branch=null"),
-            (Collection::Changes, "branch__ne=main"),
-            (Collection::Changes, "revision=101"),
-            (Collection::Changes, "revision__gt=101&order=-changeid"),
-            (Collection::Changes, "comments=change 2"),
-            (
-                Collection::BuildRequests,
-                "claimed=true&order=-buildrequestid&limit=4",
-            ),
-        ];
-        for (c, query) in queries {
-            let params: Vec<(String, String)> = query
-                .split('&')
-                .map(|kv| {
-                    let (k, v) = kv.split_once('=').expect("k=v");
-                    (k.to_string(), v.to_string())
-                })
-                .collect();
-            let columns = store.api_columns(*c).await.expect("columns");
-            let known: Vec<String> = columns
+            for i in 0..7 {
+                let bs = store
+                    .add_buildset(NewBuildset {
+                        scheduler: "s".into(),
+                        reason: "r".into(),
+                        external_idstring: None,
+                        source: Source::New(vec![SourceStamp::default()]),
+                        properties: Default::default(),
+                        builders: vec![if i % 2 == 0 { "linux" } else { "win" }.to_string()],
+                        priority: 0,
+                        parent_buildid: None,
+                    })
+                    .await
+                    .expect("buildset");
+                let r = &bs.brids[0];
+                store.claim_request(r.brid, master).await.expect("claim");
+                let (id, _) = store
+                    .new_build(r.builderid, r.brid, None, master, Default::default())
+                    .await
+                    .expect("build");
+                if i < 5 {
+                    store
+                        .finish_build(id, (i % 3) as i64, "done")
+                        .await
+                        .expect("finish");
+                }
+            }
+            let queries: &[(Collection, &str)] = &[
+                (Collection::Builds, "limit=3"),
+                (Collection::Builds, "order=-buildid&limit=2&offset=1"),
+                (Collection::Builds, "results=1"),
+                (Collection::Builds, "results=0&results=2&order=-number"),
+                (Collection::Builds, "results__ne=0"),
+                (Collection::Builds, "results=null"),
+                (Collection::Builds, "results__lt=2&order=builderid,-buildid"),
+                (Collection::Builds, "complete=false"),
+                (Collection::Builds, "complete=true&limit=2"),
+                (Collection::Builds, "buildid__gt=2&buildid__le=6"),
+                (Collection::Builds, "state_string__contains=on"),
+                (Collection::Builds, "order=-results"),
+                (Collection::Changes, "author__contains=ann"),
+                (Collection::Changes, "branch=null"),
+                (Collection::Changes, "branch__ne=main"),
+                (Collection::Changes, "revision=101"),
+                (Collection::Changes, "revision__gt=101&order=-changeid"),
+                (Collection::Changes, "comments=change 2"),
+                (
+                    Collection::BuildRequests,
+                    "claimed=true&order=-buildrequestid&limit=4",
+                ),
+            ];
+            for (c, query) in queries {
+                let params: Vec<(String, String)> = query
+                    .split('&')
+                    .map(|kv| {
+                        let (k, v) = kv.split_once('=').expect("k=v");
+                        (k.to_string(), v.to_string())
+                    })
+                    .collect();
+                let columns = store.api_columns(*c).await.expect("columns");
+                let known: Vec<String> = columns
+                    .iter()
+                    .map(|a| super::field_of(a).to_string())
+                    .collect();
+                let q = ListQuery::parse(&params, &known).expect("query");
+                let sel = q
+                    .select(&columns, &None, store.dialect())
+                    .unwrap_or_else(|| panic!("{query} is said in SQL"));
+                let (_, sql_rows, sql_total) = store.api_select(*c, sel).await.expect("select");
+                let (_, all) = store.api_rows(*c, None).await.expect("rows");
+                let (mem_rows, mem_total) = q.apply(all, c.names().1);
+                assert_eq!(sql_total, mem_total, "{query}: total");
+                assert_eq!(sql_rows, mem_rows, "{query}: rows");
+                assert!(
+                    sql_total > 0 || query.contains("null"),
+                    "{query} finds something"
+                );
+            }
+            // What SQL would mean differently stays here.
+            let cols = store
+                .api_columns(Collection::Builds)
+                .await
+                .expect("columns");
+            let known: Vec<String> = cols
                 .iter()
                 .map(|a| super::field_of(a).to_string())
                 .collect();
-            let q = ListQuery::parse(&params, &known).expect("query");
-            let sel = q
-                .select(&columns, &None, store.dialect())
-                .unwrap_or_else(|| panic!("{query} is said in SQL"));
-            let (_, sql_rows, sql_total) = store.api_select(*c, sel).await.expect("select");
-            let (_, all) = store.api_rows(*c, None).await.expect("rows");
-            let (mem_rows, mem_total) = q.apply(all, c.names().1);
-            assert_eq!(sql_total, mem_total, "{query}: total");
-            assert_eq!(sql_rows, mem_rows, "{query}: rows");
-            assert!(
-                sql_total > 0 || query.contains("null"),
-                "{query} finds something"
-            );
-        }
-        // What SQL would mean differently stays here.
-        let cols = store
-            .api_columns(Collection::Builds)
-            .await
-            .expect("columns");
-        let known: Vec<String> = cols
-            .iter()
-            .map(|a| super::field_of(a).to_string())
-            .collect();
-        for query in ["results__lt=abc", "complete=maybe", "results__contains=1"] {
-            let (k, v) = query.split_once('=').expect("k=v");
-            let q = ListQuery::parse(&[(k.to_string(), v.to_string())], &known).expect("query");
-            assert!(q.select(&cols, &None, Dialect::Sqlite).is_none(), "{query}");
+            for query in ["results__lt=abc", "complete=maybe", "results__contains=1"] {
+                let (k, v) = query.split_once('=').expect("k=v");
+                let q = ListQuery::parse(&[(k.to_string(), v.to_string())], &known).expect("query");
+                assert!(q.select(&cols, &None, Dialect::Sqlite).is_none(), "{query}");
+            }
         }
     }
 }

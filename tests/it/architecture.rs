@@ -22,7 +22,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
             "script",
             &["config", "diagnostics", "memory", "suggest", "sync"],
         ),
-        ("store", &["events", "sync"]),
+        ("store", &["events", "diagnostics", "sync"]),
         ("changes", &["config", "store", "sync"]),
         ("workers", &["config", "store", "sync"]),
         (
