@@ -33,10 +33,21 @@ pub struct Event {
     pub data: Value,
 }
 
+/// What another master is told of an event (the PostgreSQL backend sends
+/// it with NOTIFY): which item, not its fields, which it reads itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Note {
+    pub topic: &'static str,
+    pub id: i64,
+    pub event: &'static str,
+}
+
 /// The publishing side; cheap to clone.
 #[derive(Clone)]
 pub struct Events {
     tx: broadcast::Sender<Arc<Event>>,
+    /// Where every event is also sent, listened to or not (other masters).
+    fanout: Option<tokio::sync::mpsc::UnboundedSender<Note>>,
 }
 
 impl Default for Events {
@@ -54,11 +65,38 @@ impl std::fmt::Debug for Events {
 impl Events {
     pub fn new() -> Events {
         let (tx, _) = broadcast::channel(CAPACITY);
-        Events { tx }
+        Events { tx, fanout: None }
+    }
+
+    /// Events that are also sent, as [`Note`]s, to `fanout`.
+    pub fn with_fanout(fanout: tokio::sync::mpsc::UnboundedSender<Note>) -> Events {
+        let (tx, _) = broadcast::channel(CAPACITY);
+        Events {
+            tx,
+            fanout: Some(fanout),
+        }
     }
 
     /// Publishes an event; `data` is only called when someone listens.
     pub fn emit(
+        &self,
+        topic: &'static str,
+        id: i64,
+        event: &'static str,
+        data: impl FnOnce() -> Value,
+    ) {
+        if let Some(f) = &self.fanout {
+            // A log's lines stay on this master; the others read the log.
+            if !(topic == "logs" && event == "append") {
+                let _ = f.send(Note { topic, id, event });
+            }
+        }
+        self.emit_here(topic, id, event, data);
+    }
+
+    /// Publishes an event to this master's subscribers only (one another
+    /// master sent).
+    pub fn emit_here(
         &self,
         topic: &'static str,
         id: i64,
@@ -144,6 +182,7 @@ pub const TOPICS: &[&str] = &[
     "steps",
     "logs",
     "workers",
+    "masters",
     "reloads",
 ];
 

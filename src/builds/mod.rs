@@ -171,7 +171,11 @@ impl Distributor {
         }
     }
 
-    /// The config new builds start with.
+    /// Looks at the queue again now (requests another master gave back).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
     /// This master's id in the store.
     pub fn masterid(&self) -> i64 {
         self.masterid

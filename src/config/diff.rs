@@ -190,6 +190,13 @@ impl ConfigDiff {
                 shown(&new.db.db_url)
             ));
         }
+        if old.multi_master != new.multi_master || old.master_name != new.master_name {
+            return Some(
+                "multiMaster or masterName changed: a master's place among the others cannot change \
+                 while it runs; nothing of this reload was applied (restart the master to use it, or undo the change)"
+                    .to_string(),
+            );
+        }
         (old.db.password != new.db.password).then(|| {
             "db.password changed: the database's password cannot change while the master runs; \
              nothing of this reload was applied (restart the master to use it, or undo the change)"

@@ -819,6 +819,24 @@ fn redacted_url<S: Serializer>(url: &impl AsRef<str>, s: S) -> Result<S::Ok, S::
     s.serialize_str(&crate::diagnostics::redact_url(url.as_ref()))
 }
 
+/// Buildbot's `multiMaster`: several masters share the database. Each
+/// heart-beats every `heartbeat` seconds; one silent for `dead_after`
+/// seconds is declared dead by the others.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MultiMaster {
+    pub heartbeat: u64,
+    pub dead_after: u64,
+}
+
+impl Default for MultiMaster {
+    fn default() -> Self {
+        MultiMaster {
+            heartbeat: 10,
+            dead_after: 60,
+        }
+    }
+}
+
 /// The whole evaluated BuildmasterConfig.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MasterConfig {
@@ -843,6 +861,13 @@ pub struct MasterConfig {
     /// Bytes one step log keeps; the rest is dropped behind a marker.
     #[serde(rename = "logMaxSize")]
     pub log_max_size: u64,
+    /// Several masters on one database (Buildbot's `multiMaster`).
+    #[serde(rename = "multiMaster", skip_serializing_if = "Option::is_none")]
+    pub multi_master: Option<MultiMaster>,
+    /// This master's name in the database (Buildbot's `masterName`); by
+    /// default `host:basedir`.
+    #[serde(rename = "masterName", skip_serializing_if = "Option::is_none")]
+    pub master_name: Option<String>,
 }
 
 #[cfg(test)]

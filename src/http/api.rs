@@ -83,7 +83,10 @@ fn singular(c: Collection) -> &'static str {
 /// The id value of the item `ident` names, if it exists.
 async fn find(st: &AppState, c: Collection, ident: &str) -> anyhow::Result<Option<Value>> {
     let (_, id) = c.names();
-    let by_name = matches!(c, Collection::Builders | Collection::Workers);
+    let by_name = matches!(
+        c,
+        Collection::Builders | Collection::Workers | Collection::Masters
+    );
     if let Ok(n) = ident.parse::<i64>() {
         let (_, rows) = st.store.api_rows(c, Some((id, Value::from(n)))).await?;
         if let Some(v) = rows.first().and_then(|r| r.get(id)).cloned() {
@@ -123,6 +126,7 @@ collection!(buildrequests, buildrequest, Collection::BuildRequests);
 collection!(buildsets, buildset, Collection::Buildsets);
 collection!(changes, change, Collection::Changes);
 collection!(workers, worker, Collection::Workers);
+collection!(masters, master, Collection::Masters);
 
 /// The configured schedulers as Buildbot's `schedulers` lists them (with
 /// kiln's `type` and `builderNames` besides).

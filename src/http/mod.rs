@@ -120,6 +120,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v2/changes", get(api::changes))
         .route("/api/v2/changes/{id}", get(api::change))
         .route("/api/v2/workers", get(api::workers))
+        .route("/api/v2/masters", get(api::masters))
+        .route("/api/v2/masters/{id}", get(api::master))
         .route("/api/v2/schedulers", get(api::schedulers))
         .route("/api/v2/schedulers/{id}", get(api::scheduler))
         .route("/api/v2/reconfig", post(control::reconfig))

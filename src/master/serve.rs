@@ -212,7 +212,11 @@ pub(super) async fn serve(
     let runtime = loaded.runtime();
     let config = Arc::new(loaded.config);
     let cancel = CancellationToken::new();
-    let master_id = store.master_started(&master_name(dir)).await?;
+    let name = config
+        .master_name
+        .clone()
+        .unwrap_or_else(|| master_name(dir));
+    let master_id = store.master_started(&name).await?;
     store.register_builders(builder_rows(&config)).await?;
     let bus = ChangeBus::default();
     let ctx = changes::Context::new(store.clone(), bus.clone(), dir)?;
@@ -289,7 +293,32 @@ pub(super) async fn serve(
             retried.len()
         );
     }
-    let distributor_task = tokio::spawn(distributor.run(cancel.clone()));
+    let distributor_task = tokio::spawn(distributor.clone().run(cancel.clone()));
+    if let Some(remote) = store.remote() {
+        tokio::spawn(hear_the_others(
+            remote,
+            store.clone(),
+            bus.clone(),
+            distributor.clone(),
+            cancel.clone(),
+        ));
+    }
+    let (dead_tx, mut declared_dead) = tokio::sync::mpsc::channel::<()>(1);
+    let heartbeat_task = config.multi_master.clone().map(|mm| {
+        tracing::info!(
+            "multiMaster: master {name} (id {master_id}) heart-beats every {} s; a master silent for {} s is declared dead",
+            mm.heartbeat,
+            mm.dead_after
+        );
+        tokio::spawn(heartbeat(
+            store.clone(),
+            master_id,
+            mm,
+            distributor.clone(),
+            cancel.clone(),
+            dead_tx,
+        ))
+    });
 
     let (fs_tx, mut fs_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
     let mut watcher = if options.watch {
@@ -335,6 +364,7 @@ pub(super) async fn serve(
         let quiet_at = burst.as_ref().map(|b| b.2);
         let trigger = tokio::select! {
             why = &mut stop => break why?,
+            Some(()) = declared_dead.recv() => break "declared dead by another master",
             _ = hup.recv() => Some(("SIGHUP".to_string(), None)),
             Some(ask) = reload_rx.recv() => Some((ask.trigger, ask.reply)),
             Some(changed) = fs_rx.recv() => {
@@ -387,6 +417,9 @@ pub(super) async fn serve(
             let _ = w.task.await;
         }
         let _ = distributor_task.await;
+        if let Some(t) = heartbeat_task {
+            let _ = t.await;
+        }
         if let Some(s) = http {
             let _ = s.task.await;
         }
@@ -405,4 +438,99 @@ pub(super) async fn serve(
     }
     tracing::info!("master stopped");
     Ok(())
+}
+
+/// A multiMaster master's pulse: every `heartbeat` seconds it records that
+/// it lives and declares dead the masters silent for `dead_after`, whose
+/// requests then come back to the queue (and so the distributor looks
+/// again). A master that finds itself declared dead says so on `dead`:
+/// its builds were ended and its claims given back, so it stops rather
+/// than finish builds that now run elsewhere too.
+async fn heartbeat(
+    store: Store,
+    me: i64,
+    mm: crate::config::MultiMaster,
+    distributor: Arc<crate::builds::Distributor>,
+    cancel: CancellationToken,
+    dead: tokio::sync::mpsc::Sender<()>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(mm.heartbeat));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        match store.master_heartbeat(me).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::error!(
+                    "another master declared this one dead (silent for more than {} s): stopping, \
+                     so that no build runs twice",
+                    mm.dead_after
+                );
+                let _ = dead.send(()).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("heartbeat failed (retrying in {} s): {e:#}", mm.heartbeat);
+                continue;
+            }
+        }
+        match store.reap_dead_masters(me, mm.dead_after).await {
+            Ok(reaped) => {
+                for r in &reaped {
+                    tracing::warn!(
+                        "master {} (id {}) was silent for more than {} s: declared dead; {} of its build(s) end RETRY, \
+                         {} request(s) go back to the queue",
+                        r.name,
+                        r.masterid,
+                        mm.dead_after,
+                        r.builds.len(),
+                        r.requests.len()
+                    );
+                }
+                if !reaped.is_empty() {
+                    distributor.wake();
+                }
+            }
+            Err(e) => tracing::warn!("cannot look for dead masters: {e:#}"),
+        }
+    }
+}
+
+/// What the other masters of a shared database did, as it concerns this
+/// one: their new changes reach this master's schedulers, and new or
+/// returned requests (or workers and masters coming and going) make its
+/// distributor look at the queue at once.
+async fn hear_the_others(
+    mut remote: tokio::sync::broadcast::Receiver<crate::store::notify::Remote>,
+    store: Store,
+    bus: ChangeBus,
+    distributor: Arc<crate::builds::Distributor>,
+    cancel: CancellationToken,
+) {
+    use crate::store::notify::Remote;
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let heard = tokio::select! {
+            r = remote.recv() => r,
+            _ = cancel.cancelled() => return,
+        };
+        match heard {
+            Ok(Remote::Note(n)) => match (n.topic, n.event) {
+                ("changes", "new") => match store.get_change(n.id).await {
+                    Ok(Some(c)) => bus.publish(vec![c]),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("cannot read change {}: {e:#}", n.id),
+                },
+                ("buildrequests", _) | ("buildsets", "new") | ("workers", _) | ("masters", _) => {
+                    distributor.wake()
+                }
+                _ => {}
+            },
+            Ok(Remote::Listening) | Err(RecvError::Lagged(_)) => distributor.wake(),
+            Err(RecvError::Closed) => return,
+        }
+    }
 }

@@ -122,6 +122,13 @@ fn build(map: Map, state: &Arc<LoadState>) -> ScriptResult<MasterConfig> {
     let collapse_requests = super::vocab::bool_or_callback(&mut kw, "collapseRequests")?
         .unwrap_or(BoolOrCallback::Enabled(true));
     let log_max_size = kw.uint("logMaxSize")?.unwrap_or(DEFAULT_LOG_MAX_SIZE);
+    let multi_master = multi_master(kw.raw("multiMaster"))?;
+    let master_name = kw.str("masterName")?;
+    if master_name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        return Err(ScriptError::new("`masterName` must not be empty")
+            .focus("masterName")
+            .into_err());
+    }
     // Buildbot's usage reporting: kiln reports nothing, whatever it says.
     let _ = kw.raw("buildbotNetUsageData");
     kw.finish()?;
@@ -141,7 +148,49 @@ fn build(map: Map, state: &Arc<LoadState>) -> ScriptResult<MasterConfig> {
         prioritize_builders,
         collapse_requests,
         log_max_size,
+        multi_master,
+        master_name,
     })
+}
+
+/// `multiMaster: true`, or `#{ heartbeat: SECONDS, dead_after: SECONDS }`.
+fn multi_master(v: Option<Dynamic>) -> ScriptResult<Option<MultiMaster>> {
+    let Some(v) = v else { return Ok(None) };
+    if let Some(on) = v.clone().try_cast::<bool>() {
+        return Ok(on.then(MultiMaster::default));
+    }
+    let m = sub_map(v, "multiMaster")?;
+    strict(&m, "multiMaster", &["heartbeat", "dead_after"])?;
+    let mut mm = MultiMaster::default();
+    for (key, slot) in [
+        ("heartbeat", &mut mm.heartbeat),
+        ("dead_after", &mut mm.dead_after),
+    ] {
+        if let Some(x) = m.get(key) {
+            *slot = x
+                .as_int()
+                .ok()
+                .and_then(|i| u64::try_from(i).ok())
+                .filter(|&i| i > 0)
+                .ok_or_else(|| {
+                    ScriptError::new(format!(
+                        "`multiMaster.{key}` must be a whole number of seconds above 0"
+                    ))
+                    .focus(key)
+                    .into_err()
+                })?;
+        }
+    }
+    if mm.dead_after <= mm.heartbeat {
+        return Err(ScriptError::new(format!(
+            "`multiMaster.dead_after` ({} s) must be longer than `heartbeat` ({} s): \
+             a live master would be declared dead between two of its heartbeats",
+            mm.dead_after, mm.heartbeat
+        ))
+        .focus("dead_after")
+        .into_err());
+    }
+    Ok(Some(mm))
 }
 
 /// The most one step log keeps unless `logMaxSize` says otherwise.

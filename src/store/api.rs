@@ -20,6 +20,7 @@ pub enum Collection {
     Buildsets,
     Changes,
     Workers,
+    Masters,
 }
 
 impl Collection {
@@ -34,6 +35,7 @@ impl Collection {
             Collection::Buildsets => ("buildsets", "bsid"),
             Collection::Changes => ("changes", "changeid"),
             Collection::Workers => ("workers", "workerid"),
+            Collection::Masters => ("masters", "masterid"),
         }
     }
 
@@ -100,6 +102,9 @@ impl Collection {
                                          '[]'::json)::text
                             FROM connected_workers c WHERE c.workerid = w.id) AS connected_to__json
                  FROM workers w"
+            }
+            Collection::Masters => {
+                "SELECT id AS masterid, name, active AS active__bool, last_active FROM masters"
             }
             Collection::Workers => {
                 "SELECT w.id AS workerid, w.name, w.info_json AS workerinfo__json,

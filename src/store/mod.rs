@@ -21,6 +21,8 @@ pub mod builds;
 pub mod buildsets;
 pub mod db;
 pub mod grid;
+pub mod masters;
+pub mod notify;
 pub mod query;
 pub mod reloads;
 pub mod workers;
@@ -54,6 +56,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "grid indexes",
         include_str!("migrations/0005_grid_indexes.sql"),
     ),
+    ("leases", include_str!("migrations/0006_leases.sql")),
 ];
 
 /// The schema version this kiln writes.
@@ -171,6 +174,8 @@ pub struct Store {
     target: Arc<Target>,
     /// What was written, for the event stream (published after commit).
     events: crate::events::Events,
+    /// What the other masters of a shared database wrote.
+    remote: Option<tokio::sync::broadcast::Sender<notify::Remote>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -207,6 +212,7 @@ impl Store {
             backend: Backend::Sqlite(Arc::new(Mutex::new(conn))),
             target: Arc::new(Target::Sqlite(path.to_path_buf())),
             events: crate::events::Events::new(),
+            remote: None,
         })
     }
 
@@ -238,6 +244,7 @@ impl Store {
             config.connect_timeout(PG_CONNECT_TIMEOUT);
         }
         config.application_name("kiln");
+        let listen_config = config.clone();
         let manager = deadpool_postgres::Manager::from_config(
             config,
             tokio_postgres::NoTls,
@@ -255,11 +262,29 @@ impl Store {
         // Reachable first, so that a wrong address or password is said as
         // such, before any migration.
         drop(pool.get().await.map_err(|e| unreachable(target, e))?);
+        // Events go to the other masters too, and theirs come here.
+        let origin = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let (notes_tx, notes_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(notify::notifier(pool.clone(), origin.clone(), notes_rx));
+        let (remote, _) = tokio::sync::broadcast::channel(4096);
         let store = Store {
             backend: Backend::Postgres(pool),
             target: Arc::new(target.clone()),
-            events: crate::events::Events::new(),
+            events: crate::events::Events::with_fanout(notes_tx),
+            remote: Some(remote.clone()),
         };
+        tokio::spawn(notify::listener(
+            listen_config,
+            origin,
+            store.clone(),
+            remote,
+        ));
         store
             .call(move |c| migrate_pg(c, version))
             .await
@@ -379,52 +404,6 @@ impl Store {
             });
         }
         Ok(stored)
-    }
-
-    /// Records this master as active (Buildbot's `masters` row); returns its id.
-    pub async fn master_started(&self, name: &str) -> anyhow::Result<i64> {
-        let name = name.to_string();
-        self.call(move |c| {
-            c.value(
-                "INSERT INTO masters (name, active, last_active) VALUES (?1, 1, ?2)
-                 ON CONFLICT (name) DO UPDATE SET active = 1, last_active = excluded.last_active
-                 RETURNING id",
-                args![name, now()],
-            )
-        })
-        .await
-    }
-
-    pub async fn master_stopped(&self, id: i64) -> anyhow::Result<()> {
-        self.call(move |c| {
-            c.execute(
-                "UPDATE masters SET active = 0, last_active = ?2 WHERE id = ?1",
-                args![id, now()],
-            )?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// A master as Buildbot's data API shows it: `masterid`, `name`,
-    /// `active`, `last_active`.
-    pub async fn master(&self, id: i64) -> anyhow::Result<Option<serde_json::Value>> {
-        self.call(move |c| {
-            let Some(r) = c.query_opt(
-                "SELECT name, active, last_active FROM masters WHERE id = ?1",
-                args![id],
-            )?
-            else {
-                return Ok(None);
-            };
-            Ok(Some(serde_json::json!({
-                "masterid": id,
-                "name": r.get::<String>(0)?,
-                "active": r.get::<bool>(1)?,
-                "last_active": r.get::<i64>(2)?,
-            })))
-        })
-        .await
     }
 
     pub async fn get_change(&self, changeid: i64) -> anyhow::Result<Option<Change>> {

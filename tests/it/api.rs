@@ -6,7 +6,7 @@ use crate::common;
 use std::time::Duration;
 
 use common::workers::*;
-use common::{http_get, kiln, wait_until, Master};
+use common::{http_get, kiln, sse_until, wait_until, Master};
 use serde_json::Value;
 
 fn get(url: &str) -> Value {
@@ -285,54 +285,6 @@ bad.addStep(ShellCommand(#{ command: ["false"] }));
         .unwrap_or_else(|| panic!("poll errors in\n{text}"));
     assert!(errors >= 1);
     assert!(text.contains("kiln_store_query_seconds "), "{text}");
-}
-
-/// Reads server-sent events from `url` until `done` says so (or the time
-/// runs out); returns (event name, data) pairs.
-fn sse_until(
-    url: &str,
-    limit: Duration,
-    started: impl FnOnce(),
-    mut done: impl FnMut(&[(String, Value)]) -> bool,
-) -> Vec<(String, Value)> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let mut resp = reqwest::get(url).await.expect("GET events");
-        assert_eq!(resp.status().as_u16(), 200);
-        assert!(resp.headers()["content-type"]
-            .to_str()
-            .unwrap_or("")
-            .starts_with("text/event-stream"));
-        started();
-        let deadline = tokio::time::Instant::now() + limit;
-        let (mut buf, mut events) = (String::new(), Vec::new());
-        while !done(&events) {
-            let chunk = tokio::time::timeout_at(deadline, resp.chunk())
-                .await
-                .unwrap_or_else(|_| panic!("events so far: {events:?}"))
-                .expect("chunk")
-                .expect("the stream stays open");
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
-                let (mut name, mut data) = (String::new(), String::new());
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
-                        name = v.trim().to_string();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim_start());
-                    }
-                }
-                if !name.is_empty() {
-                    events.push((name, serde_json::from_str(&data).unwrap_or(Value::Null)));
-                }
-            }
-        }
-        events
-    })
 }
 
 #[test]

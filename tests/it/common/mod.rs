@@ -253,6 +253,14 @@ impl Master {
             .to_string()
     }
 
+    /// SIGKILL, as a crash would; waits for the process to end.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// `kiln stop`, then waits for the process to end; returns its exit code.
     pub fn stop(&mut self) -> Option<i32> {
         let out = kiln(&self.dir, &["stop", "."], Duration::from_secs(60));
@@ -409,4 +417,55 @@ impl Drop for HgServe {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Reads server-sent events from `url` until `done` says so (or the time
+/// runs out); returns (event name, data) pairs.
+pub fn sse_until(
+    url: &str,
+    limit: Duration,
+    started: impl FnOnce(),
+    mut done: impl FnMut(&[(String, serde_json::Value)]) -> bool,
+) -> Vec<(String, serde_json::Value)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut resp = reqwest::get(url).await.expect("GET events");
+        assert_eq!(resp.status().as_u16(), 200);
+        assert!(resp.headers()["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("text/event-stream"));
+        started();
+        let deadline = tokio::time::Instant::now() + limit;
+        let (mut buf, mut events) = (String::new(), Vec::new());
+        while !done(&events) {
+            let chunk = tokio::time::timeout_at(deadline, resp.chunk())
+                .await
+                .unwrap_or_else(|_| panic!("events so far: {events:?}"))
+                .expect("chunk")
+                .expect("the stream stays open");
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let (mut name, mut data) = (String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if !name.is_empty() {
+                    events.push((
+                        name,
+                        serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+                    ));
+                }
+            }
+        }
+        events
+    })
 }

@@ -1,0 +1,232 @@
+//! Events across masters on PostgreSQL: what one master's store commits,
+//! the others hear at once. Each event is also sent, as a small note (the
+//! item, not its fields), with `NOTIFY kiln_events`; each master LISTENs on
+//! a connection of its own, reads the item from the database and publishes
+//! it to its own subscribers, and tells the master (new changes for its
+//! schedulers, requests for its distributor). A master does not hear its
+//! own notes.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::sync::{broadcast, mpsc};
+
+use super::api::Collection;
+use super::Store;
+use crate::events::{Note, TOPICS};
+
+/// The channel every master of a database NOTIFYs and LISTENs on.
+pub const CHANNEL: &str = "kiln_events";
+
+/// The event kinds a note may carry.
+const KINDS: &[&str] = &[
+    "new",
+    "started",
+    "finished",
+    "claimed",
+    "unclaimed",
+    "complete",
+    "connected",
+    "disconnected",
+    "applied",
+    "failed",
+    "stopped",
+    "dead",
+];
+
+/// What the other masters did, as this master hears it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Remote {
+    Note(Note),
+    /// The listening connection was (re)made: notes sent meanwhile are
+    /// lost, so whoever waits on them should look at the database again.
+    Listening,
+}
+
+fn payload(origin: &str, n: &Note) -> String {
+    json!({ "o": origin, "t": n.topic, "i": n.id, "e": n.event }).to_string()
+}
+
+/// A note another master sent (`None` for this master's own, or one this
+/// kiln does not know).
+fn parse(origin: &str, text: &str) -> Option<Note> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    if v["o"].as_str()? == origin {
+        return None;
+    }
+    let topic = *TOPICS.iter().find(|t| Some(**t) == v["t"].as_str())?;
+    let event = *KINDS.iter().find(|k| Some(**k) == v["e"].as_str())?;
+    Some(Note {
+        topic,
+        id: v["i"].as_i64()?,
+        event,
+    })
+}
+
+/// Sends this master's notes, a batch per statement, until the store is
+/// dropped. A database that cannot be reached loses the notes of that
+/// moment (the other masters' periodic looks find the rows anyway).
+pub(super) async fn notifier(
+    pool: deadpool_postgres::Pool,
+    origin: String,
+    mut notes: mpsc::UnboundedReceiver<Note>,
+) {
+    while let Some(first) = notes.recv().await {
+        let mut batch = vec![payload(&origin, &first)];
+        while batch.len() < 512 {
+            match notes.try_recv() {
+                Ok(n) => batch.push(payload(&origin, &n)),
+                Err(_) => break,
+            }
+        }
+        let sent = async {
+            let c = pool.get().await?;
+            c.execute(
+                "SELECT pg_notify('kiln_events', x) FROM unnest($1::text[]) AS x",
+                &[&batch],
+            )
+            .await?;
+            anyhow::Ok(())
+        };
+        if let Err(e) = sent.await {
+            tracing::warn!(
+                "cannot tell the other masters of {} event(s): {e:#}",
+                batch.len()
+            );
+        }
+    }
+}
+
+/// Listens for the other masters' notes as long as the process runs,
+/// reconnecting with backoff; each note's item is read and published to
+/// this master's subscribers and sent on `out`.
+pub(super) async fn listener(
+    config: tokio_postgres::Config,
+    origin: String,
+    store: Store,
+    out: broadcast::Sender<Remote>,
+) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match listen_once(&config, &origin, &store, &out).await {
+            Ok(()) => backoff = Duration::from_millis(500),
+            Err(e) => {
+                tracing::warn!(
+                    "not hearing the other masters ({e:#}); trying again in {} ms",
+                    backoff.as_millis()
+                );
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// One listening connection, until it fails.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    origin: &str,
+    store: &Store,
+    out: &broadcast::Sender<Remote>,
+) -> anyhow::Result<()> {
+    let (client, mut conn) = config.connect(tokio_postgres::NoTls).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    if tx.send(n.payload().to_string()).is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    });
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    let _ = out.send(Remote::Listening);
+    while let Some(text) = rx.recv().await {
+        let Some(note) = parse(origin, &text) else {
+            continue;
+        };
+        store.republish(note).await;
+        let _ = out.send(Remote::Note(note));
+    }
+    drop(client);
+    match driver.await {
+        Ok(Err(e)) => Err(e.into()),
+        _ => Err(anyhow::anyhow!("the listening connection closed")),
+    }
+}
+
+impl Store {
+    /// Publishes another master's event to this master's subscribers, with
+    /// the item as the read API shows it now.
+    async fn republish(&self, n: Note) {
+        if self.events.subscribers() == 0 {
+            return;
+        }
+        let collection = match n.topic {
+            "changes" => Collection::Changes,
+            "buildsets" => Collection::Buildsets,
+            "buildrequests" => Collection::BuildRequests,
+            "builds" => Collection::Builds,
+            "steps" => Collection::Steps,
+            "logs" => Collection::Logs,
+            "workers" => Collection::Workers,
+            "masters" => Collection::Masters,
+            _ => {
+                self.events
+                    .emit_here(n.topic, n.id, n.event, || json!({ "id": n.id }));
+                return;
+            }
+        };
+        let (_, key) = collection.names();
+        let row = match self
+            .api_rows(collection, Some((key, serde_json::Value::from(n.id))))
+            .await
+        {
+            Ok((_, rows)) => rows.into_iter().next(),
+            Err(e) => {
+                tracing::debug!("cannot read {} {}: {e:#}", n.topic, n.id);
+                None
+            }
+        };
+        if let Some(row) = row {
+            self.events
+                .emit_here(n.topic, n.id, n.event, || serde_json::Value::Object(row));
+        }
+    }
+
+    /// What the other masters did, when the store is shared (PostgreSQL).
+    pub fn remote(&self) -> Option<broadcast::Receiver<Remote>> {
+        self.remote.as_ref().map(|r| r.subscribe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_note_reads_back_unless_it_is_our_own_or_unknown() {
+        let n = Note {
+            topic: "buildrequests",
+            id: 7,
+            event: "new",
+        };
+        let text = payload("a", &n);
+        assert_eq!(parse("b", &text), Some(n));
+        assert_eq!(parse("a", &text), None);
+        assert_eq!(parse("b", r#"{"o":"a","t":"nope","i":1,"e":"new"}"#), None);
+        assert_eq!(
+            parse("b", r#"{"o":"a","t":"builds","i":1,"e":"exploded"}"#),
+            None
+        );
+        assert_eq!(parse("b", "not json"), None);
+    }
+}

@@ -1,0 +1,204 @@
+//! Several masters on one PostgreSQL database (`multiMaster`): a master
+//! killed mid-build is declared dead by the others, its build ends RETRY
+//! and runs again on another master's worker; a clean stop is seen at once.
+
+use crate::common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::workers::*;
+use common::{http_get, sse_until, wait_until, Master};
+use kiln_testpg::PgServer;
+use serde_json::Value;
+
+fn get(url: &str) -> Value {
+    serde_json::from_str(&http_get(url)).unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+/// Master `name` of the fleet: builder `b` on workers w1..w3 (each
+/// connects to one master), its one step waiting for `release` to exist.
+fn fleet_master(root: &Path, name: &str, db_url: &str, release: &Path) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let script = format!(
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{{ name: "wait", command: ["sh", "-c", "while [ ! -e {release} ]; do sleep 0.05; done; echo released"] }}));
+#{{
+    masterName: "{name}",
+    multiMaster: #{{ heartbeat: 1, dead_after: 3 }},
+    db: #{{ db_url: "{db_url}" }},
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
+    www: #{{ port: 0 }},
+    workers: [Worker("w1", "pw"), Worker("w2", "pw"), Worker("w3", "pw")],
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1", "w2", "w3"], factory: f }})],
+}}
+"#,
+        release = release.display()
+    );
+    std::fs::write(dir.join("master.rhai"), script).expect("master.rhai");
+    dir
+}
+
+/// `/api/v2/masters` as (name, active).
+fn masters(url: &str) -> Vec<(String, bool)> {
+    get(&format!("{url}/api/v2/masters"))["masters"]
+        .as_array()
+        .expect("masters")
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().expect("name").to_string(),
+                m["active"].as_bool().expect("active"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_masters_build_ends_retry_and_runs_again_on_another_and_a_clean_stop_is_seen_at_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = PgServer::start();
+    let db = server.create_db("fleet");
+    let release = tmp.path().join("release");
+    let mut fleet: Vec<(Master, KilnWorker)> = (1..=3)
+        .map(|i| {
+            let dir = fleet_master(tmp.path(), &format!("m{i}"), &db, &release);
+            let master = Master::start(&dir);
+            let worker = KilnWorker::connect(&master, &dir, &format!("w{i}"), "pw");
+            (master, worker)
+        })
+        .collect();
+    let url = fleet[1].0.http_url();
+    assert_eq!(
+        masters(&url),
+        [
+            ("m1".into(), true),
+            ("m2".into(), true),
+            ("m3".into(), true)
+        ]
+    );
+
+    // A build starts on some master; that master dies mid-build.
+    force(&fleet[0].0, "b");
+    let first = wait_until(Duration::from_secs(60), "a running build", || {
+        let b = get(&format!("{url}/api/v2/builds?complete=false"));
+        b["builds"].as_array().and_then(|a| a.first()).cloned()
+    });
+    let runner = get(&format!("{url}/api/v2/masters/{}", first["masterid"]))["masters"][0]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    let i: usize = runner[1..].parse().expect("m<i>");
+    let (mut dead, dead_worker) = fleet.remove(i - 1);
+    dead.kill();
+    drop(dead_worker);
+    let url = fleet[0].0.http_url();
+
+    // Declared dead within dead_after (3 s) and a heartbeat or two; the
+    // build ends RETRY and its request runs again on a live master.
+    let retried = wait_until(Duration::from_secs(30), "the build to end RETRY", || {
+        let b = get(&format!("{url}/api/v2/builds/{}", first["buildid"]));
+        (b["builds"][0]["results"] == 5).then(|| b["builds"][0].clone())
+    });
+    assert_eq!(
+        retried["state_string"],
+        format!("retry: master {runner} stopped answering")
+    );
+    assert!(
+        masters(&url).contains(&(runner.clone(), false)),
+        "{:?}",
+        masters(&url)
+    );
+    let again = wait_until(
+        Duration::from_secs(30),
+        "the request's second build",
+        || {
+            let b = get(&format!(
+                "{url}/api/v2/builds?buildrequestid={}&complete=false",
+                first["buildrequestid"]
+            ));
+            b["builds"].as_array().and_then(|a| a.first()).cloned()
+        },
+    );
+    assert_ne!(again["masterid"], first["masterid"]);
+    std::fs::write(&release, "").expect("release");
+    wait_until(Duration::from_secs(60), "the request to complete", || {
+        let r = get(&format!(
+            "{url}/api/v2/buildrequests/{}",
+            first["buildrequestid"]
+        ));
+        (r["buildrequests"][0]["complete"] == true).then_some(())
+    });
+    let builds = get(&format!(
+        "{url}/api/v2/builds?buildrequestid={}&order=buildid",
+        first["buildrequestid"]
+    ));
+    let results: Vec<&Value> = builds["builds"]
+        .as_array()
+        .expect("builds")
+        .iter()
+        .map(|b| &b["results"])
+        .collect();
+    assert_eq!(
+        results,
+        [&Value::from(5), &Value::from(0)],
+        "one RETRY, then one SUCCESS"
+    );
+
+    // A clean stop deregisters at once.
+    let (mut stopped, _w) = fleet.remove(0);
+    let name = stopped
+        .dir
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(stopped.stop(), Some(0));
+    let url = fleet[0].0.http_url();
+    assert!(
+        masters(&url).contains(&(name, false)),
+        "{:?}",
+        masters(&url)
+    );
+}
+
+#[test]
+fn a_request_made_on_one_master_builds_at_once_on_another_and_both_event_streams_show_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = PgServer::start();
+    let db = server.create_db("fleet");
+    let release = tmp.path().join("release");
+    std::fs::write(&release, "").expect("release");
+    let (a, b) = (
+        fleet_master(tmp.path(), "m1", &db, &release),
+        fleet_master(tmp.path(), "m2", &db, &release),
+    );
+    let (ma, mb) = (Master::start(&a), Master::start(&b));
+    // Only m2 has a worker: m1 makes the request, m2 builds it.
+    let _w2 = KilnWorker::connect(&mb, &b, "w2", "pw");
+    let url = ma.http_url();
+    let events = sse_until(
+        &format!("{url}/api/v2/events?topics=builds"),
+        Duration::from_secs(60),
+        || force(&ma, "b"),
+        |evs| evs.iter().any(|(_, d)| d["event"] == "finished"),
+    );
+    let builds: Vec<&Value> = events.iter().map(|(_, d)| d).collect();
+    assert!(
+        builds.iter().any(|d| d["event"] == "new"),
+        "m1's stream shows the build m2 started: {builds:?}"
+    );
+    let done = builds
+        .iter()
+        .find(|d| d["event"] == "finished")
+        .expect("finished");
+    assert_eq!(done["data"]["results"], 0, "{done}");
+    let m2 = get(&format!("{url}/api/v2/masters/m2"));
+    assert_eq!(
+        done["data"]["masterid"], m2["masters"][0]["masterid"],
+        "{done}"
+    );
+}
