@@ -171,8 +171,10 @@ impl Live {
         if let Err(e) = self.app.store.register_builders(builder_rows(&new)).await {
             tracing::warn!("cannot record the new builders: {e:#}");
         }
-        self.schedulers.reload(&new, runtime).await;
-        self.pollers.reload(&new.change_source).await;
+        let running = super::serve::held_services(&new, self.held.as_ref());
+        self.schedulers.reload(&running, runtime).await;
+        self.pollers.reload(&running.change_source).await;
+        self.wanted.send_replace(super::serve::leased_names(&new));
         *crate::sync::write(&self.app.access) = crate::http::auth::Access::of(new.www.as_ref());
         if http_moved {
             if let Some(old) = self.http.take() {

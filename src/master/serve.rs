@@ -3,7 +3,7 @@
 //! order, the reload loop run until SIGTERM or SIGINT, and everything
 //! stopped in reverse.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -95,9 +95,25 @@ pub(super) struct Live {
     /// A runner per queue directory the status handlers write to (one a
     /// reload drops keeps draining its queue until the master stops).
     pub(super) queues: BTreeMap<PathBuf, tokio::task::JoinHandle<()>>,
+    /// In a fleet, the leases this master holds (`None`: not in a fleet,
+    /// every service runs here).
+    pub(super) held: Option<BTreeSet<String>>,
+    /// The leased services the running config has, for the heartbeat.
+    pub(super) wanted: tokio::sync::watch::Sender<Vec<String>>,
 }
 
 impl Live {
+    /// Runs the leased services this master now holds, and stops the
+    /// others; each starts from its stored state.
+    pub(super) async fn leases_changed(&mut self, held: BTreeSet<String>) {
+        self.held = Some(held);
+        let running = held_services(&self.config, self.held.as_ref());
+        self.schedulers
+            .reload(&running, self.schedulers.runtime())
+            .await;
+        self.pollers.reload(&running.change_source).await;
+    }
+
     /// Starts a runner for each queue directory of the config that has none.
     pub(super) fn run_queues(&mut self) {
         for target in &self.config.status {
@@ -218,10 +234,33 @@ pub(super) async fn serve(
         .unwrap_or_else(|| master_name(dir));
     let master_id = store.master_started(&name).await?;
     store.register_builders(builder_rows(&config)).await?;
+    // In a fleet, this master runs the pollers and schedulers it holds the
+    // lease of; the heartbeat takes more as others give them up or die.
+    let held = match &config.multi_master {
+        Some(mm) => Some(
+            store
+                .hold_leases(master_id, leased_names(&config), mm.dead_after)
+                .await?
+                .into_iter()
+                .collect::<BTreeSet<String>>(),
+        ),
+        None => None,
+    };
+    if let Some(h) = &held {
+        tracing::info!(
+            "multiMaster: this master runs {} of the {} clustered change source(s) and scheduler(s){}",
+            h.len(),
+            leased_names(&config).len(),
+            if h.is_empty() { String::new() } else { format!(": {}", h.iter().cloned().collect::<Vec<_>>().join(", ")) }
+        );
+    }
+    let running = held_services(&config, held.as_ref());
+    let (wanted_tx, wanted_rx) = tokio::sync::watch::channel(leased_names(&config));
+    let (held_tx, mut held_rx) = tokio::sync::mpsc::channel::<BTreeSet<String>>(4);
     let bus = ChangeBus::default();
     let ctx = changes::Context::new(store.clone(), bus.clone(), dir)?;
     let schedulers = Schedulers::start(
-        &config,
+        &running,
         runtime.clone(),
         store.clone(),
         &bus,
@@ -274,6 +313,8 @@ pub(super) async fn serve(
         worker_listener: None,
         retired: Vec::new(),
         queues: BTreeMap::new(),
+        held: held.clone(),
+        wanted: wanted_tx,
     };
     live.run_queues();
 
@@ -311,12 +352,19 @@ pub(super) async fn serve(
             mm.dead_after
         );
         tokio::spawn(heartbeat(
-            store.clone(),
-            master_id,
-            mm,
-            distributor.clone(),
-            cancel.clone(),
-            dead_tx,
+            Pulse {
+                store: store.clone(),
+                me: master_id,
+                mm,
+                distributor: distributor.clone(),
+                cancel: cancel.clone(),
+                dead: dead_tx,
+            },
+            Leases {
+                wanted: wanted_rx,
+                held: held.clone().unwrap_or_default(),
+                changed: held_tx,
+            },
         ))
     });
 
@@ -347,7 +395,7 @@ pub(super) async fn serve(
             ));
         }
     }
-    live.pollers.reload(&config.change_source).await;
+    live.pollers.reload(&running.change_source).await;
     tracing::info!(
         "master running in {}: {} change source(s), {} scheduler(s), {} builder(s)",
         dir.display(),
@@ -365,6 +413,10 @@ pub(super) async fn serve(
         let trigger = tokio::select! {
             why = &mut stop => break why?,
             Some(()) = declared_dead.recv() => break "declared dead by another master",
+            Some(h) = held_rx.recv() => {
+                live.leases_changed(h).await;
+                None
+            }
             _ = hup.recv() => Some(("SIGHUP".to_string(), None)),
             Some(ask) = reload_rx.recv() => Some((ask.trigger, ask.reply)),
             Some(changed) = fs_rx.recv() => {
@@ -446,14 +498,33 @@ pub(super) async fn serve(
 /// again). A master that finds itself declared dead says so on `dead`:
 /// its builds were ended and its claims given back, so it stops rather
 /// than finish builds that now run elsewhere too.
-async fn heartbeat(
+/// What the heartbeat needs of the master.
+struct Pulse {
     store: Store,
     me: i64,
     mm: crate::config::MultiMaster,
     distributor: Arc<crate::builds::Distributor>,
     cancel: CancellationToken,
     dead: tokio::sync::mpsc::Sender<()>,
-) {
+}
+
+/// The leases the heartbeat keeps: the names the running config wants,
+/// those held, and where a change of them is said.
+struct Leases {
+    wanted: tokio::sync::watch::Receiver<Vec<String>>,
+    held: BTreeSet<String>,
+    changed: tokio::sync::mpsc::Sender<BTreeSet<String>>,
+}
+
+async fn heartbeat(p: Pulse, mut leases: Leases) {
+    let Pulse {
+        store,
+        me,
+        mm,
+        distributor,
+        cancel,
+        dead,
+    } = p;
     let mut tick = tokio::time::interval(Duration::from_secs(mm.heartbeat));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -496,6 +567,23 @@ async fn heartbeat(
             }
             Err(e) => tracing::warn!("cannot look for dead masters: {e:#}"),
         }
+        let names = leases.wanted.borrow().clone();
+        match store.hold_leases(me, names, mm.dead_after).await {
+            Ok(now) => {
+                let now: BTreeSet<String> = now.into_iter().collect();
+                if now != leases.held {
+                    for n in now.difference(&leases.held) {
+                        tracing::info!("took the lease of {n}: running it here");
+                    }
+                    for n in leases.held.difference(&now) {
+                        tracing::warn!("lost the lease of {n}: stopping it here");
+                    }
+                    leases.held = now.clone();
+                    let _ = leases.changed.send(now).await;
+                }
+            }
+            Err(e) => tracing::warn!("cannot renew this master's leases: {e:#}"),
+        }
     }
 }
 
@@ -533,4 +621,46 @@ async fn hear_the_others(
             Err(RecvError::Closed) => return,
         }
     }
+}
+
+/// The services of `config` that run on one master of a fleet at a time,
+/// by lease: change sources, and schedulers that read changes or keep
+/// timers. (Force, Triggerable and Dependent schedulers run on every
+/// master: each acts on what happens on its own master.)
+pub(super) fn leased_names(config: &MasterConfig) -> Vec<String> {
+    let sources = config
+        .change_source
+        .iter()
+        .map(|s| format!("change_source:{}", s.name()));
+    let schedulers = config
+        .schedulers
+        .iter()
+        .filter(|s| is_leased(s))
+        .map(|s| format!("scheduler:{}", s.name));
+    sources.chain(schedulers).collect()
+}
+
+fn is_leased(s: &crate::config::SchedulerConfig) -> bool {
+    use crate::config::SchedulerKind as K;
+    matches!(
+        s.kind,
+        K::Scheduler { .. } | K::AnyBranchScheduler { .. } | K::Nightly { .. } | K::Periodic { .. }
+    )
+}
+
+/// `config` with only the leased services this master holds (all of them
+/// when it is not part of a fleet: `held` is `None`).
+pub(super) fn held_services(
+    config: &MasterConfig,
+    held: Option<&BTreeSet<String>>,
+) -> MasterConfig {
+    let Some(held) = held else {
+        return config.clone();
+    };
+    let mut c = config.clone();
+    c.change_source
+        .retain(|s| held.contains(&format!("change_source:{}", s.name())));
+    c.schedulers
+        .retain(|s| !is_leased(s) || held.contains(&format!("scheduler:{}", s.name)));
+    c
 }

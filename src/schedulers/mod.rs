@@ -290,6 +290,11 @@ impl Schedulers {
     }
 
     /// The ForceSchedulers, for the API.
+    /// The script runtime the schedulers' callbacks run in now.
+    pub fn runtime(&self) -> ScriptRuntime {
+        crate::sync::read(&self.shared.runtime).clone()
+    }
+
     pub fn force_schedulers(&self) -> Vec<SchedulerConfig> {
         let mut v: Vec<SchedulerConfig> = self
             .read()

@@ -202,3 +202,112 @@ fn a_request_made_on_one_master_builds_at_once_on_another_and_both_event_streams
         "{done}"
     );
 }
+
+/// Master `name` polling the hg repository `repo` with a change-driven
+/// scheduler for builder `b` (no workers: the requests wait).
+fn polling_master(root: &Path, name: &str, db_url: &str, repo: &Path) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let script = format!(
+        r#"
+let f = BuildFactory();
+f.addStep(ShellCommand(#{{ command: ["true"] }}));
+#{{
+    masterName: "{name}",
+    multiMaster: #{{ heartbeat: 1, dead_after: 3 }},
+    db: #{{ db_url: "{db_url}" }},
+    www: #{{ port: 0 }},
+    change_source: [HgPoller(#{{ hgURL: "{repo}", branch: "", pollInterval: 1 }})],
+    schedulers: [Scheduler(#{{ name: "on-push", branch: (), treeStableTimer: (), builderNames: ["b"] }})],
+    workers: [Worker("w1", "pw")],
+    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f }})],
+}}
+"#,
+        repo = repo.display()
+    );
+    std::fs::write(dir.join("master.rhai"), script).expect("master.rhai");
+    dir
+}
+
+/// (changes, buildsets) the fleet stored, by revision.
+fn stored(url: &str) -> (Vec<String>, usize) {
+    let changes = get(&format!("{url}/api/v2/changes?order=changeid"));
+    let revs = changes["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|c| c["revision"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let buildsets = get(&format!("{url}/api/v2/buildsets"));
+    (
+        revs,
+        buildsets["meta"]["total"].as_u64().unwrap_or(0) as usize,
+    )
+}
+
+#[test]
+fn one_master_at_a_time_polls_and_schedules_and_another_takes_over_when_it_dies() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = PgServer::start();
+    let db = server.create_db("fleet");
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(&repo).expect("mkdir");
+    common::run(&repo, "hg", &["init", "-q"]);
+    common::hg_commit(&repo, "a <a@x>", &["base"], "base");
+    let mut m1 = Master::start(&polling_master(tmp.path(), "m1", &db, &repo));
+    m1.wait_for_log("master running", 1, Duration::from_secs(30));
+    // m1 started first and holds both leases; m2 waits with them.
+    let m2 = Master::start(&polling_master(tmp.path(), "m2", &db, &repo));
+    let url2 = m2.http_url();
+    m2.wait_for_log("runs 0 of the 2 clustered", 1, Duration::from_secs(30));
+    // The first poll takes the repository's tip as seen.
+    m1.wait_for_log("first poll", 1, Duration::from_secs(30));
+
+    let mut revs = vec![];
+    for i in 0..3 {
+        revs.push(common::hg_commit(
+            &repo,
+            "a <a@x>",
+            &["f"],
+            &format!("push {i}"),
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while stored(&url2) != (revs.clone(), revs.len()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "push {i}: {:?} for {revs:?}\n{}\n{}",
+                stored(&url2),
+                m1.log(),
+                m2.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    m1.kill();
+    // While m1 is silent, nobody polls; m2 takes over within dead_after.
+    revs.push(common::hg_commit(
+        &repo,
+        "a <a@x>",
+        &["f"],
+        "while m1 is dead",
+    ));
+    m2.wait_for_log(
+        "took the lease of change_source:",
+        1,
+        Duration::from_secs(30),
+    );
+    m2.wait_for_log(
+        "took the lease of scheduler:on-push",
+        1,
+        Duration::from_secs(30),
+    );
+    revs.push(common::hg_commit(&repo, "a <a@x>", &["f"], "after"));
+    wait_until(Duration::from_secs(30), "m2 to store both pushes", || {
+        (stored(&url2).0.len() == revs.len()).then_some(())
+    });
+    // Every push once, as a change and as a buildset; none twice.
+    wait_until(Duration::from_secs(30), "a buildset per push", || {
+        (stored(&url2).1 >= revs.len()).then_some(())
+    });
+    assert_eq!(stored(&url2), (revs.clone(), revs.len()), "{}", m2.log());
+}
