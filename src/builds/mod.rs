@@ -244,6 +244,18 @@ impl Distributor {
         true
     }
 
+    /// Asks the master of the fleet that runs `buildid` to stop it; that
+    /// master's name, or `None` when no other master runs it.
+    pub async fn stop_elsewhere(&self, buildid: i64, reason: &str) -> Option<String> {
+        match self.store.ask_to_stop(buildid, self.masterid, reason).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("cannot ask another master to stop build {buildid}: {e:#}");
+                None
+            }
+        }
+    }
+
     /// Cancels a build request, as Buildbot's `cancel` does: one that waits
     /// completes CANCELLED at once; one being built has its build stopped
     /// (which completes it CANCELLED). An error says why it cannot be.
@@ -271,7 +283,22 @@ impl Distributor {
                     Some(buildid) if self.stop_build(buildid, reason) => Ok(format!(
                         "build request {brid} is being built: build {buildid} was stopped"
                     )),
-                    _ => Err(CancelError::NotRunningHere(brid)),
+                    _ => {
+                        // Another master of the fleet may be building it.
+                        let elsewhere = match self.store.running_build_of(brid).await {
+                            Ok(Some(buildid)) => self
+                                .stop_elsewhere(buildid, reason)
+                                .await
+                                .map(|m| (buildid, m)),
+                            _ => None,
+                        };
+                        match elsewhere {
+                            Some((buildid, master)) => Ok(format!(
+                                "build request {brid} is being built on master {master}: build {buildid} is asked to stop"
+                            )),
+                            None => Err(CancelError::NotRunningHere(brid)),
+                        }
+                    }
                 }
             }
         }

@@ -305,6 +305,12 @@ pub(super) async fn build_rpc(
     };
     if st.builds.stop_build(call.item, &call.reason) {
         rpc_result(&call.rpc_id, json!(null))
+    } else if let Some(master) = st.builds.stop_elsewhere(call.item, &call.reason).await {
+        tracing::info!(
+            "build {} runs on master {master}: asked it to stop",
+            call.item
+        );
+        rpc_result(&call.rpc_id, json!(null))
     } else {
         rpc_error(
             StatusCode::NOT_FOUND,

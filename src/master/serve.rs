@@ -617,6 +617,16 @@ async fn hear_the_others(
                 }
                 _ => {}
             },
+            Ok(Remote::Stop {
+                master,
+                build,
+                reason,
+            }) if master == distributor.masterid() => {
+                if !distributor.stop_build(build, &reason) {
+                    tracing::info!("asked to stop build {build}, which is not running here");
+                }
+            }
+            Ok(Remote::Stop { .. }) => {}
             Ok(Remote::Listening) | Err(RecvError::Lagged(_)) => distributor.wake(),
             Err(RecvError::Closed) => return,
         }

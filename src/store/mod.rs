@@ -338,9 +338,7 @@ impl Store {
                 let target = self.target.clone();
                 let rt = tokio::runtime::Handle::current();
                 tokio::task::spawn_blocking(move || {
-                    let mut client = rt
-                        .block_on(pool.get())
-                        .map_err(|e| unreachable(&target, e))?;
+                    let mut client = rt.block_on(connection(&pool, &target))?;
                     let tx = rt.block_on(client.transaction())?;
                     let r = f(&mut db::Pg { tx: &tx, rt: &rt })?;
                     rt.block_on(tx.commit())?;
@@ -422,6 +420,56 @@ impl Store {
                 .collect()
         })
         .await
+    }
+}
+
+/// How long a store call waits for a database that cannot be reached.
+const PG_OUTAGE_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A connection from the pool. While the database cannot be reached (down,
+/// restarting, the network gone) it tries again with backoff, logging
+/// each try, for up to [`PG_OUTAGE_LIMIT`]: the caller (the distributor, a
+/// build writing its steps, a poller storing its changes) waits and then
+/// goes on, rather than fail with its work half-done. Nothing was sent, so
+/// trying again cannot write anything twice. A refusal that waiting will
+/// not mend (a wrong password, a database that does not exist) is an error
+/// at once.
+async fn connection(
+    pool: &deadpool_postgres::Pool,
+    target: &Target,
+) -> anyhow::Result<deadpool_postgres::Object> {
+    let started = std::time::Instant::now();
+    let mut backoff = std::time::Duration::from_millis(250);
+    let mut tries = 0u32;
+    loop {
+        let e = match pool.get().await {
+            Ok(c) => {
+                if tries > 0 {
+                    tracing::info!(
+                        "the database {target} can be reached again (after {:.1} s)",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                return Ok(c);
+            }
+            Err(e) => e,
+        };
+        let lasting = matches!(
+            &e,
+            deadpool_postgres::PoolError::Backend(b)
+                if b.code().is_some_and(|c| c.code().starts_with("28") || c.code().starts_with("3D"))
+        );
+        if lasting || started.elapsed() >= PG_OUTAGE_LIMIT {
+            return Err(unreachable(target, e));
+        }
+        tracing::warn!(
+            "the database {target} cannot be reached ({e}); trying again in {:.1} s (waiting for {:.0} s so far)",
+            backoff.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        );
+        tokio::time::sleep(backoff).await;
+        tries += 1;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
     }
 }
 

@@ -13,6 +13,7 @@ use serde_json::json;
 use tokio::sync::{broadcast, mpsc};
 
 use super::api::Collection;
+use super::db::args;
 use super::Store;
 use crate::events::{Note, TOPICS};
 
@@ -35,10 +36,20 @@ const KINDS: &[&str] = &[
     "dead",
 ];
 
+/// The channel a master asks another to stop a build on.
+pub const CONTROL: &str = "kiln_control";
+
 /// What the other masters did, as this master hears it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Remote {
     Note(Note),
+    /// A master asks master `master` to stop build `build` (a user's stop
+    /// or cancel sent to another master than the one running it).
+    Stop {
+        master: i64,
+        build: i64,
+        reason: String,
+    },
     /// The listening connection was (re)made: notes sent meanwhile are
     /// lost, so whoever waits on them should look at the database again.
     Listening,
@@ -61,6 +72,19 @@ fn parse(origin: &str, text: &str) -> Option<Note> {
         topic,
         id: v["i"].as_i64()?,
         event,
+    })
+}
+
+/// A stop request sent on [`CONTROL`].
+fn parse_stop(text: &str) -> Option<Remote> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    Some(Remote::Stop {
+        master: v["master"].as_i64()?,
+        build: v["stop"].as_i64()?,
+        reason: v["reason"]
+            .as_str()
+            .unwrap_or("no reason given")
+            .to_string(),
     })
 }
 
@@ -131,13 +155,16 @@ async fn listen_once(
     out: &broadcast::Sender<Remote>,
 ) -> anyhow::Result<()> {
     let (client, mut conn) = config.connect(tokio_postgres::NoTls).await?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, String)>();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
         while let Some(m) = messages.next().await {
             match m {
                 Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                    if tx.send(n.payload().to_string()).is_err() {
+                    if tx
+                        .send((n.channel().to_string(), n.payload().to_string()))
+                        .is_err()
+                    {
                         return Ok(());
                     }
                 }
@@ -147,9 +174,17 @@ async fn listen_once(
         }
         Ok(())
     });
-    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {CONTROL}"))
+        .await?;
     let _ = out.send(Remote::Listening);
-    while let Some(text) = rx.recv().await {
+    while let Some((channel, text)) = rx.recv().await {
+        if channel == CONTROL {
+            if let Some(stop) = parse_stop(&text) {
+                let _ = out.send(stop);
+            }
+            continue;
+        }
         let Some(note) = parse(origin, &text) else {
             continue;
         };
@@ -202,6 +237,54 @@ impl Store {
         }
     }
 
+    /// Asks the master that runs build `buildid`, when it is another live
+    /// master than `me`, to stop it; that master's name, or `None` when no
+    /// other master runs it (or the database is not shared).
+    pub async fn ask_to_stop(
+        &self,
+        buildid: i64,
+        me: i64,
+        reason: &str,
+    ) -> anyhow::Result<Option<String>> {
+        if self.remote.is_none() {
+            return Ok(None);
+        }
+        let reason = reason.to_string();
+        self.call(move |c| {
+            let Some(r) = c.query_opt(
+                "SELECT b.masterid, m.name FROM builds b JOIN masters m ON m.id = b.masterid
+                 WHERE b.id = ?1 AND b.complete_at IS NULL AND m.active = 1",
+                args![buildid],
+            )?
+            else {
+                return Ok(None);
+            };
+            let (masterid, name): (i64, String) = (r.get(0)?, r.get(1)?);
+            if masterid == me {
+                return Ok(None);
+            }
+            let payload = json!({ "stop": buildid, "master": masterid, "reason": reason });
+            // Sent when this transaction commits.
+            c.execute(
+                "SELECT pg_notify('kiln_control', ?1)",
+                args![payload.to_string()],
+            )?;
+            Ok(Some(name))
+        })
+        .await
+    }
+
+    /// The build running request `brid`, if one does.
+    pub async fn running_build_of(&self, brid: i64) -> anyhow::Result<Option<i64>> {
+        self.call(move |c| {
+            c.value_opt(
+                "SELECT id FROM builds WHERE buildrequestid = ?1 AND complete_at IS NULL ORDER BY id DESC LIMIT 1",
+                args![brid],
+            )
+        })
+        .await
+    }
+
     /// What the other masters did, when the store is shared (PostgreSQL).
     pub fn remote(&self) -> Option<broadcast::Receiver<Remote>> {
         self.remote.as_ref().map(|r| r.subscribe())
@@ -228,5 +311,14 @@ mod tests {
             None
         );
         assert_eq!(parse("b", "not json"), None);
+        assert_eq!(
+            parse_stop(r#"{"stop":4,"master":2,"reason":"by ann"}"#),
+            Some(Remote::Stop {
+                master: 2,
+                build: 4,
+                reason: "by ann".into()
+            })
+        );
+        assert_eq!(parse_stop(r#"{"stop":"x","master":2}"#), None);
     }
 }

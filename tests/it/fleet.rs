@@ -42,6 +42,46 @@ f.addStep(ShellCommand(#{{ name: "wait", command: ["sh", "-c", "while [ ! -e {re
     dir
 }
 
+/// A PostgreSQL server with an empty database, a temp dir and the path of
+/// the file that releases the fleet's builds.
+struct Fleet {
+    tmp: tempfile::TempDir,
+    /// Kept running until the test ends.
+    _server: PgServer,
+    db: String,
+    release: PathBuf,
+}
+
+impl Fleet {
+    fn new() -> Fleet {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let server = PgServer::start();
+        let db = server.create_db("fleet");
+        let release = tmp.path().join("release");
+        Fleet {
+            tmp,
+            _server: server,
+            db,
+            release,
+        }
+    }
+
+    /// Master `m<i>` (of `fleet_master`), started.
+    fn master(&self, i: usize) -> Master {
+        Master::start(&fleet_master(
+            self.tmp.path(),
+            &format!("m{i}"),
+            &self.db,
+            &self.release,
+        ))
+    }
+
+    /// Worker `w<i>` connected to `master`.
+    fn worker(&self, master: &Master, i: usize) -> KilnWorker {
+        KilnWorker::connect(master, &master.dir, &format!("w{i}"), "pw")
+    }
+}
+
 /// `/api/v2/masters` as (name, active).
 fn masters(url: &str) -> Vec<(String, bool)> {
     get(&format!("{url}/api/v2/masters"))["masters"]
@@ -59,15 +99,12 @@ fn masters(url: &str) -> Vec<(String, bool)> {
 
 #[test]
 fn a_killed_masters_build_ends_retry_and_runs_again_on_another_and_a_clean_stop_is_seen_at_once() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let server = PgServer::start();
-    let db = server.create_db("fleet");
-    let release = tmp.path().join("release");
+    let f = Fleet::new();
+    let release = f.release.clone();
     let mut fleet: Vec<(Master, KilnWorker)> = (1..=3)
         .map(|i| {
-            let dir = fleet_master(tmp.path(), &format!("m{i}"), &db, &release);
-            let master = Master::start(&dir);
-            let worker = KilnWorker::connect(&master, &dir, &format!("w{i}"), "pw");
+            let master = f.master(i);
+            let worker = f.worker(&master, i);
             (master, worker)
         })
         .collect();
@@ -167,18 +204,11 @@ fn a_killed_masters_build_ends_retry_and_runs_again_on_another_and_a_clean_stop_
 
 #[test]
 fn a_request_made_on_one_master_builds_at_once_on_another_and_both_event_streams_show_it() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let server = PgServer::start();
-    let db = server.create_db("fleet");
-    let release = tmp.path().join("release");
-    std::fs::write(&release, "").expect("release");
-    let (a, b) = (
-        fleet_master(tmp.path(), "m1", &db, &release),
-        fleet_master(tmp.path(), "m2", &db, &release),
-    );
-    let (ma, mb) = (Master::start(&a), Master::start(&b));
+    let f = Fleet::new();
+    std::fs::write(&f.release, "").expect("release");
+    let (ma, mb) = (f.master(1), f.master(2));
     // Only m2 has a worker: m1 makes the request, m2 builds it.
-    let _w2 = KilnWorker::connect(&mb, &b, "w2", "pw");
+    let _w2 = f.worker(&mb, 2);
     let url = ma.http_url();
     let events = sse_until(
         &format!("{url}/api/v2/events?topics=builds"),
@@ -247,17 +277,16 @@ fn stored(url: &str) -> (Vec<String>, usize) {
 
 #[test]
 fn one_master_at_a_time_polls_and_schedules_and_another_takes_over_when_it_dies() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let server = PgServer::start();
-    let db = server.create_db("fleet");
+    let f = Fleet::new();
+    let (tmp, db) = (&f.tmp, &f.db);
     let repo = tmp.path().join("repo");
     std::fs::create_dir_all(&repo).expect("mkdir");
     common::run(&repo, "hg", &["init", "-q"]);
     common::hg_commit(&repo, "a <a@x>", &["base"], "base");
-    let mut m1 = Master::start(&polling_master(tmp.path(), "m1", &db, &repo));
+    let mut m1 = Master::start(&polling_master(tmp.path(), "m1", db, &repo));
     m1.wait_for_log("master running", 1, Duration::from_secs(30));
     // m1 started first and holds both leases; m2 waits with them.
-    let m2 = Master::start(&polling_master(tmp.path(), "m2", &db, &repo));
+    let m2 = Master::start(&polling_master(tmp.path(), "m2", db, &repo));
     let url2 = m2.http_url();
     m2.wait_for_log("runs 0 of the 2 clustered", 1, Duration::from_secs(30));
     // The first poll takes the repository's tip as seen.
@@ -310,4 +339,60 @@ fn one_master_at_a_time_polls_and_schedules_and_another_takes_over_when_it_dies(
         (stored(&url2).1 >= revs.len()).then_some(())
     });
     assert_eq!(stored(&url2), (revs.clone(), revs.len()), "{}", m2.log());
+}
+
+#[test]
+fn stop_and_cancel_sent_to_one_master_stop_a_build_running_on_another() {
+    // Nothing releases the step: only a stop ends it.
+    let f = Fleet::new();
+    let (ma, mb) = (f.master(1), f.master(2));
+    let _w2 = f.worker(&mb, 2);
+    let url = ma.http_url();
+    let running = |n: usize| {
+        wait_until(Duration::from_secs(60), "a build running on m2", || {
+            let v = get(&format!("{url}/api/v2/builds?complete=false&order=buildid"));
+            let list = v["builds"].as_array().cloned().unwrap_or_default();
+            (list.len() == n).then(|| list[n - 1].clone())
+        })
+    };
+    let ended = |id: &Value| {
+        wait_until(Duration::from_secs(60), "the build to end", || {
+            let v = get(&format!("{url}/api/v2/builds/{id}"));
+            (v["builds"][0]["complete"] == true).then(|| v["builds"][0]["results"].clone())
+        })
+    };
+    let post = |path: String, method: &str| {
+        let (code, body) = common::http(
+            "POST",
+            &format!("{url}{path}"),
+            None,
+            &[("Content-Type", "application/json")],
+            common::Body::Json(serde_json::json!({
+                "jsonrpc": "2.0", "id": 1, "method": method, "params": { "reason": "enough" }
+            })),
+        );
+        assert_eq!(code, 200, "{body}");
+        body
+    };
+
+    // Stop, sent to m1, of a build that m2 runs.
+    force(&ma, "b");
+    let first = running(1);
+    post(format!("/api/v2/builds/{}", first["buildid"]), "stop");
+    assert_eq!(ended(&first["buildid"]), 6, "CANCELLED");
+
+    // Cancel, sent to m1, of a request that m2 builds.
+    force(&ma, "b");
+    let second = running(1);
+    let body = post(
+        format!("/api/v2/buildrequests/{}", second["buildrequestid"]),
+        "cancel",
+    );
+    assert!(body.contains("on master m2"), "{body}");
+    assert_eq!(ended(&second["buildid"]), 6, "CANCELLED");
+    let r = get(&format!(
+        "{url}/api/v2/buildrequests/{}",
+        second["buildrequestid"]
+    ));
+    assert_eq!(r["buildrequests"][0]["results"], 6, "{r}");
 }

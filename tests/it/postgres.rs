@@ -144,3 +144,50 @@ fn a_master_whose_database_cannot_be_reached_exits_1_and_says_why() {
         out.stderr
     );
 }
+
+#[test]
+fn a_database_that_goes_away_mid_build_is_waited_for_and_the_build_ends_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut server = PgServer::start();
+    server.create_db("kiln");
+    let started = tmp.path().join("started");
+    let release = tmp.path().join("release");
+    let script = one_builder(&format!(
+        r#"f.addStep(ShellCommand(#{{ name: "wait", command: ["sh", "-c", "touch {0}; while [ ! -e {1} ]; do sleep 0.05; done"] }}));"#,
+        started.display(),
+        release.display()
+    ))
+    .replacen(
+        "#{\n",
+        &format!("#{{\n    db: #{{ db_url: \"{}\" }},\n", server.url("kiln")),
+        1,
+    );
+    let dir = master_script(tmp.path(), &script);
+    let master = Master::start(&dir);
+    let url = master.http_url();
+    let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the step to run", || {
+        started.exists().then_some(())
+    });
+    // The database goes away while the step runs, and the step ends while
+    // it is away: its result waits for the database.
+    server.stop();
+    std::fs::write(&release, "").expect("release");
+    master.wait_for_log("cannot be reached", 2, Duration::from_secs(30));
+    server.restart().expect("the server starts again");
+    master.wait_for_log("can be reached again", 1, Duration::from_secs(60));
+    wait_until(Duration::from_secs(60), "the build to finish", || {
+        (!finished_builds(&url).is_empty()).then_some(())
+    });
+    assert_eq!(finished_builds(&url), [(1, 0)], "{}", master.log());
+    assert_eq!(
+        server.psql(
+            "kiln",
+            "SELECT count(*), min(complete), min(results) FROM buildrequests"
+        ),
+        "1|1|0\n",
+        "one request, complete with SUCCESS"
+    );
+    assert_eq!(server.psql("kiln", "SELECT count(*) FROM builds"), "1\n");
+}
