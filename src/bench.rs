@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tokio_util::sync::CancellationToken;
 
-use crate::changes::ChangeBus;
 use crate::schedulers::{Clock, Schedulers};
 use crate::script::{load_master, Limits};
 use crate::store::{NewChange, Store, DB_FILE};
@@ -58,13 +57,11 @@ fn run_schedulers(
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let bus = ChangeBus::default();
         let cancel = CancellationToken::new();
         let sched = Schedulers::start(
             &loaded.config,
             loaded.runtime(),
             store.clone(),
-            &bus,
             Clock::new(),
             &cancel,
         );
@@ -94,8 +91,7 @@ fn run_schedulers(
                     ..Default::default()
                 })
                 .collect();
-            let stored = store.add_changes("bench", batch, vec![]).await?;
-            bus.publish(stored);
+            store.add_changes("bench", batch, vec![]).await?;
         }
         let stored_changes = started.elapsed();
         let deadline = Instant::now() + Duration::from_secs(600);

@@ -16,11 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ChangeSource;
-use crate::store::{Change, NewChange, ObjectId, Store};
+use crate::store::{NewChange, ObjectId, Store};
 
 /// How long one command or HTTP request of a poll may take.
 pub const POLL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -28,28 +27,7 @@ pub const POLL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait between retries of a failing poller.
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
 
-/// Every stored change, in the order stored. Subscribers that fall behind
-/// lose messages (and are told so by `broadcast`); the store is the record.
-#[derive(Clone)]
-pub struct ChangeBus(broadcast::Sender<Arc<Change>>);
-
-impl Default for ChangeBus {
-    fn default() -> Self {
-        ChangeBus(broadcast::channel(4096).0)
-    }
-}
-
-impl ChangeBus {
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
-        self.0.subscribe()
-    }
-    pub fn publish(&self, changes: Vec<Change>) {
-        for c in changes {
-            // No subscriber is not an error: the changes are stored.
-            let _ = self.0.send(Arc::new(c));
-        }
-    }
-}
+pub use crate::store::ChangeBus;
 
 /// Pollers that can be asked to poll at once (Buildbot's `poller` change
 /// hook): each registers the names it answers to and a wake-up.
@@ -116,7 +94,6 @@ impl PollNow {
 #[derive(Clone)]
 pub struct Context {
     pub store: Store,
-    pub bus: ChangeBus,
     /// Where the `poller` change hook wakes pollers up.
     pub poll_now: PollNow,
     /// Pollers keep their mirrors under `DIR/pollers/`.
@@ -146,7 +123,7 @@ impl PollErrors {
 }
 
 impl Context {
-    pub fn new(store: Store, bus: ChangeBus, master_dir: &Path) -> anyhow::Result<Context> {
+    pub fn new(store: Store, master_dir: &Path) -> anyhow::Result<Context> {
         let http = reqwest::Client::builder()
             .timeout(POLL_TIMEOUT)
             .connect_timeout(Duration::from_secs(10))
@@ -155,7 +132,6 @@ impl Context {
             .context("cannot set up the HTTP client")?;
         Ok(Context {
             store,
-            bus,
             poll_now: PollNow::default(),
             master_dir: master_dir.to_path_buf(),
             http,
@@ -171,17 +147,15 @@ impl Context {
         self.commands.acquire().await.ok()
     }
 
-    /// Stores `changes` with the poller's new state, then publishes them.
+    /// Stores `changes` with the poller's new state (the store publishes
+    /// them).
     pub async fn commit(
         &self,
         source: &str,
         changes: Vec<NewChange>,
         state: Vec<(ObjectId, String, serde_json::Value)>,
     ) -> anyhow::Result<usize> {
-        let stored = self.store.add_changes(source, changes, state).await?;
-        let n = stored.len();
-        self.bus.publish(stored);
-        Ok(n)
+        Ok(self.store.add_changes(source, changes, state).await?.len())
     }
 
     /// A directory for a poller's mirror of `url`.

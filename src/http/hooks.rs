@@ -156,7 +156,6 @@ pub(super) async fn change_hook_base(
         Ok(stored) => {
             let ids: Vec<i64> = stored.iter().map(|c| c.changeid).collect();
             tracing::info!("change hook: stored change {ids:?}");
-            st.bus.publish(stored);
             (StatusCode::OK, Json(json!({ "changeids": ids }))).into_response()
         }
         Err(e) => {

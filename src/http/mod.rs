@@ -33,7 +33,6 @@ mod web;
 use crate::config::WwwAction;
 use auth::Denied;
 
-use crate::changes::ChangeBus;
 use crate::schedulers::Schedulers;
 use crate::store::Store;
 
@@ -48,7 +47,6 @@ pub struct ReloadAsk {
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    pub bus: ChangeBus,
     /// The pollers the `poller` change hook can wake.
     pub poll_now: crate::changes::PollNow,
     /// Failed polls per change source, for `/metrics`.

@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::changes::{self, ChangeBus};
+use crate::changes;
 use crate::config::DbConfig;
 use crate::config::MasterConfig;
 use crate::store::{Store, Target};
@@ -57,7 +57,7 @@ pub fn poll_once(dir: &Path, config: &MasterConfig) -> anyhow::Result<usize> {
         .context("cannot start the async runtime")?;
     rt.block_on(async {
         let store = Store::connect(&target).await?;
-        let ctx = changes::Context::new(store, ChangeBus::default(), dir)?;
+        let ctx = changes::Context::new(store, dir)?;
         let started = Instant::now();
         let tasks: Vec<_> = config
             .change_source

@@ -15,7 +15,7 @@ use super::db_target;
 use super::pidfile::PidFile;
 use super::reload::{paths, Loader, ReloadOptions, MAX_DEBOUNCE};
 use super::watch::Watcher;
-use crate::changes::{self, ChangeBus};
+use crate::changes;
 use crate::config::MasterConfig;
 use crate::http::ReloadAsk;
 use crate::schedulers::{Clock, Schedulers};
@@ -257,13 +257,11 @@ pub(super) async fn serve(
     let running = held_services(&config, held.as_ref());
     let (wanted_tx, wanted_rx) = tokio::sync::watch::channel(leased_names(&config));
     let (held_tx, mut held_rx) = tokio::sync::mpsc::channel::<BTreeSet<String>>(4);
-    let bus = ChangeBus::default();
-    let ctx = changes::Context::new(store.clone(), bus.clone(), dir)?;
+    let ctx = changes::Context::new(store.clone(), dir)?;
     let schedulers = Schedulers::start(
         &running,
         runtime.clone(),
         store.clone(),
-        &bus,
         Clock::new(),
         &cancel,
     );
@@ -281,7 +279,6 @@ pub(super) async fn serve(
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadAsk>(16);
     let app = crate::http::AppState {
         store: store.clone(),
-        bus: bus.clone(),
         poll_now: ctx.poll_now.clone(),
         poll_errors: ctx.poll_errors.clone(),
         schedulers: schedulers.clone(),
@@ -336,13 +333,7 @@ pub(super) async fn serve(
     }
     let distributor_task = tokio::spawn(distributor.clone().run(cancel.clone()));
     if let Some(remote) = store.remote() {
-        tokio::spawn(hear_the_others(
-            remote,
-            store.clone(),
-            bus.clone(),
-            distributor.clone(),
-            cancel.clone(),
-        ));
+        tokio::spawn(hear_the_others(remote, distributor.clone(), cancel.clone()));
     }
     let (dead_tx, mut declared_dead) = tokio::sync::mpsc::channel::<()>(1);
     let heartbeat_task = config.multi_master.clone().map(|mm| {
@@ -588,13 +579,12 @@ async fn heartbeat(p: Pulse, mut leases: Leases) {
 }
 
 /// What the other masters of a shared database did, as it concerns this
-/// one: their new changes reach this master's schedulers, and new or
-/// returned requests (or workers and masters coming and going) make its
-/// distributor look at the queue at once.
+/// one: new or returned requests (or workers and masters coming and going)
+/// make its distributor look at the queue at once, and a stop meant for a
+/// build of this master stops it. (Their new changes reach this master's
+/// schedulers through the store's change bus.)
 async fn hear_the_others(
     mut remote: tokio::sync::broadcast::Receiver<crate::store::notify::Remote>,
-    store: Store,
-    bus: ChangeBus,
     distributor: Arc<crate::builds::Distributor>,
     cancel: CancellationToken,
 ) {
@@ -607,11 +597,6 @@ async fn hear_the_others(
         };
         match heard {
             Ok(Remote::Note(n)) => match (n.topic, n.event) {
-                ("changes", "new") => match store.get_change(n.id).await {
-                    Ok(Some(c)) => bus.publish(vec![c]),
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!("cannot read change {}: {e:#}", n.id),
-                },
                 ("buildrequests", _) | ("buildsets", "new") | ("workers", _) | ("masters", _) => {
                     distributor.wake()
                 }

@@ -25,10 +25,10 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::changes::ChangeBus;
 use crate::config::{MasterConfig, SchedulerConfig, SchedulerKind};
 use crate::script::ScriptRuntime;
 use crate::store::buildsets::{BuildsetIds, SourceStamp};
+use crate::store::ChangeBus;
 use crate::store::{Properties, Store};
 
 pub use filter::{explain, Verdict};
@@ -149,11 +149,11 @@ impl Schedulers {
         config: &MasterConfig,
         runtime: ScriptRuntime,
         store: Store,
-        bus: &ChangeBus,
         clock: Clock,
         cancel: &CancellationToken,
     ) -> Schedulers {
         let (done, _) = broadcast::channel(1024);
+        let bus = store.change_bus().clone();
         let shared = Arc::new(Shared {
             store,
             runtime: std::sync::RwLock::new(runtime),
@@ -165,7 +165,7 @@ impl Schedulers {
             running: Arc::default(),
             done,
             shared,
-            bus: bus.clone(),
+            bus,
             cancel: cancel.clone(),
         };
         let mut running = me.write();

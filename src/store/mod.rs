@@ -95,6 +95,32 @@ pub struct Change {
     pub change: NewChange,
 }
 
+/// Every change the store records, in the order stored, this master's and
+/// (on a shared database) the other masters': the store is its one
+/// publisher, after the commit. Subscribers that fall behind lose messages
+/// (and are told so by `broadcast`); the store is the record.
+#[derive(Clone)]
+pub struct ChangeBus(tokio::sync::broadcast::Sender<Arc<Change>>);
+
+impl Default for ChangeBus {
+    fn default() -> Self {
+        ChangeBus(tokio::sync::broadcast::channel(4096).0)
+    }
+}
+
+impl ChangeBus {
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Change>> {
+        self.0.subscribe()
+    }
+
+    fn publish(&self, changes: &[Change]) {
+        for c in changes {
+            // No subscriber is not an error: the changes are stored.
+            let _ = self.0.send(Arc::new(c.clone()));
+        }
+    }
+}
+
 /// Named JSON state of one object (a poller, a scheduler).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObjectId(pub i64);
@@ -176,6 +202,8 @@ pub struct Store {
     events: crate::events::Events,
     /// What the other masters of a shared database wrote.
     remote: Option<tokio::sync::broadcast::Sender<notify::Remote>>,
+    /// The changes it records.
+    bus: ChangeBus,
 }
 
 impl std::fmt::Debug for Store {
@@ -213,6 +241,7 @@ impl Store {
             target: Arc::new(Target::Sqlite(path.to_path_buf())),
             events: crate::events::Events::new(),
             remote: None,
+            bus: ChangeBus::default(),
         })
     }
 
@@ -278,6 +307,7 @@ impl Store {
             target: Arc::new(target.clone()),
             events: crate::events::Events::with_fanout(notes_tx),
             remote: Some(remote.clone()),
+            bus: ChangeBus::default(),
         };
         tokio::spawn(notify::listener(
             listen_config,
@@ -308,6 +338,11 @@ impl Store {
     /// The stream of what this store records.
     pub fn events(&self) -> &crate::events::Events {
         &self.events
+    }
+
+    /// The changes this store records, as it records them.
+    pub fn change_bus(&self) -> &ChangeBus {
+        &self.bus
     }
 
     /// Runs blocking database work off the async runtime, as one
@@ -396,6 +431,7 @@ impl Store {
                 Ok(out)
             })
             .await?;
+        self.bus.publish(&stored);
         for ch in &stored {
             self.events.emit("changes", ch.changeid, "new", || {
                 serde_json::to_value(ch).unwrap_or_default()

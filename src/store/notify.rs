@@ -202,6 +202,13 @@ impl Store {
     /// Publishes another master's event to this master's subscribers, with
     /// the item as the read API shows it now.
     async fn republish(&self, n: Note) {
+        if (n.topic, n.event) == ("changes", "new") {
+            match self.get_change(n.id).await {
+                Ok(Some(c)) => self.bus.publish(std::slice::from_ref(&c)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!("cannot read change {}: {e:#}", n.id),
+            }
+        }
         if self.events.subscribers() == 0 {
             return;
         }

@@ -534,9 +534,8 @@ fn a_hanging_server_times_out_and_stored_changes_reach_the_bus() {
         .expect("runtime");
     rt.block_on(async {
         let store = kiln::store::Store::open(&tmp.path().join("state.sqlite")).expect("store");
-        let bus = kiln::changes::ChangeBus::default();
-        let mut rx = bus.subscribe();
-        let mut ctx = kiln::changes::Context::new(store, bus, tmp.path()).expect("context");
+        let mut rx = store.change_bus().subscribe();
+        let mut ctx = kiln::changes::Context::new(store, tmp.path()).expect("context");
         ctx.timeout = Duration::from_secs(1);
         let mut poller = kiln::changes::Poller::new(&kiln::config::ChangeSource::HgPoller(cfg));
         assert_eq!(poller.poll(&ctx).await.expect("first poll"), 0);

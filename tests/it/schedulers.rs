@@ -10,7 +10,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kiln::changes::ChangeBus;
 use kiln::schedulers::{BuildsetDone, Clock, Schedulers};
 use kiln::script::{load_master, Limits, Loaded};
 use kiln::store::buildsets::{Buildset, SourceStamp};
@@ -46,7 +45,6 @@ for n in ["linux", "win32", "up", "down"] {{
 
 struct Running {
     store: Store,
-    bus: ChangeBus,
     schedulers: Schedulers,
     cancel: CancellationToken,
 }
@@ -57,19 +55,16 @@ impl Running {
     }
 
     fn start_with(loaded: &Loaded, store: &Store, clock: Clock) -> Running {
-        let bus = ChangeBus::default();
         let cancel = CancellationToken::new();
         let schedulers = Schedulers::start(
             &loaded.config,
             loaded.runtime(),
             store.clone(),
-            &bus,
             clock,
             &cancel,
         );
         Running {
             store: store.clone(),
-            bus,
             schedulers,
             cancel,
         }
@@ -104,9 +99,7 @@ impl Running {
             )
             .await
             .expect("store change");
-        let id = stored[0].changeid;
-        self.bus.publish(stored);
-        id
+        stored[0].changeid
     }
 
     async fn buildsets(&self) -> Vec<Buildset> {
@@ -327,8 +320,8 @@ async fn file_is_important_classifies_changes_polled_from_a_real_repository() {
     let store = open_store(tmp.path()).await;
     let m = Running::start(&loaded, &store);
     settle().await;
-    let ctx = kiln::changes::Context::new(store.clone(), m.bus.clone(), &tmp.path().join("master"))
-        .expect("context");
+    let ctx =
+        kiln::changes::Context::new(store.clone(), &tmp.path().join("master")).expect("context");
     let source = kiln::config::ChangeSource::HgPoller(kiln::config::HgPoller {
         hg_url: repo.display().to_string(),
         branch: String::new(),
