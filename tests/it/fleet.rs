@@ -300,17 +300,9 @@ fn one_master_at_a_time_polls_and_schedules_and_another_takes_over_when_it_dies(
             &["f"],
             &format!("push {i}"),
         ));
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while stored(&url2) != (revs.clone(), revs.len()) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "push {i}: {:?} for {revs:?}\n{}\n{}",
-                stored(&url2),
-                m1.log(),
-                m2.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(Duration::from_secs(30), "the push to be built", || {
+            (stored(&url2) == (revs.clone(), revs.len())).then_some(())
+        });
     }
     m1.kill();
     // While m1 is silent, nobody polls; m2 takes over within dead_after.
