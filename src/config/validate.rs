@@ -94,7 +94,9 @@ pub fn validate(c: &MasterConfig) -> Vec<Diagnostic> {
             );
         }
         for b in &s.builder_names {
-            if !builders.contains_key(b.as_str()) {
+            // In a fleet, another master may build it (a scheduler master
+            // has no builders at all).
+            if !builders.contains_key(b.as_str()) && c.multi_master.is_none() {
                 out.push(
                     Diagnostic::error(format!(
                         "scheduler `{}` names unknown builder `{b}`",

@@ -388,3 +388,41 @@ fn stop_and_cancel_sent_to_one_master_stop_a_build_running_on_another() {
     ));
     assert_eq!(r["buildrequests"][0]["results"], 6, "{r}");
 }
+
+#[test]
+fn a_scheduler_master_without_builders_makes_requests_that_a_build_master_builds() {
+    let f = Fleet::new();
+    std::fs::write(&f.release, "").expect("release");
+    // The scheduler master names builder `b`, which only m1 has.
+    let sched = f.tmp.path().join("scheduler");
+    std::fs::create_dir_all(&sched).expect("mkdir");
+    std::fs::write(
+        sched.join("master.rhai"),
+        format!(
+            r#"#{{
+    masterName: "scheduler",
+    multiMaster: #{{ heartbeat: 1, dead_after: 3 }},
+    db: #{{ db_url: "{}" }},
+    www: #{{ port: 0 }},
+    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
+}}
+"#,
+            f.db
+        ),
+    )
+    .expect("master.rhai");
+    let out = common::kiln(&sched, &["checkconfig", "."], Duration::from_secs(60));
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let scheduler = Master::start(&sched);
+    let builder = f.master(1);
+    let _w1 = f.worker(&builder, 1);
+    force(&scheduler, "b");
+    let url = scheduler.http_url();
+    let build = wait_until(Duration::from_secs(60), "the build", || {
+        let v = get(&format!("{url}/api/v2/builds?complete=true"));
+        v["builds"].as_array().and_then(|a| a.first()).cloned()
+    });
+    assert_eq!(build["results"], 0, "{build}");
+    let m1 = get(&format!("{url}/api/v2/masters/m1"));
+    assert_eq!(build["masterid"], m1["masters"][0]["masterid"]);
+}
