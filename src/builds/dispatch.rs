@@ -307,7 +307,12 @@ impl Distributor {
 
     pub(super) async fn distribute(self: Arc<Self>) -> anyhow::Result<()> {
         let gen = self.generation();
-        let pending = self.store.unclaimed_requests(1000).await?;
+        // The queue of this master's builders only: with many masters on
+        // one database, the others' requests are not its to look at.
+        let pending = self
+            .store
+            .unclaimed_requests_of(self.masterid, 1000)
+            .await?;
         // The pending requests of each builder, in the store's order
         // (highest priority, then oldest, first). Builders and queues are
         // found through maps: this runs on every wake, for up to 1000

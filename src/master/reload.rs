@@ -168,7 +168,12 @@ impl Live {
                 }
             }
         }
-        if let Err(e) = self.app.store.register_builders(builder_rows(&new)).await {
+        if let Err(e) = self
+            .app
+            .store
+            .register_builders(self.master_id, builder_rows(&new))
+            .await
+        {
             tracing::warn!("cannot record the new builders: {e:#}");
         }
         let running = super::serve::held_services(&new, self.held.as_ref());

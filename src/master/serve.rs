@@ -233,7 +233,9 @@ pub(super) async fn serve(
         .clone()
         .unwrap_or_else(|| master_name(dir));
     let master_id = store.master_started(&name).await?;
-    store.register_builders(builder_rows(&config)).await?;
+    store
+        .register_builders(master_id, builder_rows(&config))
+        .await?;
     // In a fleet, this master runs the pollers and schedulers it holds the
     // lease of; the heartbeat takes more as others give them up or die.
     let held = match &config.multi_master {

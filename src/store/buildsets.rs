@@ -279,15 +279,29 @@ pub fn requests_of_buildset(c: &mut dyn Sql, bsid: i64) -> anyhow::Result<Vec<Bu
     request_rows(c, &sql, args![bsid])
 }
 
-/// Requests neither complete nor claimed, highest priority first, then oldest.
-pub fn unclaimed_requests(c: &mut dyn Sql, limit: usize) -> anyhow::Result<Vec<BuildRequest>> {
+/// Requests neither complete nor claimed, highest priority first, then
+/// oldest: of the builders master `of` has (`None`: of every builder).
+pub fn unclaimed_requests(
+    c: &mut dyn Sql,
+    of: Option<i64>,
+    limit: usize,
+) -> anyhow::Result<Vec<BuildRequest>> {
+    let mine = if of.is_some() {
+        "JOIN builder_masters bm ON bm.builderid = r.builderid AND bm.masterid = ?2"
+    } else {
+        ""
+    };
     let sql = format!(
         "SELECT {REQUEST_COLUMNS} FROM buildrequests r JOIN builders b ON b.id = r.builderid
+         {mine}
          LEFT JOIN buildrequest_claims c ON c.brid = r.id
          WHERE r.complete = 0 AND c.brid IS NULL
          ORDER BY r.priority DESC, r.submitted_at, r.id LIMIT ?1"
     );
-    request_rows(c, &sql, args![limit])
+    match of {
+        Some(m) => request_rows(c, &sql, args![limit, m]),
+        None => request_rows(c, &sql, args![limit]),
+    }
 }
 
 /// Unclaimed requests that may be built together with `brid` (Buildbot's
@@ -547,8 +561,20 @@ impl Store {
         .await
     }
 
+    /// Unclaimed requests of every builder.
     pub async fn unclaimed_requests(&self, limit: usize) -> anyhow::Result<Vec<BuildRequest>> {
-        self.call(move |c| unclaimed_requests(c, limit)).await
+        self.call(move |c| unclaimed_requests(c, None, limit)).await
+    }
+
+    /// Unclaimed requests of the builders master `masterid` has (those it
+    /// registered last).
+    pub async fn unclaimed_requests_of(
+        &self,
+        masterid: i64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<BuildRequest>> {
+        self.call(move |c| unclaimed_requests(c, Some(masterid), limit))
+            .await
     }
 
     pub async fn buildset_sourcestamps(&self, bsid: i64) -> anyhow::Result<Vec<SourceStamp>> {
@@ -616,18 +642,30 @@ impl Store {
         Ok(done)
     }
 
-    /// Records the configured builders (name, description, tags), so that
-    /// the API lists every one of them from the start, as Buildbot's does.
+    /// Records the configured builders (name, description, tags) of
+    /// master `masterid`, so that the API lists every one of them from the
+    /// start, as Buildbot's does, and the master reads the queue of these
+    /// builders only.
     pub async fn register_builders(
         &self,
+        masterid: i64,
         builders: Vec<(String, Option<String>, Vec<String>)>,
     ) -> anyhow::Result<()> {
         self.call(move |c| {
+            c.execute(
+                "DELETE FROM builder_masters WHERE masterid = ?1",
+                args![masterid],
+            )?;
             for (name, description, tags) in &builders {
-                builder_id(c, name)?;
+                let id = builder_id(c, name)?;
                 c.execute(
-                    "UPDATE builders SET description = ?2, tags_json = ?3 WHERE name = ?1",
-                    args![name, description, serde_json::to_string(tags)?],
+                    "UPDATE builders SET description = ?2, tags_json = ?3 WHERE id = ?1",
+                    args![id, description, serde_json::to_string(tags)?],
+                )?;
+                c.execute(
+                    "INSERT INTO builder_masters (builderid, masterid) VALUES (?1, ?2)
+                     ON CONFLICT DO NOTHING",
+                    args![id, masterid],
                 )?;
             }
             Ok(())
@@ -785,6 +823,47 @@ mod tests {
             assert_eq!(bs.properties["p"].0, 1);
             // Completing again changes nothing.
             assert_eq!(store.complete_requests(vec![a, b], 0).await.unwrap(), []);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_master_reads_the_queue_of_its_own_builders() {
+        for (store, _db) in crate::store::testing::each_backend().await {
+            let m1 = store.master_started("m1").await.unwrap();
+            let m2 = store.master_started("m2").await.unwrap();
+            let rows = |names: &[&str]| -> Vec<(String, Option<String>, Vec<String>)> {
+                names
+                    .iter()
+                    .map(|n| (n.to_string(), None, vec![]))
+                    .collect()
+            };
+            store.register_builders(m1, rows(&["linux"])).await.unwrap();
+            store
+                .register_builders(m2, rows(&["linux", "win32"]))
+                .await
+                .unwrap();
+            store
+                .add_buildset(buildset(&["linux", "win32"]))
+                .await
+                .unwrap();
+            let names = |v: Vec<BuildRequest>| -> Vec<String> {
+                v.into_iter().map(|r| r.buildername).collect()
+            };
+            assert_eq!(
+                names(store.unclaimed_requests_of(m1, 10).await.unwrap()),
+                ["linux"]
+            );
+            assert_eq!(
+                names(store.unclaimed_requests_of(m2, 10).await.unwrap()),
+                ["linux", "win32"]
+            );
+            // A reload that drops a builder drops it from the master's queue.
+            store.register_builders(m2, rows(&["win32"])).await.unwrap();
+            assert_eq!(
+                names(store.unclaimed_requests_of(m2, 10).await.unwrap()),
+                ["win32"]
+            );
+            assert_eq!(store.unclaimed_requests(10).await.unwrap().len(), 2);
         }
     }
 

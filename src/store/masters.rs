@@ -45,6 +45,7 @@ impl Store {
     pub async fn master_stopped(&self, id: i64) -> anyhow::Result<()> {
         self.call(move |c| {
             c.execute("DELETE FROM leases WHERE masterid = ?1", args![id])?;
+            c.execute("DELETE FROM builder_masters WHERE masterid = ?1", args![id])?;
             c.execute(
                 "UPDATE masters SET active = 0, last_active = ?2 WHERE id = ?1",
                 args![id, now()],
@@ -110,6 +111,10 @@ impl Store {
                         args![masterid],
                     )?;
                     c.execute("DELETE FROM leases WHERE masterid = ?1", args![masterid])?;
+                    c.execute(
+                        "DELETE FROM builder_masters WHERE masterid = ?1",
+                        args![masterid],
+                    )?;
                     out.push(Reaped {
                         masterid,
                         name,

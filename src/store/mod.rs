@@ -57,6 +57,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("migrations/0005_grid_indexes.sql"),
     ),
     ("leases", include_str!("migrations/0006_leases.sql")),
+    (
+        "builder masters",
+        include_str!("migrations/0007_builder_masters.sql"),
+    ),
 ];
 
 /// The schema version this kiln writes.
