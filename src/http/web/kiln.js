@@ -6,6 +6,15 @@
 const RESULTS = ["success", "warnings", "failure", "skipped", "exception", "retry", "cancelled"];
 const main = () => document.getElementById("main");
 let page = { close() {} };
+// Each route is a generation: a page draws into the main element only
+// while it is the page shown, so a draw still under way (a fetch, a
+// debounced redraw) when the user moves on lands nowhere.
+let generation = 0;
+const viewOf = () => {
+  const mine = generation;
+  const nowhere = document.createElement("div");
+  return () => (mine === generation ? main() : nowhere);
+};
 
 function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
@@ -99,6 +108,7 @@ function fail(e) {
 /// The grid from the newest pushes, or (`before`, a buildset id) from
 /// older ones: `#/pushes/before/ID` pages back.
 async function gridPage(before) {
+  const show = viewOf();
   let data;
   const draw = async () => {
     data = await api("grid?buildsets=60" + (before ? `&before=${before}` : ""));
@@ -108,7 +118,7 @@ async function gridPage(before) {
       before ? h("a", { href: "#/" }, "Newest pushes") : null, before ? " · " : null,
       data.pushes.length && Number.isFinite(oldest) && oldest > 1 ?
         h("a", { href: `#/pushes/before/${oldest}`, id: "older" }, "Older pushes") : null);
-    main().replaceChildren(renderGrid(data), nav);
+    show().replaceChildren(renderGrid(data), nav);
   };
   await draw();
   const redraw = debounce(() => draw().catch(fail), 250);
@@ -170,17 +180,19 @@ function renderGrid(data) {
 // ---- Builders -----------------------------------------------------------
 
 async function buildersPage() {
+  const show = viewOf();
   const [{ builders }, grid] = await Promise.all([api("builders"), api("grid?buildsets=1")]);
   const cat = new Map(grid.builders.map((b) => [b.builderid, b.category || ""]));
   const rows = builders.filter((b) => cat.has(b.builderid))
     .map((b) => h("tr", {}, h("td", {}, h("a", { href: `#/builders/${b.builderid}` }, b.name)),
       h("td", { class: "muted" }, cat.get(b.builderid)), h("td", { class: "muted" }, b.description || "")));
-  main().replaceChildren(h("h1", {}, "Builders"),
+  show().replaceChildren(h("h1", {}, "Builders"),
     h("div", { class: "scroll" }, h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Name"), h("th", {}, "Category"), h("th", {}, "Description"))), h("tbody", {}, rows))));
   return { close() {} };
 }
 
 async function builderPage(id) {
+  const show = viewOf();
   const draw = async () => {
     const [{ builders }, { builds }, { buildrequests }, { forceschedulers }] = await Promise.all([
       api(`builders/${id}`), api(`builders/${id}/builds?order=-number&limit=50`),
@@ -188,7 +200,7 @@ async function builderPage(id) {
     const b = builders[0];
     const force = forceschedulers.find((f) => f.builder_names.includes(b.name));
     const msg = h("span", { class: "muted" });
-    main().replaceChildren(
+    show().replaceChildren(
       h("h1", {}, b.name),
       b.description ? h("p", {}, b.description) : null,
       force ? h("p", {}, h("button", {
@@ -220,6 +232,7 @@ async function builderPage(id) {
 // ---- A build, with its steps and a live log -----------------------------
 
 async function buildPage(id, logid) {
+  const show = viewOf();
   const view = { es: null, lines: null, log: null, steps: new Set() };
   const draw = async () => {
     const { builds } = await api(`builds/${id}`);
@@ -238,7 +251,7 @@ async function buildPage(id, logid) {
       catch (e) { ev.target.replaceWith(h("span", { class: "error" }, e.message)); }
     } }, "Stop");
     const builder = builders[0];
-    main().replaceChildren(
+    show().replaceChildren(
       h("h1", {}, h("a", { href: `#/builders/${builder.builderid}` }, builder.name), ` #${b.number} `,
         badge(b.results, b.complete)),
       h("p", {}, b.state_string, " · started ", when(b.started_at), " · ", duration(b.started_at, b.complete_at),
@@ -282,9 +295,10 @@ async function buildPage(id, logid) {
 // ---- Workers ------------------------------------------------------------
 
 async function workersPage() {
+  const show = viewOf();
   const draw = async () => {
     const { workers } = await api("workers");
-    main().replaceChildren(h("h1", {}, "Workers"),
+    show().replaceChildren(h("h1", {}, "Workers"),
       h("div", { class: "scroll" }, h("table", {}, h("tbody", {}, workers.map((w) => {
         const up = (w.connected_to || []).length > 0;
         return h("tr", { dataset: { worker: w.name } },
@@ -299,6 +313,7 @@ async function workersPage() {
 }
 
 async function workerPage(id) {
+  const show = viewOf();
   const draw = async () => {
     const [{ workers }, { builds }, grid] = await Promise.all([
       api(`workers/${id}`), api(`builds?workerid=${id}&order=-buildid&limit=50`), api("grid?buildsets=1")]);
@@ -306,7 +321,7 @@ async function workerPage(id) {
     const names = new Map(grid.builders.map((b) => [b.builderid, b.name]));
     const up = (w.connected_to || []).length > 0;
     const info = Object.entries(w.workerinfo || {}).filter(([, v]) => typeof v !== "object");
-    main().replaceChildren(h("h1", {}, w.name, " ", h("span", { class: `pill ${up ? "up" : "down"}` }, up ? "connected" : "not connected")),
+    show().replaceChildren(h("h1", {}, w.name, " ", h("span", { class: `pill ${up ? "up" : "down"}` }, up ? "connected" : "not connected")),
       info.length ? h("table", {}, h("tbody", {}, info.map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, String(v)))))) : null,
       h("h2", {}, "Builds"),
       h("div", { class: "scroll" }, h("table", {}, h("tbody", {}, builds.map((x) => h("tr", {},
@@ -322,9 +337,10 @@ async function workerPage(id) {
 // ---- The config in force ------------------------------------------------
 
 async function configPage() {
+  const show = viewOf();
   const draw = async () => {
     const [{ config, files }, { reloads }] = await Promise.all([api("config"), api("reloads?limit=10")]);
-    main().replaceChildren(h("h1", {}, "Config"),
+    show().replaceChildren(h("h1", {}, "Config"),
       h("p", {}, `${config.builders.length} builders, ${config.schedulers.length} schedulers, ${config.workers.length} workers, ${config.change_source.length} change sources.`),
       h("h2", {}, "Last reloads"),
       reloads.length ? h("ul", { id: "reloads" }, reloads.map((r) => h("li", {},
@@ -345,6 +361,7 @@ async function configPage() {
 // ---- Routing ------------------------------------------------------------
 
 async function route() {
+  generation += 1;
   page.close();
   page = { close() {} };
   const path = location.hash.replace(/^#/, "") || "/";
