@@ -225,6 +225,27 @@ fn secrets_never_print() {
 }
 
 #[test]
+fn a_database_password_never_prints() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    write(
+        tmp.path(),
+        "master.rhai",
+        r#"#{ db: #{ db_url: "postgresql://kiln:hunter2@db.example.org:5432/kiln" }, multiMaster: true }"#,
+    );
+    for args in [&["print-config", "."][..], &["print-config", "--json", "."]] {
+        let out = common::kiln(tmp.path(), args, LIMIT);
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        assert!(!out.stdout.contains("hunter2"), "{}", out.stdout);
+        assert!(
+            out.stdout
+                .contains("postgresql://kiln:***@db.example.org:5432/kiln"),
+            "{}",
+            out.stdout
+        );
+    }
+}
+
+#[test]
 fn generate_branch_objects_and_merge_leave_their_inputs_alone() {
     let tmp = tempfile::tempdir().expect("tmp");
     write(
