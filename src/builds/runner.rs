@@ -355,8 +355,11 @@ impl Distributor {
             .complete_requests(claimed.to_vec(), results as i64)
             .await?
         {
-            self.schedulers
-                .buildset_done(BuildsetDone { bsid, results: r });
+            self.schedulers.buildset_done(BuildsetDone {
+                bsid,
+                results: r,
+                here: true,
+            });
         }
         if disconnected == Some(Disconnected::Drop) {
             tracing::info!(worker = %worker.name, "disconnecting the worker, as build {number}'s DisconnectStep asked");

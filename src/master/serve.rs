@@ -335,7 +335,13 @@ pub(super) async fn serve(
     }
     let distributor_task = tokio::spawn(distributor.clone().run(cancel.clone()));
     if let Some(remote) = store.remote() {
-        tokio::spawn(hear_the_others(remote, distributor.clone(), cancel.clone()));
+        tokio::spawn(hear_the_others(
+            remote,
+            store.clone(),
+            schedulers.clone(),
+            distributor.clone(),
+            cancel.clone(),
+        ));
     }
     let (dead_tx, mut declared_dead) = tokio::sync::mpsc::channel::<()>(1);
     let heartbeat_task = config.multi_master.clone().map(|mm| {
@@ -582,11 +588,14 @@ async fn heartbeat(p: Pulse, mut leases: Leases) {
 
 /// What the other masters of a shared database did, as it concerns this
 /// one: new or returned requests (or workers and masters coming and going)
-/// make its distributor look at the queue at once, and a stop meant for a
-/// build of this master stops it. (Their new changes reach this master's
+/// make its distributor look at the queue at once, a buildset they
+/// completed reaches the Trigger steps waiting here, and a stop meant for
+/// a build of this master stops it. (Their new changes reach this master's
 /// schedulers through the store's change bus.)
 async fn hear_the_others(
     mut remote: tokio::sync::broadcast::Receiver<crate::store::notify::Remote>,
+    store: Store,
+    schedulers: Schedulers,
     distributor: Arc<crate::builds::Distributor>,
     cancel: CancellationToken,
 ) {
@@ -599,6 +608,21 @@ async fn hear_the_others(
         };
         match heard {
             Ok(Remote::Note(n)) => match (n.topic, n.event) {
+                // A buildset another master completed: a Trigger step here
+                // may wait for it.
+                ("buildsets", "complete") => match store.get_buildset(n.id).await {
+                    Ok(Some(bs)) => {
+                        if let (true, Some(results)) = (bs.complete, bs.results) {
+                            schedulers.buildset_done(crate::schedulers::BuildsetDone {
+                                bsid: bs.bsid,
+                                results,
+                                here: false,
+                            });
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("cannot read buildset {}: {e:#}", n.id),
+                },
                 ("buildrequests", _) | ("buildsets", "new") | ("workers", _) | ("masters", _) => {
                     distributor.wake()
                 }

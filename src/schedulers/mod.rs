@@ -77,11 +77,16 @@ impl Clock {
 }
 
 /// A buildset finished, with its results (published by whoever completes
-/// build requests; `Dependent` schedulers listen).
+/// build requests; `Dependent` schedulers and waiting `Trigger` steps
+/// listen).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BuildsetDone {
     pub bsid: i64,
     pub results: i64,
+    /// Completed on this master (else heard from another of the fleet: a
+    /// waiting Trigger step takes it, a Dependent scheduler, which runs on
+    /// every master that has it, acts on its own master's only).
+    pub here: bool,
 }
 
 /// What `force` and `trigger` are asked.

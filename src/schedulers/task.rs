@@ -510,6 +510,9 @@ impl Task {
         let SchedulerKind::Dependent { upstream } = &self.cfg.kind else {
             return Ok(());
         };
+        if !d.here {
+            return Ok(());
+        }
         // SUCCESS or WARNINGS, as Buildbot's Dependent requires.
         if d.results > 1 {
             return Ok(());

@@ -426,3 +426,66 @@ fn a_scheduler_master_without_builders_makes_requests_that_a_build_master_builds
     let m1 = get(&format!("{url}/api/v2/masters/m1"));
     assert_eq!(build["masterid"], m1["masters"][0]["masterid"]);
 }
+
+#[test]
+fn a_trigger_step_waits_for_builds_that_another_master_runs() {
+    let f = Fleet::new();
+    let write = |name: &str, body: &str| {
+        let dir = f.tmp.path().join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let head = format!(
+            r#"masterName: "{name}", multiMaster: #{{ heartbeat: 1, dead_after: 3 }}, db: #{{ db_url: "{}" }},
+    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }}, www: #{{ port: 0 }},"#,
+            f.db
+        );
+        std::fs::write(dir.join("master.rhai"), body.replace("HEAD", &head)).expect("master.rhai");
+        dir
+    };
+    // m1 runs the parent, whose Trigger step waits; only m2 has the child.
+    let a = write(
+        "m1",
+        r#"let parent = BuildFactory();
+parent.addStep(Trigger(#{ name: "trigger", schedulerNames: ["tr"], waitForFinish: true }));
+#{ HEAD
+    workers: [Worker("w1", "pw")],
+    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["parent"] }),
+                 Triggerable(#{ name: "tr", builderNames: ["child"] })],
+    builders: [BuilderConfig(#{ name: "parent", workernames: ["w1"], factory: parent })],
+}"#,
+    );
+    let b = write(
+        "m2",
+        r#"let child = BuildFactory();
+child.addStep(ShellCommand(#{ name: "child", command: ["sh", "-c", "sleep 1; echo child"] }));
+#{ HEAD
+    workers: [Worker("w2", "pw")],
+    builders: [BuilderConfig(#{ name: "child", workernames: ["w2"], factory: child })],
+}"#,
+    );
+    let (ma, mb) = (Master::start(&a), Master::start(&b));
+    let _w1 = KilnWorker::connect(&ma, &a, "w1", "pw");
+    let _w2 = KilnWorker::connect(&mb, &b, "w2", "pw");
+    force(&ma, "parent");
+    let url = ma.http_url();
+    let builds = wait_until(Duration::from_secs(60), "both builds to finish", || {
+        let v = get(&format!("{url}/api/v2/builds?complete=true&order=buildid"));
+        let list = v["builds"].as_array().cloned().unwrap_or_default();
+        (list.len() == 2).then_some(list)
+    });
+    // The child finished first, on m2; the parent, on m1, after it.
+    let names: Vec<i64> = builds
+        .iter()
+        .map(|b| b["results"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(names, [0, 0], "{builds:?}\n{}", ma.log());
+    let m2 = get(&format!("{url}/api/v2/masters/m2"))["masters"][0]["masterid"].clone();
+    let child = builds
+        .iter()
+        .find(|b| b["masterid"] == m2)
+        .expect("the child ran on m2");
+    let parent = builds
+        .iter()
+        .find(|b| b["masterid"] != m2)
+        .expect("the parent ran on m1");
+    assert!(parent["complete_at"].as_i64() >= child["complete_at"].as_i64());
+}

@@ -610,6 +610,7 @@ async fn triggerable_and_dependent_chain() {
     m.schedulers.buildset_done(BuildsetDone {
         bsid: up.bsid,
         results: 0,
+        here: true,
     });
     let started = std::time::Instant::now();
     let down = loop {
@@ -637,6 +638,7 @@ async fn triggerable_and_dependent_chain() {
     m.schedulers.buildset_done(BuildsetDone {
         bsid: up2.bsid,
         results: 2,
+        here: true,
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let downs = m
