@@ -117,7 +117,7 @@ pub fn builder_id(c: &mut dyn Sql, name: &str) -> anyhow::Result<i64> {
     c.value("SELECT id FROM builders WHERE name = ?1", args![name])
 }
 
-fn insert_sourcestamp(c: &mut dyn Sql, ss: &SourceStamp) -> anyhow::Result<i64> {
+pub(super) fn insert_sourcestamp(c: &mut dyn Sql, ss: &SourceStamp) -> anyhow::Result<i64> {
     c.value(
         "INSERT INTO sourcestamps (branch, revision, repository, project, codebase, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",

@@ -111,15 +111,20 @@ fn a_master_whose_database_cannot_be_reached_exits_1_and_says_why() {
     server.create_db("kiln");
     let url = server.url_without_password("kiln");
 
+    // `kiln start` exits 1 naming the database; its error text.
+    let refused = |dir: &std::path::Path| {
+        let out = kiln(dir, &["start", "."], Duration::from_secs(60));
+        assert_eq!(out.code, Some(1), "{}", out.stderr);
+        assert!(
+            out.stderr
+                .contains(&format!("cannot reach the database {url}")),
+            "{}",
+            out.stderr
+        );
+        out
+    };
     let dir = pg_master(tmp.path(), &url, "not-the-password");
-    let out = kiln(&dir, &["start", "."], Duration::from_secs(60));
-    assert_eq!(out.code, Some(1), "{}", out.stderr);
-    assert!(
-        out.stderr
-            .contains(&format!("cannot reach the database {url}")),
-        "{}",
-        out.stderr
-    );
+    let out = refused(&dir);
     assert!(
         out.stderr.contains("password authentication failed"),
         "{}",
@@ -130,14 +135,7 @@ fn a_master_whose_database_cannot_be_reached_exits_1_and_says_why() {
 
     server.stop();
     std::fs::write(dir.join("secrets/db"), kiln_testpg::PASSWORD).expect("secret");
-    let out = kiln(&dir, &["start", "."], Duration::from_secs(60));
-    assert_eq!(out.code, Some(1), "{}", out.stderr);
-    assert!(
-        out.stderr
-            .contains(&format!("cannot reach the database {url}")),
-        "{}",
-        out.stderr
-    );
+    let out = refused(&dir);
     assert!(
         out.stderr.contains("Connection refused") || out.stderr.contains("connection refused"),
         "{}",
