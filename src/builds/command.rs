@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rmpv::Value;
 
-use crate::config::{Arg, BuilderConfig, Step, StepCommand, StepKind};
+use crate::config::{Arg, BuilderConfig, Step, StepCommand, StepKind, TransferOptions};
 use crate::store::builds::LineKind;
 use crate::workers::transfer::{self, Download, Upload, UploadKind};
 use crate::workers::{protocol, CommandEvent};
@@ -137,7 +137,7 @@ pub(super) fn shell_args(
     Ok(protocol::map(args))
 }
 
-pub(super) fn download_args(dest: &str, t: &crate::config::TransferOptions) -> Value {
+pub(super) fn download_args(dest: &str, t: &TransferOptions) -> Value {
     protocol::map(vec![
         ("path", Value::from(dest)),
         ("maxsize", t.maxsize.map_or(Value::Nil, Value::from)),
@@ -196,66 +196,61 @@ impl Distributor {
         let exception = Prepared::Exception;
         let opt_u64 = |v: Option<u64>| v.map_or(Value::Nil, Value::from);
         let master_path = |p: &str| self.master_dir.join(p);
+        // A file or directory from the worker into the master's directory:
+        // the remote command, its arguments (the last one the kind's own)
+        // and where the bytes go.
+        let upload = |command: &'static str,
+                      workersrc: &Arg,
+                      masterdest: &str,
+                      transfer: &TransferOptions,
+                      kind: UploadKind,
+                      (key, value): (&'static str, Value)| {
+            let src = join_path(workdir, &arg_text(workersrc).map_err(exception)?);
+            let dest = master_path(masterdest);
+            let upload = Upload::new(dest.clone(), transfer.maxsize, kind)
+                .map_err(|e| exception(format!("cannot write {}: {e}", dest.display())))?;
+            let args = protocol::map(vec![
+                ("path", Value::from(src)),
+                ("maxsize", opt_u64(transfer.maxsize)),
+                ("blocksize", Value::from(transfer.blocksize)),
+                (key, value),
+            ]);
+            Ok((command, args, Some(transfer::Transfer::Upload(upload))))
+        };
         match &step.kind {
             StepKind::FileUpload {
                 workersrc,
                 masterdest,
                 transfer,
                 keepstamp,
-            } => {
-                let src = join_path(workdir, &arg_text(workersrc).map_err(exception)?);
-                let dest = master_path(masterdest);
-                let upload = Upload::new(
-                    dest.clone(),
-                    transfer.maxsize,
-                    UploadKind::File {
-                        mode: transfer.mode,
-                    },
-                )
-                .map_err(|e| exception(format!("cannot write {}: {e}", dest.display())))?;
-                let args = protocol::map(vec![
-                    ("path", Value::from(src)),
-                    ("maxsize", opt_u64(transfer.maxsize)),
-                    ("blocksize", Value::from(transfer.blocksize)),
-                    ("keepstamp", Value::Boolean(*keepstamp)),
-                ]);
-                Ok((
-                    "upload_file",
-                    args,
-                    Some(transfer::Transfer::Upload(upload)),
-                ))
-            }
+            } => upload(
+                "upload_file",
+                workersrc,
+                masterdest,
+                transfer,
+                UploadKind::File {
+                    mode: transfer.mode,
+                },
+                ("keepstamp", Value::Boolean(*keepstamp)),
+            ),
             StepKind::DirectoryUpload {
                 workersrc,
                 masterdest,
                 transfer,
                 compress,
-            } => {
-                let src = join_path(workdir, &arg_text(workersrc).map_err(exception)?);
-                let dest = master_path(masterdest);
-                let upload = Upload::new(
-                    dest.clone(),
-                    transfer.maxsize,
-                    UploadKind::Directory {
-                        compress: compress.as_ref().map(|c| c.to_string()),
-                    },
-                )
-                .map_err(|e| exception(format!("cannot write into {}: {e}", dest.display())))?;
-                let args = protocol::map(vec![
-                    ("path", Value::from(src)),
-                    ("maxsize", opt_u64(transfer.maxsize)),
-                    ("blocksize", Value::from(transfer.blocksize)),
-                    (
-                        "compress",
-                        compress.as_deref().map_or(Value::Nil, Value::from),
-                    ),
-                ]);
-                Ok((
-                    "upload_directory",
-                    args,
-                    Some(transfer::Transfer::Upload(upload)),
-                ))
-            }
+            } => upload(
+                "upload_directory",
+                workersrc,
+                masterdest,
+                transfer,
+                UploadKind::Directory {
+                    compress: compress.as_ref().map(|c| c.to_string()),
+                },
+                (
+                    "compress",
+                    compress.as_deref().map_or(Value::Nil, Value::from),
+                ),
+            ),
             StepKind::FileDownload {
                 mastersrc,
                 workerdest,

@@ -395,15 +395,7 @@ fn parse_hg_log(out: &str) -> anyhow::Result<Vec<Changeset>> {
             author: c["user"].as_str().unwrap_or_default().to_string(),
             branch: c["branch"].as_str().unwrap_or("default").to_string(),
             desc: c["desc"].as_str().unwrap_or_default().to_string(),
-            files: c["files"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default(),
+            files: super::pushlog::str_list(c, "files"),
         })
         .filter(|c| !c.node.is_empty())
         .collect())

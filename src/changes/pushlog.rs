@@ -28,6 +28,20 @@ pub struct Push {
     pub changesets: Vec<Changeset>,
 }
 
+/// The strings in a JSON list field (none when it is missing or not a
+/// list; entries that are not strings are passed over).
+pub(super) fn str_list(v: &Value, key: &str) -> Vec<String> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn str_field(v: &Value, key: &str) -> String {
     v.get(key)
         .and_then(Value::as_str)
@@ -65,16 +79,7 @@ fn parse_push(id: &str, v: &Value) -> anyhow::Result<Push> {
                 .unwrap_or("default")
                 .to_string(),
             desc: str_field(c, "desc"),
-            files: c
-                .get("files")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default(),
+            files: str_list(c, "files"),
         });
     }
     Ok(Push {
@@ -259,11 +264,7 @@ mod tests {
     #[test]
     fn each_changeset_becomes_a_change_with_the_pusher_as_author() {
         let sel = select(&poller(), &parse(V1).unwrap());
-        let revs: Vec<_> = sel
-            .changes
-            .iter()
-            .map(|c| c.revision.clone().unwrap())
-            .collect();
+        let revs = revisions(&sel);
         assert_eq!(revs, ["c1", "c2", "c3", "c5"]);
         assert_eq!(sel.skipped_other_branches, 1);
         assert_eq!(sel.newest.as_deref(), Some("c5"));
@@ -291,25 +292,24 @@ mod tests {
         assert_eq!(sel.changes[0].files, ["a", "b"]);
     }
 
+    fn revisions(sel: &Selection) -> Vec<String> {
+        sel.changes
+            .iter()
+            .map(|c| c.revision.clone().unwrap_or_default())
+            .collect()
+    }
+
     #[test]
     fn max_changes_keeps_the_newest_and_other_branches_do_not_count() {
         let mut cfg = poller();
         cfg.max_changes = 2;
         let sel = select(&cfg, &parse(V1).unwrap());
-        let revs: Vec<_> = sel
-            .changes
-            .iter()
-            .map(|c| c.revision.clone().unwrap())
-            .collect();
+        let revs = revisions(&sel);
         assert_eq!(revs, ["c3", "c5"]);
         assert_eq!(sel.dropped, 2);
         cfg.repo_branch = None;
         let sel = select(&cfg, &parse(V1).unwrap());
-        let revs: Vec<_> = sel
-            .changes
-            .iter()
-            .map(|c| c.revision.clone().unwrap())
-            .collect();
+        let revs = revisions(&sel);
         assert_eq!(revs, ["c4", "c5"]);
     }
 }

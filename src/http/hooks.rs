@@ -3,17 +3,17 @@
 //! (poll these pollers now).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Form, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Form, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
 use crate::store::{NewChange, Properties};
 
+use super::extract::Hook;
 use super::AppState;
 
 pub(super) fn bad_request(reason: impl Into<String>) -> Response {
@@ -99,16 +99,12 @@ pub fn change_from_form(form: &BTreeMap<String, String>) -> Result<NewChange, St
 /// name or repository) polls those pollers now, no `poller` polls them all.
 pub(super) async fn change_hook_poller(
     State(st): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    _caller: Hook,
     query: Result<
         axum::extract::Query<Vec<(String, String)>>,
         axum::extract::rejection::QueryRejection,
     >,
 ) -> Response {
-    if let Err(d) = st.hook(&headers, peer) {
-        return d.into_response();
-    }
     let axum::extract::Query(pairs) = match query {
         Ok(q) => q,
         Err(e) => return bad_request(format!("bad query string: {}", e.body_text())),
@@ -133,13 +129,9 @@ pub(super) async fn change_hook_poller(
 
 pub(super) async fn change_hook_base(
     State(st): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    _caller: Hook,
     form: Result<Form<BTreeMap<String, String>>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    if let Err(d) = st.hook(&headers, peer) {
-        return d.into_response();
-    }
     let Form(form) = match form {
         Ok(f) => f,
         Err(e) => return bad_request(format!("the body is not a form: {}", e.body_text())),

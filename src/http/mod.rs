@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,12 +26,10 @@ use serde_json::{json, Value};
 mod api;
 pub mod auth;
 mod control;
+mod extract;
 mod hooks;
 mod metrics;
 mod web;
-
-use crate::config::WwwAction;
-use auth::Denied;
 
 use crate::schedulers::Schedulers;
 use crate::store::Store;
@@ -131,23 +129,6 @@ pub fn router(state: AppState) -> Router {
             read_guard,
         ))
         .with_state(state)
-}
-
-impl AppState {
-    fn writer(
-        &self,
-        headers: &HeaderMap,
-        peer: SocketAddr,
-        action: WwwAction,
-    ) -> Result<String, Denied> {
-        let access = crate::sync::read(&self.access);
-        auth::writer(&access, headers, peer, action)
-    }
-
-    fn hook(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<(), Denied> {
-        let access = crate::sync::read(&self.access);
-        auth::hook(&access, headers, peer)
-    }
 }
 
 /// Reads need what `www.public_read` says (see [`auth::reader`]); writes

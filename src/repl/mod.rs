@@ -173,6 +173,11 @@ pub fn run(opts: Options) -> anyhow::Result<std::process::ExitCode> {
     if !std::io::stdin().is_terminal() {
         // Piped input: each complete input in turn.
         let mut failed = failed_load;
+        let mut run = |session: &mut Session, input: &str| {
+            let (go_on, f) = handle(session, input, false, &mut stdout, &mut std::io::stderr());
+            failed |= f;
+            go_on
+        };
         let mut pending = String::new();
         for line in std::io::stdin().lock().lines() {
             let line = line?;
@@ -181,28 +186,14 @@ pub fn run(opts: Options) -> anyhow::Result<std::process::ExitCode> {
             if unfinished(&pending) {
                 continue;
             }
-            let (go_on, f) = handle(
-                &mut session,
-                &pending,
-                false,
-                &mut stdout,
-                &mut std::io::stderr(),
-            );
-            failed |= f;
+            let go_on = run(&mut session, &pending);
             pending.clear();
             if !go_on {
                 break;
             }
         }
         if !pending.trim().is_empty() {
-            let (_, f) = handle(
-                &mut session,
-                &pending,
-                false,
-                &mut stdout,
-                &mut std::io::stderr(),
-            );
-            failed |= f;
+            run(&mut session, &pending);
         }
         return Ok(if failed {
             ExitCode::FAILURE

@@ -318,6 +318,11 @@ impl Kwargs {
         }
     }
 
+    /// A required [`Self::arg`]; `expected` says what it is when missing.
+    pub fn req_arg(&mut self, key: &'static str, expected: &str) -> ScriptResult<Arg> {
+        self.arg(key)?.ok_or_else(|| self.missing(key, expected))
+    }
+
     pub fn arg(&mut self, key: &'static str) -> ScriptResult<Option<Arg>> {
         match self.take(key) {
             None => Ok(None),

@@ -228,6 +228,56 @@ impl Repo {
         server.set(|p| p.pushes.push((id, 1_000 * id, user.to_string(), csets)));
         nodes
     }
+
+    /// One changeset on `default` touching `file`, pushed alone.
+    fn push1(&mut self, server: &Server, user: &str, file: &str, msg: &str) -> String {
+        let mut nodes = self.push(server, user, &[("A <a@x>", "default", &[file], msg)]);
+        nodes.remove(0)
+    }
+}
+
+/// A pushlog server (answering in `version`'s form) whose repository has
+/// one push, and a master polling it with HgPoller `options`.
+struct Setup {
+    tmp: tempfile::TempDir,
+    server: Server,
+    repo: Repo,
+    dir: std::path::PathBuf,
+    /// The changeset of the first push.
+    base: String,
+}
+
+impl Setup {
+    fn new(version: u8, options: &str) -> Setup {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let server = Server::start(version);
+        let mut repo = Repo::new(tmp.path());
+        let base = repo.push1(&server, "first@m.org", "a.c", "base");
+        let dir = master(tmp.path(), &server, options);
+        Setup {
+            tmp,
+            server,
+            repo,
+            dir,
+            base,
+        }
+    }
+
+    /// A first poll, which only notes where the poller starts.
+    fn started(version: u8, options: &str) -> Setup {
+        let s = Setup::new(version, options);
+        let (code, log) = poll(&s.dir);
+        assert_eq!(code, 0, "{log}");
+        s
+    }
+
+    fn push(&mut self, user: &str, commits: &[(&str, &str, &[&str], &str)]) -> Vec<String> {
+        self.repo.push(&self.server, user, commits)
+    }
+
+    fn push1(&mut self, user: &str, file: &str, msg: &str) -> String {
+        self.repo.push1(&self.server, user, file, msg)
+    }
 }
 
 fn master(root: &Path, server: &Server, options: &str) -> std::path::PathBuf {
@@ -259,8 +309,19 @@ fn poll(dir: &Path) -> (i32, String) {
     (out.code.unwrap_or(-1), out.stderr)
 }
 
-/// (author, revision, comments, files, properties) of a stored change.
-type Stored = (String, String, String, Vec<String>, BTreeMap<String, Value>);
+/// A stored change, as the poller wrote it.
+struct Stored {
+    author: String,
+    revision: String,
+    comments: String,
+    files: Vec<String>,
+    properties: BTreeMap<String, Value>,
+}
+
+/// The revisions of the stored changes, oldest first.
+fn stored_revisions(dir: &Path) -> Vec<String> {
+    stored(dir).into_iter().map(|r| r.revision).collect()
+}
 
 fn stored(dir: &Path) -> Vec<Stored> {
     let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
@@ -296,32 +357,25 @@ fn stored(dir: &Path) -> Vec<Stored> {
                     (k, pair[0].clone())
                 })
                 .collect();
-            (author, rev, comments, files, props)
+            Stored {
+                author,
+                revision: rev,
+                comments,
+                files,
+                properties: props,
+            }
         })
         .collect()
 }
 
 fn pushes_are_read_in_both_answer_forms(version: u8) {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let server = Server::start(version);
-    let mut repo = Repo::new(tmp.path());
-    let first = repo.push(
-        &server,
-        "first@m.org",
-        &[("A <a@x>", "default", &["a.c"], "base")],
-    );
-    let dir = master(tmp.path(), &server, "");
-
-    let (code, log) = poll(&dir);
+    let mut s = Setup::new(version, "");
+    let (code, log) = poll(&s.dir);
     assert_eq!(code, 0, "{log}");
-    assert!(
-        log.contains(&format!("starting after {}", first[0])),
-        "{log}"
-    );
-    assert!(!server.last_request().contains_key("fromchange"));
+    assert!(log.contains(&format!("starting after {}", s.base)), "{log}");
+    assert!(!s.server.last_request().contains_key("fromchange"));
 
-    let p2 = repo.push(
-        &server,
+    let p2 = s.push(
         "pusher@m.org",
         &[
             ("B <b@x>", "default", &["x.c", "y.c"], "Bug 2 - two"),
@@ -329,36 +383,32 @@ fn pushes_are_read_in_both_answer_forms(version: u8) {
             ("D <d@x>", "default", &["z.c"], "Bug 3 - three"),
         ],
     );
-    let p3 = repo.push(
-        &server,
-        "late@m.org",
-        &[("E <e@x>", "default", &["w.c"], "Bug 4 - four")],
-    );
-    let (code, log) = poll(&dir);
+    let p3 = s.push1("late@m.org", "w.c", "Bug 4 - four");
+    let (code, log) = poll(&s.dir);
     assert_eq!(code, 0, "{log}");
-    assert_eq!(server.last_request().get("fromchange"), Some(&first[0]));
+    assert_eq!(s.server.last_request().get("fromchange"), Some(&s.base));
     assert!(
         log.contains("skipped 1 changeset(s) on named branches other than default"),
         "{log}"
     );
 
-    let rows = stored(&dir);
-    let revs: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
-    assert_eq!(revs, [p2[0].as_str(), p2[2].as_str(), p3[0].as_str()]);
-    let (author, _, comments, files, props) = &rows[0];
-    assert_eq!(author, "pusher@m.org");
-    assert_eq!(comments, "Bug 2 - two");
-    assert_eq!(files, &["x.c", "y.c"]);
-    assert_eq!(props["changeset_author"], "B <b@x>");
-    assert_eq!(props["named_branch"], "default");
-    assert_eq!(props["pushid"], 2);
-    assert_eq!(rows[2].4["pushid"], 3);
+    let rows = stored(&s.dir);
+    let revs: Vec<&str> = rows.iter().map(|r| r.revision.as_str()).collect();
+    assert_eq!(revs, [p2[0].as_str(), p2[2].as_str(), p3.as_str()]);
+    let first = &rows[0];
+    assert_eq!(first.author, "pusher@m.org");
+    assert_eq!(first.comments, "Bug 2 - two");
+    assert_eq!(first.files, ["x.c", "y.c"]);
+    assert_eq!(first.properties["changeset_author"], "B <b@x>");
+    assert_eq!(first.properties["named_branch"], "default");
+    assert_eq!(first.properties["pushid"], 2);
+    assert_eq!(rows[2].properties["pushid"], 3);
 
     // The relbranch changeset still moved the poller on.
-    let (code, log) = poll(&dir);
+    let (code, log) = poll(&s.dir);
     assert_eq!(code, 0, "{log}");
-    assert_eq!(server.last_request().get("fromchange"), Some(&p3[0]));
-    assert_eq!(stored(&dir).len(), 3);
+    assert_eq!(s.server.last_request().get("fromchange"), Some(&p3));
+    assert_eq!(stored(&s.dir).len(), 3);
 }
 
 #[test]
@@ -373,82 +423,57 @@ fn version_2_answers() {
 
 #[test]
 fn tips_only_and_max_changes_over_the_pushlog() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let server = Server::start(2);
-    let mut repo = Repo::new(tmp.path());
-    repo.push(
-        &server,
-        "p@m.org",
-        &[("A <a@x>", "default", &["a"], "base")],
-    );
-    let dir = master(tmp.path(), &server, "tipsOnly: true, maxChanges: 2");
-    assert_eq!(poll(&dir).0, 0);
-    repo.push(
-        &server,
-        "p1@m.org",
-        &[("A <a@x>", "default", &["one"], "one")],
-    );
-    let p2 = repo.push(
-        &server,
+    let mut s = Setup::started(2, "tipsOnly: true, maxChanges: 2");
+    s.push1("p1@m.org", "one", "one");
+    let p2 = s.push(
         "p2@m.org",
         &[
             ("B <b@x>", "default", &["dom/a.cpp"], "code"),
             ("C <c@x>", "default", &["README"], "docs"),
         ],
     );
-    let p3 = repo.push(
-        &server,
-        "p3@m.org",
-        &[("D <d@x>", "default", &["three"], "three")],
-    );
-    let (code, log) = poll(&dir);
+    let p3 = s.push1("p3@m.org", "three", "three");
+    let (code, log) = poll(&s.dir);
     assert_eq!(code, 0, "{log}");
     assert!(
         log.contains("1 change(s) left out: more than maxChanges (2)"),
         "{log}"
     );
-    let rows = stored(&dir);
-    let revs: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    let rows = stored(&s.dir);
     // The newest two pushes, one change each (the tip); the tip of push 2
     // carries the files of the whole push.
-    assert_eq!(revs, [p2[1].as_str(), p3[0].as_str()]);
-    assert_eq!(rows[0].3, ["dom/a.cpp", "README"]);
-    assert_eq!(rows[0].0, "p2@m.org");
+    assert_eq!(stored_revisions(&s.dir), [p2[1].clone(), p3]);
+    assert_eq!(rows[0].files, ["dom/a.cpp", "README"]);
+    assert_eq!(rows[0].author, "p2@m.org");
 }
 
 #[test]
 fn errors_store_nothing_and_the_poller_recovers() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let server = Server::start(1);
-    let mut repo = Repo::new(tmp.path());
-    repo.push(
-        &server,
-        "p@m.org",
-        &[("A <a@x>", "default", &["a"], "base")],
-    );
-    let dir = master(tmp.path(), &server, "");
-    assert_eq!(poll(&dir).0, 0);
-    let one = repo.push(&server, "p@m.org", &[("B <b@x>", "default", &["b"], "one")]);
+    let mut s = Setup::started(1, "");
+    let one = s.push1("p@m.org", "b", "one");
 
-    server.set(|p| p.fault = Fault::ServerError);
-    let (code, log) = poll(&dir);
+    s.server.set(|p| p.fault = Fault::ServerError);
+    let (code, log) = poll(&s.dir);
     assert_eq!(code, 1);
     assert!(log.contains("answered 500 Internal Server Error"), "{log}");
-    assert!(log.contains(&server.url), "the repository is named: {log}");
+    assert!(
+        log.contains(&s.server.url),
+        "the repository is named: {log}"
+    );
 
-    server.set(|p| p.fault = Fault::Truncated);
-    let (code, log) = poll(&dir);
+    s.server.set(|p| p.fault = Fault::Truncated);
+    let (code, log) = poll(&s.dir);
     assert_eq!(code, 1);
     assert!(log.contains("malformed answer from"), "{log}");
-    assert_eq!(stored(&dir).len(), 0);
+    assert_eq!(stored(&s.dir).len(), 0);
 
-    server.set(|p| p.fault = Fault::None);
-    let (code, log) = poll(&dir);
+    s.server.set(|p| p.fault = Fault::None);
+    let (code, log) = poll(&s.dir);
     assert_eq!(code, 0, "{log}");
-    let revs: Vec<String> = stored(&dir).into_iter().map(|r| r.1).collect();
-    assert_eq!(revs, one);
+    assert_eq!(stored_revisions(&s.dir), [one]);
 
     // The server goes away: a clear error, nothing stored.
+    let Setup { server, dir, .. } = s;
     let url = server.url.clone();
     drop(server);
     let (code, log) = poll(&dir);
@@ -462,60 +487,33 @@ fn errors_store_nothing_and_the_poller_recovers() {
 
 #[test]
 fn a_stripped_repository_is_reported_afresh_within_max_changes() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let server = Server::start(2);
-    let mut repo = Repo::new(tmp.path());
-    repo.push(
-        &server,
-        "p@m.org",
-        &[("A <a@x>", "default", &["a"], "base")],
-    );
-    let dir = master(tmp.path(), &server, "maxChanges: 2");
-    assert_eq!(poll(&dir).0, 0);
+    let mut s = Setup::started(2, "maxChanges: 2");
 
     // The server's history is replaced: the node kiln last saw is gone.
-    server.set(|p| p.pushes.clear());
-    repo.next_id = 1;
-    let a = repo.push(
-        &server,
-        "p@m.org",
-        &[("X <x@x>", "default", &["x1"], "new one")],
-    );
-    let b = repo.push(
-        &server,
-        "p@m.org",
-        &[("X <x@x>", "default", &["x2"], "new two")],
-    );
-    let c = repo.push(
-        &server,
-        "p@m.org",
-        &[("X <x@x>", "default", &["x3"], "new three")],
-    );
-    let (code, log) = poll(&dir);
+    s.server.set(|p| p.pushes.clear());
+    s.repo.next_id = 1;
+    let a = s.push1("p@m.org", "x1", "new one");
+    let b = s.push1("p@m.org", "x2", "new two");
+    let c = s.push1("p@m.org", "x3", "new three");
+    let (code, log) = poll(&s.dir);
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("no longer has"), "{log}");
-    let revs: Vec<String> = stored(&dir).into_iter().map(|r| r.1).collect();
-    assert_eq!(revs, [b[0].clone(), c[0].clone()]);
-    assert!(!revs.contains(&a[0]));
+    let revs = stored_revisions(&s.dir);
+    assert_eq!(revs, [b, c.clone()]);
+    assert!(!revs.contains(&a));
     // And from there on, as usual.
-    assert_eq!(poll(&dir).0, 0);
-    assert_eq!(server.last_request().get("fromchange"), Some(&c[0]));
+    assert_eq!(poll(&s.dir).0, 0);
+    assert_eq!(s.server.last_request().get("fromchange"), Some(&c));
 }
 
 /// The poller through the library: a hanging server times out (here after
 /// 1 s instead of the default 30), and stored changes reach the bus.
 #[test]
 fn a_hanging_server_times_out_and_stored_changes_reach_the_bus() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let server = Server::start(2);
-    let mut repo = Repo::new(tmp.path());
-    repo.push(
-        &server,
-        "p@m.org",
-        &[("A <a@x>", "default", &["a"], "base")],
-    );
+    let mut s = Setup::new(2, "");
+    let server_url = s.server.url.clone();
     let cfg = kiln::config::HgPoller {
-        hg_url: server.url.clone(),
+        hg_url: server_url,
         branch: "repo".into(),
         pushlog_url_override: None,
         tips_only: false,
@@ -533,15 +531,15 @@ fn a_hanging_server_times_out_and_stored_changes_reach_the_bus() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let store = kiln::store::Store::open(&tmp.path().join("state.sqlite")).expect("store");
+        let store = kiln::store::Store::open(&s.tmp.path().join("state.sqlite")).expect("store");
         let mut rx = store.change_bus().subscribe();
-        let mut ctx = kiln::changes::Context::new(store, tmp.path()).expect("context");
+        let mut ctx = kiln::changes::Context::new(store, s.tmp.path()).expect("context");
         ctx.timeout = Duration::from_secs(1);
         let mut poller = kiln::changes::Poller::new(&kiln::config::ChangeSource::HgPoller(cfg));
         assert_eq!(poller.poll(&ctx).await.expect("first poll"), 0);
 
-        let one = repo.push(&server, "p@m.org", &[("B <b@x>", "default", &["b"], "one")]);
-        server.set(|p| p.fault = Fault::Hang);
+        let one = s.push1("p@m.org", "b", "one");
+        s.server.set(|p| p.fault = Fault::Hang);
         let started = std::time::Instant::now();
         let err = format!("{:#}", poller.poll(&ctx).await.expect_err("a timeout"));
         assert!(
@@ -554,12 +552,12 @@ fn a_hanging_server_times_out_and_stored_changes_reach_the_bus() {
         );
         assert!(rx.try_recv().is_err(), "nothing published");
 
-        server.set(|p| p.fault = Fault::None);
+        s.server.set(|p| p.fault = Fault::None);
         assert_eq!(poller.poll(&ctx).await.expect("poll"), 1);
         let change = rx.try_recv().expect("published");
-        assert_eq!(change.change.revision.as_deref(), Some(one[0].as_str()));
+        assert_eq!(change.change.revision.as_deref(), Some(one.as_str()));
         assert_eq!(change.change.project, "firefox");
-        assert_eq!(change.change.properties["got_revision"].0, one[0].as_str());
+        assert_eq!(change.change.properties["got_revision"].0, one.as_str());
         assert!(change.changeid > 0);
     });
 }

@@ -211,9 +211,7 @@ pub(super) fn register_steps(engine: &mut Engine, state: &Arc<LoadState>) {
         step(kw, StepKind::MercurialCloneCommand { retry }, true)
     });
     ctor(engine, state, "Git", |kw| {
-        let repourl = kw
-            .arg("repourl")?
-            .ok_or_else(|| kw.missing("repourl", "the repository URL"))?;
+        let repourl = kw.req_arg("repourl", "the repository URL")?;
         let branch = kw.arg("branch")?;
         let mode = kw.str("mode")?.unwrap_or_else(|| "incremental".into());
         if mode != "incremental" && mode != "full" {
@@ -308,9 +306,7 @@ pub(super) fn transfer_options(kw: &mut Kwargs) -> ScriptResult<Box<TransferOpti
 
 pub(super) fn register_transfer_steps(engine: &mut Engine, state: &Arc<LoadState>) {
     ctor(engine, state, "FileUpload", |kw| {
-        let workersrc = kw
-            .arg("workersrc")?
-            .ok_or_else(|| kw.missing("workersrc", "the file on the worker"))?;
+        let workersrc = kw.req_arg("workersrc", "the file on the worker")?;
         let masterdest = kw.req_str("masterdest")?;
         let keepstamp = kw.bool("keepstamp", false)?;
         let transfer = transfer_options(kw)?;
@@ -326,9 +322,7 @@ pub(super) fn register_transfer_steps(engine: &mut Engine, state: &Arc<LoadState
         )
     });
     ctor(engine, state, "DirectoryUpload", |kw| {
-        let workersrc = kw
-            .arg("workersrc")?
-            .ok_or_else(|| kw.missing("workersrc", "the directory on the worker"))?;
+        let workersrc = kw.req_arg("workersrc", "the directory on the worker")?;
         let masterdest = kw.req_str("masterdest")?;
         let compress = kw.str("compress")?;
         if let Some(c) = &compress {
@@ -355,9 +349,7 @@ pub(super) fn register_transfer_steps(engine: &mut Engine, state: &Arc<LoadState
     });
     ctor(engine, state, "FileDownload", |kw| {
         let mastersrc = kw.req_str("mastersrc")?;
-        let workerdest = kw
-            .arg("workerdest")?
-            .ok_or_else(|| kw.missing("workerdest", "the file to write on the worker"))?;
+        let workerdest = kw.req_arg("workerdest", "the file to write on the worker")?;
         let transfer = transfer_options(kw)?;
         step(
             kw,
@@ -370,12 +362,8 @@ pub(super) fn register_transfer_steps(engine: &mut Engine, state: &Arc<LoadState
         )
     });
     ctor(engine, state, "StringDownload", |kw| {
-        let s = kw
-            .arg("s")?
-            .ok_or_else(|| kw.missing("s", "the text to write"))?;
-        let workerdest = kw
-            .arg("workerdest")?
-            .ok_or_else(|| kw.missing("workerdest", "the file to write on the worker"))?;
+        let s = kw.req_arg("s", "the text to write")?;
+        let workerdest = kw.req_arg("workerdest", "the file to write on the worker")?;
         let transfer = transfer_options(kw)?;
         step(
             kw,
@@ -389,9 +377,7 @@ pub(super) fn register_transfer_steps(engine: &mut Engine, state: &Arc<LoadState
     });
     ctor(engine, state, "JSONPropertiesDownload", |kw| {
         kw.rename_legacy("workerdest", "slavedest");
-        let workerdest = kw
-            .arg("workerdest")?
-            .ok_or_else(|| kw.missing("workerdest", "the file to write on the worker"))?;
+        let workerdest = kw.req_arg("workerdest", "the file to write on the worker")?;
         let transfer = transfer_options(kw)?;
         step(
             kw,
