@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{hg_commit, http_get, kiln, post_form, run, wait_until, HgServe, Master};
+use common::{hg_commit, holds_for, http_get, kiln, post_form, run, wait_until, HgServe, Master};
 
 /// One stored change, as the tests look at it.
 #[derive(Debug, Clone, PartialEq)]
@@ -376,7 +376,9 @@ fn a_restart_between_pushes_neither_repeats_nor_misses_a_change() {
         || (changes(&dir).len() >= 3).then_some(()),
     );
     // A few more poll rounds: nothing is repeated.
-    std::thread::sleep(Duration::from_secs(3));
+    holds_for(Duration::from_secs(3), "no change stored twice", || {
+        changes(&dir).len() == 3
+    });
     assert_eq!(revisions(&changes(&dir)), [one, two, three]);
     let log = std::fs::read_to_string(dir.join("kiln.log")).expect("kiln.log");
     assert!(log.contains("master running"), "{log}");
@@ -568,8 +570,12 @@ fn the_poller_hook_polls_the_named_pollers_now() {
         "the change the hook polled",
         || revisions(&changes(&dir)).contains(&one).then_some(()),
     );
-    std::thread::sleep(Duration::from_millis(500));
     // The other poller was not asked, and the first poll saw `zero` as the start.
+    holds_for(
+        Duration::from_millis(500),
+        "only the named poller polled",
+        || changes(&dir).len() == 1,
+    );
     assert_eq!(revisions(&changes(&dir)), [one]);
     assert!(!revisions(&changes(&dir)).contains(&zero));
 

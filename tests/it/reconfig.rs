@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::workers::*;
-use common::{hg_commit, http_get, kiln, post_form, run, wait_until, Master};
+use common::{hg_commit, holds_for, http_get, kiln, post_form, run, wait_until, Master};
 
 /// One stored reload.
 #[derive(Debug, Clone)]
@@ -261,6 +261,7 @@ fn edits_to_a_module_and_a_symlinked_file_reload_however_the_editor_saves() {
 
     // Deleted and created again.
     std::fs::remove_file(dir.join("lib.rhai")).expect("rm");
+    // Apart in time, as an editor that deletes and writes anew does.
     std::thread::sleep(Duration::from_millis(50));
     save(
         &dir.join("lib.rhai"),
@@ -281,7 +282,9 @@ fn edits_to_a_module_and_a_symlinked_file_reload_however_the_editor_saves() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let r = next_reload(&dir, 4);
-    std::thread::sleep(Duration::from_millis(1500));
+    holds_for(Duration::from_millis(1500), "two reloads at most", || {
+        reloads(&dir).len() <= 6
+    });
     let all = reloads(&dir);
     assert!(
         (5..=6).contains(&all.len()),
@@ -319,12 +322,10 @@ import "other" as other;
     assert_eq!(r.diff, "builders: ~1 (x)");
     let n = reloads(&dir).len();
     save(&settings, r#"export const BUILDERS = ["zzz"];"#);
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(
-        reloads(&dir).len(),
-        n,
-        "settings.rhai is no longer imported: {:#?}",
-        reloads(&dir)
+    holds_for(
+        Duration::from_millis(1500),
+        "settings.rhai is no longer imported: saving it reloads nothing",
+        || reloads(&dir).len() == n,
     );
 }
 
@@ -424,8 +425,11 @@ fn a_poller_whose_interval_changes_misses_and_repeats_no_push() {
     // have seen it; the new one starts from what was stored.
     let two = hg_commit(&repo, "B <b@x>", &["two"], "two");
     save(&dir.join("master.rhai"), &polled("2"));
-    std::thread::sleep(Duration::from_millis(700));
-    assert!(reloads(&dir).is_empty(), "--no-watch: no reload on save");
+    holds_for(
+        Duration::from_millis(700),
+        "--no-watch: no reload on save",
+        || reloads(&dir).is_empty(),
+    );
     let (status, body) = post_form(&format!("{url}/api/v2/reconfig"), &[]);
     assert_eq!(status, 200, "{body}");
     let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
@@ -441,7 +445,9 @@ fn a_poller_whose_interval_changes_misses_and_repeats_no_push() {
         (change_revisions(&dir).len() >= 3).then_some(())
     });
     // Two more intervals: nothing is polled twice.
-    std::thread::sleep(Duration::from_secs(4));
+    holds_for(Duration::from_secs(4), "no push stored twice", || {
+        change_revisions(&dir).len() == 3
+    });
     assert_eq!(change_revisions(&dir), [one, two, three]);
     assert_eq!(
         master.log().matches("first poll").count(),

@@ -336,7 +336,7 @@ fn a_terminal_session_completes_continues_blocks_and_interrupts_an_endless_loop(
     // Completion of a map key: `c.bui<Tab>` becomes `c.builders`.
     p.send("c.bui").expect("send");
     p.flush().expect("flush");
-    std::thread::sleep(Duration::from_millis(200));
+    p.exp_string("c.bui").expect("the editor took the text");
     p.send("\t").expect("tab");
     p.flush().expect("flush");
     p.exp_string("c.builders").expect("completed");
@@ -361,6 +361,7 @@ fn a_terminal_session_completes_continues_blocks_and_interrupts_an_endless_loop(
     // Ctrl-C stops an endless loop, not the REPL.
     p.send_line("loop { }").expect("send");
     p.exp_string("loop { }").expect("echo");
+    // Nothing shows that the loop has begun to run; give it the time to.
     std::thread::sleep(Duration::from_millis(500));
     p.send_control('c').expect("ctrl-c");
     p.flush().expect("flush");
@@ -373,10 +374,9 @@ fn a_terminal_session_completes_continues_blocks_and_interrupts_an_endless_loop(
     // Ctrl-C at the prompt drops the line being typed.
     p.send("undefined_name_typed").expect("send");
     p.flush().expect("flush");
-    std::thread::sleep(Duration::from_millis(200));
+    p.exp_string("undefined_name_typed").expect("echo");
     p.send_control('c').expect("ctrl-c");
     p.flush().expect("flush");
-    p.exp_string("undefined_name_typed").expect("echo");
     p.exp_string("kiln> ").expect("a fresh prompt");
     p.send_line("5000 + 55").expect("send");
     p.exp_string("5055")

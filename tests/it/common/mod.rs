@@ -304,7 +304,20 @@ pub fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
-/// A blocking GET with a bounded wait; the body.
+/// Checks every 50 ms for `window` that `f` stays true, and fails at
+/// once when it does not: for what must not happen (a second poll of the
+/// same push, a build a draining worker should not take).
+pub fn holds_for(window: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + window;
+    loop {
+        assert!(f(), "{what}");
+        if Instant::now() >= end {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// What an HTTP call sends.
 pub enum Body<'a> {
     None,

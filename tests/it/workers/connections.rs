@@ -7,7 +7,7 @@ use crate::common;
 use std::time::Duration;
 
 use common::workers::*;
-use common::{wait_until, Master};
+use common::{holds_for, wait_until, Master};
 use futures_util::{SinkExt, StreamExt};
 
 use super::{master_dir, master_with_steps, rpc};
@@ -513,11 +513,10 @@ f.addStep(ShellCommand(#{ name: "s", command: "touch ../../../started; while [ !
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("when its 1 running build(s) end"), "{body}");
     force(&master, "b");
-    std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(
-        builds(&dir).len(),
-        1,
-        "a draining worker takes no new build"
+    holds_for(
+        Duration::from_secs(1),
+        "a draining worker takes no new build",
+        || builds(&dir).len() == 1,
     );
     assert!(
         w1.child.try_wait().expect("wait").is_none(),

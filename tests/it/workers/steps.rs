@@ -6,7 +6,7 @@ use crate::common;
 use std::time::Duration;
 
 use common::workers::*;
-use common::{wait_until, Master};
+use common::{holds_for, wait_until, Master};
 
 use super::master_with_steps;
 
@@ -279,20 +279,9 @@ f.addStep(ShellCommand(#{ name: "after", command: "true" }));"#,
     let mut master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "b");
-    for _ in 0..300 {
-        if finished(&dir, 2) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        finished(&dir, 2),
-        "{:?}\n{}\n{}\n{}",
-        builds(&dir),
-        master.log(),
-        stdio(&dir, "where"),
-        stdio(&dir, "use")
-    );
+    wait_until(Duration::from_secs(30), "both builds", || {
+        finished(&dir, 2).then_some(())
+    });
     wait_until(Duration::from_secs(30), "both builds' requests", || {
         all_done(&dir).then_some(())
     });
@@ -512,9 +501,10 @@ die.addStep(DisconnectStep(#{ name: "die", command: "kill -9 $PPID; sleep 5", fl
     wait_until(Duration::from_secs(30), "the worker to be gone", || {
         w1.child.try_wait().expect("wait")
     });
-    std::thread::sleep(Duration::from_millis(500));
+    holds_for(Duration::from_millis(500), "not retried", || {
+        builds(&dir).len() == 2
+    });
     let b = builds(&dir);
-    assert_eq!(b.len(), 2, "not retried: {b:?}");
     assert_eq!(b[1].result, Some(Results::Success), "{b:?}");
     assert_eq!(
         requests(&dir),
