@@ -93,6 +93,13 @@ pub fn connected(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Waits until each of the workers named has connected to the master.
+pub fn wait_connected(master: &Master, names: &[&str]) {
+    for name in names {
+        master.wait_for_log(&format!("connected worker={name}"), 1, CONNECT_LIMIT);
+    }
+}
+
 /// How long a worker may take to connect.
 const CONNECT_LIMIT: Duration = Duration::from_secs(60);
 
@@ -274,23 +281,106 @@ pub fn finished(dir: &Path, n: usize) -> bool {
     unsettled == 0
 }
 
+/// A master.rhai for a test, built up piece by piece: Rhai that runs
+/// first (a factory `f` is declared before it), workers, builders (one
+/// ForceScheduler `force` names them all), and more top-level keys. Both
+/// ports are free ones.
+#[derive(Default)]
+pub struct Script {
+    prelude: Vec<String>,
+    workers: Vec<String>,
+    builders: Vec<(String, String)>,
+    schedulers: Vec<String>,
+    keys: Vec<String>,
+}
+
+impl Script {
+    /// A script whose factory `f` has `steps` (Rhai that adds steps to it).
+    pub fn steps(steps: &str) -> Script {
+        Script::default().rhai(steps)
+    }
+
+    /// More Rhai before the config map.
+    pub fn rhai(mut self, code: &str) -> Script {
+        self.prelude.push(code.to_string());
+        self
+    }
+
+    /// `Worker(name, password)`.
+    pub fn worker(self, name: &str, password: &str) -> Script {
+        self.worker_expr(&format!("Worker({name:?}, {password:?})"))
+    }
+
+    /// A worker as a Rhai expression (options, secrets).
+    pub fn worker_expr(mut self, expr: &str) -> Script {
+        self.workers.push(expr.to_string());
+        self
+    }
+
+    /// Builder `name` on `workers` with factory `f`; `more` adds keys
+    /// (`"collapseRequests: false"`), or is empty.
+    pub fn builder(self, name: &str, workers: &[&str], more: &str) -> Script {
+        let more = if more.is_empty() {
+            String::new()
+        } else {
+            format!(", {more}")
+        };
+        let expr = format!(
+            "BuilderConfig(#{{ name: {name:?}, workernames: {workers:?}, factory: f{more} }})"
+        );
+        self.builder_expr(name, &expr)
+    }
+
+    /// A builder as a Rhai expression; `name` is for the ForceScheduler.
+    pub fn builder_expr(mut self, name: &str, expr: &str) -> Script {
+        self.builders.push((name.to_string(), expr.to_string()));
+        self
+    }
+
+    /// A scheduler besides `force`, as a Rhai expression.
+    pub fn scheduler_expr(mut self, expr: &str) -> Script {
+        self.schedulers.push(expr.to_string());
+        self
+    }
+
+    /// A top-level key of the config map (`"prioritizeBuilders: ..."`).
+    pub fn key(mut self, entry: &str) -> Script {
+        self.keys.push(entry.to_string());
+        self
+    }
+
+    pub fn render(&self) -> String {
+        let names: Vec<&str> = self.builders.iter().map(|b| b.0.as_str()).collect();
+        let builders: Vec<&str> = self.builders.iter().map(|b| b.1.as_str()).collect();
+        let more: String = self.schedulers.iter().map(|s| format!(", {s}")).collect();
+        let keys: String = self.keys.iter().map(|k| format!("    {k},\n")).collect();
+        format!(
+            "let f = BuildFactory();\n{prelude}\n#{{\n    \
+             protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},\n    \
+             www: #{{ port: 0 }},\n    \
+             workers: [{workers}],\n    \
+             schedulers: [ForceScheduler(#{{ name: \"force\", builderNames: {names:?} }}){more}],\n    \
+             builders: [{builders}],\n{keys}}}\n",
+            prelude = self.prelude.join("\n"),
+            workers = self.workers.join(", "),
+            builders = builders.join(",\n        "),
+        )
+    }
+
+    /// The master directory `root/master` with this script.
+    pub fn write(&self, root: &Path) -> PathBuf {
+        master_script(root, &self.render())
+    }
+}
+
 /// The master script most build tests need: `steps` (Rhai that adds
 /// steps to the factory `f`), free ports, worker w1 (password pw-one), a
 /// ForceScheduler `force`, and builder `b` on w1.
 pub fn one_builder(steps: &str) -> String {
-    format!(
-        r#"
-let f = BuildFactory();
-{steps}
-#{{
-    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
-    www: #{{ port: 0 }},
-    workers: [Worker("w1", "pw-one")],
-    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
-    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f }})],
-}}
-"#
-    )
+    Script::steps(steps)
+        .worker("w1", "pw-one")
+        .builder("b", &["w1"], "")
+        .render()
 }
 
 /// A master dir from a whole master.rhai (workers w1/pw-one and w2/pw-two

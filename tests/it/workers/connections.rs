@@ -484,26 +484,18 @@ fn a_stopped_build_interrupts_its_command_on_kilns_worker() {
 #[test]
 fn workers_shut_down_gracefully_or_at_once() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{ name: "s", command: "touch ../../../started; while [ ! -e ../../../release ]; do sleep 0.1; done" }));
-#{
-    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
-    www: #{ port: 0 },
-    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
-    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
-    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
-}
-"#,
-    );
+    let dir = Script::steps(
+        r#"f.addStep(ShellCommand(#{ name: "s", command: "touch ../../../started; while [ ! -e ../../../release ]; do sleep 0.1; done" }));"#,
+    )
+    .worker("w1", "pw-one")
+    .worker("w2", "pw-two")
+    .builder("b", &["w1"], "")
+    .write(tmp.path());
     let mut master = Master::start(&dir);
     let port = worker_port(&master);
     let mut w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
     let mut w2 = StockWorker::start(tmp.path(), "w2", "pw-two", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
-    master.wait_for_log("connected worker=w2", 1, Duration::from_secs(60));
+    wait_connected(&master, &["w1", "w2"]);
     force(&master, "b");
     wait_until(Duration::from_secs(60), "the build to start", || {
         tmp.path().join("started").exists().then_some(())

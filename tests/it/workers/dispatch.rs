@@ -9,25 +9,16 @@ use std::time::Duration;
 use common::workers::*;
 use common::{wait_until, Master};
 
+/// A step that makes the first build wait for `release`; later ones
+/// finish at once.
+const FIRST_WAITS: &str = r#"f.addStep(ShellCommand(#{ name: "s", command: "if [ -e ../../../first ]; then echo quick; else touch ../../../first; while [ ! -e ../../../release ]; do sleep 0.1; done; fi" }));"#;
+
 fn collapse_run(collapse: &str) -> (Vec<BuildRow>, Vec<RequestRow>) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        &format!(
-            r#"
-let f = BuildFactory();
-// The first build waits for `release`; later ones finish at once.
-f.addStep(ShellCommand(#{{ name: "s", command: "if [ -e ../../../first ]; then echo quick; else touch ../../../first; while [ ! -e ../../../release ]; do sleep 0.1; done; fi" }}));
-#{{
-    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
-    www: #{{ port: 0 }},
-    workers: [Worker("w1", "pw-one")],
-    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
-    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f {collapse} }})],
-}}
-"#
-        ),
-    );
+    let dir = Script::steps(FIRST_WAITS)
+        .worker("w1", "pw-one")
+        .builder("b", &["w1"], collapse)
+        .write(tmp.path());
     let master = Master::start(&dir);
     let _w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "b");
@@ -55,7 +46,7 @@ fn waiting_requests_collapse_into_one_build_unless_turned_off() {
             done(Results::Success)
         ]
     );
-    let (b, reqs) = collapse_run(", collapseRequests: false");
+    let (b, reqs) = collapse_run("collapseRequests: false");
     assert_eq!(b.len(), 3, "{b:?}");
     assert_eq!(
         reqs,
@@ -71,21 +62,13 @@ fn waiting_requests_collapse_into_one_build_unless_turned_off() {
 fn max_builds_keeps_a_worker_to_one_build_at_a_time() {
     let tmp = tempfile::tempdir().expect("tmp");
     // Two builds at once in the same worker would find `busy` taken.
-    let dir = master_script(
-        tmp.path(),
-        r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{ name: "s", command: "mkdir ../../../busy && sleep 1 && rmdir ../../../busy" }));
-#{
-    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
-    www: #{ port: 0 },
-    workers: [Worker("w1", "pw-one", #{ max_builds: 1 })],
-    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b", "c"] })],
-    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f }),
-               BuilderConfig(#{ name: "c", workernames: ["w1"], factory: f })],
-}
-"#,
-    );
+    let dir = Script::steps(
+        r#"f.addStep(ShellCommand(#{ name: "s", command: "mkdir ../../../busy && sleep 1 && rmdir ../../../busy" }));"#,
+    )
+    .worker_expr(r#"Worker("w1", "pw-one", #{ max_builds: 1 })"#)
+    .builder("b", &["w1"], "")
+    .builder("c", &["w1"], "")
+    .write(tmp.path());
     let master = Master::start(&dir);
     let _w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
     // b builds for a second; c is requested while it runs, and must wait.
@@ -105,35 +88,29 @@ f.addStep(ShellCommand(#{ name: "s", command: "mkdir ../../../busy && sleep 1 &&
 fn next_worker_chooses_among_the_idle_workers() {
     let tmp = tempfile::tempdir().expect("tmp");
     let release = tmp.path().join("release");
-    let dir = master_script(
-        tmp.path(),
-        &format!(
-            r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{{ name: "s", command: "while [ ! -e {release} ]; do sleep 0.05; done" }}));
-#{{
-    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
-    www: #{{ port: 0 }},
-    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
-    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
-    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1", "w2"], factory: f, collapseRequests: false,
-        nextWorker: |builder, workers, request| {{
+    let dir = Script::steps(&format!(
+        r#"f.addStep(ShellCommand(#{{ name: "s", command: "while [ ! -e {} ]; do sleep 0.05; done" }}));"#,
+        release.display()
+    ))
+    .worker("w1", "pw-one")
+    .worker("w2", "pw-two")
+    .builder(
+        "b",
+        &["w1", "w2"],
+        r#"collapseRequests: false,
+        nextWorker: |builder, workers, request| {
             let offered = "";
-            for w in workers {{ offered += " " + w; }}
+            for w in workers { offered += " " + w; }
             print("nextWorker offered" + offered + " for request " + request.buildrequestid);
-            if workers.contains("w2") {{ "w2" }} else {{ () }}
-        }} }})],
-}}
-"#,
-            release = release.display()
-        ),
-    );
+            if workers.contains("w2") { "w2" } else { () }
+        }"#,
+    )
+    .write(tmp.path());
     let master = Master::start(&dir);
     let port = worker_port(&master);
     let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
     let _w2 = KilnWorker::start(tmp.path(), "w2", "pw-two", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
-    master.wait_for_log("connected worker=w2", 1, Duration::from_secs(60));
+    wait_connected(&master, &["w1", "w2"]);
     force(&master, "b");
     master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
     force(&master, "b");
@@ -166,30 +143,21 @@ f.addStep(ShellCommand(#{{ name: "s", command: "while [ ! -e {release} ]; do sle
 fn lock_run(locks: &str) -> Vec<BuildRow> {
     let tmp = tempfile::tempdir().expect("tmp");
     // Both workers' builds use the same `busy` directory beside their dirs.
-    let dir = master_script(
-        tmp.path(),
-        &format!(
-            r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{{ name: "s", command: "mkdir ../../../busy && sleep 3 && rmdir ../../../busy" }}));
-let one = MasterLock("one");
-#{{
-    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
-    www: #{{ port: 0 }},
-    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
-    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b", "c"] }})],
-    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f, locks: [{locks}] }}),
-               BuilderConfig(#{{ name: "c", workernames: ["w2"], factory: f, locks: [{locks}] }})],
-}}
-"#
-        ),
-    );
+    let locks = format!("locks: [{locks}]");
+    let dir = Script::steps(
+        r#"f.addStep(ShellCommand(#{ name: "s", command: "mkdir ../../../busy && sleep 3 && rmdir ../../../busy" }));
+let one = MasterLock("one");"#,
+    )
+    .worker("w1", "pw-one")
+    .worker("w2", "pw-two")
+    .builder("b", &["w1"], &locks)
+    .builder("c", &["w2"], &locks)
+    .write(tmp.path());
     let master = Master::start(&dir);
     let port = worker_port(&master);
     let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
     let _w2 = StockWorker::start(tmp.path(), "w2", "pw-two", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
-    master.wait_for_log("connected worker=w2", 1, Duration::from_secs(60));
+    wait_connected(&master, &["w1", "w2"]);
     let out = common::kiln(
         &master.dir,
         &["force", "--master", &master.http_url(), "b"],
@@ -233,24 +201,15 @@ fn builders_in_build_order(dir: &Path) -> Vec<String> {
 /// takes one build at a time; the order they build in is the master's.
 fn prioritize_run(prioritize: &str) -> Vec<String> {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        &format!(
-            r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{{ name: "s", command: "true" }}));
-let b = |name| BuilderConfig(#{{ name: name, workernames: ["w1"], factory: f }});
-#{{
-    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
-    www: #{{ port: 0 }},
-    workers: [Worker("w1", "pw-one", #{{ max_builds: 1 }})],
-    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["a", "b", "c"] }})],
-    builders: [b.call("a"), b.call("b"), b.call("c")],
-    {prioritize}
-}}
-"#
-        ),
-    );
+    let mut script = Script::steps(r#"f.addStep(ShellCommand(#{ name: "s", command: "true" }));"#)
+        .worker_expr(r#"Worker("w1", "pw-one", #{ max_builds: 1 })"#)
+        .builder("a", &["w1"], "")
+        .builder("b", &["w1"], "")
+        .builder("c", &["w1"], "");
+    if !prioritize.is_empty() {
+        script = script.key(prioritize);
+    }
+    let dir = script.write(tmp.path());
     let mut master = Master::start(&dir);
     let port = worker_port(&master);
     for name in ["a", "b", "c"] {
@@ -273,11 +232,11 @@ fn prioritize_builders_orders_the_builders_served() {
         let names = builders.map(|b| b.name);
         names.sort(|x, y| if x < y { 1 } else if x > y { -1 } else { 0 });
         names
-    },"#;
+    }"#;
     assert_eq!(prioritize_run(by_name_desc), ["c", "b", "a"]);
     // A function that fails is logged and the default order used.
     assert_eq!(
-        prioritize_run(r#"prioritizeBuilders: |builders| builders[99].name,"#),
+        prioritize_run(r#"prioritizeBuilders: |builders| builders[99].name"#),
         ["a", "b", "c"]
     );
 }
@@ -285,27 +244,20 @@ fn prioritize_builders_orders_the_builders_served() {
 #[test]
 fn can_start_build_vetoes_a_worker() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{ name: "s", command: "true" }));
-#{
-    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
-    www: #{ port: 0 },
-    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
-    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
-    builders: [BuilderConfig(#{ name: "b", workernames: ["w1", "w2"], factory: f,
-        canStartBuild: |builder, worker, request| worker != "w1" || request.properties.ok == "w1" })],
-}
-"#,
-    );
+    let dir = Script::steps(r#"f.addStep(ShellCommand(#{ name: "s", command: "true" }));"#)
+        .worker("w1", "pw-one")
+        .worker("w2", "pw-two")
+        .builder(
+            "b",
+            &["w1", "w2"],
+            r#"canStartBuild: |builder, worker, request| worker != "w1" || request.properties.ok == "w1""#,
+        )
+        .write(tmp.path());
     let mut master = Master::start(&dir);
     let port = worker_port(&master);
     let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
     let _w2 = KilnWorker::start(tmp.path(), "w2", "pw-two", port);
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
-    master.wait_for_log("connected worker=w2", 1, Duration::from_secs(60));
+    wait_connected(&master, &["w1", "w2"]);
     // Both workers are idle, and w1 comes first: without canStartBuild the
     // build would go to w1.
     for i in 1..=2 {
@@ -319,40 +271,25 @@ f.addStep(ShellCommand(#{ name: "s", command: "true" }));
         finished(&dir, 3).then_some(())
     });
     assert_eq!(master.stop(), Some(0));
-    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-    let on: Vec<String> = c
-        .prepare("SELECT w.name FROM builds b JOIN workers w ON w.id = b.workerid ORDER BY b.id")
-        .expect("prepare")
-        .query_map([], |r| r.get(0))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
+    let on: Vec<String> = builds(&dir).into_iter().map(|b| b.worker).collect();
     assert_eq!(on, ["w2", "w2", "w1"]);
 }
 
 #[test]
 fn a_collapse_requests_function_chooses_what_collapses() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        r#"
-let f = BuildFactory();
-// The first build waits for `release`; later ones finish at once.
-f.addStep(ShellCommand(#{ name: "s", command: "if [ -e ../../../first ]; then echo quick; else touch ../../../first; while [ ! -e ../../../release ]; do sleep 0.1; done; fi" }));
-#{
-    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
-    www: #{ port: 0 },
-    workers: [Worker("w1", "pw-one")],
-    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
-    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f,
-        collapseRequests: |builder, mine, other| {
+    let dir = Script::steps(FIRST_WAITS)
+        .worker("w1", "pw-one")
+        .builder(
+            "b",
+            &["w1"],
+            r#"collapseRequests: |builder, mine, other| {
             if other.properties.k == "boom" { throw "cannot decide"; }
             builder == "b" && mine.properties.k == other.properties.k
                 && mine.sources[0].branch == other.sources[0].branch
-        } })],
-}
-"#,
-    );
+        }"#,
+        )
+        .write(tmp.path());
     let mut master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "b");

@@ -47,27 +47,19 @@ fn a_stock_worker_runs_the_steps_with_buildbots_results() {
 #[test]
 fn step_arguments_render_build_properties_and_a_missing_one_is_named() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{ name: "show",
+    let dir = Script::steps(
+        r#"f.addStep(ShellCommand(#{ name: "show",
     command: ["echo", WithProperties("%(buildername)s #%(buildnumber)s on %(workername)s for %(who:-nobody)s"),
               Interpolate("pool=%(prop:pool)s global=%(prop:site)s")],
     env: #{ KILN_WHERE: WithProperties("%(builddir)s") } }));
 f.addStep(ShellCommand(#{ name: "env", command: "echo where=$KILN_WHERE",
     env: #{ KILN_WHERE: WithProperties("%(builddir)s") } }));
-f.addStep(ShellCommand(#{ name: "missing", command: Interpolate("hg clone %(prop:repo_path)s") }));
-#{
-    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
-    www: #{ port: 0 },
-    properties: #{ site: "staging", pool: "global-pool" },
-    workers: [Worker("w1", "pw-one", #{ properties: #{ pool: "build-pool" } })],
-    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
-    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
-}
-"#,
-    );
+f.addStep(ShellCommand(#{ name: "missing", command: Interpolate("hg clone %(prop:repo_path)s") }));"#,
+    )
+    .key(r#"properties: #{ site: "staging", pool: "global-pool" }"#)
+    .worker_expr(r#"Worker("w1", "pw-one", #{ properties: #{ pool: "build-pool" } })"#)
+    .builder("b", &["w1"], "")
+    .write(tmp.path());
     let mut master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force_with(&master, "b", &["--property", "who=alice"]);
@@ -182,49 +174,46 @@ fn each_result_flag_changes_the_builds_result() {
     // Each builder: one step that fails (exit 1) or warns (exit 1 read as
     // WARNINGS), then a step that succeeds; only the flags differ.
     // (builder, flags, the first step's result, the build's result)
+    use Results::{Failure, Success, Warnings};
     let cases = [
-        ("flunk", "", 2, 2),
-        ("noflunk", "flunkOnFailure: false", 2, 0),
+        ("flunk", "", Failure, Failure),
+        ("noflunk", "flunkOnFailure: false", Failure, Success),
         (
             "warnfail",
             "flunkOnFailure: false, warnOnFailure: true",
-            2,
-            1,
+            Failure,
+            Warnings,
         ),
-        ("warnings", "log_eval_func: warn", 1, 0),
+        ("warnings", "log_eval_func: warn", Warnings, Success),
         (
             "warnwarn",
             "log_eval_func: warn, warnOnWarnings: true",
-            1,
-            1,
+            Warnings,
+            Warnings,
         ),
         (
             "flunkwarn",
             "log_eval_func: warn, flunkOnWarnings: true",
-            1,
-            2,
+            Warnings,
+            Failure,
         ),
     ];
-    let mut script = String::from(
-        "let warn = rc_eval_func(#{ \"0\": SUCCESS, \"1\": WARNINGS });\nlet builders = [];\n",
-    );
-    for (name, flags, _, _) in cases {
-        script.push_str(&format!(
-            "let f = BuildFactory();\n\
-             f.addStep(ShellCommand(#{{ name: \"first\", command: \"exit 1\", {flags} }}));\n\
-             f.addStep(ShellCommand(#{{ name: \"second\", command: \"true\" }}));\n\
-             builders.push(BuilderConfig(#{{ name: \"{name}\", workernames: [\"w1\"], factory: f }}));\n"
-        ));
+    let mut script = Script::default()
+        .rhai(r#"let warn = rc_eval_func(#{ "0": SUCCESS, "1": WARNINGS });"#)
+        .worker("w1", "pw-one");
+    for (i, (name, flags, _, _)) in cases.iter().enumerate() {
+        script = script
+            .rhai(&format!(
+                "let f{i} = BuildFactory();\n\
+                 f{i}.addStep(ShellCommand(#{{ name: \"first\", command: \"exit 1\", {flags} }}));\n\
+                 f{i}.addStep(ShellCommand(#{{ name: \"second\", command: \"true\" }}));"
+            ))
+            .builder_expr(
+                name,
+                &format!("BuilderConfig(#{{ name: {name:?}, workernames: [\"w1\"], factory: f{i} }})"),
+            );
     }
-    let names: Vec<String> = cases.iter().map(|c| format!("\"{}\"", c.0)).collect();
-    script.push_str(&format!(
-        "#{{\n    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},\n    www: #{{ port: 0 }},\n\
-         workers: [Worker(\"w1\", \"pw-one\")],\n\
-         schedulers: [ForceScheduler(#{{ name: \"force\", builderNames: [{}] }})],\n\
-         builders: builders,\n}}\n",
-        names.join(", ")
-    ));
-    let dir = master_script(tmp.path(), &script);
+    let dir = script.write(tmp.path());
     let mut master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     for (name, _, _, _) in cases {
@@ -233,22 +222,12 @@ fn each_result_flag_changes_the_builds_result() {
     wait_until(Duration::from_secs(90), "every build", || {
         finished(&dir, cases.len()).then_some(())
     });
-    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-    for (name, flags, step, expected) in cases {
-        let (build, first, second): (i64, i64, i64) = c
-            .query_row(
-                "SELECT b.results, s1.results, s2.results FROM builds b
-                 JOIN builders r ON r.id = b.builderid
-                 JOIN steps s1 ON s1.buildid = b.id AND s1.name = 'first'
-                 JOIN steps s2 ON s2.buildid = b.id AND s2.name = 'second'
-                 WHERE r.name = ?1",
-                [name],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .expect("build");
+    let all = builds(&dir);
+    for (name, flags, first, build) in cases {
+        let b = all.iter().find(|b| b.builder == name).expect("a build");
         assert_eq!(
-            (build, first, second),
-            (expected, step, 0),
+            (b.result, b.step_results()),
+            (Some(build), vec![Some(first), Some(Success)]),
             "builder {name} ({flags})"
         );
     }
@@ -341,21 +320,13 @@ f.addStep(ShellCommand(#{ name: "after", command: "true" }));"#,
 #[test]
 fn a_log_is_cut_at_log_max_size_with_a_marker() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{ name: "chatty", command: "for i in $(seq 1 5000); do echo line-$i; done; echo rc-still-counts >&2; exit 0" }));
-#{
-    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
-    www: #{ port: 0 },
-    logMaxSize: 20000,
-    workers: [Worker("w1", "pw-one")],
-    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
-    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
-}
-"#,
-    );
+    let dir = Script::steps(
+        r#"f.addStep(ShellCommand(#{ name: "chatty", command: "for i in $(seq 1 5000); do echo line-$i; done; echo rc-still-counts >&2; exit 0" }));"#,
+    )
+    .worker("w1", "pw-one")
+    .builder("b", &["w1"], "")
+    .key(r#"logMaxSize: 20000"#)
+    .write(tmp.path());
     let mut master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     let b = force_and_wait(&master, "b", 1);
@@ -376,26 +347,19 @@ fn mercurial_clone_clones_then_pulls_and_retries_into_a_fresh_directory() {
     common::run(&src, "hg", &["init"]);
     common::hg_commit(&src, "rel@m.org", &["VERSION"], "one");
     let path = common::tools_path().into_string().expect("PATH");
-    let dir = master_script(
-        tmp.path(),
-        &format!(
-            r#"
-let f = BuildFactory();
-f.addStep(MercurialCloneCommand(#{{ name: "clone", command: ["hg", "clone", "{src}", "scripts"],
+    let dir = Script::steps(&format!(
+        r#"f.addStep(MercurialCloneCommand(#{{ name: "clone", command: ["hg", "clone", "{}", "scripts"],
     workdir: ".", haltOnFailure: true }}));
-f.addStep(ShellCommand(#{{ name: "show", command: "cat scripts/VERSION", workdir: "." }}));
-#{{
-    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
-    www: #{{ port: 0 }},
-    workers: [Worker("w1", "pw-one")],
-    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
-    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f,
-        env: #{{ PATH: "{path}", HGPLAIN: "1", HGRCPATH: "" }} }})],
-}}
-"#,
-            src = src.display()
-        ),
-    );
+f.addStep(ShellCommand(#{{ name: "show", command: "cat scripts/VERSION", workdir: "." }}));"#,
+        src.display()
+    ))
+    .worker("w1", "pw-one")
+    .builder(
+        "b",
+        &["w1"],
+        &format!(r#"env: #{{ PATH: "{path}", HGPLAIN: "1", HGRCPATH: "" }}"#),
+    )
+    .write(tmp.path());
     let mut master = Master::start(&dir);
     let w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
     let step_log = |n: i64, step: &str| -> String {
@@ -456,27 +420,27 @@ f.addStep(ShellCommand(#{{ name: "show", command: "cat scripts/VERSION", workdir
 #[test]
 fn a_disconnect_step_lets_the_worker_go_without_failing_or_retrying() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        r#"
-let reboot = BuildFactory();
+    let dir = Script::default()
+        .rhai(
+            r#"let reboot = BuildFactory();
 reboot.addStep(ShellCommand(#{ name: "work", command: "true" }));
 reboot.addStep(DisconnectStep(#{ name: "reboot", command: "echo SCHEDULED REBOOT",
     force_disconnect: "SCHEDULED REBOOT", alwaysRun: true, flunkOnFailure: false, warnOnFailure: false }));
 reboot.addStep(ShellCommand(#{ name: "after", command: "touch ../../../after", alwaysRun: true }));
 let die = BuildFactory();
 // The command takes its worker down with it, as a reboot does.
-die.addStep(DisconnectStep(#{ name: "die", command: "kill -9 $PPID; sleep 5", flunkOnFailure: false }));
-#{
-    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
-    www: #{ port: 0 },
-    workers: [Worker("w1", "pw-one")],
-    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b", "d"] })],
-    builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: reboot }),
-               BuilderConfig(#{ name: "d", workernames: ["w1"], factory: die })],
-}
-"#,
-    );
+die.addStep(DisconnectStep(#{ name: "die", command: "kill -9 $PPID; sleep 5", flunkOnFailure: false }));"#,
+        )
+        .worker("w1", "pw-one")
+        .builder_expr(
+            "b",
+            r#"BuilderConfig(#{ name: "b", workernames: ["w1"], factory: reboot })"#,
+        )
+        .builder_expr(
+            "d",
+            r#"BuilderConfig(#{ name: "d", workernames: ["w1"], factory: die })"#,
+        )
+        .write(tmp.path());
     let mut master = Master::start(&dir);
     let port = worker_port(&master);
     let mut w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", port);
@@ -517,26 +481,26 @@ die.addStep(DisconnectStep(#{ name: "die", command: "kill -9 $PPID; sleep 5", fl
 #[test]
 fn a_trigger_step_waits_for_the_triggered_builds_and_takes_their_result() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        r#"
-let parent = BuildFactory();
+    let dir = Script::default()
+        .rhai(
+            r#"let parent = BuildFactory();
 parent.addStep(Trigger(#{ name: "trigger", schedulerNames: ["tr"], waitForFinish: true,
     set_properties: #{ flavour: "debug" } }));
 parent.addStep(ShellCommand(#{ name: "after", command: "true" }));
 let child = BuildFactory();
-child.addStep(ShellCommand(#{ name: "child", command: ["sh", "-c", WithProperties("echo %(flavour)s; exit 1")] }));
-#{
-    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
-    www: #{ port: 0 },
-    workers: [Worker("w1", "pw-one")],
-    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["parent"] }),
-                 Triggerable(#{ name: "tr", builderNames: ["child"] })],
-    builders: [BuilderConfig(#{ name: "parent", workernames: ["w1"], factory: parent }),
-               BuilderConfig(#{ name: "child", workernames: ["w1"], factory: child })],
-}
-"#,
-    );
+child.addStep(ShellCommand(#{ name: "child", command: ["sh", "-c", WithProperties("echo %(flavour)s; exit 1")] }));"#,
+        )
+        .worker("w1", "pw-one")
+        .builder_expr(
+            "parent",
+            r#"BuilderConfig(#{ name: "parent", workernames: ["w1"], factory: parent })"#,
+        )
+        .builder_expr(
+            "child",
+            r#"BuilderConfig(#{ name: "child", workernames: ["w1"], factory: child })"#,
+        )
+        .scheduler_expr(r#"Triggerable(#{ name: "tr", builderNames: ["child"] })"#)
+        .write(tmp.path());
     let mut master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     let b = force_and_wait(&master, "parent", 2);
@@ -641,24 +605,14 @@ fn a_git_step_clones_then_fetches_and_checks_out_the_build_revision() {
             .to_string()
     };
     let first = commit("one");
-    let dir = master_script(
-        tmp.path(),
-        &format!(
-            r#"
-let f = BuildFactory();
-f.addStep(Git(#{{ name: "git", repourl: "{src}", branch: "main" }}));
-f.addStep(ShellCommand(#{{ name: "show", command: ["sh", "-c", WithProperties("cat VERSION; echo got=%(got_revision)s")] }}));
-#{{
-    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
-    www: #{{ port: 0 }},
-    workers: [Worker("w1", "pw-one")],
-    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
-    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f }})],
-}}
-"#,
-            src = src.display()
-        ),
-    );
+    let dir = Script::steps(&format!(
+        r#"f.addStep(Git(#{{ name: "git", repourl: "{src}", branch: "main" }}));
+f.addStep(ShellCommand(#{{ name: "show", command: ["sh", "-c", WithProperties("cat VERSION; echo got=%(got_revision)s")] }}));"#,
+        src = src.display()
+    ))
+    .worker("w1", "pw-one")
+    .builder("b", &["w1"], "")
+    .write(tmp.path());
     let mut master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     let show = |n: usize| -> String {
@@ -728,25 +682,15 @@ fn a_mock_command_runs_inside_mock_mozilla_when_asked() {
     )
     .expect("chmod");
     let path = format!("{}:/usr/bin:/bin", bin.display());
-    let dir = master_script(
-        tmp.path(),
-        &format!(
-            r#"
-let f = BuildFactory();
-f.addStep(MockCommand(#{{ name: "in_mock", command: ["sh", "-c", "echo in mock: $FLAVOUR"],
-    mock: true, target: "mozilla-centos6-x86_64", env: #{{ FLAVOUR: "opt" }} }}));
-f.addStep(MockCommand(#{{ name: "plain", command: ["sh", "-c", "echo plain: $FLAVOUR"],
-    env: #{{ FLAVOUR: "dbg" }} }}));
-#{{
-    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
-    www: #{{ port: 0 }},
-    workers: [Worker("w1", "pw-one")],
-    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
-    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f, env: #{{ PATH: "{path}" }} }})],
-}}
-"#
-        ),
-    );
+    let dir = Script::steps(
+        r#"f.addStep(MockCommand(#{ name: "in_mock", command: ["sh", "-c", "echo in mock: $FLAVOUR"],
+    mock: true, target: "mozilla-centos6-x86_64", env: #{ FLAVOUR: "opt" } }));
+f.addStep(MockCommand(#{ name: "plain", command: ["sh", "-c", "echo plain: $FLAVOUR"],
+    env: #{ FLAVOUR: "dbg" } }));"#,
+    )
+    .worker("w1", "pw-one")
+    .builder("b", &["w1"], &format!(r#"env: #{{ PATH: "{path}" }}"#))
+    .write(tmp.path());
     let mut master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     let b = force_and_wait(&master, "b", 1);
