@@ -94,13 +94,8 @@ fn matrix(
 fn every_write_needs_a_user_with_its_role_and_reads_need_a_login() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = master_script(tmp.path(), SCRIPT);
-    std::fs::create_dir_all(dir.join("secrets")).expect("mkdir");
-    for (name, value) in [
-        ("pw-ann", "pw-ann"),
-        ("pw-dev", "pw-dev"),
-        ("pw-guest", "pw-guest"),
-    ] {
-        std::fs::write(dir.join("secrets").join(name), value).expect("secret");
+    for name in ["pw-ann", "pw-dev", "pw-guest"] {
+        write_secret(&dir, name, name);
     }
     let master = Master::start(&dir);
     let url = master.http_url();

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::workers::{Script, TRUE};
 use common::{hg_commit, holds_for, http_get, kiln, post_form, run, wait_until, HgServe, Master};
 
 /// One stored change, as the tests look at it.
@@ -87,29 +88,13 @@ fn revisions(rows: &[Row]) -> Vec<String> {
 
 /// A master dir whose change sources are `sources` (Rhai expressions).
 fn master_dir(root: &Path, sources: &str) -> PathBuf {
-    let dir = root.join("master");
-    std::fs::create_dir_all(dir.join("secrets")).expect("mkdir");
-    std::fs::write(dir.join("secrets/pw"), "pw\n").expect("secret");
-    std::fs::write(
-        dir.join("master.rhai"),
-        format!(
-            r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{{ command: ["true"] }}));
-#{{
-    title: "test",
-    www: #{{ port: 0 }},
-    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
-    workers: [Worker("w1", secret("pw"))],
-    change_source: [{sources}],
-    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
-    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f }})],
-}}
-"#
-        ),
-    )
-    .expect("master.rhai");
-    dir
+    Script::steps(TRUE)
+        .key(r#"title: "test""#)
+        .worker_expr(r#"Worker("w1", secret("pw"))"#)
+        .key(&format!("change_source: [{sources}]"))
+        .builder("b", &["w1"], "")
+        .secret("pw", "pw\n")
+        .write(root)
 }
 
 fn poll(dir: &Path) -> String {

@@ -18,18 +18,16 @@ fn get(url: &str) -> Value {
 /// One builder `b` on worker w1, its state in `db_url` with the password
 /// in `secrets/db`.
 fn pg_master(root: &std::path::Path, db_url: &str, password: &str) -> std::path::PathBuf {
-    let script = one_builder(
+    Script::steps(
         r#"f.addStep(ShellCommand(#{ name: "hello", command: ["echo", "hello postgres"] }));"#,
     )
-    .replacen(
-        "#{\n",
-        &format!("#{{\n    db: #{{ db_url: \"{db_url}\", password: secret(\"db\") }},\n"),
-        1,
-    );
-    let dir = master_script(root, &script);
-    std::fs::create_dir_all(dir.join("secrets")).expect("secrets");
-    std::fs::write(dir.join("secrets/db"), format!("{password}\n")).expect("secret");
-    dir
+    .key(&format!(
+        r#"db: #{{ db_url: "{db_url}", password: secret("db") }}"#
+    ))
+    .worker("w1", "pw-one")
+    .builder("b", &["w1"], "")
+    .secret("db", &format!("{password}\n"))
+    .write(root)
 }
 
 /// The master's finished builds, as its API shows them: (number, results).

@@ -15,6 +15,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use common::workers::{Script, TRUE};
 use common::{hg_commit, kiln, run};
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -281,27 +282,15 @@ impl Setup {
 }
 
 fn master(root: &Path, server: &Server, options: &str) -> std::path::PathBuf {
-    let dir = root.join("master");
-    std::fs::create_dir_all(dir.join("secrets")).expect("mkdir");
-    std::fs::write(dir.join("secrets/pw"), "pw").expect("secret");
-    std::fs::write(
-        dir.join("master.rhai"),
-        format!(
-            r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{{ command: ["true"] }}));
-#{{
-    workers: [Worker("w1", secret("pw"))],
-    change_source: [HgPoller(#{{ hgURL: "{}", branch: "repo", pollInterval: 1, {options} }})],
-    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
-    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f }})],
-}}
-"#,
+    Script::steps(TRUE)
+        .worker_expr(r#"Worker("w1", secret("pw"))"#)
+        .key(&format!(
+            r#"change_source: [HgPoller(#{{ hgURL: "{}", branch: "repo", pollInterval: 1, {options} }})]"#,
             server.url
-        ),
-    )
-    .expect("master.rhai");
-    dir
+        ))
+        .builder("b", &["w1"], "")
+        .secret("pw", "pw")
+        .write(root)
 }
 
 fn poll(dir: &Path) -> (i32, String) {

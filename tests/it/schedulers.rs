@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::workers::{Script, TRUE};
 use kiln::schedulers::{BuildsetDone, Clock, Schedulers};
 use kiln::script::{load_master, Limits, Loaded};
 use kiln::store::buildsets::{Buildset, SourceStamp};
@@ -652,27 +653,15 @@ async fn triggerable_and_dependent_chain() {
 }
 
 fn force_master(root: &Path, users: &str) -> std::path::PathBuf {
-    let dir = root.join("master");
-    std::fs::create_dir_all(dir.join("secrets")).expect("mkdir");
-    std::fs::write(dir.join("secrets/rel"), "s3cret").expect("secret");
-    std::fs::write(
-        dir.join("master.rhai"),
-        format!(
-            r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{{ command: ["true"] }}));
-#{{
-    www: #{{ port: 0 {users} }},
-    workers: [Worker("w1", "pw")],
-    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["linux", "win32"] }})],
-    builders: [BuilderConfig(#{{ name: "linux", workernames: ["w1"], factory: f }}),
-               BuilderConfig(#{{ name: "win32", workernames: ["w1"], factory: f }})],
-}}
-"#
-        ),
-    )
-    .expect("master.rhai");
-    dir
+    let mut script = Script::steps(TRUE)
+        .worker("w1", "pw")
+        .builder("linux", &["w1"], "")
+        .builder("win32", &["w1"], "")
+        .secret("rel", "s3cret");
+    if !users.is_empty() {
+        script = script.www(users);
+    }
+    script.write(root)
 }
 
 fn buildset_rows(dir: &Path) -> Vec<(i64, String, String)> {
@@ -769,7 +758,7 @@ fn forcing_needs_a_user_when_users_are_configured() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = force_master(
         tmp.path(),
-        r#", users: #{ releng: #{ password: secret("rel") } }"#,
+        r#"users: #{ releng: #{ password: secret("rel") } }"#,
     );
     let master = common::Master::start(&dir);
     let url = master.http_url();

@@ -281,6 +281,9 @@ pub fn finished(dir: &Path, n: usize) -> bool {
     unsettled == 0
 }
 
+/// A factory step that succeeds, for tests that build nothing of note.
+pub const TRUE: &str = r#"f.addStep(ShellCommand(#{ command: ["true"] }));"#;
+
 /// A master.rhai for a test, built up piece by piece: Rhai that runs
 /// first (a factory `f` is declared before it), workers, builders (one
 /// ForceScheduler `force` names them all), and more top-level keys. Both
@@ -292,6 +295,9 @@ pub struct Script {
     builders: Vec<(String, String)>,
     schedulers: Vec<String>,
     keys: Vec<String>,
+    /// More keys of `www` (users, authz).
+    www: String,
+    secrets: Vec<(String, String)>,
 }
 
 impl Script {
@@ -343,6 +349,18 @@ impl Script {
         self
     }
 
+    /// More keys inside `www` besides the port (`"auth: ..."`).
+    pub fn www(mut self, more: &str) -> Script {
+        self.www = format!(", {more}");
+        self
+    }
+
+    /// A file `secrets/NAME` holding `value`, for `secret("NAME")`.
+    pub fn secret(mut self, name: &str, value: &str) -> Script {
+        self.secrets.push((name.to_string(), value.to_string()));
+        self
+    }
+
     /// A top-level key of the config map (`"prioritizeBuilders: ..."`).
     pub fn key(mut self, entry: &str) -> Script {
         self.keys.push(entry.to_string());
@@ -357,11 +375,12 @@ impl Script {
         format!(
             "let f = BuildFactory();\n{prelude}\n#{{\n    \
              protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},\n    \
-             www: #{{ port: 0 }},\n    \
+             www: #{{ port: 0{www} }},\n    \
              workers: [{workers}],\n    \
              schedulers: [ForceScheduler(#{{ name: \"force\", builderNames: {names:?} }}){more}],\n    \
              builders: [{builders}],\n{keys}}}\n",
             prelude = self.prelude.join("\n"),
+            www = self.www,
             workers = self.workers.join(", "),
             builders = builders.join(",\n        "),
         )
@@ -369,7 +388,11 @@ impl Script {
 
     /// The master directory `root/master` with this script.
     pub fn write(&self, root: &Path) -> PathBuf {
-        master_script(root, &self.render())
+        let dir = master_script(root, &self.render());
+        for (name, value) in &self.secrets {
+            write_secret(&dir, name, value);
+        }
+        dir
     }
 }
 
@@ -381,6 +404,12 @@ pub fn one_builder(steps: &str) -> String {
         .worker("w1", "pw-one")
         .builder("b", &["w1"], "")
         .render()
+}
+
+/// The file `secrets/NAME` of a master dir, for `secret("NAME")`.
+pub fn write_secret(dir: &Path, name: &str, value: &str) {
+    std::fs::create_dir_all(dir.join("secrets")).expect("mkdir secrets");
+    std::fs::write(dir.join("secrets").join(name), value).expect("secret");
 }
 
 /// A master dir from a whole master.rhai (workers w1/pw-one and w2/pw-two

@@ -10,6 +10,7 @@ use crate::common;
 
 use std::path::{Path, PathBuf};
 
+use common::workers::Script;
 use common::Master;
 
 pub(super) fn master_dir(root: &Path) -> PathBuf {
@@ -20,26 +21,12 @@ pub(super) fn master_dir(root: &Path) -> PathBuf {
 }
 
 pub(super) fn master_with_steps(root: &Path, steps: &str) -> PathBuf {
-    let dir = root.join("master");
-    std::fs::create_dir_all(dir.join("secrets")).expect("mkdir");
-    std::fs::write(dir.join("secrets/w1"), "pw-one\n").expect("secret");
-    std::fs::write(
-        dir.join("master.rhai"),
-        r#"
-let f = BuildFactory();
-STEPS
-#{
-    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
-    www: #{ port: 0 },
-    workers: [Worker("w1", secret("w1")), Worker("w2", "pw-two")],
-    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
-    builders: [BuilderConfig(#{ name: "b", workernames: ["w1", "w2"], factory: f })],
-}
-"#
-        .replace("STEPS", steps),
-    )
-    .expect("master.rhai");
-    dir
+    Script::steps(steps)
+        .worker_expr(r#"Worker("w1", secret("w1"))"#)
+        .worker("w2", "pw-two")
+        .builder("b", &["w1", "w2"], "")
+        .secret("w1", "pw-one\n")
+        .write(root)
 }
 
 /// A JSON-RPC call to the master's control API: (status, answer).

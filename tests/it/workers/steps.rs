@@ -113,8 +113,7 @@ f.addStep(ShellCommand(#{ name: "nosecret", command: ["echo", Interpolate("%(sec
 f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(worker:nonesuch)s")], alwaysRun: true }));"#,
         ),
     );
-    std::fs::create_dir_all(dir.join("secrets")).expect("secrets");
-    std::fs::write(dir.join("secrets/token"), "s3cr3t-t0ken\n").expect("token");
+    write_secret(&dir, "token", "s3cr3t-t0ken\n");
     let mut master = Master::start(&dir);
     let w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force_with(&master, "b", &["--branch", "release"]);
