@@ -290,13 +290,8 @@ bad.addStep(ShellCommand(#{ command: ["false"] }));
 #[test]
 fn the_event_stream_follows_a_build_from_request_to_result_and_tails_a_log() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        &one_builder(
-            r#"
-f.addStep(ShellCommand(#{ name: "talk", command: ["sh", "-c", "sleep 2; echo first-line; sleep 1; echo second-line"] }));"#,
-        ),
-    );
+    let dir = one_builder(r#"
+f.addStep(ShellCommand(#{ name: "talk", command: ["sh", "-c", "sleep 2; echo first-line; sleep 1; echo second-line"] }));"#).write(tmp.path());
     let master = Master::start(&dir);
     let url = master.http_url();
     let _w = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");

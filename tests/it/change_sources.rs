@@ -487,12 +487,7 @@ fn the_base_change_hook_and_sendchange_store_changes_and_refuse_bad_ones() {
         &["sendchange", "--master", "http://127.0.0.1:1", "--who", "x"],
         Duration::from_secs(60),
     );
-    assert_eq!(out.code, Some(1));
-    assert!(
-        out.stderr.contains("cannot reach the master"),
-        "{}",
-        out.stderr
-    );
+    out.fails_with("cannot reach the master");
 }
 
 #[test]
@@ -502,20 +497,10 @@ fn a_second_master_in_the_same_dir_is_refused() {
     let mut master = Master::start(&dir);
     master.wait_for_log("master running", 1, Duration::from_secs(60));
     let out = kiln(&dir, &["start", "."], Duration::from_secs(60));
-    assert_eq!(out.code, Some(1));
-    assert!(
-        out.stderr.contains("a master is already running"),
-        "{}",
-        out.stderr
-    );
+    out.fails_with("a master is already running");
     assert_eq!(master.stop(), Some(0));
     let out = kiln(&dir, &["stop", "."], Duration::from_secs(60));
-    assert_eq!(out.code, Some(1));
-    assert!(
-        out.stderr.contains("no master is running"),
-        "{}",
-        out.stderr
-    );
+    out.fails_with("no master is running");
 }
 
 #[test]

@@ -148,17 +148,13 @@ fn a_database_that_goes_away_mid_build_is_waited_for_and_the_build_ends_once() {
     server.create_db("kiln");
     let started = tmp.path().join("started");
     let release = tmp.path().join("release");
-    let script = one_builder(&format!(
+    let dir = one_builder(&format!(
         r#"f.addStep(ShellCommand(#{{ name: "wait", command: ["sh", "-c", "touch {0}; while [ ! -e {1} ]; do sleep 0.05; done"] }}));"#,
         started.display(),
         release.display()
     ))
-    .replacen(
-        "#{\n",
-        &format!("#{{\n    db: #{{ db_url: \"{}\" }},\n", server.url("kiln")),
-        1,
-    );
-    let dir = master_script(tmp.path(), &script);
+    .key(&format!(r#"db: #{{ db_url: "{}" }}"#, server.url("kiln")))
+    .write(tmp.path());
     let master = Master::start(&dir);
     let url = master.http_url();
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");

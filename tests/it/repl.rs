@@ -167,8 +167,7 @@ fn helpers_answer_from_the_staging_config() {
 
     // An error: the diagnostic, and exit 1.
     let out = eval(&dir, "let x = ;");
-    assert_eq!(out.code, Some(1));
-    assert!(out.stderr.contains("<repl>:1:9"), "{}", out.stderr);
+    out.fails_with("<repl>:1:9");
 }
 
 #[test]
@@ -452,8 +451,7 @@ f.addStep(ShellCommand(#{{ command: ["true"] }}));
     );
     // Without --master, live() says what it needs.
     let out = eval(&dir, "live()");
-    assert_eq!(out.code, Some(1));
-    assert!(out.stderr.contains("--master URL"), "{}", out.stderr);
+    out.fails_with("--master URL");
 }
 
 #[test]

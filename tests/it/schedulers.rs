@@ -767,8 +767,7 @@ fn forcing_needs_a_user_when_users_are_configured() {
         &["force", "--master", &url, "linux"],
         Duration::from_secs(60),
     );
-    assert_eq!(out.code, Some(1));
-    assert!(out.stderr.contains("401"), "{}", out.stderr);
+    out.fails_with("401");
     let out = common::kiln(
         tmp.path(),
         &["force", "--master", &url, "linux", "--auth", "releng:wrong"],

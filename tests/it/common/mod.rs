@@ -12,6 +12,15 @@ pub struct Output {
     pub stderr: String,
 }
 
+impl Output {
+    /// Asserts that the command failed (exit 1) and said `needle` on
+    /// stderr.
+    pub fn fails_with(&self, needle: &str) {
+        assert_eq!(self.code, Some(1), "{}", self.stderr);
+        assert!(self.stderr.contains(needle), "{}", self.stderr);
+    }
+}
+
 pub mod workers;
 
 pub fn repo_root() -> PathBuf {

@@ -399,11 +399,10 @@ impl Script {
 /// The master script most build tests need: `steps` (Rhai that adds
 /// steps to the factory `f`), free ports, worker w1 (password pw-one), a
 /// ForceScheduler `force`, and builder `b` on w1.
-pub fn one_builder(steps: &str) -> String {
+pub fn one_builder(steps: &str) -> Script {
     Script::steps(steps)
         .worker("w1", "pw-one")
         .builder("b", &["w1"], "")
-        .render()
 }
 
 /// The file `secrets/NAME` of a master dir, for `secret("NAME")`.

@@ -251,16 +251,11 @@ fn a_master_killed_mid_build_retries_it_on_the_next_start() {
 #[test]
 fn kilns_worker_runs_builds_enforces_timeouts_and_reconnects() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        &one_builder(
-            r#"
+    let dir = one_builder(r#"
 f.addStep(ShellCommand(#{ name: "out", command: ["sh", "-c", "echo to-out; echo to-err >&2; exit 4"], flunkOnFailure: false }));
 // The background sleep is in the command's process group: the timeout kills it too.
 f.addStep(ShellCommand(#{ name: "hangs", command: "(sleep 2; touch ../../../survived) & echo $! > ../../../background.pid; sleep 30", timeout: 1 }));
-f.addStep(ShellCommand(#{ name: "env", command: "echo $GREETING", env: #{ GREETING: "hello from kiln" } }));"#,
-        ),
-    );
+f.addStep(ShellCommand(#{ name: "env", command: "echo $GREETING", env: #{ GREETING: "hello from kiln" } }));"#).write(tmp.path());
     let master = Master::start(&dir);
     let port = worker_port(&master);
     let w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
@@ -321,10 +316,7 @@ f.addStep(ShellCommand(#{ name: "env", command: "echo $GREETING", env: #{ GREETI
 /// Downloads, a command that uses them, and uploads back, on one worker.
 fn transfer_run(kiln_worker: bool) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        &one_builder(
-            r#"
+    let dir = one_builder(r#"
 f.addStep(StringDownload(#{ name: "greet", s: "hello\n", workerdest: "greeting.txt", mode: 0o600 }));
 f.addStep(FileDownload(#{ name: "tool", mastersrc: "tool.sh", workerdest: "bin/tool.sh", mode: 0o755, blocksize: 7 }));
 f.addStep(ShellCommand(#{ name: "use", command: "test \"$(stat -c %a greeting.txt)\" = 600 && bin/tool.sh > out.txt && cat greeting.txt >> out.txt && mkdir -p dist/sub && echo a > dist/a && echo b > dist/sub/b && touch -d 2001-02-03T04:05:06 out.txt" }));
@@ -332,9 +324,7 @@ f.addStep(FileUpload(#{ name: "up", workersrc: "out.txt", masterdest: "uploads/o
 f.addStep(DirectoryUpload(#{ name: "updir", workersrc: "dist", masterdest: "uploads/dist", compress: "gz" }));
 f.addStep(FileUpload(#{ name: "missing", workersrc: "nothing-here", masterdest: "uploads/missing" }));
 f.addStep(FileUpload(#{ name: "toobig", workersrc: "out.txt", masterdest: "uploads/big", maxsize: 3 }));
-f.addStep(FileDownload(#{ name: "nosrc", mastersrc: "no-such-file", workerdest: "x" }));"#,
-        ),
-    );
+f.addStep(FileDownload(#{ name: "nosrc", mastersrc: "no-such-file", workerdest: "x" }));"#).write(tmp.path());
     std::fs::write(dir.join("tool.sh"), "#!/bin/sh\necho made by the tool\n").expect("tool");
     let mut master = Master::start(&dir);
     let port = worker_port(&master);
@@ -416,15 +406,10 @@ fn kilns_worker_transfers_files_both_ways() {
 
 fn stop_run(kiln_worker: bool) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        &one_builder(
-            r#"
+    let dir = one_builder(r#"
 f.addStep(ShellCommand(#{ name: "long", command: "touch ../../../started; sleep 120" }));
 f.addStep(ShellCommand(#{ name: "after", command: "touch ../../../after" }));
-f.addStep(ShellCommand(#{ name: "cleanup", command: "touch ../../../cleanup", alwaysRun: true }));"#,
-        ),
-    );
+f.addStep(ShellCommand(#{ name: "cleanup", command: "touch ../../../cleanup", alwaysRun: true }));"#).write(tmp.path());
     let mut master = Master::start(&dir);
     let port = worker_port(&master);
     let (_stock, _kiln);
@@ -558,18 +543,13 @@ fn workers_shut_down_gracefully_or_at_once() {
 /// master's in the log.
 fn timeout_run(kiln_worker: bool) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        &one_builder(
-            r#"
+    let dir = one_builder(r#"
 // A line longer than any read or update, and a last line without newline.
 f.addStep(ShellCommand(#{ name: "long", command: ["python3", "-c", "import sys; sys.stdout.write('x' * 100000 + '\\n' + 'tail')"] }));
 f.addStep(ShellCommand(#{ name: "chatty", command: "while true; do echo tick; sleep 0.2; done",
     timeout: 30, maxTime: 2, flunkOnFailure: true }));
 f.addStep(ShellCommand(#{ name: "silent", command: ["sleep", "30"], timeout: 1, alwaysRun: true }));
-f.addStep(ShellCommand(#{ name: "after", command: ["true"], alwaysRun: true }));"#,
-        ),
-    );
+f.addStep(ShellCommand(#{ name: "after", command: ["true"], alwaysRun: true }));"#).write(tmp.path());
     let mut master = Master::start(&dir);
     let port = worker_port(&master);
     let (_k, _s) = if kiln_worker {

@@ -97,10 +97,7 @@ f.addStep(ShellCommand(#{ name: "missing", command: Interpolate("hg clone %(prop
 #[test]
 fn interpolate_reads_the_sourcestamp_worker_keywords_and_secrets_and_logs_hide_secrets() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        &one_builder(
-            r#"
+    let dir = one_builder(r#"
 f.addStep(ShellCommand(#{ name: "kinds",
     command: ["echo", Interpolate("branch=%(src::branch)s rev=%(src::revision:-none)s other=%(src:other:branch:-elsewhere)s"),
               Interpolate("in=%(worker:basedir)s say=%(kw:greeting)s n=%(kw:n)s", #{ greeting: "hello", n: 3 })] }));
@@ -110,9 +107,7 @@ f.addStep(ShellCommand(#{ name: "token",
     command: ["sh", "-c", Interpolate("echo arg=%(secret:token)s env=$TOKEN")],
     env: #{ TOKEN: secret("token") } }));
 f.addStep(ShellCommand(#{ name: "nosecret", command: ["echo", Interpolate("%(secret:missing)s")] }));
-f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(worker:nonesuch)s")], alwaysRun: true }));"#,
-        ),
-    );
+f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(worker:nonesuch)s")], alwaysRun: true }));"#).write(tmp.path());
     write_secret(&dir, "token", "s3cr3t-t0ken\n");
     let mut master = Master::start(&dir);
     let w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
@@ -236,10 +231,7 @@ fn each_result_flag_changes_the_builds_result() {
 #[test]
 fn set_property_do_step_if_and_log_rules_decide_the_steps() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(
-        tmp.path(),
-        &one_builder(
-            r#"
+    let dir = one_builder(r#"
 f.addStep(SetProperty(#{ name: "where", property: "basedir", command: ["pwd"], workdir: "." }));
 f.addStep(SetProperty(#{ name: "fixed", property: "flavour", value: WithProperties("%(buildername)s-opt") }));
 f.addStep(ShellCommand(#{ name: "use", command: ["echo", WithProperties("in %(basedir)s as %(flavour)s")] }));
@@ -251,9 +243,7 @@ f.addStep(ShellCommand(#{ name: "rcmap", command: "exit 3", warnOnWarnings: true
 // Known infrastructure trouble in the output means RETRY, on the first build only.
 f.addStep(ShellCommand(#{ name: "infra", command: "echo 'remote: timed out'; exit 1",
     log_eval_func: |step, rc, log| if log.contains("timed out") && step.properties.buildnumber == 1 { RETRY } else { SUCCESS } }));
-f.addStep(ShellCommand(#{ name: "after", command: "true" }));"#,
-        ),
-    );
+f.addStep(ShellCommand(#{ name: "after", command: "true" }));"#).write(tmp.path());
     let mut master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "b");
@@ -265,34 +255,20 @@ f.addStep(ShellCommand(#{ name: "after", command: "true" }));"#,
     });
     let b = builds(&dir);
     let results = |i: usize| b[i].step_results();
+    let [ok, skipped, warned, retry] = [
+        Results::Success,
+        Results::Skipped,
+        Results::Warnings,
+        Results::Retry,
+    ]
+    .map(Some);
     // where, fixed, use, skipped, ran, rcmap, infra, after
     assert_eq!(
         results(0),
-        [
-            Some(Results::Success),
-            Some(Results::Success),
-            Some(Results::Success),
-            Some(Results::Skipped),
-            Some(Results::Success),
-            Some(Results::Warnings),
-            Some(Results::Retry),
-            Some(Results::Skipped)
-        ]
+        [ok, ok, ok, skipped, ok, warned, retry, skipped]
     );
-    assert_eq!(b[0].result, Some(Results::Retry), "RETRY: {b:?}");
-    assert_eq!(
-        results(1),
-        [
-            Some(Results::Success),
-            Some(Results::Success),
-            Some(Results::Success),
-            Some(Results::Skipped),
-            Some(Results::Success),
-            Some(Results::Warnings),
-            Some(Results::Success),
-            Some(Results::Success)
-        ]
-    );
+    assert_eq!(b[0].result, retry, "RETRY: {b:?}");
+    assert_eq!(results(1), [ok, ok, ok, skipped, ok, warned, ok, ok]);
     assert_eq!(b[1].result, Some(Results::Warnings), "WARNINGS: {b:?}");
     assert_eq!(b.len(), 2);
     assert_eq!(requests(&dir), [done(Results::Warnings)]);
