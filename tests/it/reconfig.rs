@@ -89,42 +89,53 @@ fn save(path: &Path, text: &str) {
     std::fs::write(path, text).expect("save");
 }
 
-const BUILDS_BEFORE: &str = r#"
-let long = BuildFactory();
-// Waits for `release` beside the workers' dirs.
-long.addStep(ShellCommand(#{ name: "old", command: "while [ ! -e ../../../release ]; do sleep 0.1; done; echo old steps" }));
-let quick = BuildFactory();
-quick.addStep(ShellCommand(#{ name: "quick", command: ["echo", "quick"] }));
-#{
-    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
-    www: #{ port: 0 },
-    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
-    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["long", "gone"] })],
-    builders: [BuilderConfig(#{ name: "long", workernames: ["w1"], factory: long }),
-               // w2 never connects: its requests wait.
-               BuilderConfig(#{ name: "gone", workernames: ["w2"], factory: quick })],
+/// Builder `long` (whose step is `long_step`) on w1, and `other` on
+/// `other_worker` with a quick step.
+fn builds_config(long_step: &str, other: &str, other_worker: &str) -> String {
+    Script::default()
+        .rhai(&format!(
+            "let long = BuildFactory();\nlong.addStep({long_step});\n\
+             let quick = BuildFactory();\n\
+             quick.addStep(ShellCommand(#{{ name: \"quick\", command: [\"echo\", \"quick\"] }}));"
+        ))
+        .worker("w1", "pw-one")
+        .worker("w2", "pw-two")
+        .builder_expr(
+            "long",
+            r#"BuilderConfig(#{ name: "long", workernames: ["w1"], factory: long })"#,
+        )
+        .builder_expr(
+            other,
+            &format!(
+                "BuilderConfig(#{{ name: {other:?}, workernames: [{other_worker:?}], factory: quick }})"
+            ),
+        )
+        .render()
 }
-"#;
 
-const BUILDS_AFTER: &str = r#"
-let long = BuildFactory();
-long.addStep(ShellCommand(#{ name: "new", command: ["echo", "new steps"] }));
-let quick = BuildFactory();
-quick.addStep(ShellCommand(#{ name: "quick", command: ["echo", "quick"] }));
-#{
-    protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
-    www: #{ port: 0 },
-    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
-    schedulers: [ForceScheduler(#{ name: "force", builderNames: ["long", "added"] })],
-    builders: [BuilderConfig(#{ name: "long", workernames: ["w1"], factory: long }),
-               BuilderConfig(#{ name: "added", workernames: ["w1"], factory: quick })],
+/// Before: `long` waits for `release` beside the workers' dirs; `gone` is
+/// on w2, which never connects, so its requests wait.
+fn builds_before() -> String {
+    builds_config(
+        r#"ShellCommand(#{ name: "old", command: "while [ ! -e ../../../release ]; do sleep 0.1; done; echo old steps" })"#,
+        "gone",
+        "w2",
+    )
 }
-"#;
+
+/// After: `long` has another step, `gone` is gone and `added` is new.
+fn builds_after() -> String {
+    builds_config(
+        r#"ShellCommand(#{ name: "new", command: ["echo", "new steps"] })"#,
+        "added",
+        "w1",
+    )
+}
 
 #[test]
 fn a_running_build_keeps_its_steps_while_one_save_changes_adds_and_removes_builders() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = master_script(tmp.path(), BUILDS_BEFORE);
+    let dir = master_script(tmp.path(), &builds_before());
     let master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     force(&master, "long");
@@ -132,7 +143,7 @@ fn a_running_build_keeps_its_steps_while_one_save_changes_adds_and_removes_build
     force(&master, "gone");
 
     // One save: `long` gets new steps, `added` comes, `gone` goes.
-    save(&dir.join("master.rhai"), BUILDS_AFTER);
+    save(&dir.join("master.rhai"), &builds_after());
     let r = next_reload(&dir, 0);
     assert!(r.applied, "{r:?}\n{}", master.log());
     assert!(r.trigger.starts_with("file changed: "), "{r:?}");

@@ -18,6 +18,30 @@ pub fn worker_port(m: &Master) -> u16 {
         .expect("port")
 }
 
+/// A worker of either kind, for tests that run against both.
+pub enum AnyWorker {
+    Stock(StockWorker),
+    Kiln(KilnWorker),
+}
+
+impl AnyWorker {
+    /// Starts kiln's worker (`kiln_worker`) or a stock one and waits until
+    /// it is connected.
+    pub fn connect(
+        kiln_worker: bool,
+        master: &Master,
+        root: &Path,
+        name: &str,
+        password: &str,
+    ) -> AnyWorker {
+        if kiln_worker {
+            AnyWorker::Kiln(KilnWorker::connect(master, root, name, password))
+        } else {
+            AnyWorker::Stock(StockWorker::connect(master, root, name, password))
+        }
+    }
+}
+
 /// A stock buildbot-worker in the foreground; killed when dropped.
 pub struct StockWorker {
     pub child: std::process::Child,
@@ -106,13 +130,30 @@ const CONNECT_LIMIT: Duration = Duration::from_secs(60);
 /// Forces a build of `builder`, waits until `n` builds of the master have
 /// finished, and returns every build.
 pub fn force_and_wait(master: &Master, builder: &str, n: usize) -> Vec<BuildRow> {
-    force(master, builder);
+    force_with_and_wait(master, builder, &[], n)
+}
+
+/// [`force_and_wait`] with more `kiln force` arguments.
+pub fn force_with_and_wait(
+    master: &Master,
+    builder: &str,
+    args: &[&str],
+    n: usize,
+) -> Vec<BuildRow> {
+    force_with(master, builder, args);
     super::wait_until(
         Duration::from_secs(60),
         &format!("{n} finished build(s)"),
         || finished(&master.dir, n).then_some(()),
     );
     builds(&master.dir)
+}
+
+/// Steps as [`BuildRow::steps`] holds them, from names and results.
+pub fn steps(list: &[(&str, Results)]) -> Vec<(String, Option<Results>)> {
+    list.iter()
+        .map(|(n, r)| (n.to_string(), Some(*r)))
+        .collect()
 }
 
 pub fn force(master: &Master, builder: &str) {
@@ -235,14 +276,24 @@ pub fn builds(dir: &Path) -> Vec<BuildRow> {
 }
 
 pub fn stdio(dir: &Path, step: &str) -> String {
+    logs_of(dir, None, step)
+}
+
+/// The stdio log of step `step` of build number `number` (of any builder).
+pub fn build_stdio(dir: &Path, number: i64, step: &str) -> String {
+    logs_of(dir, Some(number), step)
+}
+
+fn logs_of(dir: &Path, number: Option<i64>, step: &str) -> String {
     let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
     let chunks: Vec<Vec<u8>> = c
         .prepare(
-            "SELECT lc.content FROM logchunks lc JOIN logs l ON l.id = lc.logid JOIN steps s ON s.id = l.stepid
-             WHERE s.name = ?1 ORDER BY lc.first_line",
+            "SELECT lc.content FROM logchunks lc JOIN logs l ON l.id = lc.logid
+             JOIN steps s ON s.id = l.stepid JOIN builds b ON b.id = s.buildid
+             WHERE s.name = ?1 AND (?2 IS NULL OR b.number = ?2) ORDER BY lc.first_line",
         )
         .expect("prepare")
-        .query_map([step], |r| r.get(0))
+        .query_map(rusqlite::params![step, number], |r| r.get(0))
         .expect("query")
         .collect::<Result<_, _>>()
         .expect("rows");

@@ -44,14 +44,23 @@ fn a_stock_worker_connects_and_a_wrong_password_is_refused() {
     assert_eq!(master.stop(), Some(0));
 }
 
-async fn ws_connect(
-    port: u16,
-    user: &str,
-    password: &str,
-) -> Result<
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    String,
-> {
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Whether the master closes this connection within 30 s.
+async fn closed(ws: &mut Ws) -> bool {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(m)) = ws.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+async fn ws_connect(port: u16, user: &str, password: &str) -> Result<Ws, String> {
     use base64::Engine as _;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = format!("ws://127.0.0.1:{port}/")
@@ -89,15 +98,10 @@ fn bad_clients_are_closed_and_touch_nothing_else() {
         // A second connection for w1 while w1 answers is refused.
         if let Ok(mut ws) = ws_connect(port, "w1", "pw-one").await {
             // Answer nothing; the master checks the first connection and closes this one.
-            let end = tokio::time::timeout(Duration::from_secs(30), async {
-                while let Some(Ok(m)) = ws.next().await {
-                    if m.is_close() {
-                        break;
-                    }
-                }
-            })
-            .await;
-            assert!(end.is_ok(), "the duplicate connection was not closed");
+            assert!(
+                closed(&mut ws).await,
+                "the duplicate connection was not closed"
+            );
         }
         // w2 connects, then sends garbage: that connection is closed.
         let mut ws = ws_connect(port, "w2", "pw-two").await.expect("w2 connects");
@@ -106,15 +110,10 @@ fn bad_clients_are_closed_and_touch_nothing_else() {
                 vec![0xc1, 0xff, 0x00].into(),
             ))
             .await;
-        let end = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(Ok(m)) = ws.next().await {
-                if m.is_close() {
-                    break;
-                }
-            }
-        })
-        .await;
-        assert!(end.is_ok(), "garbage did not close the connection");
+        assert!(
+            closed(&mut ws).await,
+            "garbage did not close the connection"
+        );
         // A half-open TCP connection that never completes a handshake.
         let _idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -263,11 +262,11 @@ f.addStep(ShellCommand(#{ name: "env", command: "echo $GREETING", env: #{ GREETI
     assert_eq!(b[0].result, Some(Results::Failure), "{b:?}");
     assert_eq!(
         b[0].steps,
-        [
-            ("out".to_string(), Some(Results::Failure)),
-            ("hangs".to_string(), Some(Results::Failure)),
-            ("env".to_string(), Some(Results::Success))
-        ]
+        steps(&[
+            ("out", Results::Failure),
+            ("hangs", Results::Failure),
+            ("env", Results::Success)
+        ])
     );
     let out = stdio(&dir, "out");
     assert!(
@@ -327,14 +326,7 @@ f.addStep(FileUpload(#{ name: "toobig", workersrc: "out.txt", masterdest: "uploa
 f.addStep(FileDownload(#{ name: "nosrc", mastersrc: "no-such-file", workerdest: "x" }));"#).write(tmp.path());
     std::fs::write(dir.join("tool.sh"), "#!/bin/sh\necho made by the tool\n").expect("tool");
     let mut master = Master::start(&dir);
-    let port = worker_port(&master);
-    let (_stock, _kiln);
-    if kiln_worker {
-        _kiln = Some(KilnWorker::start(tmp.path(), "w1", "pw-one", port));
-    } else {
-        _stock = Some(StockWorker::start(tmp.path(), "w1", "pw-one", port));
-    }
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w1 = AnyWorker::connect(kiln_worker, &master, tmp.path(), "w1", "pw-one");
     let b = force_and_wait(&master, "b", 1);
     let steps: Vec<(&str, Option<Results>)> =
         b[0].steps.iter().map(|(n, r)| (n.as_str(), *r)).collect();
@@ -411,14 +403,7 @@ f.addStep(ShellCommand(#{ name: "long", command: "touch ../../../started; sleep 
 f.addStep(ShellCommand(#{ name: "after", command: "touch ../../../after" }));
 f.addStep(ShellCommand(#{ name: "cleanup", command: "touch ../../../cleanup", alwaysRun: true }));"#).write(tmp.path());
     let mut master = Master::start(&dir);
-    let port = worker_port(&master);
-    let (_stock, _kiln);
-    if kiln_worker {
-        _kiln = Some(KilnWorker::start(tmp.path(), "w1", "pw-one", port));
-    } else {
-        _stock = Some(StockWorker::start(tmp.path(), "w1", "pw-one", port));
-    }
-    master.wait_for_log("connected worker=w1", 1, Duration::from_secs(60));
+    let _w1 = AnyWorker::connect(kiln_worker, &master, tmp.path(), "w1", "pw-one");
     let (status, body) = rpc(&master, "/api/v2/builds/1", "stop", serde_json::json!({}));
     assert_eq!(status, 404, "no build is running yet: {body}");
     force(&master, "b");
@@ -441,11 +426,11 @@ f.addStep(ShellCommand(#{ name: "cleanup", command: "touch ../../../cleanup", al
     assert!(b[0].state.contains("wrong push"), "{b:?}");
     assert_eq!(
         b[0].steps,
-        [
-            ("long".to_string(), Some(Results::Cancelled)),
-            ("after".to_string(), Some(Results::Skipped)),
-            ("cleanup".to_string(), Some(Results::Success))
-        ]
+        steps(&[
+            ("long", Results::Cancelled),
+            ("after", Results::Skipped),
+            ("cleanup", Results::Success)
+        ])
     );
     assert!(
         !tmp.path().join("after").exists(),

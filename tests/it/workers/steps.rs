@@ -29,12 +29,12 @@ fn a_stock_worker_runs_the_steps_with_buildbots_results() {
     assert_eq!(b[0].result, Some(Results::Failure), "FAILURE: {b:?}");
     assert_eq!(
         b[0].steps,
-        [
-            ("hello".to_string(), Some(Results::Success)),
-            ("fails".to_string(), Some(Results::Failure)),
-            ("skipped".to_string(), Some(Results::Skipped)),
-            ("cleanup".to_string(), Some(Results::Success)),
-        ]
+        steps(&[
+            ("hello", Results::Success),
+            ("fails", Results::Failure),
+            ("skipped", Results::Skipped),
+            ("cleanup", Results::Success)
+        ])
     );
     let out = stdio(&dir, "hello");
     assert!(out.contains("ohello\n"), "{out}");
@@ -62,18 +62,14 @@ f.addStep(ShellCommand(#{ name: "missing", command: Interpolate("hg clone %(prop
     .write(tmp.path());
     let mut master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
-    force_with(&master, "b", &["--property", "who=alice"]);
-    wait_until(Duration::from_secs(60), "the build", || {
-        finished(&dir, 1).then_some(())
-    });
-    let b = builds(&dir);
+    let b = force_with_and_wait(&master, "b", &["--property", "who=alice"], 1);
     assert_eq!(
         b[0].steps,
-        [
-            ("show".to_string(), Some(Results::Success)),
-            ("env".to_string(), Some(Results::Success)),
-            ("missing".to_string(), Some(Results::Exception)),
-        ]
+        steps(&[
+            ("show", Results::Success),
+            ("env", Results::Success),
+            ("missing", Results::Exception)
+        ])
     );
     assert!(
         stdio(&dir, "show").contains("ob #1 on w1 for alice pool=build-pool global=staging"),
@@ -111,19 +107,15 @@ f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(wor
     write_secret(&dir, "token", "s3cr3t-t0ken\n");
     let mut master = Master::start(&dir);
     let w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
-    force_with(&master, "b", &["--branch", "release"]);
-    wait_until(Duration::from_secs(60), "the build", || {
-        finished(&dir, 1).then_some(())
-    });
-    let b = builds(&dir);
+    let b = force_with_and_wait(&master, "b", &["--branch", "release"], 1);
     assert_eq!(
         b[0].steps,
-        [
-            ("kinds".to_string(), Some(Results::Success)),
-            ("token".to_string(), Some(Results::Success)),
-            ("nosecret".to_string(), Some(Results::Exception)),
-            ("noworker".to_string(), Some(Results::Exception)),
-        ]
+        steps(&[
+            ("kinds", Results::Success),
+            ("token", Results::Success),
+            ("nosecret", Results::Exception),
+            ("noworker", Results::Exception)
+        ])
     );
     let kinds = stdio(&dir, "kinds");
     assert!(
@@ -305,7 +297,7 @@ fn a_log_is_cut_at_log_max_size_with_a_marker() {
     let mut master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     let b = force_and_wait(&master, "b", 1);
-    assert_eq!(b[0].steps, [("chatty".to_string(), Some(Results::Success))]);
+    assert_eq!(b[0].steps, steps(&[("chatty", Results::Success)]));
     let log = stdio(&dir, "chatty");
     assert!(log.contains("oline-1\n"), "{log}");
     assert!(!log.contains("line-5000"), "the tail is dropped");
@@ -337,24 +329,7 @@ f.addStep(ShellCommand(#{{ name: "show", command: "cat scripts/VERSION", workdir
     .write(tmp.path());
     let mut master = Master::start(&dir);
     let w1 = StockWorker::connect(&master, tmp.path(), "w1", "pw-one");
-    let step_log = |n: i64, step: &str| -> String {
-        let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-        let chunks: Vec<Vec<u8>> = c
-            .prepare(
-                "SELECT lc.content FROM logchunks lc JOIN logs l ON l.id = lc.logid
-                 JOIN steps s ON s.id = l.stepid JOIN builds b ON b.id = s.buildid
-                 WHERE b.number = ?1 AND s.name = ?2 ORDER BY lc.first_line",
-            )
-            .expect("prepare")
-            .query_map(rusqlite::params![n, step], |r| r.get(0))
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows");
-        chunks
-            .iter()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .collect()
-    };
+    let step_log = |n: i64, step: &str| build_stdio(&dir, n, step);
     // 1: a fresh clone.
     force_and_wait(&master, "b", 1);
     assert!(
@@ -428,11 +403,11 @@ die.addStep(DisconnectStep(#{ name: "die", command: "kill -9 $PPID; sleep 5", fl
     assert_eq!(b[0].result, Some(Results::Success), "{b:?}");
     assert_eq!(
         b[0].steps,
-        [
-            ("work".to_string(), Some(Results::Success)),
-            ("reboot".to_string(), Some(Results::Success)),
-            ("after".to_string(), Some(Results::Skipped)),
-        ]
+        steps(&[
+            ("work", Results::Success),
+            ("reboot", Results::Success),
+            ("after", Results::Skipped)
+        ])
     );
     assert!(!tmp.path().join("after").exists());
     // A worker that dies under a DisconnectStep: SUCCESS, not RETRY.
@@ -490,10 +465,7 @@ child.addStep(ShellCommand(#{ name: "child", command: ["sh", "-c", WithPropertie
     assert_eq!(child.result, Some(Results::Failure));
     assert_eq!(
         parent.steps,
-        [
-            ("trigger".to_string(), Some(Results::Failure)),
-            ("after".to_string(), Some(Results::Success))
-        ]
+        steps(&[("trigger", Results::Failure), ("after", Results::Success)])
     );
     assert_eq!(parent.result, Some(Results::Failure));
     assert!(
@@ -590,24 +562,7 @@ f.addStep(ShellCommand(#{{ name: "show", command: ["sh", "-c", WithProperties("c
     .write(tmp.path());
     let mut master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
-    let show = |n: usize| -> String {
-        let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-        let chunks: Vec<Vec<u8>> = c
-            .prepare(
-                "SELECT lc.content FROM logchunks lc JOIN logs l ON l.id = lc.logid
-                 JOIN steps s ON s.id = l.stepid JOIN builds b ON b.id = s.buildid
-                 WHERE b.number = ?1 AND s.name = 'show' ORDER BY lc.first_line",
-            )
-            .expect("prepare")
-            .query_map([n as i64], |r| r.get(0))
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows");
-        chunks
-            .iter()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .collect()
-    };
+    let show = |n: i64| build_stdio(&dir, n, "show");
     force_and_wait(&master, "b", 1);
     assert!(
         show(1).contains(&format!("oone\nogot={first}")),
