@@ -481,18 +481,11 @@ fn a_poller_whose_interval_changes_misses_and_repeats_no_push() {
 fn a_worker_whose_password_changes_is_disconnected_and_must_use_the_new_one() {
     let tmp = tempfile::tempdir().expect("tmp");
     let script = |pw: &str| {
-        format!(
-            r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{{ command: ["true"] }}));
-#{{
-    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
-    www: #{{ port: 0 }},
-    workers: [Worker("w1", "{pw}"), Worker("w2", "pw-two")],
-    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1", "w2"], factory: f }})],
-}}
-"#
-        )
+        Script::steps(TRUE)
+            .worker("w1", pw)
+            .worker("w2", "pw-two")
+            .builder("b", &["w1", "w2"], "")
+            .render()
     };
     let dir = master_script(tmp.path(), &script("pw-one"));
     let master = Master::start(&dir);

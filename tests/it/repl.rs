@@ -333,14 +333,11 @@ fn a_terminal_session_completes_continues_blocks_and_interrupts_an_endless_loop(
     p.exp_string("kiln> ").expect("prompt");
 
     // Completion of a map key: `c.bui<Tab>` becomes `c.builders`.
-    p.send("c.bui").expect("send");
-    p.flush().expect("flush");
+    typed(&mut p, "c.bui");
     p.exp_string("c.bui").expect("the editor took the text");
-    p.send("\t").expect("tab");
-    p.flush().expect("flush");
+    typed(&mut p, "\t");
     p.exp_string("c.builders").expect("completed");
-    p.send(".len() * 1000 + 7\r").expect("enter");
-    p.flush().expect("flush");
+    typed(&mut p, ".len() * 1000 + 7\r");
     p.exp_string("2007")
         .expect("c.builders.len() completed and evaluated");
     p.exp_string("kiln> ").expect("prompt");
@@ -350,74 +347,76 @@ fn a_terminal_session_completes_continues_blocks_and_interrupts_an_endless_loop(
     // was typed ahead of its prompt, and the prompt alone is redrawn as a
     // line is typed, so it cannot tell us the entry was taken.)
     p.send_line("fn three() {").expect("send");
-    p.send_line("  3 } three() * 1111").expect("send");
-    p.exp_string("3333").expect("3333");
-    p.exp_string("kiln> ").expect("prompt");
-    p.send_line("three() * 2002").expect("send");
-    p.exp_string("6006").expect("the function stays defined");
-    p.exp_string("kiln> ").expect("prompt");
+    ask(&mut p, "  3 } three() * 1111", "3333", "3333");
+    ask(
+        &mut p,
+        "three() * 2002",
+        "6006",
+        "the function stays defined",
+    );
 
     // Ctrl-C stops an endless loop, not the REPL.
     p.send_line("loop { }").expect("send");
     p.exp_string("loop { }").expect("echo");
     // Nothing shows that the loop has begun to run; give it the time to.
     std::thread::sleep(Duration::from_millis(500));
-    p.send_control('c').expect("ctrl-c");
-    p.flush().expect("flush");
+    control(&mut p, 'c');
     p.exp_string("interrupted (Ctrl-C)").expect("interrupted");
     p.exp_string("kiln> ").expect("prompt");
-    p.send_line("4000 + 321").expect("send");
-    p.exp_string("4321").expect("still alive");
-    p.exp_string("kiln> ").expect("prompt");
+    ask(&mut p, "4000 + 321", "4321", "still alive");
 
     // Ctrl-C at the prompt drops the line being typed.
-    p.send("undefined_name_typed").expect("send");
-    p.flush().expect("flush");
+    typed(&mut p, "undefined_name_typed");
     p.exp_string("undefined_name_typed").expect("echo");
-    p.send_control('c').expect("ctrl-c");
-    p.flush().expect("flush");
+    control(&mut p, 'c');
     p.exp_string("kiln> ").expect("a fresh prompt");
-    p.send_line("5000 + 55").expect("send");
-    p.exp_string("5055")
-        .expect("the dropped line was not evaluated");
-    p.exp_string("kiln> ").expect("prompt");
+    ask(
+        &mut p,
+        "5000 + 55",
+        "5055",
+        "the dropped line was not evaluated",
+    );
 
     // Ctrl-D leaves, and the history is kept in the master dir.
-    p.send_control('d').expect("ctrl-d");
-    p.flush().expect("flush");
+    control(&mut p, 'd');
     p.exp_eof().expect("exit");
     let history = std::fs::read_to_string(tmp.path().join(".kiln_repl_history")).expect("history");
     assert!(history.contains("three() * 2002"), "{history}");
 }
 
+/// Types `text` (without Enter) and sends it on.
+fn typed(p: &mut rexpect::session::PtySession, text: &str) {
+    p.send(text).expect("send");
+    p.flush().expect("flush");
+}
+
+/// Types Ctrl-`key`.
+fn control(p: &mut rexpect::session::PtySession, key: char) {
+    p.send_control(key).expect("control key");
+    p.flush().expect("flush");
+}
+
+/// Types `line`, expects `answer` (`what` says what it shows), then the
+/// prompt.
+fn ask(p: &mut rexpect::session::PtySession, line: &str, answer: &str, what: &str) {
+    p.send_line(line).expect("send");
+    p.exp_string(answer).expect(what);
+    p.exp_string("kiln> ").expect("prompt");
+}
+
 #[test]
 fn with_master_live_shows_workers_and_waiting_requests_and_diff_compares_with_the_running_config() {
-    use common::workers::{force, master_script, KilnWorker};
+    use common::workers::{force, master_script, KilnWorker, Script, TRUE};
     let tmp = tempfile::tempdir().expect("tmp");
-    let script = |builders: &[&str]| {
-        let list: Vec<String> = builders
-            .iter()
-            .map(|b| {
-                format!(r#"BuilderConfig(#{{ name: "{b}", workernames: ["w2"], factory: f }})"#)
-            })
-            .collect();
-        let names: Vec<String> = builders.iter().map(|b| format!("\"{b}\"")).collect();
-        format!(
-            r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{{ command: ["true"] }}));
-#{{
-    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
-    www: #{{ port: 0 }},
     // w2 never connects: its builders' requests wait.
-    workers: [Worker("w1", "pw-one"), Worker("w2", "pw-two")],
-    schedulers: [ForceScheduler(#{{ name: "force", builderNames: [{}] }})],
-    builders: [{}],
-}}
-"#,
-            names.join(", "),
-            list.join(", ")
-        )
+    let script = |builders: &[&str]| {
+        let mut s = Script::steps(TRUE)
+            .worker("w1", "pw-one")
+            .worker("w2", "pw-two");
+        for b in builders {
+            s = s.builder(b, &["w2"], "");
+        }
+        s.render()
     };
     let dir = master_script(tmp.path(), &script(&["b"]));
     let master = common::Master::start_with(&dir, &["--no-watch"]);
