@@ -4,6 +4,7 @@
 //! stopped and started between pushes.
 
 use crate::common;
+use crate::common::assert_has;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -87,6 +88,14 @@ fn revisions(rows: &[Row]) -> Vec<String> {
 }
 
 /// A master dir whose change sources are `sources` (Rhai expressions).
+/// An HgPoller of the local repository `repo`, polling every second.
+fn local_poller(repo: &Path) -> String {
+    format!(
+        r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#,
+        repo.display()
+    )
+}
+
 fn master_dir(root: &Path, sources: &str) -> PathBuf {
     Script::steps(TRUE)
         .key(r#"title: "test""#)
@@ -115,13 +124,7 @@ fn plain_hg_over_a_local_path_reports_each_changeset_once() {
     let tmp = tempfile::tempdir().expect("tmp");
     let repo = hg_repo(tmp.path(), "repo");
     let first = hg_commit(&repo, "Alice <alice@m.org>", &["a.c"], "one");
-    let dir = master_dir(
-        tmp.path(),
-        &format!(
-            r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#,
-            repo.display()
-        ),
-    );
+    let dir = master_dir(tmp.path(), &local_poller(&repo));
 
     // The first poll records where the repository is and reports nothing.
     let log = poll(&dir);
@@ -192,13 +195,7 @@ fn tips_only_max_changes_and_repo_branch_shape_what_is_stored() {
     let tmp2 = tempfile::tempdir().expect("tmp");
     let repo2 = hg_repo(tmp2.path(), "repo");
     hg_commit(&repo2, "A <a@x>", &["base"], "base");
-    let dir2 = master_dir(
-        tmp2.path(),
-        &format!(
-            r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#,
-            repo2.display()
-        ),
-    );
+    let dir2 = master_dir(tmp2.path(), &local_poller(&repo2));
     poll(&dir2);
     run(&repo2, "hg", &["branch", "-q", "GECKO_RELBRANCH"]);
     hg_commit(&repo2, "R <r@x>", &["rel.c"], "on the relbranch");
@@ -216,13 +213,7 @@ fn tips_only_max_changes_and_repo_branch_shape_what_is_stored() {
 fn an_empty_repository_reports_its_first_pushes() {
     let tmp = tempfile::tempdir().expect("tmp");
     let repo = hg_repo(tmp.path(), "repo");
-    let dir = master_dir(
-        tmp.path(),
-        &format!(
-            r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#,
-            repo.display()
-        ),
-    );
+    let dir = master_dir(tmp.path(), &local_poller(&repo));
     let log = poll(&dir);
     assert!(log.contains("the repository is empty"), "{log}");
     let one = hg_commit(&repo, "A <a@x>", &["a"], "one");
@@ -263,7 +254,7 @@ fn plain_hg_over_hg_serve_falls_back_from_the_pushlog() {
     // nothing is stored.
     let out = kiln(&dir, &["poll", "."], Duration::from_secs(120));
     assert_eq!(out.code, Some(1), "{}", out.stderr);
-    assert!(out.stderr.contains("poll failed"), "{}", out.stderr);
+    assert_has(&out.stderr, "poll failed");
     assert_eq!(changes(&dir).len(), 1);
 }
 
@@ -332,13 +323,7 @@ fn a_restart_between_pushes_neither_repeats_nor_misses_a_change() {
     let tmp = tempfile::tempdir().expect("tmp");
     let repo = hg_repo(tmp.path(), "repo");
     hg_commit(&repo, "A <a@x>", &["a"], "zero");
-    let dir = master_dir(
-        tmp.path(),
-        &format!(
-            r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#,
-            repo.display()
-        ),
-    );
+    let dir = master_dir(tmp.path(), &local_poller(&repo));
     let mut master = Master::start(&dir);
     master.wait_for_log("first poll", 1, Duration::from_secs(60));
     let one = hg_commit(&repo, "B <b@x>", &["b"], "one");
@@ -374,13 +359,7 @@ fn a_restart_between_pushes_neither_repeats_nor_misses_a_change() {
 fn a_missing_repository_is_logged_and_the_master_recovers_when_it_appears() {
     let tmp = tempfile::tempdir().expect("tmp");
     let path = tmp.path().join("later");
-    let dir = master_dir(
-        tmp.path(),
-        &format!(
-            r#"HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})"#,
-            path.display()
-        ),
-    );
+    let dir = master_dir(tmp.path(), &local_poller(&path));
     let master = Master::start(&dir);
     master.wait_for_log("poll failed", 1, Duration::from_secs(60));
     assert!(master.log().contains(&path.display().to_string()));

@@ -2,6 +2,7 @@
 //! quickstart, and small masters written into temp dirs.
 
 use crate::common;
+use crate::common::assert_has;
 
 use std::path::Path;
 use std::time::Duration;
@@ -46,11 +47,9 @@ fn checkconfig_accepts_the_examples() {
     let root = common::repo_root();
     let out = common::kiln(&root, &["checkconfig", "examples/mozilla-staging"], LIMIT);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
-    assert!(
-        out.stdout
-            .contains("18 builders, 4 schedulers, 4 change sources, 7 workers"),
-        "{}",
-        out.stdout
+    assert_has(
+        &out.stdout,
+        "18 builders, 4 schedulers, 4 change sources, 7 workers",
     );
     let out = common::kiln(&root, &["checkconfig", "examples/quickstart"], LIMIT);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
@@ -236,11 +235,9 @@ fn a_database_password_never_prints() {
         let out = common::kiln(tmp.path(), args, LIMIT);
         assert_eq!(out.code, Some(0), "{}", out.stderr);
         assert!(!out.stdout.contains("hunter2"), "{}", out.stdout);
-        assert!(
-            out.stdout
-                .contains("postgresql://kiln:***@db.example.org:5432/kiln"),
-            "{}",
-            out.stdout
+        assert_has(
+            &out.stdout,
+            "postgresql://kiln:***@db.example.org:5432/kiln",
         );
     }
 }

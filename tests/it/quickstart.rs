@@ -2,6 +2,7 @@
 //! local Git repository and two local workers; a commit builds.
 
 use crate::common;
+use crate::common::assert_has;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -45,7 +46,7 @@ fn the_quickstart_builds_a_commit_on_its_two_workers_and_stops_them_with_it() {
         (text().matches("connected worker=").count() >= 2 && text().contains("first poll"))
             .then_some(())
     });
-    assert!(text().contains("kiln quickstart in"), "{}", text());
+    assert_has(&text(), "kiln quickstart in");
 
     let repo = dir.join("repo");
     std::fs::write(repo.join("README"), "a change\n").expect("edit");

@@ -4,6 +4,7 @@
 //! running; `kiln reconfig` and the API report each reload.
 
 use crate::common;
+use crate::common::assert_has;
 
 use std::path::Path;
 use std::time::Duration;
@@ -306,7 +307,7 @@ fn edits_to_a_module_and_a_symlinked_file_reload_however_the_editor_saves() {
     // Nothing is left to apply: the running config is the last save's.
     let out = kiln(&dir, &["reconfig", "."], Duration::from_secs(60));
     assert_eq!(out.code, Some(0), "{}", out.stderr);
-    assert!(out.stdout.contains("no changes"), "{}", out.stdout);
+    assert_has(&out.stdout, "no changes");
 
     // Files that leave the import graph are no longer watched; new ones are.
     let seen = reloads(&dir).len();
@@ -391,12 +392,8 @@ fn a_broken_edit_keeps_the_old_config_running_and_kiln_reconfig_says_why() {
         let out = kiln(&dir, &["reconfig", "."], Duration::from_secs(120));
         seen += 1;
         assert_eq!(out.code, Some(1), "{}\n{}", out.stdout, out.stderr);
-        assert!(out.stderr.contains(expected), "{}", out.stderr);
-        assert!(
-            out.stderr.contains("keeps running its previous config"),
-            "{}",
-            out.stderr
-        );
+        assert_has(&out.stderr, expected);
+        assert_has(&out.stderr, "keeps running its previous config");
         // The old config still polls and builds requests from pushes.
         let rev = hg_commit(&repo, "B <b@x>", &[&format!("f{i}")], "a push");
         wait_until(Duration::from_secs(60), "the push to be polled", || {

@@ -4,6 +4,7 @@
 //! (completion, multi-line input, Ctrl-C during an endless loop).
 
 use crate::common;
+use crate::common::assert_has;
 
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -52,12 +53,7 @@ fn helpers_answer_from_the_staging_config() {
     assert_eq!(expected.len(), 5);
 
     let out = eval(&dir, "schedulers()");
-    assert!(
-        out.stdout
-            .contains(r#""mozilla-central-firefox (Scheduler)""#),
-        "{}",
-        out.stdout
-    );
+    assert_has(&out.stdout, r#""mozilla-central-firefox (Scheduler)""#);
 
     // config.rhai's fileIsImportant ignores docs/: a docs-only push to
     // mozilla-central reaches its poller and scheduler, and builds nothing.
@@ -92,16 +88,8 @@ fn helpers_answer_from_the_staging_config() {
         &dir,
         r#"explain(#{ branch: "mozilla-central", files: ["docs/a.rst", "dom/a.cpp"] })"#,
     );
-    assert!(
-        out.stdout.contains("mozilla-central-firefox: yes: builds"),
-        "{}",
-        out.stdout
-    );
-    assert!(
-        out.stdout.contains("builders that get a request: 5"),
-        "{}",
-        out.stdout
-    );
+    assert_has(&out.stdout, "mozilla-central-firefox: yes: builds");
+    assert_has(&out.stdout, "builders that get a request: 5");
     for b in &expected {
         assert!(
             out.stdout.contains(b.trim_matches('"')),
@@ -112,40 +100,23 @@ fn helpers_answer_from_the_staging_config() {
 
     // show: a builder in full, with its steps and commands.
     let out = eval(&dir, r#"show("Linux mozilla-central build")"#);
-    assert!(
-        out.stdout.contains("builddir: \"mozilla-central-linux\""),
-        "{}",
-        out.stdout
+    assert_has(&out.stdout, "builddir: \"mozilla-central-linux\"");
+    assert_has(
+        &out.stdout,
+        r#"command: ["hg", "clone", "https://hg.mozilla.org/build/mozharness", "scripts"]"#,
     );
-    assert!(
-        out.stdout.contains(
-            r#"command: ["hg", "clone", "https://hg.mozilla.org/build/mozharness", "scripts"]"#
-        ),
-        "{}",
-        out.stdout
-    );
-    assert!(out.stdout.contains("--branch"), "{}", out.stdout);
+    assert_has(&out.stdout, "--branch");
     let out = eval(&dir, r#"show("nosuch")"#);
     assert_eq!(out.code, Some(1));
-    assert!(
-        out.stderr
-            .contains("no builder, scheduler, change source or worker named `nosuch`"),
-        "{}",
-        out.stderr
+    assert_has(
+        &out.stderr,
+        "no builder, scheduler, change source or worker named `nosuch`",
     );
 
     // help: kiln's description and the signature.
     let out = eval(&dir, r#"help("HgPoller")"#);
-    assert!(
-        out.stdout.contains("polls a Mercurial repository's pushes"),
-        "{}",
-        out.stdout
-    );
-    assert!(
-        out.stdout.contains("HgPoller(_: map) -> HgPoller"),
-        "{}",
-        out.stdout
-    );
+    assert_has(&out.stdout, "polls a Mercurial repository's pushes");
+    assert_has(&out.stdout, "HgPoller(_: map) -> HgPoller");
 
     // The scripts' own values are in scope, modules included.
     assert_eq!(eval(&dir, "ACTIVE_BRANCHES.len()").stdout.trim(), "4");

@@ -5,6 +5,7 @@
 //! builds through a running master.
 
 use crate::common;
+use crate::common::assert_has;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -745,12 +746,7 @@ fn kiln_force_requests_a_build_with_properties() {
         Duration::from_secs(60),
     );
     assert_eq!(out.code, Some(1));
-    assert!(
-        out.stderr
-            .contains("no ForceScheduler of the master builds `mac`"),
-        "{}",
-        out.stderr
-    );
+    assert_has(&out.stderr, "no ForceScheduler of the master builds `mac`");
 }
 
 #[test]

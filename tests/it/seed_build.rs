@@ -24,41 +24,6 @@ fn build_property(dir: &Path, buildid: i64, name: &str) -> Option<serde_json::Va
     text.map(|t| serde_json::from_str(&t).expect("property json"))
 }
 
-/// (build id, builder name, worker name) of every build, in order.
-fn who_built(dir: &Path) -> Vec<(i64, String, String)> {
-    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-    let rows = c
-        .prepare(
-            "SELECT b.id, r.name, w.name FROM builds b JOIN builders r ON r.id = b.builderid
-             JOIN workers w ON w.id = b.workerid ORDER BY b.id",
-        )
-        .expect("prepare")
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
-    rows
-}
-
-/// One step's log in one build.
-fn step_log(dir: &Path, buildid: i64, step: &str) -> String {
-    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-    let chunks: Vec<Vec<u8>> = c
-        .prepare(
-            "SELECT lc.content FROM logchunks lc JOIN logs l ON l.id = lc.logid JOIN steps s ON s.id = l.stepid
-             WHERE s.buildid = ?1 AND s.name = ?2 ORDER BY lc.first_line",
-        )
-        .expect("prepare")
-        .query_map(rusqlite::params![buildid, step], |r| r.get(0))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
-    chunks
-        .into_iter()
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .collect()
-}
-
 #[test]
 fn a_push_to_mozilla_central_builds_every_enabled_platform_with_the_script_factory() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -132,7 +97,7 @@ fn a_push_to_mozilla_central_builds_every_enabled_platform_with_the_script_facto
             b.result,
             Some(Results::Success),
             "every build succeeds: {all:?}\nclone_scripts of build 1: {}\n{}",
-            step_log(&dir, 1, "clone_scripts"),
+            build_stdio(&dir, 1, "clone_scripts"),
             master.log()
         );
         let names: Vec<String> = b.steps.iter().map(|s| s.0.clone()).collect();
@@ -147,11 +112,11 @@ fn a_push_to_mozilla_central_builds_every_enabled_platform_with_the_script_facto
     let log = master.log();
     assert!(!log.contains("closure at"), "{log}");
 
-    let mut built = who_built(&dir);
-    built.sort_by(|a, b| a.1.cmp(&b.1));
+    let mut built = builds(&dir);
+    built.sort_by(|a, b| a.builder.cmp(&b.builder));
     let builders: Vec<(&str, &str)> = built
         .iter()
-        .map(|(_, b, w)| (b.as_str(), w.as_str()))
+        .map(|b| (b.builder.as_str(), b.worker.as_str()))
         .collect();
     assert_eq!(
         builders,
@@ -174,8 +139,8 @@ fn a_push_to_mozilla_central_builds_every_enabled_platform_with_the_script_facto
         tmp.path().join("kiln-worker-bld-linux64-ec2-stage-001"),
         mac.dir.clone(),
     ];
-    for (((id, builder, _), config), worker_dir) in built.iter().zip(configs).zip(&worker_dirs) {
-        let id = *id;
+    for ((build, config), worker_dir) in built.iter().zip(configs).zip(&worker_dirs) {
+        let (id, builder) = (build.id, &build.builder);
         // basedir is what get_basedir printed: the build's own directory.
         let basedir = build_property(&dir, id, "basedir").expect("basedir property");
         let basedir = PathBuf::from(basedir.as_str().expect("a string"));
@@ -187,14 +152,14 @@ fn a_push_to_mozilla_central_builds_every_enabled_platform_with_the_script_facto
             Some(push.clone().into())
         );
 
-        let clone = step_log(&dir, id, "clone_scripts");
+        let clone = build_stdio(&dir, id, "clone_scripts");
         assert!(
             clone.contains(&format!("{}/build/mozharness", hg.url)),
             "{clone}"
         );
         // The script ran with the arguments ScriptFactory gave it, and read
         // this build's properties from buildprops.json.
-        let script = step_log(&dir, id, "run_script");
+        let script = build_stdio(&dir, id, "run_script");
         for expected in [
             format!("fx_desktop_build: branch mozilla-central, pool staging, config {config}"),
             format!("builder {builder} build 1 on"),
@@ -211,7 +176,7 @@ fn a_push_to_mozilla_central_builds_every_enabled_platform_with_the_script_facto
         // The cleanup removed the properties file; the reboot dropped the worker.
         assert!(!basedir.join("buildprops.json").exists());
         assert!(basedir.join("scripts/scripts/fx_desktop_build.py").exists());
-        let reboot = step_log(&dir, id, "reboot");
+        let reboot = build_stdio(&dir, id, "reboot");
         assert!(reboot.contains("SCHEDULED REBOOT"), "{reboot}");
         assert!(
             reboot.contains("the worker will be disconnected when the build ends"),

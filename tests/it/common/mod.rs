@@ -17,11 +17,20 @@ impl Output {
     /// stderr.
     pub fn fails_with(&self, needle: &str) {
         assert_eq!(self.code, Some(1), "{}", self.stderr);
-        assert!(self.stderr.contains(needle), "{}", self.stderr);
+        assert_has(&self.stderr, needle);
     }
 }
 
 pub mod workers;
+
+/// Asserts that `haystack` contains `needle`, showing all of it if not.
+#[track_caller]
+pub fn assert_has(haystack: &str, needle: &str) {
+    assert!(
+        haystack.contains(needle),
+        "expected {needle:?} in:\n{haystack}"
+    );
+}
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -175,6 +175,8 @@ pub use kiln::config::Results;
 /// A build as the tests read it from the store.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BuildRow {
+    /// The build's id (unique in the master, unlike `number`).
+    pub id: i64,
     pub builder: String,
     pub number: i64,
     /// The worker it ran on.
@@ -264,6 +266,7 @@ pub fn builds(dir: &Path) -> Vec<BuildRow> {
                 .collect::<Result<_, _>>()
                 .expect("steps");
             BuildRow {
+                id,
                 builder,
                 number,
                 worker,
@@ -279,21 +282,21 @@ pub fn stdio(dir: &Path, step: &str) -> String {
     logs_of(dir, None, step)
 }
 
-/// The stdio log of step `step` of build number `number` (of any builder).
-pub fn build_stdio(dir: &Path, number: i64, step: &str) -> String {
-    logs_of(dir, Some(number), step)
+/// The stdio log of step `step` of the build with id `buildid`.
+pub fn build_stdio(dir: &Path, buildid: i64, step: &str) -> String {
+    logs_of(dir, Some(buildid), step)
 }
 
-fn logs_of(dir: &Path, number: Option<i64>, step: &str) -> String {
+fn logs_of(dir: &Path, buildid: Option<i64>, step: &str) -> String {
     let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
     let chunks: Vec<Vec<u8>> = c
         .prepare(
             "SELECT lc.content FROM logchunks lc JOIN logs l ON l.id = lc.logid
              JOIN steps s ON s.id = l.stepid JOIN builds b ON b.id = s.buildid
-             WHERE s.name = ?1 AND (?2 IS NULL OR b.number = ?2) ORDER BY lc.first_line",
+             WHERE s.name = ?1 AND (?2 IS NULL OR b.id = ?2) ORDER BY lc.first_line",
         )
         .expect("prepare")
-        .query_map(rusqlite::params![step, number], |r| r.get(0))
+        .query_map(rusqlite::params![step, buildid], |r| r.get(0))
         .expect("query")
         .collect::<Result<_, _>>()
         .expect("rows");

@@ -2,6 +2,7 @@
 //! canStartBuild, collapseRequests.
 
 use crate::common;
+use crate::common::assert_has;
 
 use std::path::Path;
 use std::time::Duration;
@@ -321,6 +322,6 @@ fn a_collapse_requests_function_chooses_what_collapses() {
     let b = builds(&dir);
     assert_eq!(b.len(), 4, "{b:?}");
     assert_eq!(requests(&dir), [done(Results::Success); 5]);
-    assert!(master.log().contains("cannot decide"), "{}", master.log());
+    assert_has(&master.log(), "cannot decide");
     assert_eq!(master.stop(), Some(0));
 }

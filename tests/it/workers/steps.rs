@@ -2,6 +2,7 @@
 //! log evaluation, Mercurial and Git, DisconnectStep, Trigger, MockCommand.
 
 use crate::common;
+use crate::common::assert_has;
 
 use std::time::Duration;
 
@@ -530,11 +531,7 @@ f.addStep(ShellCommand(#{ name: "worse", command: "echo 'abort: error: refused';
     .expect("write");
     let out = common::kiln(&dir, &["checkconfig"], Duration::from_secs(60));
     assert_eq!(out.code, Some(1), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("is not a regular expression"),
-        "{}",
-        out.stderr
-    );
+    assert_has(&out.stderr, "is not a regular expression");
 }
 
 #[test]
