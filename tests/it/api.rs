@@ -2,11 +2,12 @@
 //! filters, ordering, paging, projection and 404s.
 
 use crate::common;
+use crate::common::kiln_ok;
 
 use std::time::Duration;
 
 use common::workers::*;
-use common::{http_get, kiln, sse_until, wait_until, Master};
+use common::{http_get, sse_until, wait_until, Master};
 use serde_json::Value;
 
 fn get(url: &str) -> Value {
@@ -53,7 +54,7 @@ bad.addStep(ShellCommand(#{ name: "fails", command: ["false"] }));
     force(&master, "good");
     force(&master, "broken");
     force_and_wait(&master, "good", 3);
-    let out = kiln(
+    kiln_ok(
         &dir,
         &[
             "sendchange",
@@ -68,9 +69,7 @@ bad.addStep(ShellCommand(#{ name: "fails", command: ["false"] }));
             "src/a.c",
             "docs/b.md",
         ],
-        Duration::from_secs(30),
     );
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
     let api = format!("{url}/api/v2");
 
     // Builders, by id and by name; a missing one is a JSON 404.

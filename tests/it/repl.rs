@@ -5,6 +5,7 @@
 
 use crate::common;
 use crate::common::assert_has;
+use crate::common::kiln_ok;
 
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -396,12 +397,7 @@ fn with_master_live_shows_workers_and_waiting_requests_and_diff_compares_with_th
     force(&master, "b");
     force(&master, "b");
 
-    let out = kiln(
-        &dir,
-        &["repl", ".", "--master", &url, "-e", "live()"],
-        Duration::from_secs(60),
-    );
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let out = kiln_ok(&dir, &["repl", ".", "--master", &url, "-e", "live()"]);
     assert_eq!(
         out.stdout.trim(),
         "1 connected worker(s): w1\n2 waiting request(s)\n  b: 2"
@@ -409,12 +405,7 @@ fn with_master_live_shows_workers_and_waiting_requests_and_diff_compares_with_th
 
     // The files change; the master (not watching) still runs the old config.
     std::fs::write(dir.join("master.rhai"), script(&["b", "c"])).expect("save");
-    let out = kiln(
-        &dir,
-        &["repl", ".", "--master", &url, "-e", ":diff"],
-        Duration::from_secs(60),
-    );
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let out = kiln_ok(&dir, &["repl", ".", "--master", &url, "-e", ":diff"]);
     assert_eq!(
         out.stdout.trim(),
         format!("against the master at {url}:\nbuilders: +1 (c)\nschedulers: ~1 (force)")

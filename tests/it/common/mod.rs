@@ -23,6 +23,14 @@ impl Output {
 
 pub mod workers;
 
+/// Runs kiln (for at most 120 s), which must succeed.
+#[track_caller]
+pub fn kiln_ok(cwd: &Path, args: &[&str]) -> Output {
+    let out = kiln(cwd, args, Duration::from_secs(120));
+    assert_eq!(out.code, Some(0), "kiln {args:?}: {}", out.stderr);
+    out
+}
+
 /// Asserts that `haystack` contains `needle`, showing all of it if not.
 #[track_caller]
 pub fn assert_has(haystack: &str, needle: &str) {

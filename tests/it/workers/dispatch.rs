@@ -3,6 +3,7 @@
 
 use crate::common;
 use crate::common::assert_has;
+use crate::common::kiln_ok;
 
 use std::path::Path;
 use std::time::Duration;
@@ -159,12 +160,7 @@ let one = MasterLock("one");"#,
     let _w1 = StockWorker::start(tmp.path(), "w1", "pw-one", port);
     let _w2 = StockWorker::start(tmp.path(), "w2", "pw-two", port);
     wait_connected(&master, &["w1", "w2"]);
-    let out = common::kiln(
-        &master.dir,
-        &["force", "--master", &master.http_url(), "b"],
-        Duration::from_secs(60),
-    );
-    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    kiln_ok(&master.dir, &["force", "--master", &master.http_url(), "b"]);
     force_and_wait(&master, "c", 2);
     builds(&dir)
 }
@@ -296,7 +292,7 @@ fn a_collapse_requests_function_chooses_what_collapses() {
     force(&master, "b");
     master.wait_for_log("build 1 started", 1, Duration::from_secs(60));
     for k in ["x", "x", "y", "boom"] {
-        let out = common::kiln(
+        kiln_ok(
             &master.dir,
             &[
                 "force",
@@ -306,9 +302,7 @@ fn a_collapse_requests_function_chooses_what_collapses() {
                 "--property",
                 &format!("k={k}"),
             ],
-            Duration::from_secs(60),
         );
-        assert_eq!(out.code, Some(0), "{}", out.stderr);
     }
     std::fs::write(tmp.path().join("release"), "").expect("release");
     wait_until(
