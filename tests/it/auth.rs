@@ -141,14 +141,17 @@ fn every_write_needs_a_user_with_its_role_and_reads_need_a_login() {
         .and_then(|m| m.values().next())
         .and_then(Value::as_i64)
         .expect("the new request's id");
-    let (_, req) = call(
-        "GET",
-        &format!("{api}/buildrequests/{waiting}"),
-        DEV,
-        &[],
-        None,
-    );
-    assert_eq!(req["buildrequests"][0]["complete"], false);
+    let request = || {
+        call(
+            "GET",
+            &format!("{api}/buildrequests/{waiting}"),
+            DEV,
+            &[],
+            None,
+        )
+        .1
+    };
+    assert_eq!(request()["buildrequests"][0]["complete"], false);
 
     // A write from a page of another site is refused, credentials or not.
     let (code, v) = call(
@@ -175,13 +178,7 @@ fn every_write_needs_a_user_with_its_role_and_reads_need_a_login() {
         .as_str()
         .unwrap_or("")
         .contains("cancelled"));
-    let (_, req) = call(
-        "GET",
-        &format!("{api}/buildrequests/{waiting}"),
-        DEV,
-        &[],
-        None,
-    );
+    let req = request();
     assert_eq!(req["buildrequests"][0]["complete"], true);
     assert_eq!(req["buildrequests"][0]["results"], 6, "CANCELLED");
     let (code, again) = call(

@@ -7,86 +7,12 @@ use crate::common;
 use crate::common::assert_has;
 use crate::common::kiln_ok;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::workers::{Script, TRUE};
+use common::{changes, revisions};
 use common::{hg_commit, holds_for, http_get, kiln, post_form, run, wait_until, HgServe, Master};
-
-/// One stored change, as the tests look at it.
-#[derive(Debug, Clone, PartialEq)]
-struct Row {
-    author: String,
-    branch: Option<String>,
-    revision: Option<String>,
-    comments: String,
-    files: Vec<String>,
-    properties: BTreeMap<String, serde_json::Value>,
-    when: i64,
-}
-
-fn changes(dir: &Path) -> Vec<Row> {
-    let db = dir.join("state.sqlite");
-    if !db.exists() {
-        return vec![];
-    }
-    let c = rusqlite::Connection::open(db).expect("open db");
-    c.busy_timeout(Duration::from_secs(10))
-        .expect("busy timeout");
-    let mut stmt = c
-        .prepare(
-            "SELECT changeid, author, branch, revision, comments, when_timestamp FROM changes ORDER BY changeid",
-        )
-        .expect("prepare");
-    let rows: Vec<(i64, Row)> = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                Row {
-                    author: r.get(1)?,
-                    branch: r.get(2)?,
-                    revision: r.get(3)?,
-                    comments: r.get(4)?,
-                    files: vec![],
-                    properties: BTreeMap::new(),
-                    when: r.get(5)?,
-                },
-            ))
-        })
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
-    rows.into_iter()
-        .map(|(id, mut row)| {
-            row.files = c
-                .prepare("SELECT filename FROM change_files WHERE changeid = ?1 ORDER BY position")
-                .expect("prepare")
-                .query_map([id], |r| r.get(0))
-                .expect("files")
-                .collect::<Result<_, _>>()
-                .expect("files");
-            let props: Vec<(String, String)> = c
-                .prepare("SELECT property_name, property_value FROM change_properties WHERE changeid = ?1")
-                .expect("prepare")
-                .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .expect("props")
-                .collect::<Result<_, _>>()
-                .expect("props");
-            for (k, v) in props {
-                let pair: serde_json::Value = serde_json::from_str(&v).expect("property json");
-                row.properties.insert(k, pair[0].clone());
-            }
-            row
-        })
-        .collect()
-}
-
-fn revisions(rows: &[Row]) -> Vec<String> {
-    rows.iter()
-        .map(|r| r.revision.clone().unwrap_or_default())
-        .collect()
-}
 
 /// A master dir whose change sources are `sources` (Rhai expressions).
 /// An HgPoller of the local repository `repo`, polling every second.
@@ -173,7 +99,7 @@ fn tips_only_max_changes_and_repo_branch_shape_what_is_stored() {
     let tip = hg_commit(&repo, "D <d@x>", &["x.c", "w.c"], "tip of the push");
     poll(&dir);
     let rows = changes(&dir);
-    let tips: Vec<&Row> = rows
+    let tips: Vec<&common::ChangeRow> = rows
         .iter()
         .filter(|r| r.comments == "tip of the push")
         .collect();

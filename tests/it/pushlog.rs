@@ -298,63 +298,22 @@ fn poll(dir: &Path) -> (i32, String) {
     (out.code.unwrap_or(-1), out.stderr)
 }
 
-/// A stored change, as the poller wrote it.
-struct Stored {
-    author: String,
-    revision: String,
-    comments: String,
-    files: Vec<String>,
-    properties: BTreeMap<String, Value>,
-}
-
 /// The revisions of the stored changes, oldest first.
 fn stored_revisions(dir: &Path) -> Vec<String> {
-    stored(dir).into_iter().map(|r| r.revision).collect()
+    common::revisions(&stored(dir))
 }
 
-fn stored(dir: &Path) -> Vec<Stored> {
-    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-    let ids: Vec<(i64, String, String, String, String)> = c
-        .prepare(
-            "SELECT changeid, author, revision, comments, branch FROM changes ORDER BY changeid",
-        )
-        .expect("prepare")
-        .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
-    ids.into_iter()
-        .map(|(id, author, rev, comments, branch)| {
-            assert_eq!(branch, "repo", "a change's branch is the poller's branch");
-            let files: Vec<String> = c
-                .prepare("SELECT filename FROM change_files WHERE changeid = ?1 ORDER BY position")
-                .expect("prepare")
-                .query_map([id], |r| r.get(0))
-                .expect("files")
-                .collect::<Result<_, _>>()
-                .expect("files");
-            let props: BTreeMap<String, Value> = c
-                .prepare("SELECT property_name, property_value FROM change_properties WHERE changeid = ?1")
-                .expect("prepare")
-                .query_map([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-                .expect("props")
-                .map(|r| {
-                    let (k, v) = r.expect("prop");
-                    let pair: Value = serde_json::from_str(&v).expect("json");
-                    (k, pair[0].clone())
-                })
-                .collect();
-            Stored {
-                author,
-                revision: rev,
-                comments,
-                files,
-                properties: props,
-            }
-        })
-        .collect()
+/// The stored changes; each is on the poller's branch.
+fn stored(dir: &Path) -> Vec<common::ChangeRow> {
+    let rows = common::changes(dir);
+    for r in &rows {
+        assert_eq!(
+            r.branch.as_deref(),
+            Some("repo"),
+            "a change's branch is the poller's branch"
+        );
+    }
+    rows
 }
 
 fn pushes_are_read_in_both_answer_forms(version: u8) {
@@ -382,8 +341,10 @@ fn pushes_are_read_in_both_answer_forms(version: u8) {
     );
 
     let rows = stored(&s.dir);
-    let revs: Vec<&str> = rows.iter().map(|r| r.revision.as_str()).collect();
-    assert_eq!(revs, [p2[0].as_str(), p2[2].as_str(), p3.as_str()]);
+    assert_eq!(
+        common::revisions(&rows),
+        [p2[0].clone(), p2[2].clone(), p3.clone()]
+    );
     let first = &rows[0];
     assert_eq!(first.author, "pusher@m.org");
     assert_eq!(first.comments, "Bug 2 - two");

@@ -4,7 +4,7 @@
 use crate::common;
 use crate::common::assert_has;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::wait_until;
@@ -29,12 +29,7 @@ fn processes_under(dir: &std::path::Path) -> Vec<String> {
 fn the_quickstart_builds_a_commit_on_its_two_workers_and_stops_them_with_it() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("demo");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["quickstart"])
-        .arg(&dir)
-        .args(["--http-port", "0", "--worker-port", "0"])
-        .env("NO_COLOR", "1")
-        .env("PATH", common::tools_path())
+    let mut child = common::quickstart(&dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -7,7 +7,7 @@ use crate::common;
 use crate::common::assert_has;
 use crate::common::kiln_ok;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::workers::*;
@@ -357,14 +357,20 @@ fn polled(interval: &str) -> String {
     POLLED.replace("INTERVAL", interval)
 }
 
-#[test]
-fn a_broken_edit_keeps_the_old_config_running_and_kiln_reconfig_says_why() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let repo = tmp.path().join("repo");
+/// A repository `repo` with one changeset, and a master polling it every
+/// second.
+fn polled_master(root: &Path) -> (PathBuf, PathBuf) {
+    let repo = root.join("repo");
     std::fs::create_dir_all(&repo).expect("mkdir");
     run(&repo, "hg", &["init", "-q"]);
     hg_commit(&repo, "A <a@x>", &["base"], "base");
-    let dir = master_script(tmp.path(), &polled("1"));
+    (repo, master_script(root, &polled("1")))
+}
+
+#[test]
+fn a_broken_edit_keeps_the_old_config_running_and_kiln_reconfig_says_why() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (repo, dir) = polled_master(tmp.path());
     // The endless loop ends at this limit, which the config is far below.
     let master = Master::start_with(&dir, &["--max-operations", "2000000"]);
     master.wait_for_log("first poll", 1, Duration::from_secs(60));
@@ -415,11 +421,7 @@ fn a_broken_edit_keeps_the_old_config_running_and_kiln_reconfig_says_why() {
 #[test]
 fn a_poller_whose_interval_changes_misses_and_repeats_no_push() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let repo = tmp.path().join("repo");
-    std::fs::create_dir_all(&repo).expect("mkdir");
-    run(&repo, "hg", &["init", "-q"]);
-    hg_commit(&repo, "A <a@x>", &["base"], "base");
-    let dir = master_script(tmp.path(), &polled("1"));
+    let (repo, dir) = polled_master(tmp.path());
     // Reloads through the API only.
     let master = Master::start_with(&dir, &["--no-watch"]);
     let url = master.http_url();

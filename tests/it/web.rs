@@ -133,12 +133,7 @@ fn a_push_appears_and_turns_green_live_and_its_build_log_can_be_read() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("demo");
     let mut master = Guard::spawn(
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["quickstart"])
-            .arg(&dir)
-            .args(["--http-port", "0", "--worker-port", "0"])
-            .env("NO_COLOR", "1")
-            .env("PATH", common::tools_path())
+        common::quickstart(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped()),

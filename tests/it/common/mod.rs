@@ -23,6 +23,93 @@ impl Output {
 
 pub mod workers;
 
+/// One stored change, as the tests look at it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeRow {
+    pub author: String,
+    pub branch: Option<String>,
+    pub revision: Option<String>,
+    pub comments: String,
+    pub files: Vec<String>,
+    pub properties: std::collections::BTreeMap<String, serde_json::Value>,
+    pub when: i64,
+}
+
+/// Every stored change, oldest first (none before the database exists).
+pub fn changes(dir: &Path) -> Vec<ChangeRow> {
+    let db = dir.join("state.sqlite");
+    if !db.exists() {
+        return vec![];
+    }
+    let c = rusqlite::Connection::open(db).expect("open db");
+    c.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    let mut stmt = c
+        .prepare(
+            "SELECT changeid, author, branch, revision, comments, when_timestamp FROM changes ORDER BY changeid",
+        )
+        .expect("prepare");
+    let rows: Vec<(i64, ChangeRow)> = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                ChangeRow {
+                    author: r.get(1)?,
+                    branch: r.get(2)?,
+                    revision: r.get(3)?,
+                    comments: r.get(4)?,
+                    files: vec![],
+                    properties: std::collections::BTreeMap::new(),
+                    when: r.get(5)?,
+                },
+            ))
+        })
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    rows.into_iter()
+        .map(|(id, mut row)| {
+            row.files = c
+                .prepare("SELECT filename FROM change_files WHERE changeid = ?1 ORDER BY position")
+                .expect("prepare")
+                .query_map([id], |r| r.get(0))
+                .expect("files")
+                .collect::<Result<_, _>>()
+                .expect("files");
+            let props: Vec<(String, String)> = c
+                .prepare("SELECT property_name, property_value FROM change_properties WHERE changeid = ?1")
+                .expect("prepare")
+                .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .expect("props")
+                .collect::<Result<_, _>>()
+                .expect("props");
+            for (k, v) in props {
+                let pair: serde_json::Value = serde_json::from_str(&v).expect("property json");
+                row.properties.insert(k, pair[0].clone());
+            }
+            row
+        })
+        .collect()
+}
+
+/// The revisions of `rows`, in order.
+pub fn revisions(rows: &[ChangeRow]) -> Vec<String> {
+    rows.iter()
+        .map(|r| r.revision.clone().unwrap_or_default())
+        .collect()
+}
+
+/// `kiln quickstart DIR` on free ports, not yet spawned.
+pub fn quickstart(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.arg("quickstart")
+        .arg(dir)
+        .args(["--http-port", "0", "--worker-port", "0"])
+        .env("NO_COLOR", "1")
+        .env("PATH", tools_path());
+    cmd
+}
+
 /// Runs kiln (for at most 120 s), which must succeed.
 #[track_caller]
 pub fn kiln_ok(cwd: &Path, args: &[&str]) -> Output {
