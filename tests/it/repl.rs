@@ -6,6 +6,7 @@
 use crate::common;
 use crate::common::assert_has;
 use crate::common::kiln_ok;
+use common::workers::{Script, TRUE};
 
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -146,11 +147,8 @@ fn helpers_answer_from_the_staging_config() {
 fn piped_input_keeps_its_scope_and_continues_unfinished_blocks() {
     let tmp = tempfile::tempdir().expect("tmp");
     let input = "let a = [1,\n  2,\n  3];\na.len()\nfn twice(x) {\n  x * 2\n}\ntwice(21)\nnot_defined\ntwice(a[2])\n";
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["repl"])
+    let mut child = common::kiln_command(tmp.path(), &["repl"])
         .arg(staging())
-        .current_dir(tmp.path())
-        .env("NO_COLOR", "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -186,10 +184,7 @@ struct Driven {
 
 impl Driven {
     fn start(dir: &Path) -> Driven {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["repl", "."])
-            .current_dir(dir)
-            .env("NO_COLOR", "1")
+        let mut child = common::kiln_command(dir, &["repl", "."])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -246,23 +241,11 @@ impl Drop for Driven {
 }
 
 fn small_master(dir: &Path, builders: &[&str]) {
-    let list: Vec<String> = builders
-        .iter()
-        .map(|b| format!(r#"BuilderConfig(#{{ name: "{b}", workernames: ["w1"], factory: f }})"#))
-        .collect();
-    std::fs::write(
-        dir.join("master.rhai"),
-        format!(
-            r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{{ command: ["true"] }}));
-let c = #{{ workers: [Worker("w1", "pw")], builders: [{}] }};
-c
-"#,
-            list.join(", ")
-        ),
-    )
-    .expect("master.rhai");
+    let mut script = Script::steps(TRUE).worker("w1", "pw").bound_to("c");
+    for b in builders {
+        script = script.builder(b, &["w1"], "");
+    }
+    std::fs::write(dir.join("master.rhai"), script.render()).expect("master.rhai");
 }
 
 #[test]
@@ -378,7 +361,7 @@ fn ask(p: &mut rexpect::session::PtySession, line: &str, answer: &str, what: &st
 
 #[test]
 fn with_master_live_shows_workers_and_waiting_requests_and_diff_compares_with_the_running_config() {
-    use common::workers::{force, master_script, KilnWorker, Script, TRUE};
+    use common::workers::{force, master_script, KilnWorker, TestWorker};
     let tmp = tempfile::tempdir().expect("tmp");
     // w2 never connects: its builders' requests wait.
     let script = |builders: &[&str]| {

@@ -21,25 +21,14 @@ use tokio_util::sync::CancellationToken;
 
 fn load(dir: &Path, schedulers: &str, limits: Limits) -> Loaded {
     std::fs::create_dir_all(dir).expect("mkdir");
-    std::fs::write(
-        dir.join("master.rhai"),
-        format!(
-            r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{{ command: ["true"] }}));
-let builders = [];
-for n in ["linux", "win32", "up", "down"] {{
-    builders.push(BuilderConfig(#{{ name: n, workernames: ["w1"], factory: f }}));
-}}
-#{{
-    workers: [Worker("w1", "pw")],
-    schedulers: [{schedulers}],
-    builders: builders,
-}}
-"#
-        ),
-    )
-    .expect("master.rhai");
+    let mut script = Script::steps(TRUE)
+        .worker("w1", "pw")
+        .without_force()
+        .scheduler_expr(schedulers);
+    for b in ["linux", "win32", "up", "down"] {
+        script = script.builder(b, &["w1"], "");
+    }
+    std::fs::write(dir.join("master.rhai"), script.render()).expect("master.rhai");
     match load_master(dir, limits) {
         Ok(l) => l,
         Err(e) => panic!("the test master does not load:\n{e:?}"),

@@ -35,6 +35,12 @@ pub struct ChangeRow {
     pub when: i64,
 }
 
+/// One integer a query answers (a count, an id).
+pub fn scalar(c: &rusqlite::Connection, sql: &str) -> i64 {
+    c.query_row(sql, [], |r| r.get(0))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
 /// Every stored change, oldest first (none before the database exists).
 pub fn changes(dir: &Path) -> Vec<ChangeRow> {
     let db = dir.join("state.sqlite");
@@ -99,14 +105,22 @@ pub fn revisions(rows: &[ChangeRow]) -> Vec<String> {
         .collect()
 }
 
-/// `kiln quickstart DIR` on free ports, not yet spawned.
-pub fn quickstart(dir: &Path) -> Command {
+/// kiln with `args` in `cwd`, plain output and the tools on PATH; not yet
+/// spawned.
+pub fn kiln_command(cwd: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    cmd.arg("quickstart")
-        .arg(dir)
-        .args(["--http-port", "0", "--worker-port", "0"])
+    cmd.args(args)
+        .current_dir(cwd)
         .env("NO_COLOR", "1")
         .env("PATH", tools_path());
+    cmd
+}
+
+/// `kiln quickstart DIR` on free ports, not yet spawned.
+pub fn quickstart(dir: &Path) -> Command {
+    let mut cmd = kiln_command(Path::new("."), &["quickstart"]);
+    cmd.arg(dir)
+        .args(["--http-port", "0", "--worker-port", "0"]);
     cmd
 }
 
@@ -133,11 +147,7 @@ pub fn repo_root() -> PathBuf {
 
 /// Runs `kiln ARGS` in `cwd`; kills it and fails the test after `limit`.
 pub fn kiln(cwd: &Path, args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(cwd)
-        .env("NO_COLOR", "1")
-        .env("PATH", tools_path())
+    let mut child = kiln_command(cwd, args)
         .env_remove("KILN_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -314,12 +324,8 @@ impl Master {
 
     /// `kiln start . ARGS...`
     pub fn start_with(dir: &Path, args: &[&str]) -> Master {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["start", "."])
+        let mut child = kiln_command(dir, &["start", "."])
             .args(args)
-            .current_dir(dir)
-            .env("NO_COLOR", "1")
-            .env("PATH", tools_path())
             .env("KILN_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

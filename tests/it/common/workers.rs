@@ -18,6 +18,19 @@ pub fn worker_port(m: &Master) -> u16 {
         .expect("port")
 }
 
+/// What the tests do with a worker of either kind.
+pub trait TestWorker: Sized {
+    /// Starts the worker `name` in `root` against the worker port `port`.
+    fn start(root: &Path, name: &str, password: &str, port: u16) -> Self;
+
+    /// Starts it against `master` and waits until it is connected.
+    fn connect(master: &Master, root: &Path, name: &str, password: &str) -> Self {
+        let w = Self::start(root, name, password, worker_port(master));
+        master.wait_for_log(&format!("connected worker={name}"), 1, CONNECT_LIMIT);
+        w
+    }
+}
+
 /// A worker of either kind, for tests that run against both.
 pub enum AnyWorker {
     Stock(StockWorker),
@@ -48,16 +61,8 @@ pub struct StockWorker {
     pub dir: PathBuf,
 }
 
-impl StockWorker {
-    /// Starts a stock worker against `master` and waits until it is
-    /// connected.
-    pub fn connect(master: &Master, root: &Path, name: &str, password: &str) -> StockWorker {
-        let w = StockWorker::start(root, name, password, worker_port(master));
-        master.wait_for_log(&format!("connected worker={name}"), 1, CONNECT_LIMIT);
-        w
-    }
-
-    pub fn start(root: &Path, name: &str, password: &str, port: u16) -> StockWorker {
+impl TestWorker for StockWorker {
+    fn start(root: &Path, name: &str, password: &str, port: u16) -> StockWorker {
         let dir = root.join(format!("worker-{name}"));
         let bin = super::repo_root().join("target/tools/venv/bin/buildbot-worker");
         assert!(
@@ -90,7 +95,9 @@ impl StockWorker {
             .expect("buildbot-worker start");
         StockWorker { child, dir }
     }
+}
 
+impl StockWorker {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("twistd.log")).unwrap_or_default()
     }
@@ -322,16 +329,10 @@ pub fn finished(dir: &Path, n: usize) -> bool {
         return false;
     }
     let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-    let unsettled: i64 = c
-        .query_row(
-            "SELECT count(*) FROM buildrequests r JOIN buildrequest_claims c ON c.brid = r.id
+    let unsettled = super::scalar(&c, "SELECT count(*) FROM buildrequests r JOIN buildrequest_claims c ON c.brid = r.id
              WHERE r.complete = 0
                AND EXISTS (SELECT 1 FROM builds b WHERE b.buildrequestid = r.id AND b.complete_at IS NOT NULL)
-               AND NOT EXISTS (SELECT 1 FROM builds b WHERE b.buildrequestid = r.id AND b.complete_at IS NULL)",
-            [],
-            |r| r.get(0),
-        )
-        .expect("requests");
+               AND NOT EXISTS (SELECT 1 FROM builds b WHERE b.buildrequestid = r.id AND b.complete_at IS NULL)");
     unsettled == 0
 }
 
@@ -352,6 +353,8 @@ pub struct Script {
     /// More keys of `www` (users, authz).
     www: String,
     secrets: Vec<(String, String)>,
+    no_force: bool,
+    bound_to: Option<String>,
 }
 
 impl Script {
@@ -421,23 +424,45 @@ impl Script {
         self
     }
 
+    /// No ForceScheduler `force`: the schedulers are the script's own.
+    pub fn without_force(mut self) -> Script {
+        self.no_force = true;
+        self
+    }
+
+    /// The config map is bound to a variable (`let c = #{...}; c`), as the
+    /// REPL shows it.
+    pub fn bound_to(mut self, name: &str) -> Script {
+        self.bound_to = Some(name.to_string());
+        self
+    }
+
     pub fn render(&self) -> String {
         let names: Vec<&str> = self.builders.iter().map(|b| b.0.as_str()).collect();
         let builders: Vec<&str> = self.builders.iter().map(|b| b.1.as_str()).collect();
-        let more: String = self.schedulers.iter().map(|s| format!(", {s}")).collect();
+        let mut schedulers = self.schedulers.clone();
+        if !self.no_force {
+            let force = format!(r#"ForceScheduler(#{{ name: "force", builderNames: {names:?} }})"#);
+            schedulers.insert(0, force);
+        }
         let keys: String = self.keys.iter().map(|k| format!("    {k},\n")).collect();
-        format!(
-            "let f = BuildFactory();\n{prelude}\n#{{\n    \
+        let map = format!(
+            "#{{\n    \
              protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},\n    \
              www: #{{ port: 0{www} }},\n    \
              workers: [{workers}],\n    \
-             schedulers: [ForceScheduler(#{{ name: \"force\", builderNames: {names:?} }}){more}],\n    \
-             builders: [{builders}],\n{keys}}}\n",
-            prelude = self.prelude.join("\n"),
+             schedulers: [{schedulers}],\n    \
+             builders: [{builders}],\n{keys}}}",
             www = self.www,
             workers = self.workers.join(", "),
+            schedulers = schedulers.join(", "),
             builders = builders.join(",\n        "),
-        )
+        );
+        let prelude = self.prelude.join("\n");
+        match &self.bound_to {
+            None => format!("let f = BuildFactory();\n{prelude}\n{map}\n"),
+            Some(v) => format!("let f = BuildFactory();\n{prelude}\nlet {v} = {map};\n{v}\n"),
+        }
     }
 
     /// The master directory `root/master` with this script.
@@ -519,16 +544,8 @@ pub struct KilnWorker {
     pub child: std::process::Child,
 }
 
-impl KilnWorker {
-    /// Starts a kiln worker against `master` and waits until it is
-    /// connected.
-    pub fn connect(master: &Master, root: &Path, name: &str, password: &str) -> KilnWorker {
-        let w = KilnWorker::start(root, name, password, worker_port(master));
-        master.wait_for_log(&format!("connected worker={name}"), 1, CONNECT_LIMIT);
-        w
-    }
-
-    pub fn start(root: &Path, name: &str, password: &str, port: u16) -> KilnWorker {
+impl TestWorker for KilnWorker {
+    fn start(root: &Path, name: &str, password: &str, port: u16) -> KilnWorker {
         let dir = root.join(format!("kiln-worker-{name}"));
         if !dir.join("kiln-worker.json").exists() {
             let out = super::kiln(

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::workers::*;
 use common::{holds_for, wait_until, Master};
 use futures_util::{SinkExt, StreamExt};
+use Results::*;
 
 use super::{master_dir, master_with_steps, rpc};
 
@@ -169,13 +170,7 @@ fn a_worker_killed_mid_build_gives_retry_and_the_request_runs_again_elsewhere() 
     );
     assert_eq!(b[1].result, Some(Results::Success), "{b:?}");
     let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-    let n: i64 = c
-        .query_row(
-            "SELECT count(*) FROM buildrequests WHERE complete = 1",
-            [],
-            |r| r.get(0),
-        )
-        .expect("n");
+    let n = common::scalar(&c, "SELECT count(*) FROM buildrequests WHERE complete = 1");
     assert_eq!(n, 1);
     let worker: String = c
         .query_row(
@@ -262,11 +257,7 @@ f.addStep(ShellCommand(#{ name: "env", command: "echo $GREETING", env: #{ GREETI
     assert_eq!(b[0].result, Some(Results::Failure), "{b:?}");
     assert_eq!(
         b[0].steps,
-        steps(&[
-            ("out", Results::Failure),
-            ("hangs", Results::Failure),
-            ("env", Results::Success)
-        ])
+        steps(&[("out", Failure), ("hangs", Failure), ("env", Success)])
     );
     let out = stdio(&dir, "out");
     assert!(
@@ -427,9 +418,9 @@ f.addStep(ShellCommand(#{ name: "cleanup", command: "touch ../../../cleanup", al
     assert_eq!(
         b[0].steps,
         steps(&[
-            ("long", Results::Cancelled),
-            ("after", Results::Skipped),
-            ("cleanup", Results::Success)
+            ("long", Cancelled),
+            ("after", Skipped),
+            ("cleanup", Success)
         ])
     );
     assert!(

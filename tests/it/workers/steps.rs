@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::workers::*;
 use common::{holds_for, wait_until, Master};
+use Results::*;
 
 use super::master_with_steps;
 
@@ -31,10 +32,10 @@ fn a_stock_worker_runs_the_steps_with_buildbots_results() {
     assert_eq!(
         b[0].steps,
         steps(&[
-            ("hello", Results::Success),
-            ("fails", Results::Failure),
-            ("skipped", Results::Skipped),
-            ("cleanup", Results::Success)
+            ("hello", Success),
+            ("fails", Failure),
+            ("skipped", Skipped),
+            ("cleanup", Success)
         ])
     );
     let out = stdio(&dir, "hello");
@@ -66,11 +67,7 @@ f.addStep(ShellCommand(#{ name: "missing", command: Interpolate("hg clone %(prop
     let b = force_with_and_wait(&master, "b", &["--property", "who=alice"], 1);
     assert_eq!(
         b[0].steps,
-        steps(&[
-            ("show", Results::Success),
-            ("env", Results::Success),
-            ("missing", Results::Exception)
-        ])
+        steps(&[("show", Success), ("env", Success), ("missing", Exception)])
     );
     assert!(
         stdio(&dir, "show").contains("ob #1 on w1 for alice pool=build-pool global=staging"),
@@ -112,10 +109,10 @@ f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(wor
     assert_eq!(
         b[0].steps,
         steps(&[
-            ("kinds", Results::Success),
-            ("token", Results::Success),
-            ("nosecret", Results::Exception),
-            ("noworker", Results::Exception)
+            ("kinds", Success),
+            ("token", Success),
+            ("nosecret", Exception),
+            ("noworker", Exception)
         ])
     );
     let kinds = stdio(&dir, "kinds");
@@ -134,13 +131,10 @@ f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(wor
         "the header shows the env: {token}"
     );
     let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-    let leaked: i64 = c
-        .query_row(
-            "SELECT count(*) FROM logchunks WHERE instr(content, 's3cr3t-t0ken') > 0",
-            [],
-            |r| r.get(0),
-        )
-        .expect("count");
+    let leaked = common::scalar(
+        &c,
+        "SELECT count(*) FROM logchunks WHERE instr(content, 's3cr3t-t0ken') > 0",
+    );
     assert_eq!(leaked, 0, "the secret is in no stored log");
     let nosecret = stdio(&dir, "nosecret");
     assert!(
@@ -298,7 +292,7 @@ fn a_log_is_cut_at_log_max_size_with_a_marker() {
     let mut master = Master::start(&dir);
     let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
     let b = force_and_wait(&master, "b", 1);
-    assert_eq!(b[0].steps, steps(&[("chatty", Results::Success)]));
+    assert_eq!(b[0].steps, steps(&[("chatty", Success)]));
     let log = stdio(&dir, "chatty");
     assert!(log.contains("oline-1\n"), "{log}");
     assert!(!log.contains("line-5000"), "the tail is dropped");
@@ -404,11 +398,7 @@ die.addStep(DisconnectStep(#{ name: "die", command: "kill -9 $PPID; sleep 5", fl
     assert_eq!(b[0].result, Some(Results::Success), "{b:?}");
     assert_eq!(
         b[0].steps,
-        steps(&[
-            ("work", Results::Success),
-            ("reboot", Results::Success),
-            ("after", Results::Skipped)
-        ])
+        steps(&[("work", Success), ("reboot", Success), ("after", Skipped)])
     );
     assert!(!tmp.path().join("after").exists());
     // A worker that dies under a DisconnectStep: SUCCESS, not RETRY.
@@ -466,7 +456,7 @@ child.addStep(ShellCommand(#{ name: "child", command: ["sh", "-c", WithPropertie
     assert_eq!(child.result, Some(Results::Failure));
     assert_eq!(
         parent.steps,
-        steps(&[("trigger", Results::Failure), ("after", Results::Success)])
+        steps(&[("trigger", Failure), ("after", Success)])
     );
     assert_eq!(parent.result, Some(Results::Failure));
     assert!(
@@ -475,13 +465,10 @@ child.addStep(ShellCommand(#{ name: "child", command: ["sh", "-c", WithPropertie
         stdio(&dir, "child")
     );
     let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-    let linked: i64 = c
-        .query_row(
-            "SELECT count(*) FROM buildsets WHERE parent_buildid = 1",
-            [],
-            |r| r.get(0),
-        )
-        .expect("query");
+    let linked = common::scalar(
+        &c,
+        "SELECT count(*) FROM buildsets WHERE parent_buildid = 1",
+    );
     assert_eq!(linked, 1);
     assert_eq!(master.stop(), Some(0));
 }
