@@ -108,7 +108,7 @@ impl Distributor {
     /// A finished command's result: the step's `log_eval_func` (an rc map,
     /// or a function given `#{ name, properties }`, the exit code and the
     /// command's output, returning a result), else Buildbot's rule (0 is
-    /// SUCCESS, anything else FAILURE).
+    /// SUCCESS, anything else FAILURE); then its `log_rules`.
     pub(super) async fn evaluate(
         &self,
         gen: &Generation,
@@ -117,7 +117,45 @@ impl Distributor {
         log: i64,
         props: &Properties,
     ) -> Result<Results, String> {
-        let by_rc = self.evaluate_rc(gen, step, rc, log, props).await?;
+        let plain = |rc: Option<i64>| match rc {
+            Some(0) => Ok(Results::Success),
+            Some(_) => Ok(Results::Failure),
+            None => Err("the worker reported no exit code".to_string()),
+        };
+        let by_rc = match step.log_eval.as_deref() {
+            None => plain(rc),
+            Some(LogEval::RcMap { codes, default }) => {
+                match (rc.and_then(|rc| codes.get(&rc)), default) {
+                    (Some(r), _) => Ok(*r),
+                    (None, Some(d)) => Ok(*d),
+                    (None, None) => plain(rc),
+                }
+            }
+            Some(LogEval::Callback(cb)) => {
+                let output = self.output_text(log).await?;
+                let rc = rc.map_or(rhai::Dynamic::UNIT, rhai::Dynamic::from);
+                let v = self
+                    .call(gen, cb, (step_map(step, props), rc, output))
+                    .await?;
+                v.as_int().ok().and_then(Results::from_code).ok_or_else(|| {
+                    format!(
+                        "log_eval_func of step `{}` returned {v:?}, not a result such as SUCCESS",
+                        step.name
+                    )
+                })
+            }
+        }?;
+        self.apply_log_rules(step, log, by_rc).await
+    }
+
+    /// The step's `log_rules` over its output: a rule that matches a line
+    /// raises the result to the rule's (never lowers it), noted in the log.
+    async fn apply_log_rules(
+        &self,
+        step: &Step,
+        log: i64,
+        by_rc: Results,
+    ) -> Result<Results, String> {
         if step.log_rules.is_empty() {
             return Ok(by_rc);
         }
@@ -147,44 +185,6 @@ impl Distributor {
             }
         }
         Ok(result)
-    }
-
-    pub(super) async fn evaluate_rc(
-        &self,
-        gen: &Generation,
-        step: &Step,
-        rc: Option<i64>,
-        log: i64,
-        props: &Properties,
-    ) -> Result<Results, String> {
-        let plain = |rc: Option<i64>| match rc {
-            Some(0) => Ok(Results::Success),
-            Some(_) => Ok(Results::Failure),
-            None => Err("the worker reported no exit code".to_string()),
-        };
-        match step.log_eval.as_deref() {
-            None => plain(rc),
-            Some(LogEval::RcMap { codes, default }) => {
-                match (rc.and_then(|rc| codes.get(&rc)), default) {
-                    (Some(r), _) => Ok(*r),
-                    (None, Some(d)) => Ok(*d),
-                    (None, None) => plain(rc),
-                }
-            }
-            Some(LogEval::Callback(cb)) => {
-                let output = self.output_text(log).await?;
-                let rc = rc.map_or(rhai::Dynamic::UNIT, rhai::Dynamic::from);
-                let v = self
-                    .call(gen, cb, (step_map(step, props), rc, output))
-                    .await?;
-                v.as_int().ok().and_then(Results::from_code).ok_or_else(|| {
-                    format!(
-                        "log_eval_func of step `{}` returned {v:?}, not a result such as SUCCESS",
-                        step.name
-                    )
-                })
-            }
-        }
     }
 
     /// A step log's stdout and stderr text, without the header lines.

@@ -232,15 +232,12 @@ pub fn get_buildset(c: &mut dyn Sql, bsid: i64) -> anyhow::Result<Option<Buildse
         "SELECT changeid FROM buildset_changes WHERE buildsetid = ?1 ORDER BY changeid",
         args![bsid],
     )?;
-    let props = c.query(
+    bs.properties = super::read_properties(
+        c,
         "SELECT property_name, property_value FROM buildset_properties WHERE buildsetid = ?1",
-        args![bsid],
+        bsid,
+        "buildset",
     )?;
-    for p in props {
-        let (name, text): (String, String) = (p.get(0)?, p.get(1)?);
-        let (v, s): (serde_json::Value, String) = serde_json::from_str(&text)?;
-        bs.properties.insert(name, (v, s));
-    }
     Ok(Some(bs))
 }
 

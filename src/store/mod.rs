@@ -623,22 +623,36 @@ fn get_change(c: &mut dyn Sql, changeid: i64) -> anyhow::Result<Option<Change>> 
         "SELECT filename FROM change_files WHERE changeid = ?1 ORDER BY position",
         args![changeid],
     )?;
-    let props = c.query(
+    ch.properties = read_properties(
+        c,
         "SELECT property_name, property_value FROM change_properties WHERE changeid = ?1",
-        args![changeid],
+        changeid,
+        "change",
     )?;
-    for p in props {
-        let (name, text): (String, String) = (p.get(0)?, p.get(1)?);
-        let (value, src): (serde_json::Value, String) = serde_json::from_str(&text)
-            .with_context(|| format!("property `{name}` of change {changeid} is malformed"))?;
-        ch.properties.insert(name, (value, src));
-    }
     Ok(Some(Change {
         changeid,
         sourcestampid: r.get(11)?,
         source: r.get(12)?,
         change: ch,
     }))
+}
+
+/// The properties (name, `[value, source]` as JSON) that `sql` selects for
+/// the item `id`; `what` names the item in the error for a malformed one.
+pub(crate) fn read_properties(
+    c: &mut dyn Sql,
+    sql: &str,
+    id: i64,
+    what: &str,
+) -> anyhow::Result<Properties> {
+    let mut properties = Properties::new();
+    for p in c.query(sql, args![id])? {
+        let (name, text): (String, String) = (p.get(0)?, p.get(1)?);
+        let value: (serde_json::Value, String) = serde_json::from_str(&text)
+            .with_context(|| format!("property `{name}` of {what} {id} is malformed"))?;
+        properties.insert(name, value);
+    }
+    Ok(properties)
 }
 
 #[cfg(test)]
