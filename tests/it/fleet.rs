@@ -20,27 +20,25 @@ fn get(url: &str) -> Value {
 /// Master `name` of the fleet: builder `b` on workers w1..w3 (each
 /// connects to one master), its one step waiting for `release` to exist.
 fn fleet_master(root: &Path, name: &str, db_url: &str, release: &Path) -> PathBuf {
-    let dir = root.join(name);
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let script = format!(
-        r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{{ name: "wait", command: ["sh", "-c", "while [ ! -e {release} ]; do sleep 0.05; done; echo released"] }}));
-#{{
-    masterName: "{name}",
-    multiMaster: #{{ heartbeat: 1, dead_after: 3 }},
-    db: #{{ db_url: "{db_url}" }},
-    protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},
-    www: #{{ port: 0 }},
-    workers: [Worker("w1", "pw"), Worker("w2", "pw"), Worker("w3", "pw")],
-    schedulers: [ForceScheduler(#{{ name: "force", builderNames: ["b"] }})],
-    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1", "w2", "w3"], factory: f }})],
-}}
-"#,
-        release = release.display()
-    );
-    std::fs::write(dir.join("master.rhai"), script).expect("master.rhai");
-    dir
+    fleet_script(name, db_url)
+        .rhai(&format!(
+            r#"f.addStep(ShellCommand(#{{ name: "wait", command: ["sh", "-c", "while [ ! -e {} ]; do sleep 0.05; done; echo released"] }}));"#,
+            release.display()
+        ))
+        .worker("w1", "pw")
+        .worker("w2", "pw")
+        .worker("w3", "pw")
+        .builder("b", &["w1", "w2", "w3"], "")
+        .write_to(&root.join(name))
+}
+
+/// A script for master `name` of a fleet on `db_url` (heartbeat 1 s, dead
+/// after 3).
+fn fleet_script(name: &str, db_url: &str) -> Script {
+    Script::default()
+        .key(&format!(r#"masterName: "{name}""#))
+        .key("multiMaster: #{ heartbeat: 1, dead_after: 3 }")
+        .key(&format!(r#"db: #{{ db_url: "{db_url}" }}"#))
 }
 
 /// A PostgreSQL server with an empty database, a temp dir and the path of
@@ -237,27 +235,19 @@ fn a_request_made_on_one_master_builds_at_once_on_another_and_both_event_streams
 /// Master `name` polling the hg repository `repo` with a change-driven
 /// scheduler for builder `b` (no workers: the requests wait).
 fn polling_master(root: &Path, name: &str, db_url: &str, repo: &Path) -> PathBuf {
-    let dir = root.join(name);
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let script = format!(
-        r#"
-let f = BuildFactory();
-f.addStep(ShellCommand(#{{ command: ["true"] }}));
-#{{
-    masterName: "{name}",
-    multiMaster: #{{ heartbeat: 1, dead_after: 3 }},
-    db: #{{ db_url: "{db_url}" }},
-    www: #{{ port: 0 }},
-    change_source: [HgPoller(#{{ hgURL: "{repo}", branch: "", pollInterval: 1 }})],
-    schedulers: [Scheduler(#{{ name: "on-push", branch: (), treeStableTimer: (), builderNames: ["b"] }})],
-    workers: [Worker("w1", "pw")],
-    builders: [BuilderConfig(#{{ name: "b", workernames: ["w1"], factory: f }})],
-}}
-"#,
-        repo = repo.display()
-    );
-    std::fs::write(dir.join("master.rhai"), script).expect("master.rhai");
-    dir
+    fleet_script(name, db_url)
+        .rhai(TRUE)
+        .key(&format!(
+            r#"change_source: [HgPoller(#{{ hgURL: "{}", branch: "", pollInterval: 1 }})]"#,
+            repo.display()
+        ))
+        .without_force()
+        .scheduler_expr(
+            r#"Scheduler(#{ name: "on-push", branch: (), treeStableTimer: (), builderNames: ["b"] })"#,
+        )
+        .worker("w1", "pw")
+        .builder("b", &["w1"], "")
+        .write_to(&root.join(name))
 }
 
 /// (changes, buildsets) the fleet stored, by revision.

@@ -120,6 +120,16 @@ async fn js(c: &Client, script: &str) -> serde_json::Value {
     c.execute(script, vec![]).await.expect("script")
 }
 
+/// The text of the first element `css` finds.
+async fn text_of(c: &Client, css: &str) -> String {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .text()
+        .await
+        .expect("text")
+}
+
 async fn screenshot(c: &Client, name: &str) {
     let dir = common::repo_root().join("target/test-artifacts");
     std::fs::create_dir_all(&dir).expect("artifacts dir");
@@ -209,21 +219,9 @@ fn a_push_appears_and_turns_green_live_and_its_build_log_can_be_read() {
             "the grid changed without a reload"
         );
         // The commit message is shown as text, never as markup.
-        let comments = c
-            .find(Locator::Css(&format!("{row} .comments")))
-            .await
-            .expect("comments")
-            .text()
-            .await
-            .expect("text");
+        let comments = text_of(&c, &format!("{row} .comments")).await;
         assert!(comments.contains("Bug 4242 - add the feature <b>bold</b>"), "{comments}");
-        let author = c
-            .find(Locator::Css(&format!("{row} td.push b")))
-            .await
-            .expect("author")
-            .text()
-            .await
-            .expect("text");
+        let author = text_of(&c, &format!("{row} td.push b")).await;
         assert_eq!(author, "Dee Veloper");
         screenshot(&c, "web-grid.png").await;
 
@@ -238,7 +236,7 @@ fn a_push_appears_and_turns_green_live_and_its_build_log_can_be_read() {
             c.find(Locator::Css("ul.steps .logs a")).await.ok()
         })
         .await;
-        let heading = c.find(Locator::Css("main h1")).await.expect("h1").text().await.expect("text");
+        let heading = text_of(&c, "main h1").await;
         assert!(heading.starts_with("build #"), "{heading}");
         log_link.click().await.expect("click the log");
         let log_text = eventually(Duration::from_secs(30), "the log's text", || async {

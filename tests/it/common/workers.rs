@@ -467,7 +467,14 @@ impl Script {
 
     /// The master directory `root/master` with this script.
     pub fn write(&self, root: &Path) -> PathBuf {
-        let dir = master_script(root, &self.render());
+        self.write_to(&root.join("master"))
+    }
+
+    /// The master directory `dir` with this script.
+    pub fn write_to(&self, dir: &Path) -> PathBuf {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        std::fs::write(dir.join("master.rhai"), self.render()).expect("master.rhai");
+        let dir = dir.to_path_buf();
         for (name, value) in &self.secrets {
             write_secret(&dir, name, value);
         }

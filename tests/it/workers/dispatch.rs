@@ -40,24 +40,10 @@ fn collapse_run(collapse: &str) -> (Vec<BuildRow>, Vec<RequestRow>) {
 fn waiting_requests_collapse_into_one_build_unless_turned_off() {
     let (b, reqs) = collapse_run("");
     assert_eq!(b.len(), 2, "requests 2 and 3 were built once: {b:?}");
-    assert_eq!(
-        reqs,
-        [
-            done(Results::Success),
-            done(Results::Success),
-            done(Results::Success)
-        ]
-    );
+    assert_eq!(reqs, [done(Results::Success); 3]);
     let (b, reqs) = collapse_run("collapseRequests: false");
     assert_eq!(b.len(), 3, "{b:?}");
-    assert_eq!(
-        reqs,
-        [
-            done(Results::Success),
-            done(Results::Success),
-            done(Results::Success)
-        ]
-    );
+    assert_eq!(reqs, [done(Results::Success); 3]);
 }
 
 #[test]
