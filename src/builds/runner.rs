@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BuilderConfig, Results, Step};
 use crate::schedulers::BuildsetDone;
+use crate::store::builds::Claimed;
 use crate::store::buildsets::BuildRequest;
 use crate::store::Properties;
 use crate::workers::WorkerConn;
@@ -321,12 +322,14 @@ impl Distributor {
         }
         if lost {
             self.store
-                .finish_build(buildid, Results::Retry as i64, "retry: the worker was lost")
+                .finish_build(
+                    buildid,
+                    Results::Retry as i64,
+                    "retry: the worker was lost",
+                    Claimed::GiveBack(claimed.to_vec()),
+                )
                 .await?;
             self.queue_status(b, Results::Retry, &props).await;
-            for brid in claimed {
-                self.store.unclaim_request(*brid).await?;
-            }
             tracing::warn!(builder = %builder.name, worker = %worker.name, "build {number}: worker lost; the request will run again");
             return Ok(());
         }
@@ -336,25 +339,25 @@ impl Distributor {
         } else {
             results.name().to_string()
         };
-        self.store
-            .finish_build(buildid, results as i64, &state)
+        // As Buildbot: a build that ends RETRY (a step's log rules said
+        // so) gives its requests back to run again.
+        let retry = results == Results::Retry;
+        let requests = if retry {
+            Claimed::GiveBack(claimed.to_vec())
+        } else {
+            Claimed::Complete(claimed.to_vec())
+        };
+        let completed = self
+            .store
+            .finish_build(buildid, results as i64, &state, requests)
             .await?;
         self.queue_status(b, results, &props).await;
         tracing::info!(builder = %builder.name, "build {number}: {}", results.name());
-        if results == Results::Retry {
-            // As Buildbot: a build that ends RETRY (a step's log rules said
-            // so) gives its requests back to run again.
-            for brid in claimed {
-                self.store.unclaim_request(*brid).await?;
-            }
+        if retry {
             tracing::warn!(builder = %builder.name, "build {number} ended RETRY; its request(s) will run again");
             return Ok(());
         }
-        for (bsid, r) in self
-            .store
-            .complete_requests(claimed.to_vec(), results as i64)
-            .await?
-        {
+        for (bsid, r) in completed {
             self.schedulers.buildset_done(BuildsetDone {
                 bsid,
                 results: r,

@@ -51,6 +51,7 @@ impl<A> Writer<A> {
     }
 }
 
+#[allow(clippy::result_large_err)] // the error is the response itself, answered at once
 fn peer_of(parts: &Parts) -> Result<SocketAddr, Response> {
     parts
         .extensions

@@ -6,6 +6,15 @@ use serde_json::json;
 use super::db::args;
 use super::{now, Properties, Store};
 
+/// What a finished build does with the requests it claimed.
+#[derive(Clone, Debug)]
+pub enum Claimed {
+    /// They are complete, with the build's result.
+    Complete(Vec<i64>),
+    /// They go back to the queue to build again (the build ended RETRY).
+    GiveBack(Vec<i64>),
+}
+
 /// A stored build, as Buildbot's data API shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BuildRow {
@@ -133,27 +142,51 @@ impl Store {
             .await
     }
 
+    /// Ends a build and, in the same transaction, does what its end
+    /// means for the requests it claimed: a master killed at any moment
+    /// leaves either a running build (run again) or a finished build with
+    /// its requests settled, never a finished build whose requests would
+    /// build again. Returns the buildsets that completed.
     pub async fn finish_build(
         &self,
         buildid: i64,
         results: i64,
         state: &str,
-    ) -> anyhow::Result<()> {
+        claimed: Claimed,
+    ) -> anyhow::Result<Vec<(i64, i64)>> {
         let state = state.to_string();
-        let row = self
+        let completed = match &claimed {
+            Claimed::Complete(brids) => brids.clone(),
+            Claimed::GiveBack(_) => vec![],
+        };
+        let (row, buildsets) = self
             .call(move |c| {
                 c.execute(
                     "UPDATE builds SET complete_at = ?2, results = ?3, state_string = ?4 WHERE id = ?1",
                     args![buildid, now(), results, state],
                 )?;
-                c.query_opt(
-                    "SELECT builderid, number, buildrequestid, state_string FROM builds WHERE id = ?1",
-                    args![buildid],
-                )?
-                .map(|r| -> anyhow::Result<(i64, i64, i64, String)> {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })
-                .transpose()
+                let buildsets = match &claimed {
+                    Claimed::Complete(brids) => super::buildsets::complete_requests(c, brids, results)?,
+                    Claimed::GiveBack(brids) => {
+                        for brid in brids {
+                            c.execute(
+                                "DELETE FROM buildrequest_claims WHERE brid = ?1",
+                                args![brid],
+                            )?;
+                        }
+                        vec![]
+                    }
+                };
+                let row = c
+                    .query_opt(
+                        "SELECT builderid, number, buildrequestid, state_string FROM builds WHERE id = ?1",
+                        args![buildid],
+                    )?
+                    .map(|r| -> anyhow::Result<(i64, i64, i64, String)> {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })
+                    .transpose()?;
+                Ok((row, buildsets))
             })
             .await?;
         if let Some((builderid, number, brid, state)) = row {
@@ -163,7 +196,8 @@ impl Store {
                         "state_string": state })
             });
         }
-        Ok(())
+        self.requests_completed(&completed, results, &buildsets);
+        Ok(buildsets)
     }
 
     pub async fn new_step(&self, buildid: i64, number: i64, name: &str) -> anyhow::Result<i64> {

@@ -705,7 +705,7 @@ impl Store {
         Ok(verdict)
     }
 
-    fn requests_completed(&self, brids: &[i64], results: i64, buildsets: &[(i64, i64)]) {
+    pub(super) fn requests_completed(&self, brids: &[i64], results: i64, buildsets: &[(i64, i64)]) {
         let ev = self.events();
         for brid in brids {
             ev.emit("buildrequests", *brid, "complete", || {
@@ -769,6 +769,66 @@ mod tests {
             builders: builders.iter().map(|b| b.to_string()).collect(),
             priority: 5,
             parent_buildid: None,
+        }
+    }
+
+    /// A finished build settles its requests in the same call: complete
+    /// with its result, or given back (RETRY) to be claimed again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_finished_build_completes_or_gives_back_its_requests_at_once() {
+        use crate::store::builds::Claimed;
+        for (store, _db) in crate::store::testing::each_backend().await {
+            let master = store.master_started("m").await.unwrap();
+            let ids = store
+                .add_buildset(buildset(&["linux", "win32"]))
+                .await
+                .unwrap();
+            let (a, b) = (&ids.brids[0], &ids.brids[1]);
+            for r in [a, b] {
+                assert!(store.claim_request(r.brid, master).await.unwrap());
+            }
+            let (build_a, _) = store
+                .new_build(a.builderid, a.brid, None, master, Properties::new())
+                .await
+                .unwrap();
+            let (build_b, _) = store
+                .new_build(b.builderid, b.brid, None, master, Properties::new())
+                .await
+                .unwrap();
+
+            // b ends RETRY: its request is unclaimed, not complete.
+            let done = store
+                .finish_build(build_b, 5, "retry", Claimed::GiveBack(vec![b.brid]))
+                .await
+                .unwrap();
+            assert_eq!(done, []);
+            let waiting = store.unclaimed_requests(10).await.unwrap();
+            assert_eq!(
+                waiting.iter().map(|r| r.buildrequestid).collect::<Vec<_>>(),
+                [b.brid]
+            );
+
+            // a ends SUCCESS: its request is complete; the buildset waits for b.
+            let done = store
+                .finish_build(build_a, 0, "success", Claimed::Complete(vec![a.brid]))
+                .await
+                .unwrap();
+            assert_eq!(done, []);
+            let reqs = store.requests_of_buildset(ids.bsid).await.unwrap();
+            assert!(reqs[0].complete && reqs[0].results == Some(0));
+            assert!(!reqs[1].complete);
+
+            // b's second build completes the buildset.
+            assert!(store.claim_request(b.brid, master).await.unwrap());
+            let (again, _) = store
+                .new_build(b.builderid, b.brid, None, master, Properties::new())
+                .await
+                .unwrap();
+            let done = store
+                .finish_build(again, 2, "failure", Claimed::Complete(vec![b.brid]))
+                .await
+                .unwrap();
+            assert_eq!(done, [(ids.bsid, 2)]);
         }
     }
 

@@ -255,7 +255,12 @@ mod tests {
             assert_eq!(states, ["running", "pending", "pending"]);
 
             store
-                .finish_build(buildid, 2, "failed")
+                .finish_build(
+                    buildid,
+                    2,
+                    "failed",
+                    crate::store::builds::Claimed::Complete(vec![]),
+                )
                 .await
                 .expect("finish");
             store

@@ -396,7 +396,12 @@ mod tests {
                     .expect("build");
                 if i < 5 {
                     store
-                        .finish_build(id, (i % 3) as i64, "done")
+                        .finish_build(
+                            id,
+                            (i % 3) as i64,
+                            "done",
+                            crate::store::builds::Claimed::Complete(vec![]),
+                        )
                         .await
                         .expect("finish");
                 }

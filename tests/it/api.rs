@@ -2,6 +2,7 @@
 //! filters, ordering, paging, projection and 404s.
 
 use crate::common;
+use crate::common::assert_has;
 use crate::common::kiln_ok;
 
 use std::time::Duration;
@@ -283,7 +284,7 @@ bad.addStep(ShellCommand(#{ command: ["false"] }));
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("poll errors in\n{text}"));
     assert!(errors >= 1);
-    assert!(text.contains("kiln_store_query_seconds "), "{text}");
+    assert_has(&text, "kiln_store_query_seconds ");
 }
 
 #[test]

@@ -55,7 +55,7 @@ fn plain_hg_over_a_local_path_reports_each_changeset_once() {
 
     // The first poll records where the repository is and reports nothing.
     let log = poll(&dir);
-    assert!(log.contains(&format!("starting after {first}")), "{log}");
+    assert_has(&log, &format!("starting after {first}"));
     assert_eq!(changes(&dir), vec![]);
 
     let two = hg_commit(&repo, "Bob <bob@m.org>", &["b.c", "dir/c.h"], "two");
@@ -130,9 +130,9 @@ fn tips_only_max_changes_and_repo_branch_shape_what_is_stored() {
     let on_default = hg_commit(&repo2, "M <m@x>", &["main.c"], "on default");
     let log = poll(&dir2);
     assert_eq!(revisions(&changes(&dir2)), [on_default]);
-    assert!(
-        log.contains("skipped 1 changeset(s) on named branches other than default"),
-        "{log}"
+    assert_has(
+        &log,
+        "skipped 1 changeset(s) on named branches other than default",
     );
 }
 
@@ -142,7 +142,7 @@ fn an_empty_repository_reports_its_first_pushes() {
     let repo = hg_repo(tmp.path(), "repo");
     let dir = master_dir(tmp.path(), &local_poller(&repo));
     let log = poll(&dir);
-    assert!(log.contains("the repository is empty"), "{log}");
+    assert_has(&log, "the repository is empty");
     let one = hg_commit(&repo, "A <a@x>", &["a"], "one");
     let two = hg_commit(&repo, "B <b@x>", &["b"], "two");
     poll(&dir);
@@ -163,7 +163,7 @@ fn plain_hg_over_hg_serve_falls_back_from_the_pushlog() {
         ),
     );
     let log = poll(&dir);
-    assert!(log.contains("no pushlog at"), "{log}");
+    assert_has(&log, "no pushlog at");
     let two = hg_commit(&repo, "B <b@x>", &["b"], "two");
     poll(&dir);
     let rows = changes(&dir);
@@ -207,7 +207,7 @@ fn git_poller_follows_branches_and_force_pushes() {
         ),
     );
     let log = poll(&dir);
-    assert!(log.contains("first poll of `main`"), "{log}");
+    assert_has(&log, "first poll of `main`");
     assert_eq!(changes(&dir), vec![]);
 
     let two = commit("b", "two");
@@ -278,8 +278,8 @@ fn a_restart_between_pushes_neither_repeats_nor_misses_a_change() {
     });
     assert_eq!(revisions(&changes(&dir)), [one, two, three]);
     let log = std::fs::read_to_string(dir.join("kiln.log")).expect("kiln.log");
-    assert!(log.contains("master running"), "{log}");
-    assert!(log.contains("SIGTERM: stopping"), "{log}");
+    assert_has(&log, "master running");
+    assert_has(&log, "SIGTERM: stopping");
 }
 
 #[test]
@@ -293,7 +293,7 @@ fn a_missing_repository_is_logged_and_the_master_recovers_when_it_appears() {
     // Still serving.
     let url = master.http_url();
     let health = http_get(&format!("{url}/health"));
-    assert!(health.contains("\"ok\""), "{health}");
+    assert_has(&health, "\"ok\"");
 
     run(tmp.path(), "hg", &["init", "-q", "later"]);
     master.wait_for_log("polling works again", 1, Duration::from_secs(60));
@@ -431,7 +431,7 @@ fn the_poller_hook_polls_the_named_pollers_now() {
 
     let (status, body) = post_form(&format!("{url}/change_hook/poller?poller=nonesuch"), &[]);
     assert_eq!(status, 400, "{body}");
-    assert!(body.contains("no poller is called nonesuch"), "{body}");
+    assert_has(&body, "no poller is called nonesuch");
 
     // Named by its repository, as Buildbot names a poller by default.
     let (status, body) = post_form(

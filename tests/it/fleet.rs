@@ -3,6 +3,7 @@
 //! and runs again on another master's worker; a clean stop is seen at once.
 
 use crate::common;
+use crate::common::assert_has;
 use crate::common::kiln_ok;
 
 use std::path::{Path, PathBuf};
@@ -371,7 +372,7 @@ fn stop_and_cancel_sent_to_one_master_stop_a_build_running_on_another() {
         format!("/api/v2/buildrequests/{}", second["buildrequestid"]),
         "cancel",
     );
-    assert!(body.contains("on master m2"), "{body}");
+    assert_has(&body, "on master m2");
     assert_eq!(ended(&second["buildid"]), 6, "CANCELLED");
     // The request is completed just after its build ends.
     let request = format!("{url}/api/v2/buildrequests/{}", second["buildrequestid"]);

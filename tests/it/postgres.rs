@@ -82,7 +82,7 @@ fn a_master_on_postgresql_builds_reloads_and_keeps_its_history_across_a_restart(
     // The pid file names the database without its password; `kiln
     // reconfig` reads the password from the config.
     let pid = std::fs::read_to_string(dir.join("kiln.pid")).expect("pid file");
-    assert!(pid.contains(&server.url_without_password("kiln")), "{pid}");
+    assert_has(&pid, &server.url_without_password("kiln"));
     assert!(!pid.contains(kiln_testpg::PASSWORD), "{pid}");
     let out = kiln(&dir, &["reconfig", "."], Duration::from_secs(60));
     assert_eq!(out.code, Some(0), "{}\n{}", out.stderr, master.log());

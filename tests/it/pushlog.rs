@@ -4,6 +4,7 @@
 //! and can be told to fail in the ways hg.mozilla.org does.
 
 use crate::common;
+use crate::common::assert_has;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -320,7 +321,7 @@ fn pushes_are_read_in_both_answer_forms(version: u8) {
     let mut s = Setup::new(version, "");
     let (code, log) = poll(&s.dir);
     assert_eq!(code, 0, "{log}");
-    assert!(log.contains(&format!("starting after {}", s.base)), "{log}");
+    assert_has(&log, &format!("starting after {}", s.base));
     assert!(!s.server.last_request().contains_key("fromchange"));
 
     let p2 = s.push(
@@ -335,9 +336,9 @@ fn pushes_are_read_in_both_answer_forms(version: u8) {
     let (code, log) = poll(&s.dir);
     assert_eq!(code, 0, "{log}");
     assert_eq!(s.server.last_request().get("fromchange"), Some(&s.base));
-    assert!(
-        log.contains("skipped 1 changeset(s) on named branches other than default"),
-        "{log}"
+    assert_has(
+        &log,
+        "skipped 1 changeset(s) on named branches other than default",
     );
 
     let rows = stored(&s.dir);
@@ -385,10 +386,7 @@ fn tips_only_and_max_changes_over_the_pushlog() {
     let p3 = s.push1("p3@m.org", "three", "three");
     let (code, log) = poll(&s.dir);
     assert_eq!(code, 0, "{log}");
-    assert!(
-        log.contains("1 change(s) left out: more than maxChanges (2)"),
-        "{log}"
-    );
+    assert_has(&log, "1 change(s) left out: more than maxChanges (2)");
     let rows = stored(&s.dir);
     // The newest two pushes, one change each (the tip); the tip of push 2
     // carries the files of the whole push.
@@ -405,7 +403,7 @@ fn errors_store_nothing_and_the_poller_recovers() {
     s.server.set(|p| p.fault = Fault::ServerError);
     let (code, log) = poll(&s.dir);
     assert_eq!(code, 1);
-    assert!(log.contains("answered 500 Internal Server Error"), "{log}");
+    assert_has(&log, "answered 500 Internal Server Error");
     assert!(
         log.contains(&s.server.url),
         "the repository is named: {log}"
@@ -414,7 +412,7 @@ fn errors_store_nothing_and_the_poller_recovers() {
     s.server.set(|p| p.fault = Fault::Truncated);
     let (code, log) = poll(&s.dir);
     assert_eq!(code, 1);
-    assert!(log.contains("malformed answer from"), "{log}");
+    assert_has(&log, "malformed answer from");
     assert_eq!(stored(&s.dir).len(), 0);
 
     s.server.set(|p| p.fault = Fault::None);
@@ -428,10 +426,7 @@ fn errors_store_nothing_and_the_poller_recovers() {
     drop(server);
     let (code, log) = poll(&dir);
     assert_eq!(code, 1);
-    assert!(
-        log.contains(&format!("cannot reach {url}repo/json-pushes")),
-        "{log}"
-    );
+    assert_has(&log, &format!("cannot reach {url}repo/json-pushes"));
     assert_eq!(stored(&dir).len(), 1);
 }
 
@@ -447,7 +442,7 @@ fn a_stripped_repository_is_reported_afresh_within_max_changes() {
     let c = s.push1("p@m.org", "x3", "new three");
     let (code, log) = poll(&s.dir);
     assert_eq!(code, 0, "{log}");
-    assert!(log.contains("no longer has"), "{log}");
+    assert_has(&log, "no longer has");
     let revs = stored_revisions(&s.dir);
     assert_eq!(revs, [b, c.clone()]);
     assert!(!revs.contains(&a));

@@ -57,7 +57,7 @@ fn the_quickstart_builds_a_commit_on_its_two_workers_and_stops_them_with_it() {
         assert_eq!(steps, ["checkout", "list", "build"]);
     }
     let out = common::workers::stdio(&dir, "build");
-    assert!(out.contains(": Make a change"), "{out}");
+    assert_has(&out, ": Make a change");
     assert_eq!(processes_under(&dir).len(), 2);
 
     // SAFETY: plain kill(2) on our child.

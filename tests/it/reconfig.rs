@@ -408,8 +408,8 @@ fn a_broken_edit_keeps_the_old_config_running_and_kiln_reconfig_says_why() {
     }
     assert_eq!(reloads(&dir).len(), seen);
     let log = master.log();
-    assert!(log.contains("reload failed"), "{log}");
-    assert!(log.contains("the running config is unchanged"), "{log}");
+    assert_has(&log, "reload failed");
+    assert_has(&log, "the running config is unchanged");
 
     // The fixed save applies.
     save(&entry, &polled("2"));

@@ -65,25 +65,14 @@ fn helpers_answer_from_the_staging_config() {
     );
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let text = out.stdout;
-    assert!(
-        text.contains("yes HgPoller:https://hg.mozilla.org/mozilla-central"),
-        "{text}"
+    assert_has(&text, "yes HgPoller:https://hg.mozilla.org/mozilla-central");
+    assert_has(&text, "no  HgPoller:https://hg.mozilla.org/try");
+    assert_has(
+        &text,
+        "mozilla-central-firefox: keeps it: fileIsImportant says the change is not important",
     );
-    assert!(
-        text.contains("no  HgPoller:https://hg.mozilla.org/try"),
-        "{text}"
-    );
-    assert!(
-        text.contains(
-            "mozilla-central-firefox: keeps it: fileIsImportant says the change is not important"
-        ),
-        "{text}"
-    );
-    assert!(
-        text.contains("try-firefox: no: it takes try, not mozilla-central"),
-        "{text}"
-    );
-    assert!(text.contains("builders that get a request: 0"), "{text}");
+    assert_has(&text, "try-firefox: no: it takes try, not mozilla-central");
+    assert_has(&text, "builders that get a request: 0");
 
     // A code change builds every mozilla-central builder.
     let out = eval(
@@ -164,10 +153,7 @@ fn piped_input_keeps_its_scope_and_continues_unfinished_blocks() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stdout, "3\n42\n6\n", "{stderr}");
-    assert!(
-        stderr.contains("Variable not found: not_defined"),
-        "{stderr}"
-    );
+    assert_has(&stderr, "Variable not found: not_defined");
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -258,7 +244,7 @@ fn reload_and_diff_follow_the_files_and_a_broken_edit_keeps_the_old_scope() {
 
     std::fs::write(tmp.path().join("master.rhai"), "let c = #{ broken").expect("write");
     let out = r.ask(":reload", "the reload failed");
-    assert!(out.contains("master.rhai:1:"), "{out}");
+    assert_has(&out, "master.rhai:1:");
     assert!(
         r.ask("builders()", "]").contains(r#"["a"]"#),
         "the old config stays"
@@ -336,7 +322,7 @@ fn a_terminal_session_completes_continues_blocks_and_interrupts_an_endless_loop(
     control(&mut p, 'd');
     p.exp_eof().expect("exit");
     let history = std::fs::read_to_string(tmp.path().join(".kiln_repl_history")).expect("history");
-    assert!(history.contains("three() * 2002"), "{history}");
+    assert_has(&history, "three() * 2002");
 }
 
 /// Types `text` (without Enter) and sends it on.

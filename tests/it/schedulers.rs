@@ -417,12 +417,12 @@ async fn a_failing_closure_is_logged_and_the_change_counts_as_important() {
     // Each failing closure counted the change as important; the sane one did not.
     assert_eq!(by, ["loops", "string", "throws"]);
     let text = String::from_utf8_lossy(&logs.lock().unwrap_or_else(|e| e.into_inner())).to_string();
-    assert!(text.contains("closure at"), "{text}");
+    assert_has(&text, "closure at");
     assert!(
         text.contains("master.rhai:"),
         "the script position is logged: {text}"
     );
-    assert!(text.contains("nosuch"), "{text}");
+    assert_has(&text, "nosuch");
     assert!(
         text.contains("operations") || text.contains("stopped"),
         "{text}"

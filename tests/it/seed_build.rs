@@ -5,6 +5,7 @@
 //! stock buildbot-worker, each running the ScriptFactory's steps.
 
 use crate::common;
+use crate::common::assert_has;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -153,10 +154,7 @@ fn a_push_to_mozilla_central_builds_every_enabled_platform_with_the_script_facto
         );
 
         let clone = build_stdio(&dir, id, "clone_scripts");
-        assert!(
-            clone.contains(&format!("{}/build/mozharness", hg.url)),
-            "{clone}"
-        );
+        assert_has(&clone, &format!("{}/build/mozharness", hg.url));
         // The script ran with the arguments ScriptFactory gave it, and read
         // this build's properties from buildprops.json.
         let script = build_stdio(&dir, id, "run_script");
@@ -177,10 +175,10 @@ fn a_push_to_mozilla_central_builds_every_enabled_platform_with_the_script_facto
         assert!(!basedir.join("buildprops.json").exists());
         assert!(basedir.join("scripts/scripts/fx_desktop_build.py").exists());
         let reboot = build_stdio(&dir, id, "reboot");
-        assert!(reboot.contains("SCHEDULED REBOOT"), "{reboot}");
-        assert!(
-            reboot.contains("the worker will be disconnected when the build ends"),
-            "{reboot}"
+        assert_has(&reboot, "SCHEDULED REBOOT");
+        assert_has(
+            &reboot,
+            "the worker will be disconnected when the build ends",
         );
     }
     // Each reboot is a disconnection, and each worker came back.

@@ -5,6 +5,7 @@
 //! `target/test-artifacts/`.
 
 use crate::common;
+use crate::common::assert_has;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -220,7 +221,7 @@ fn a_push_appears_and_turns_green_live_and_its_build_log_can_be_read() {
         );
         // The commit message is shown as text, never as markup.
         let comments = text_of(&c, &format!("{row} .comments")).await;
-        assert!(comments.contains("Bug 4242 - add the feature <b>bold</b>"), "{comments}");
+        assert_has(&comments, "Bug 4242 - add the feature <b>bold</b>");
         let author = text_of(&c, &format!("{row} td.push b")).await;
         assert_eq!(author, "Dee Veloper");
         screenshot(&c, "web-grid.png").await;
@@ -296,7 +297,7 @@ fn a_push_appears_and_turns_green_live_and_its_build_log_can_be_read() {
             t.contains("Watched files").then_some(t)
         })
         .await;
-        assert!(files.contains("master.rhai"), "{files}");
+        assert_has(&files, "master.rhai");
         // A phone-sized window still shows the grid, scrolled sideways.
         c.set_window_size(390, 844).await.expect("resize");
         c.goto(&format!("{url}/#/")).await.expect("grid");

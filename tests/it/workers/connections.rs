@@ -3,6 +3,7 @@
 //! timeouts.
 
 use crate::common;
+use crate::common::assert_has;
 
 use std::time::Duration;
 
@@ -95,7 +96,7 @@ fn bad_clients_are_closed_and_touch_nothing_else() {
     rt.block_on(async {
         // An unknown worker is refused in the handshake.
         let err = ws_connect(port, "nobody", "x").await.expect_err("refused");
-        assert!(err.contains("401"), "{err}");
+        assert_has(&err, "401");
         // A second connection for w1 while w1 answers is refused.
         if let Ok(mut ws) = ws_connect(port, "w1", "pw-one").await {
             // Answer nothing; the master checks the first connection and closes this one.
@@ -265,10 +266,7 @@ f.addStep(ShellCommand(#{ name: "env", command: "echo $GREETING", env: #{ GREETI
         "{out}"
     );
     let hangs = stdio(&dir, "hangs");
-    assert!(
-        hangs.contains("command timed out: 1 seconds without output"),
-        "{hangs}"
-    );
+    assert_has(&hangs, "command timed out: 1 seconds without output");
     assert!(stdio(&dir, "env").contains("ohello from kiln"));
     // The background process ends either killed with its group, or by
     // itself after 2 s, leaving `survived`: wait for it to end, then see
@@ -464,7 +462,7 @@ fn workers_shut_down_gracefully_or_at_once() {
     // Graceful: w1 finishes its build, takes no new one, then goes.
     let (status, body) = rpc(&master, "/api/v2/workers/w1", "stop", serde_json::json!({}));
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains("when its 1 running build(s) end"), "{body}");
+    assert_has(&body, "when its 1 running build(s) end");
     force(&master, "b");
     holds_for(
         Duration::from_secs(1),
@@ -573,25 +571,17 @@ f.addStep(ShellCommand(#{ name: "after", command: ["true"], alwaysRun: true }));
     assert_eq!(body[0], format!("o{}", "x".repeat(100000)));
     assert_eq!(body[1], "otail");
     let chatty = stdio(&dir, "chatty");
-    assert!(chatty.contains("otick"), "{chatty}");
-    assert!(
-        chatty.contains("command timed out: 2 seconds elapsed"),
-        "{chatty}"
-    );
-    assert!(
-        chatty.contains("h[kiln] the worker killed the command: it ran longer than maxTime (2 s)"),
-        "{chatty}"
+    assert_has(&chatty, "otick");
+    assert_has(&chatty, "command timed out: 2 seconds elapsed");
+    assert_has(
+        &chatty,
+        "h[kiln] the worker killed the command: it ran longer than maxTime (2 s)",
     );
     let silent = stdio(&dir, "silent");
-    assert!(
-        silent.contains("command timed out: 1 seconds without output"),
-        "{silent}"
-    );
-    assert!(
-        silent.contains(
-            "h[kiln] the worker killed the command: it printed nothing for timeout (1 s)"
-        ),
-        "{silent}"
+    assert_has(&silent, "command timed out: 1 seconds without output");
+    assert_has(
+        &silent,
+        "h[kiln] the worker killed the command: it printed nothing for timeout (1 s)",
     );
     assert_eq!(master.stop(), Some(0));
 }

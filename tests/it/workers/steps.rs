@@ -39,8 +39,8 @@ fn a_stock_worker_runs_the_steps_with_buildbots_results() {
         ])
     );
     let out = stdio(&dir, "hello");
-    assert!(out.contains("ohello\n"), "{out}");
-    assert!(out.contains("eoops\n"), "{out}");
+    assert_has(&out, "ohello\n");
+    assert_has(&out, "eoops\n");
     assert!(stdio(&dir, "cleanup").contains("ocleaning"));
     // The request is complete with the build's result.
     assert_eq!(requests(&dir), [done(Results::Failure)]);
@@ -116,16 +116,10 @@ f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(wor
         ])
     );
     let kinds = stdio(&dir, "kinds");
-    assert!(
-        kinds.contains("obranch=release rev=none other=elsewhere"),
-        "{kinds}"
-    );
-    assert!(
-        kinds.contains(&format!("in={} say=hello n=3", w1.dir.display())),
-        "{kinds}"
-    );
+    assert_has(&kinds, "obranch=release rev=none other=elsewhere");
+    assert_has(&kinds, &format!("in={} say=hello n=3", w1.dir.display()));
     let token = stdio(&dir, "token");
-    assert!(token.contains("oarg=<secret> env=<secret>"), "{token}");
+    assert_has(&token, "oarg=<secret> env=<secret>");
     assert!(
         token.contains("TOKEN=<secret>"),
         "the header shows the env: {token}"
@@ -137,15 +131,9 @@ f.addStep(ShellCommand(#{ name: "noworker", command: ["echo", Interpolate("%(wor
     );
     assert_eq!(leaked, 0, "the secret is in no stored log");
     let nosecret = stdio(&dir, "nosecret");
-    assert!(
-        nosecret.contains("secret `missing` cannot be read"),
-        "{nosecret}"
-    );
+    assert_has(&nosecret, "secret `missing` cannot be read");
     let noworker = stdio(&dir, "noworker");
-    assert!(
-        noworker.contains("the worker did not report `nonesuch`"),
-        "{noworker}"
-    );
+    assert_has(&noworker, "the worker did not report `nonesuch`");
     assert_eq!(master.stop(), Some(0));
 }
 
@@ -294,9 +282,9 @@ fn a_log_is_cut_at_log_max_size_with_a_marker() {
     let b = force_and_wait(&master, "b", 1);
     assert_eq!(b[0].steps, steps(&[("chatty", Success)]));
     let log = stdio(&dir, "chatty");
-    assert!(log.contains("oline-1\n"), "{log}");
+    assert_has(&log, "oline-1\n");
     assert!(!log.contains("line-5000"), "the tail is dropped");
-    assert!(log.contains("reached logMaxSize (20000 bytes)"), "{log}");
+    assert_has(&log, "reached logMaxSize (20000 bytes)");
     assert!(log.len() < 20000 + 4096, "{} bytes kept", log.len());
     assert_eq!(master.stop(), Some(0));
 }
