@@ -462,12 +462,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             };
             let r = crate::client::reconfig(&dir, std::time::Duration::from_secs(wait), postgres)?;
-            if r.applied {
-                println!("config reloaded in {:.1} ms\n{}", r.duration_ms, r.diff);
+            if r.record.applied {
+                println!(
+                    "config reloaded in {:.1} ms\n{}",
+                    r.record.duration_ms, r.record.diff
+                );
                 Ok(ExitCode::SUCCESS)
             } else {
-                eprint!("{}", r.errors);
-                if !r.errors.ends_with('\n') {
+                eprint!("{}", r.record.errors);
+                if !r.record.errors.ends_with('\n') {
                     eprintln!();
                 }
                 eprintln!(

@@ -253,7 +253,7 @@ pub fn reconfig(
             let newer = store.reloads(20).await?;
             if let Some(r) = newer
                 .into_iter()
-                .filter(|r| r.reloadid > before && r.trigger == "SIGHUP")
+                .filter(|r| r.reloadid > before && r.record.trigger == "SIGHUP")
                 .min_by_key(|r| r.reloadid)
             {
                 return Ok(r);

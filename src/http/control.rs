@@ -39,7 +39,7 @@ pub(super) async fn reconfig(
     }
     match answer.await {
         Ok(r) => {
-            let status = if r.applied {
+            let status = if r.record.applied {
                 StatusCode::OK
             } else {
                 StatusCode::UNPROCESSABLE_ENTITY

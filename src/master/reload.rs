@@ -98,14 +98,8 @@ impl Live {
         }
         let row = crate::store::reloads::Reload {
             reloadid: 0,
-            started_at,
             finished_at: Some(unix_now()),
-            trigger: record.trigger.clone(),
-            applied: record.applied,
-            diff: record.diff.clone(),
-            errors: record.errors.clone(),
-            files: record.files.clone(),
-            duration_ms: record.duration_ms,
+            record: record.clone(),
         };
         match self.store.add_reload(record).await {
             Ok(id) => crate::store::reloads::Reload {

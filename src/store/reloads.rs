@@ -5,12 +5,19 @@ use serde::Serialize;
 use super::db::{args, Row};
 use super::{now, Store};
 
-/// One reload as the store keeps it.
+/// One reload as the store keeps it: its id and end, and what happened.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Reload {
     pub reloadid: i64,
-    pub started_at: i64,
     pub finished_at: Option<i64>,
+    #[serde(flatten)]
+    pub record: NewReload,
+}
+
+/// What a finished reload did, about to be stored.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct NewReload {
+    pub started_at: i64,
     /// What asked for it: `file change: PATH`, `SIGHUP`, `api (user)`, ...
     pub trigger: String,
     pub applied: bool,
@@ -23,30 +30,20 @@ pub struct Reload {
     pub duration_ms: f64,
 }
 
-/// A finished reload about to be stored.
-#[derive(Clone, Debug, Default)]
-pub struct NewReload {
-    pub started_at: i64,
-    pub trigger: String,
-    pub applied: bool,
-    pub diff: String,
-    pub errors: String,
-    pub files: Vec<String>,
-    pub duration_ms: f64,
-}
-
 fn reload(r: &Row) -> anyhow::Result<Reload> {
     let files: String = r.get(7)?;
     Ok(Reload {
         reloadid: r.get(0)?,
-        started_at: r.get(1)?,
         finished_at: r.get(2)?,
-        trigger: r.get(3)?,
-        applied: r.get(4)?,
-        diff: r.get(5)?,
-        errors: r.get(6)?,
-        files: serde_json::from_str(&files).unwrap_or_default(),
-        duration_ms: r.get(8)?,
+        record: NewReload {
+            started_at: r.get(1)?,
+            trigger: r.get(3)?,
+            applied: r.get(4)?,
+            diff: r.get(5)?,
+            errors: r.get(6)?,
+            files: serde_json::from_str(&files).unwrap_or_default(),
+            duration_ms: r.get(8)?,
+        },
     })
 }
 
@@ -77,7 +74,11 @@ impl Store {
             self.events().emit(
                 "reloads",
                 id,
-                if r.applied { "applied" } else { "failed" },
+                if r.record.applied {
+                    "applied"
+                } else {
+                    "failed"
+                },
                 || serde_json::to_value(&r).unwrap_or_default(),
             );
         }
