@@ -221,29 +221,23 @@ async fn children(
     }
 }
 
-pub(super) async fn builder_builds(
-    State(st): State<Arc<AppState>>,
-    Path(ident): Path<String>,
-    Query(p): Params,
-) -> Response {
-    children(&st, Collection::Builders, &ident, Collection::Builds, &p).await
+/// `/PARENTS/{id}/CHILDREN`: the children of one item, with the list's
+/// query conventions.
+macro_rules! nested {
+    ($name:ident, $parent:ident, $child:ident) => {
+        pub(super) async fn $name(
+            State(st): State<Arc<AppState>>,
+            Path(ident): Path<String>,
+            Query(p): Params,
+        ) -> Response {
+            children(&st, Collection::$parent, &ident, Collection::$child, &p).await
+        }
+    };
 }
 
-pub(super) async fn build_steps(
-    State(st): State<Arc<AppState>>,
-    Path(ident): Path<String>,
-    Query(p): Params,
-) -> Response {
-    children(&st, Collection::Builds, &ident, Collection::Steps, &p).await
-}
-
-pub(super) async fn step_logs(
-    State(st): State<Arc<AppState>>,
-    Path(ident): Path<String>,
-    Query(p): Params,
-) -> Response {
-    children(&st, Collection::Steps, &ident, Collection::Logs, &p).await
-}
+nested!(builder_builds, Builders, Builds);
+nested!(build_steps, Builds, Steps);
+nested!(step_logs, Steps, Logs);
 
 /// `/logs/{id}/contents`: Buildbot's log chunks.
 pub(super) async fn log_contents(
