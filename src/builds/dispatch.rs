@@ -50,6 +50,8 @@ impl Distributor {
             // A connection being closed (a DisconnectStep, a changed
             // password) is still registered until its tasks end.
             .filter(|conn| !conn.closed.is_cancelled())
+            // A latent worker being stopped takes nothing new.
+            .filter(|conn| self.latent.accepts(&conn.name))
             .filter(|conn| {
                 let running = busy.running.get(&conn.name);
                 let n = running.map_or(0, HashSet::len);
@@ -347,9 +349,13 @@ impl Distributor {
         }
         for i in self.prioritize(&gen, &queues).await {
             let builder = queues[i].builder;
-            for req in &queues[i].requests {
+            let waiting = queues[i].requests.len();
+            for (n, req) in queues[i].requests.iter().enumerate() {
                 let candidates = self.candidates(&gen, builder);
                 if candidates.is_empty() {
+                    // Latent workers of the builder start for the requests
+                    // still waiting (they build once connected).
+                    self.latent.demand(&builder.worker_names, waiting - n);
                     break;
                 }
                 let Some(worker) = self.pick_worker(&gen, builder, req, candidates).await? else {
@@ -387,6 +393,7 @@ impl Distributor {
                 .insert(builder.name.clone());
             busy.take_locks(&builder.locks, &worker.name);
         }
+        self.latent.build_started(&worker.name);
         let me = self.clone();
         tokio::spawn(async move {
             let wname = worker.name.clone();
@@ -405,6 +412,7 @@ impl Distributor {
                 }
                 busy.release_locks(&builder.locks, &wname);
             }
+            me.latent.build_ended(&wname);
             me.shutdown_if_drained(&wname).await;
             me.wake.notify_one();
         });

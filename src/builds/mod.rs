@@ -20,6 +20,7 @@ mod runner;
 mod steps;
 mod vcs;
 
+use crate::workers::latent::LatentPool;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -102,6 +103,8 @@ impl std::error::Error for CancelError {}
 
 pub struct Distributor {
     gen: std::sync::RwLock<Arc<Generation>>,
+    /// The latent workers: started when requests wait, stopped when idle.
+    pub latent: Arc<LatentPool>,
     registry: Arc<Registry>,
     store: Store,
     schedulers: Schedulers,
@@ -139,8 +142,11 @@ impl Distributor {
         masterid: i64,
         master_dir: std::path::PathBuf,
     ) -> Arc<Distributor> {
+        let latent = LatentPool::new(&master_dir, store.events().clone());
+        latent.configure(&config.workers, config.latent_start_concurrency);
         Arc::new(Distributor {
             gen: std::sync::RwLock::new(Arc::new(Generation::new(config, runtime))),
+            latent,
             registry,
             store,
             schedulers,
@@ -155,7 +161,12 @@ impl Distributor {
 
     /// Distributes until `cancel` fires; running builds are left to end
     /// (or to be retried at the next start).
+    ///
+    /// Latent workers follow along: their timeouts are kept, and when the
+    /// master stops, every one it started is stopped before this returns.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let latent = tokio::spawn(self.latent.clone().run(cancel.clone()));
+        let mut presence = self.registry.presence.subscribe();
         let added = self.schedulers.requests_added();
         loop {
             if let Err(e) = self.clone().distribute().await {
@@ -165,10 +176,18 @@ impl Distributor {
                 _ = self.registry.changed.notified() => {}
                 _ = self.wake.notified() => {}
                 _ = added.notified() => {}
+                p = presence.recv() => match p {
+                    Ok(p) => self.latent.presence(&p),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("missed {n} worker connection notices");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
+                },
                 _ = tokio::time::sleep(IDLE_POLL) => {}
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => break,
             }
         }
+        let _ = latent.await;
     }
 
     /// Looks at the queue again now (requests another master gave back).
@@ -188,6 +207,8 @@ impl Distributor {
     /// Applies a reload: the next builds use `config`; running builds
     /// finish with the generation they started with.
     pub fn reload(&self, config: Arc<MasterConfig>, runtime: ScriptRuntime) {
+        self.latent
+            .configure(&config.workers, config.latent_start_concurrency);
         *crate::sync::write(&self.gen) = Arc::new(Generation::new(config, runtime));
         lock(&self.warned).clear();
         self.wake.notify_one();

@@ -58,11 +58,33 @@ async fn list(
         Err(e) => return bad(e),
     };
     match st.store.api_list(c, pre, &q).await {
-        Ok((rows, total)) => {
+        Ok((mut rows, total)) => {
+            if c == Collection::Workers {
+                latent_states(st, &mut rows);
+            }
             let page: Vec<Value> = rows.into_iter().map(|r| q.project(r)).collect();
             Json(json!({ key: page, "meta": { "total": total } })).into_response()
         }
         Err(e) => internal(e),
+    }
+}
+
+/// A latent worker's row gains `latent`: its state (stopped, starting,
+/// idle, building, stopping, failed), the reason of a failed start, and
+/// the seconds in that state. (Not a column: it lives in the master.)
+fn latent_states(st: &AppState, rows: &mut [crate::store::query::Row]) {
+    let statuses = st.builds.latent.statuses();
+    if statuses.is_empty() {
+        return;
+    }
+    for row in rows {
+        let name = row.get("name").and_then(Value::as_str).unwrap_or_default();
+        if let Some(s) = statuses.iter().find(|s| s.name == name) {
+            row.insert(
+                "latent".into(),
+                json!({ "state": s.state, "reason": s.reason, "for_seconds": s.for_seconds }),
+            );
+        }
     }
 }
 

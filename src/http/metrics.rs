@@ -112,6 +112,54 @@ pub(super) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .fold((0i64, 0.0f64), |(c, s), r| (c + r.1, s + r.2));
     let _ = writeln!(text, "kiln_reload_duration_seconds_sum {}", ms / 1000.0);
     let _ = writeln!(text, "kiln_reload_duration_seconds_count {count}");
+    let latent = &st.builds.latent;
+    if latent.is_configured() {
+        use std::sync::atomic::Ordering::Relaxed;
+        family(
+            &mut text,
+            "kiln_latent_workers",
+            "gauge",
+            "Latent workers by state.",
+        );
+        for (state, n) in latent.counts() {
+            let _ = writeln!(text, "kiln_latent_workers{{state=\"{state}\"}} {n}");
+        }
+        let c = &latent.counters;
+        family(
+            &mut text,
+            "kiln_latent_starts_total",
+            "counter",
+            "Latent worker starts.",
+        );
+        let _ = writeln!(text, "kiln_latent_starts_total {}", c.starts.load(Relaxed));
+        family(
+            &mut text,
+            "kiln_latent_failed_starts_total",
+            "counter",
+            "Latent worker starts that failed (an error, a refusal, missing_timeout).",
+        );
+        let _ = writeln!(
+            text,
+            "kiln_latent_failed_starts_total {}",
+            c.failed_starts.load(Relaxed)
+        );
+        family(
+            &mut text,
+            "kiln_latent_start_seconds",
+            "summary",
+            "Time from a latent worker's start to its connection.",
+        );
+        let _ = writeln!(
+            text,
+            "kiln_latent_start_seconds_sum {}",
+            c.start_ms.load(Relaxed) as f64 / 1000.0
+        );
+        let _ = writeln!(
+            text,
+            "kiln_latent_start_seconds_count {}",
+            c.connected_starts.load(Relaxed)
+        );
+    }
     family(
         &mut text,
         "kiln_store_query_seconds",

@@ -170,6 +170,14 @@ impl Live {
         {
             tracing::warn!("cannot record the new builders: {e:#}");
         }
+        if let Err(e) = self
+            .app
+            .store
+            .workers_known(super::serve::latent_names(&new))
+            .await
+        {
+            tracing::warn!("cannot record the new latent workers: {e:#}");
+        }
         let running = super::serve::held_services(&new, self.held.as_ref());
         self.schedulers.reload(&running, runtime).await;
         self.pollers.reload(&running.change_source).await;

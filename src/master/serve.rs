@@ -189,7 +189,9 @@ impl Live {
         &self,
         listener: tokio::net::TcpListener,
     ) -> anyhow::Result<Listening> {
-        tracing::info!("workers connect to ws://{}/", listener.local_addr()?);
+        let addr = listener.local_addr()?;
+        tracing::info!("workers connect to ws://{addr}/");
+        self.distributor.latent.set_master_addr(addr);
         let stop = self.cancel.child_token();
         let task = tokio::spawn(crate::workers::serve(
             listener,
@@ -202,6 +204,17 @@ impl Live {
         ));
         Ok(Listening { stop, task })
     }
+}
+
+/// The latent workers of a config (recorded so that the API lists them
+/// before they first connect).
+pub(super) fn latent_names(config: &MasterConfig) -> Vec<String> {
+    config
+        .workers
+        .iter()
+        .filter(|w| w.latent.is_some())
+        .map(|w| w.name.clone())
+        .collect()
 }
 
 /// The configured builders as the store records them.
@@ -236,6 +249,7 @@ pub(super) async fn serve(
     store
         .register_builders(master_id, builder_rows(&config))
         .await?;
+    store.workers_known(latent_names(&config)).await?;
     // In a fleet, this master runs the pollers and schedulers it holds the
     // lease of; the heartbeat takes more as others give them up or die.
     let held = match &config.multi_master {

@@ -102,6 +102,8 @@ pub(super) const DOCS: &[(&str, &str)] = &[
     ("ShellCommand", "ShellCommand(#{command, name, workdir, env, timeout, maxTime, ...}): runs a command on the worker"),
     ("SetProperty", "SetProperty(#{command, property, ...}): sets a property from a command's output"),
     ("Worker", "Worker(name, password, #{max_builds, properties, ...}): a worker that may connect"),
+    ("LocalLatentWorker", "LocalLatentWorker(name, password, #{build_wait_timeout, missing_timeout, basedir}): kiln's worker, started by the master when requests wait and stopped when idle"),
+    ("CommandLatentWorker", "CommandLatentWorker(name, password, #{start, stop, build_wait_timeout, missing_timeout, env}): a worker the master starts and stops with your commands (docker, a cloud CLI)"),
     ("WithProperties", "WithProperties(\"%(prop)s\"): a string rendered with the build's properties"),
     ("Interpolate", "Interpolate(\"%(prop:name)s\"): a string rendered when the step starts"),
     ("generateBranchObjects", "generateBranchObjects(config, name, secrets): the seed's builders, pollers and schedulers of one branch"),

@@ -129,6 +129,16 @@ fn build(map: Map, state: &Arc<LoadState>) -> ScriptResult<MasterConfig> {
             .focus("masterName")
             .into_err());
     }
+    let latent_start_concurrency =
+        match kw.uint("latentStartConcurrency")? {
+            None => 4,
+            Some(0) => return Err(ScriptError::new(
+                "`latentStartConcurrency` must be at least 1 (latent workers could never start)",
+            )
+            .focus("latentStartConcurrency")
+            .into_err()),
+            Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
+        };
     // Buildbot's usage reporting: kiln reports nothing, whatever it says.
     let _ = kw.raw("buildbotNetUsageData");
     kw.finish()?;
@@ -150,6 +160,7 @@ fn build(map: Map, state: &Arc<LoadState>) -> ScriptResult<MasterConfig> {
         log_max_size,
         multi_master,
         master_name,
+        latent_start_concurrency,
     })
 }
 

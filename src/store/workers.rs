@@ -16,6 +16,24 @@ pub struct WorkerRow {
 }
 
 impl Store {
+    /// Records workers the config names (latent ones, which may never have
+    /// connected), so that the API lists them from the start.
+    pub async fn workers_known(&self, names: Vec<String>) -> anyhow::Result<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        self.call(move |c| {
+            for name in &names {
+                c.execute(
+                    "INSERT INTO workers (name, info_json) VALUES (?1, '{}') ON CONFLICT (name) DO NOTHING",
+                    args![name],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Records that `name` connected to `masterid` with `info`; returns its id.
     pub async fn worker_connected(
         &self,

@@ -14,6 +14,7 @@
 //! wins).
 
 pub use kiln_protocol as protocol;
+pub mod latent;
 pub mod transfer;
 
 use std::collections::{BTreeMap, HashMap};
@@ -225,11 +226,34 @@ impl WorkerConn {
 }
 
 /// The connected workers, by name.
-#[derive(Default)]
 pub struct Registry {
     workers: Mutex<BTreeMap<String, Arc<WorkerConn>>>,
     /// Woken whenever a worker connects or disconnects.
     pub changed: tokio::sync::Notify,
+    /// Who connected, went away or was refused (latent workers follow it).
+    pub presence: tokio::sync::broadcast::Sender<Presence>,
+}
+
+/// A worker's comings and goings.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Presence {
+    Connected(String),
+    Disconnected(String),
+    /// A worker named itself but was refused (a wrong password).
+    Refused {
+        name: String,
+        why: String,
+    },
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry {
+            workers: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
+            presence: tokio::sync::broadcast::channel(256).0,
+        }
+    }
 }
 
 impl Registry {
@@ -299,6 +323,22 @@ fn refuse(status: StatusCode, why: &str) -> ErrorResponse {
     r
 }
 
+/// The worker name a Basic auth header claims, valid or not.
+fn claimed_name(req: &Request) -> Option<String> {
+    use base64::Engine as _;
+    let header = req
+        .headers()
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(header.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    Some(text.split_once(':')?.0.to_string())
+}
+
 /// The worker name from a valid Basic auth header, or why not.
 fn authenticate(setup: &WorkerSetup, req: &Request) -> Result<String, (StatusCode, String)> {
     use base64::Engine as _;
@@ -349,6 +389,7 @@ async fn connection(
 ) -> anyhow::Result<()> {
     let mut who: Result<String, (StatusCode, String)> =
         Err((StatusCode::UNAUTHORIZED, "no handshake".into()));
+    let mut refused_name: Option<String> = None;
     // Small buffers: a master holds a connection per worker, and
     // tungstenite's default read buffer alone is 128 KiB.
     let ws_config = WebSocketConfig::default()
@@ -359,6 +400,9 @@ async fn connection(
         stream,
         |req: &Request, resp: Response| {
             who = authenticate(setup, req);
+            if who.is_err() {
+                refused_name = claimed_name(req);
+            }
             match &who {
                 Ok(_) => Ok(resp),
                 Err((status, why)) => Err(refuse(*status, why)),
@@ -370,6 +414,12 @@ async fn connection(
         Err(_) => bail!("no WebSocket handshake within 30 s"),
         Ok(Err(e)) => {
             if let Err((_, why)) = &who {
+                if let Some(name) = &refused_name {
+                    let _ = registry.presence.send(Presence::Refused {
+                        name: name.clone(),
+                        why: why.clone(),
+                    });
+                }
                 bail!("refused: {why}");
             }
             bail!("WebSocket handshake failed: {e}");
@@ -535,6 +585,7 @@ async fn connection(
     let _ = conn.info.set(info);
     lock(&registry.workers).insert(name.clone(), conn.clone());
     registry.changed.notify_waiters();
+    let _ = registry.presence.send(Presence::Connected(name.clone()));
     tracing::info!(worker = %name, peer = %peer, "connected");
 
     // Keepalives until the connection ends.
@@ -569,6 +620,7 @@ async fn connection(
         }
     }
     registry.changed.notify_waiters();
+    let _ = registry.presence.send(Presence::Disconnected(name.clone()));
     if let Err(e) = store.worker_disconnected(workerid, masterid).await {
         tracing::warn!(worker = %name, "cannot record the disconnection: {e:#}");
     }

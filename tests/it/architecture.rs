@@ -24,7 +24,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ),
         ("store", &["events", "diagnostics", "sync"]),
         ("changes", &["config", "store", "sync"]),
-        ("workers", &["config", "store", "sync"]),
+        ("workers", &["config", "events", "store", "sync"]),
         (
             "schedulers",
             &["changes", "config", "script", "store", "sync"],

@@ -11,6 +11,7 @@ mod auth;
 mod change_sources;
 mod config_host;
 mod fleet;
+mod latent;
 mod postgres;
 mod pushlog;
 mod queue;

@@ -1,5 +1,6 @@
 //! Builders (`BuilderConfig`), their locks and callbacks, and workers.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rhai::{Array, Dynamic, Engine, FnPtr, Map, NativeCallContext};
@@ -126,6 +127,128 @@ pub(super) fn locks_of(v: &Dynamic) -> ScriptResult<Vec<LockAccess>> {
         .collect()
 }
 
+/// The keys every worker takes; `missing_timeout` defaults to
+/// `missing_default`.
+fn worker_of(
+    kw: &mut Kwargs,
+    name: &str,
+    password: crate::config::Secret,
+    missing_default: u64,
+    origin: Option<crate::config::Origin>,
+) -> ScriptResult<Worker> {
+    Ok(Worker {
+        name: name.to_string(),
+        password,
+        max_builds: kw.uint("max_builds")?.map(|n| n as u32),
+        properties: kw.properties("properties")?,
+        keepalive_interval: kw.uint("keepalive_interval")?.unwrap_or(3600),
+        missing_timeout: kw.uint("missing_timeout")?.unwrap_or(missing_default),
+        latent: None,
+        origin,
+    })
+}
+
+/// A latent worker: a worker with `latent` set from `kind` and
+/// `build_wait_timeout`.
+fn latent_worker(
+    ctx: &NativeCallContext,
+    state: &Arc<LoadState>,
+    what: &'static str,
+    name: &str,
+    password: Dynamic,
+    opts: Map,
+    kind: impl FnOnce(&mut Kwargs) -> ScriptResult<LatentKind>,
+) -> ScriptResult<Worker> {
+    let origin = origin_of(ctx);
+    let password = crate::script::kwargs::secret_of(&password).ok_or_else(|| {
+        ScriptError::new(format!(
+            "the password of worker `{name}` must be a string or secret(...)"
+        ))
+        .into_err()
+    })?;
+    let mut kw = Kwargs::new(what, opts, origin.clone(), state.clone());
+    let mut w = worker_of(&mut kw, name, password, Latent::MISSING_TIMEOUT, origin)?;
+    let build_wait_timeout = kw
+        .int("build_wait_timeout")?
+        .unwrap_or(Latent::BUILD_WAIT_TIMEOUT);
+    if build_wait_timeout < -1 {
+        return fail_focus(
+            format!("`build_wait_timeout` in {what} is seconds, 0 (stop after each build) or -1 (never stop); got {build_wait_timeout}"),
+            "build_wait_timeout",
+        );
+    }
+    let kind = kind(&mut kw)?;
+    kw.finish()?;
+    w.latent = Some(Box::new(Latent {
+        kind,
+        build_wait_timeout,
+    }));
+    Ok(w)
+}
+
+/// A command for a latent worker: a non-empty array of strings.
+fn latent_command(kw: &mut Kwargs, key: &'static str, what: &str) -> ScriptResult<Vec<String>> {
+    let argv = kw.req_str_list(key)?;
+    if argv.is_empty() {
+        return fail_focus(
+            format!("`{key}` in CommandLatentWorker is empty; it needs the program that {what}"),
+            key,
+        );
+    }
+    Ok(argv)
+}
+
+pub(super) fn register_latent_workers(engine: &mut Engine, state: &Arc<LoadState>) {
+    let st = state.clone();
+    engine.register_fn(
+        "LocalLatentWorker",
+        move |ctx: NativeCallContext, name: &str, pw: Dynamic, opts: Map| {
+            latent_worker(&ctx, &st, "LocalLatentWorker", name, pw, opts, |kw| {
+                let basedir = kw
+                    .str("basedir")?
+                    .unwrap_or_else(|| format!("latent/{name}"));
+                Ok(LatentKind::Local { basedir })
+            })
+        },
+    );
+    let st = state.clone();
+    engine.register_fn(
+        "LocalLatentWorker",
+        move |ctx: NativeCallContext, name: &str, pw: Dynamic| {
+            latent_worker(&ctx, &st, "LocalLatentWorker", name, pw, Map::new(), |_| {
+                Ok(LatentKind::Local {
+                    basedir: format!("latent/{name}"),
+                })
+            })
+        },
+    );
+    let st = state.clone();
+    engine.register_fn(
+        "CommandLatentWorker",
+        move |ctx: NativeCallContext, name: &str, pw: Dynamic, opts: Map| {
+            latent_worker(&ctx, &st, "CommandLatentWorker", name, pw, opts, |kw| {
+                let start = latent_command(kw, "start", "starts the instance")?;
+                let stop = latent_command(kw, "stop", "stops the instance")?;
+                let mut env = BTreeMap::new();
+                for (k, v) in kw.env("env")? {
+                    match v {
+                        crate::config::Arg::Literal(s) => {
+                            env.insert(k, s.to_string());
+                        }
+                        _ => {
+                            return fail_focus(
+                                format!("`env.{k}` in CommandLatentWorker must be a plain string"),
+                                "env",
+                            )
+                        }
+                    }
+                }
+                Ok(LatentKind::Command { start, stop, env })
+            })
+        },
+    );
+}
+
 pub(super) fn register_workers(engine: &mut Engine, state: &Arc<LoadState>) {
     register_type::<Worker>(
         engine,
@@ -162,16 +285,7 @@ pub(super) fn register_workers(engine: &mut Engine, state: &Arc<LoadState>) {
                 .into_err()
             })?;
             let mut kw = Kwargs::new("Worker", opts, origin.clone(), st.clone());
-            let max_builds = kw.uint("max_builds")?.map(|n| n as u32);
-            let w = Worker {
-                name: name.to_string(),
-                password,
-                max_builds,
-                properties: kw.properties("properties")?,
-                keepalive_interval: kw.uint("keepalive_interval")?.unwrap_or(3600),
-                missing_timeout: kw.uint("missing_timeout")?.unwrap_or(600),
-                origin,
-            };
+            let w = worker_of(&mut kw, name, password, 600, origin)?;
             kw.finish()?;
             Ok(w)
         };

@@ -17,8 +17,8 @@ use crate::config::*;
 use crate::script::kwargs::{fail, fail_focus, Kwargs, ScriptError, ScriptResult};
 use crate::script::LoadState;
 
-use builders::register_workers;
 pub(super) use builders::{bool_or_callback, builder_config};
+use builders::{register_latent_workers, register_workers};
 use sources::{register_change_sources, register_schedulers, register_status};
 pub(super) use sources::{HG_MAX_CHANGES, HG_POLL_INTERVAL};
 use steps::{check_format, register_factory, register_steps, result_of};
@@ -123,6 +123,7 @@ pub fn register(engine: &mut Engine, state: &Arc<LoadState>) {
     register_steps(engine, state);
     register_factory(engine, state);
     register_workers(engine, state);
+    register_latent_workers(engine, state);
     register_change_sources(engine, state);
     register_schedulers(engine, state);
     register_status(engine, state);
