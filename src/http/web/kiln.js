@@ -294,6 +294,15 @@ async function buildPage(id, logid) {
 
 // ---- Workers ------------------------------------------------------------
 
+// A latent worker's state (stopped, starting, idle, building, stopping,
+// failed); nothing for a worker that is always on.
+function latentPill(w) {
+  if (!w.latent) return null;
+  const s = w.latent.state;
+  const cls = s === "failed" ? "down" : s === "stopped" ? "" : "up";
+  return h("span", { class: `pill latent ${cls}`, title: w.latent.reason || "latent worker" }, `latent: ${s}`);
+}
+
 async function workersPage() {
   const show = viewOf();
   const draw = async () => {
@@ -304,6 +313,7 @@ async function workersPage() {
         return h("tr", { dataset: { worker: w.name } },
           h("td", {}, h("a", { href: `#/workers/${w.workerid}` }, w.name)),
           h("td", {}, h("span", { class: `pill ${up ? "up" : "down"}` }, up ? "connected" : "not connected")),
+          h("td", {}, latentPill(w)),
           h("td", { class: "muted" }, (w.workerinfo && (w.workerinfo.os_info || w.workerinfo.version)) || ""));
       })))));
   };
@@ -321,7 +331,8 @@ async function workerPage(id) {
     const names = new Map(grid.builders.map((b) => [b.builderid, b.name]));
     const up = (w.connected_to || []).length > 0;
     const info = Object.entries(w.workerinfo || {}).filter(([, v]) => typeof v !== "object");
-    show().replaceChildren(h("h1", {}, w.name, " ", h("span", { class: `pill ${up ? "up" : "down"}` }, up ? "connected" : "not connected")),
+    show().replaceChildren(h("h1", {}, w.name, " ", h("span", { class: `pill ${up ? "up" : "down"}` }, up ? "connected" : "not connected"), " ", latentPill(w)),
+      w.latent && w.latent.reason ? h("p", { class: "error" }, `last start failed: ${w.latent.reason}`) : null,
       info.length ? h("table", {}, h("tbody", {}, info.map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, String(v)))))) : null,
       h("h2", {}, "Builds"),
       h("div", { class: "scroll" }, h("table", {}, h("tbody", {}, builds.map((x) => h("tr", {},
