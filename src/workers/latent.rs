@@ -764,9 +764,29 @@ async fn run_command(
         .env("KILN_WORKER_PASSWORD", worker.password.expose())
         .env("KILN_MASTER", addr)
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        // Its own process group, so that a command that runs too long is
+        // ended with everything it started and still waits on.
+        .process_group(0)
         .kill_on_drop(true);
-    let out = match tokio::time::timeout(limit, cmd.output()).await {
-        Err(_) => return Err(format!("`{program}` ran longer than {} s", limit.as_secs())),
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run `{program}`: {e}"))?;
+    let pid = child.id();
+    let out = match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Err(_) => {
+            if let Some(pid) = pid {
+                // SAFETY: kill(2) on the process group this function
+                // created: a group id is not reused while any member of
+                // the group lives, so this reaches only what the command
+                // started (or no one).
+                unsafe {
+                    libc::kill(-(pid as i32), libc::SIGKILL);
+                }
+            }
+            return Err(format!("`{program}` ran longer than {} s", limit.as_secs()));
+        }
         Ok(Err(e)) => return Err(format!("cannot run `{program}`: {e}")),
         Ok(Ok(out)) => out,
     };

@@ -39,6 +39,20 @@ fn worker_processes(root: &Path) -> Vec<i32> {
     found
 }
 
+/// Whether a process runs with exactly these arguments.
+fn running(argv: &[&[u8]]) -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
+                args == argv
+            })
+        })
+}
+
 /// Waits until no worker process of `root` runs.
 fn no_worker_left(root: &Path, limit: Duration) {
     wait_until(limit, "every latent worker process to end", || {
@@ -276,10 +290,17 @@ fn failed_starts_are_retried_on_another_latent_worker_and_the_request_still_buil
             "exit 0",
             ", missing_timeout: 2",
         ))
+        // Its start command hangs.
+        .worker_expr(&command_worker(
+            root,
+            "hangs",
+            "sleep 600",
+            ", missing_timeout: 2",
+        ))
         // It connects with a wrong password.
         .worker_expr(&command_worker(root, "wrongpw", "export PASSWORD=nope", ""))
         .worker_expr(&command_worker(root, "good", "", ""))
-        .builder("b", &["broken", "silent", "wrongpw", "good"], "")
+        .builder("b", &["broken", "silent", "hangs", "wrongpw", "good"], "")
         .key("latentStartConcurrency: 1")
         .write(root);
     let mut master = Master::start(&dir);
@@ -295,6 +316,9 @@ fn failed_starts_are_retried_on_another_latent_worker_and_the_request_still_buil
     let silent = state_of("silent");
     assert_eq!(silent.1, "failed", "{states:?}");
     assert_has(&silent.2, "did not connect within missing_timeout (2 s)");
+    let hangs = state_of("hangs");
+    assert_eq!(hangs.1, "failed", "{states:?}");
+    assert_has(&hangs.2, "ran longer than 2 s");
     let wrong = state_of("wrongpw");
     assert_eq!(wrong.1, "failed", "{states:?}");
     assert_has(
@@ -304,9 +328,15 @@ fn failed_starts_are_retried_on_another_latent_worker_and_the_request_still_buil
     // Each failed start was followed by its stop command: nothing runs.
     assert_eq!(calls(root, "broken"), ["stopped"]);
     assert_eq!(calls(root, "silent"), ["stopped"]);
+    assert_eq!(calls(root, "hangs"), ["stopped"]);
+    // The hanging command was ended with what it started.
+    assert!(
+        !running(&[b"sleep", b"600"]),
+        "the start command's sleep is left"
+    );
     assert_eq!(calls(root, "wrongpw"), ["started", "stopped"]);
     let metrics = common::http_get(&format!("{}/metrics", master.http_url()));
-    assert_has(&metrics, "kiln_latent_failed_starts_total 3");
+    assert_has(&metrics, "kiln_latent_failed_starts_total 4");
     assert_eq!(master.stop(), Some(0));
     assert_eq!(calls(root, "good"), ["started", "stopped"]);
     no_worker_left(root, Duration::from_secs(10));
