@@ -322,3 +322,39 @@ fn a_push_appears_and_turns_green_live_and_its_build_log_can_be_read() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// The workers page shows a latent worker's state live: stopped before any
+/// request, then idle or building once a build started it.
+#[test]
+fn the_workers_page_follows_a_latent_workers_state() {
+    use common::workers::{force, Script, TRUE};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = Script::steps(TRUE)
+        .worker_expr(r#"LocalLatentWorker("lat", "pw", #{ build_wait_timeout: -1 })"#)
+        .builder("b", &["lat"], "")
+        .write(tmp.path());
+    let mut master = common::Master::start(&dir);
+    let url = master.http_url();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (_driver, c) = browser(&tmp.path().join("chromium-profile")).await;
+        c.goto(&format!("{url}/#/workers")).await.expect("open the page");
+        let pill = "return (document.querySelector(\"tr[data-worker='lat'] .latent\") || {}).textContent || '';";
+        eventually(Duration::from_secs(30), "latent: stopped", || async {
+            (js(&c, pill).await == "latent: stopped").then_some(())
+        })
+        .await;
+        force(&master, "b");
+        // Started, built, and kept (build_wait_timeout -1): idle, without
+        // reloading the page.
+        eventually(Duration::from_secs(60), "latent: idle", || async {
+            (js(&c, pill).await == "latent: idle").then_some(())
+        })
+        .await;
+    });
+    assert_eq!(master.stop(), Some(0));
+}
