@@ -159,6 +159,10 @@ impl ConfigDiff {
             same_printed(&old.collapse_requests, &new.collapse_requests),
         );
         global("logMaxSize", old.log_max_size == new.log_max_size);
+        global(
+            "latentStartConcurrency",
+            old.latent_start_concurrency == new.latent_start_concurrency,
+        );
         ConfigDiff {
             builders,
             schedulers,
