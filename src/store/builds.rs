@@ -373,6 +373,15 @@ impl Store {
                 c.execute("DELETE FROM buildrequest_claims WHERE brid = ?1", args![brid])?;
                 ids.push(id);
             }
+            // Nothing of this master runs as it starts: every claim it
+            // holds on an incomplete request is left from before (a build
+            // it claimed but had not yet started when it was killed, or a
+            // request collapsed into a build that is now RETRY).
+            c.execute(
+                "DELETE FROM buildrequest_claims WHERE masterid = ?1
+                 AND brid IN (SELECT id FROM buildrequests WHERE complete = 0)",
+                args![masterid],
+            )?;
             Ok(ids)
         })
         .await

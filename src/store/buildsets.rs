@@ -832,6 +832,41 @@ mod tests {
         }
     }
 
+    /// A master killed between claiming a request and starting its build
+    /// leaves a claim and no build: its next start gives it back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_master_gives_back_the_claims_it_left_without_a_build() {
+        for (store, _db) in crate::store::testing::each_backend().await {
+            let master = store.master_started("m").await.unwrap();
+            let ids = store
+                .add_buildset(buildset(&["linux", "win32"]))
+                .await
+                .unwrap();
+            let (a, b) = (&ids.brids[0], &ids.brids[1]);
+            assert!(store.claim_request(a.brid, master).await.unwrap());
+            assert!(store.claim_request(b.brid, master).await.unwrap());
+            store
+                .new_build(a.builderid, a.brid, None, master, Properties::new())
+                .await
+                .unwrap();
+            assert!(store.unclaimed_requests(10).await.unwrap().is_empty());
+
+            // The master starts again: a's build ends RETRY, and both
+            // requests wait again.
+            let again = store.master_started("m").await.unwrap();
+            assert_eq!(again, master);
+            assert_eq!(
+                store.retry_unfinished_builds(master).await.unwrap().len(),
+                1
+            );
+            let waiting = store.unclaimed_requests(10).await.unwrap();
+            assert_eq!(
+                waiting.iter().map(|r| r.buildrequestid).collect::<Vec<_>>(),
+                [a.brid, b.brid]
+            );
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_is_unclaimed_then_claimed_once_then_complete() {
         for (store, _db) in crate::store::testing::each_backend().await {

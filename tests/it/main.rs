@@ -21,5 +21,6 @@ mod repl;
 mod schedulers;
 mod script_errors;
 mod seed_build;
+mod soak;
 mod web;
 mod workers;

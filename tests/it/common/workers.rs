@@ -343,7 +343,7 @@ pub const TRUE: &str = r#"f.addStep(ShellCommand(#{ command: ["true"] }));"#;
 /// first (a factory `f` is declared before it), workers, builders (one
 /// ForceScheduler `force` names them all), and more top-level keys. Both
 /// ports are free ones.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Script {
     prelude: Vec<String>,
     workers: Vec<String>,
@@ -355,6 +355,8 @@ pub struct Script {
     secrets: Vec<(String, String)>,
     no_force: bool,
     bound_to: Option<String>,
+    /// The worker port (0, any free one, by default).
+    worker_port: u16,
 }
 
 impl Script {
@@ -424,6 +426,13 @@ impl Script {
         self
     }
 
+    /// Workers connect on this port (so that they find the master again
+    /// after it restarts).
+    pub fn worker_port(mut self, port: u16) -> Script {
+        self.worker_port = port;
+        self
+    }
+
     /// No ForceScheduler `force`: the schedulers are the script's own.
     pub fn without_force(mut self) -> Script {
         self.no_force = true;
@@ -448,12 +457,13 @@ impl Script {
         let keys: String = self.keys.iter().map(|k| format!("    {k},\n")).collect();
         let map = format!(
             "#{{\n    \
-             protocols: #{{ msgpack_experimental_v7: #{{ port: 0 }} }},\n    \
+             protocols: #{{ msgpack_experimental_v7: #{{ port: {port} }} }},\n    \
              www: #{{ port: 0{www} }},\n    \
              workers: [{workers}],\n    \
              schedulers: [{schedulers}],\n    \
              builders: [{builders}],\n{keys}}}",
             www = self.www,
+            port = self.worker_port,
             workers = self.workers.join(", "),
             schedulers = schedulers.join(", "),
             builders = builders.join(",\n        "),
