@@ -125,24 +125,23 @@ pub(super) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
             let _ = writeln!(text, "kiln_latent_workers{{state=\"{state}\"}} {n}");
         }
         let c = &latent.counters;
-        family(
-            &mut text,
-            "kiln_latent_starts_total",
-            "counter",
-            "Latent worker starts.",
-        );
-        let _ = writeln!(text, "kiln_latent_starts_total {}", c.starts.load(Relaxed));
-        family(
-            &mut text,
-            "kiln_latent_failed_starts_total",
-            "counter",
-            "Latent worker starts that failed (an error, a refusal, missing_timeout).",
-        );
-        let _ = writeln!(
-            text,
-            "kiln_latent_failed_starts_total {}",
-            c.failed_starts.load(Relaxed)
-        );
+        for (name, kind, help, value) in [
+            (
+                "kiln_latent_starts_total",
+                "counter",
+                "Latent worker starts.",
+                c.starts.load(Relaxed) as f64,
+            ),
+            (
+                "kiln_latent_failed_starts_total",
+                "counter",
+                "Latent worker starts that failed (an error, a refusal, missing_timeout).",
+                c.failed_starts.load(Relaxed) as f64,
+            ),
+        ] {
+            family(&mut text, name, kind, help);
+            let _ = writeln!(text, "{name} {value}");
+        }
         family(
             &mut text,
             "kiln_latent_start_seconds",
@@ -151,12 +150,8 @@ pub(super) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         );
         let _ = writeln!(
             text,
-            "kiln_latent_start_seconds_sum {}",
-            c.start_ms.load(Relaxed) as f64 / 1000.0
-        );
-        let _ = writeln!(
-            text,
-            "kiln_latent_start_seconds_count {}",
+            "kiln_latent_start_seconds_sum {}\nkiln_latent_start_seconds_count {}",
+            c.start_ms.load(Relaxed) as f64 / 1000.0,
             c.connected_starts.load(Relaxed)
         );
     }

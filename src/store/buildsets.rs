@@ -772,29 +772,39 @@ mod tests {
         }
     }
 
+    /// Master `m`, and a buildset for linux and win32 whose two requests
+    /// it has claimed.
+    async fn two_claimed(store: &Store) -> (i64, BuildsetIds) {
+        let master = store.master_started("m").await.unwrap();
+        let ids = store
+            .add_buildset(buildset(&["linux", "win32"]))
+            .await
+            .unwrap();
+        for r in &ids.brids {
+            assert!(store.claim_request(r.brid, master).await.unwrap());
+        }
+        (master, ids)
+    }
+
+    /// A build of the claimed request `r`; its id.
+    async fn start(store: &Store, r: &RequestId, master: i64) -> i64 {
+        store
+            .new_build(r.builderid, r.brid, None, master, Properties::new())
+            .await
+            .unwrap()
+            .0
+    }
+
     /// A finished build settles its requests in the same call: complete
     /// with its result, or given back (RETRY) to be claimed again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_finished_build_completes_or_gives_back_its_requests_at_once() {
         use crate::store::builds::Claimed;
         for (store, _db) in crate::store::testing::each_backend().await {
-            let master = store.master_started("m").await.unwrap();
-            let ids = store
-                .add_buildset(buildset(&["linux", "win32"]))
-                .await
-                .unwrap();
+            let (master, ids) = two_claimed(&store).await;
             let (a, b) = (&ids.brids[0], &ids.brids[1]);
-            for r in [a, b] {
-                assert!(store.claim_request(r.brid, master).await.unwrap());
-            }
-            let (build_a, _) = store
-                .new_build(a.builderid, a.brid, None, master, Properties::new())
-                .await
-                .unwrap();
-            let (build_b, _) = store
-                .new_build(b.builderid, b.brid, None, master, Properties::new())
-                .await
-                .unwrap();
+            let build_a = start(&store, a, master).await;
+            let build_b = start(&store, b, master).await;
 
             // b ends RETRY: its request is unclaimed, not complete.
             let done = store
@@ -820,10 +830,7 @@ mod tests {
 
             // b's second build completes the buildset.
             assert!(store.claim_request(b.brid, master).await.unwrap());
-            let (again, _) = store
-                .new_build(b.builderid, b.brid, None, master, Properties::new())
-                .await
-                .unwrap();
+            let again = start(&store, b, master).await;
             let done = store
                 .finish_build(again, 2, "failure", Claimed::Complete(vec![b.brid]))
                 .await
@@ -837,18 +844,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_restarted_master_gives_back_the_claims_it_left_without_a_build() {
         for (store, _db) in crate::store::testing::each_backend().await {
-            let master = store.master_started("m").await.unwrap();
-            let ids = store
-                .add_buildset(buildset(&["linux", "win32"]))
-                .await
-                .unwrap();
+            let (master, ids) = two_claimed(&store).await;
             let (a, b) = (&ids.brids[0], &ids.brids[1]);
-            assert!(store.claim_request(a.brid, master).await.unwrap());
-            assert!(store.claim_request(b.brid, master).await.unwrap());
-            store
-                .new_build(a.builderid, a.brid, None, master, Properties::new())
-                .await
-                .unwrap();
+            start(&store, a, master).await;
             assert!(store.unclaimed_requests(10).await.unwrap().is_empty());
 
             // The master starts again: a's build ends RETRY, and both

@@ -249,6 +249,11 @@ impl LatentPool {
         let mut starts = Vec::new();
         {
             let mut slots = lock(&self.slots);
+            // Most masters have no latent worker: this runs for every
+            // builder that waits, every round.
+            if slots.is_empty() {
+                return;
+            }
             let starting_all = slots
                 .values()
                 .filter(|s| s.state == State::Starting)
