@@ -160,6 +160,10 @@ impl ConfigDiff {
         );
         global("logMaxSize", old.log_max_size == new.log_max_size);
         global(
+            "logCompressionMethod",
+            old.log_compression == new.log_compression,
+        );
+        global(
             "latentStartConcurrency",
             old.latent_start_concurrency == new.latent_start_concurrency,
         );

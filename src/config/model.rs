@@ -908,6 +908,37 @@ pub struct MasterConfig {
     /// How many latent workers may be starting at once.
     #[serde(rename = "latentStartConcurrency")]
     pub latent_start_concurrency: u32,
+    /// How log chunks are compressed in the store (Buildbot's
+    /// `logCompressionMethod`).
+    #[serde(rename = "logCompressionMethod")]
+    pub log_compression: LogCompression,
+}
+
+/// Buildbot's `logCompressionMethod` values; the number is the code a
+/// chunk is stored with (Buildbot's `logchunks.compressed`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogCompression {
+    Raw = 0,
+    Gz = 1,
+    Bz2 = 2,
+    Lz4 = 3,
+    #[default]
+    Zstd = 4,
+}
+
+impl LogCompression {
+    pub const ALL: [(&'static str, LogCompression); 5] = [
+        ("raw", LogCompression::Raw),
+        ("gz", LogCompression::Gz),
+        ("bz2", LogCompression::Bz2),
+        ("lz4", LogCompression::Lz4),
+        ("zstd", LogCompression::Zstd),
+    ];
+
+    pub fn code(self) -> i64 {
+        self as i64
+    }
 }
 
 #[cfg(test)]

@@ -142,8 +142,12 @@ impl Live {
             _ => None,
         };
 
-        // Builds: the next ones use the new builders.
+        // Builds: the next ones use the new builders; new log chunks the
+        // new compression.
         self.distributor.reload(new.clone(), runtime.clone());
+        self.app
+            .store
+            .set_log_compression(new.log_compression.code());
         // Workers: new passwords for the next connections; a worker whose
         // password changed reconnects with the new one; a removed one is let
         // go once its builds end.

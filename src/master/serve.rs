@@ -250,6 +250,7 @@ pub(super) async fn serve(
         .register_builders(master_id, builder_rows(&config))
         .await?;
     store.workers_known(latent_names(&config)).await?;
+    store.set_log_compression(config.log_compression.code());
     // In a fleet, this master runs the pollers and schedulers it holds the
     // lease of; the heartbeat takes more as others give them up or die.
     let held = match &config.multi_master {

@@ -139,6 +139,19 @@ fn build(map: Map, state: &Arc<LoadState>) -> ScriptResult<MasterConfig> {
             .into_err()),
             Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
         };
+    let log_compression = match kw.str("logCompressionMethod")? {
+        None => LogCompression::default(),
+        Some(name) => match LogCompression::ALL.iter().find(|(n, _)| *n == name) {
+            Some((_, m)) => *m,
+            None => {
+                return Err(ScriptError::new(format!(
+                    "`logCompressionMethod` is \"raw\", \"gz\", \"bz2\", \"lz4\" or \"zstd\" (the default), not {name:?}"
+                ))
+                .focus("logCompressionMethod")
+                .into_err())
+            }
+        },
+    };
     // Buildbot's usage reporting: kiln reports nothing, whatever it says.
     let _ = kw.raw("buildbotNetUsageData");
     kw.finish()?;
@@ -161,6 +174,7 @@ fn build(map: Map, state: &Arc<LoadState>) -> ScriptResult<MasterConfig> {
         multi_master,
         master_name,
         latent_start_concurrency,
+        log_compression,
     })
 }
 

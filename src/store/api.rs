@@ -278,13 +278,13 @@ impl Store {
     pub async fn log_chunks(&self, logid: i64) -> anyhow::Result<Vec<(i64, String)>> {
         self.call(move |conn| {
             conn.query(
-                "SELECT first_line, content FROM logchunks WHERE logid = ?1 ORDER BY first_line",
+                "SELECT first_line, compressed, content FROM logchunks WHERE logid = ?1 ORDER BY first_line",
                 args![logid],
             )?
             .iter()
             .map(|r| {
-                let content: Vec<u8> = r.get(1)?;
-                Ok((r.get(0)?, String::from_utf8_lossy(&content).into_owned()))
+                let content: Vec<u8> = r.get(2)?;
+                Ok((r.get(0)?, super::logcodec::text_of(r.get(1)?, &content)))
             })
             .collect()
         })

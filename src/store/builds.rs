@@ -286,14 +286,18 @@ impl Store {
         }
         // The lines go to the store and, when someone listens, to them.
         let listened = (self.events.subscribers() > 0).then(|| lines.clone());
+        let method = self
+            .log_compression
+            .load(std::sync::atomic::Ordering::Relaxed);
         let first = self.call(move |c| {
             let first: i64 = c.value("SELECT num_lines FROM logs WHERE id = ?1", args![logid])?;
             let last = first + lines.len() as i64 - 1;
             let mut content = lines.join("\n");
             content.push('\n');
+            let (code, bytes) = super::logcodec::compress(method, content.as_bytes());
             c.execute(
-                "INSERT INTO logchunks (logid, first_line, last_line, content, compressed) VALUES (?1, ?2, ?3, ?4, 0)",
-                args![logid, first, last, content.into_bytes()],
+                "INSERT INTO logchunks (logid, first_line, last_line, content, compressed) VALUES (?1, ?2, ?3, ?4, ?5)",
+                args![logid, first, last, bytes, code],
             )?;
             c.execute(
                 "UPDATE logs SET num_lines = ?2 WHERE id = ?1",
@@ -331,14 +335,16 @@ impl Store {
     /// The whole text of a log.
     pub async fn log_text(&self, logid: i64) -> anyhow::Result<String> {
         self.call(move |c| {
-            let chunks: Vec<Vec<u8>> = c.column(
-                "SELECT content FROM logchunks WHERE logid = ?1 ORDER BY first_line",
+            c.query(
+                "SELECT compressed, content FROM logchunks WHERE logid = ?1 ORDER BY first_line",
                 args![logid],
-            )?;
-            Ok(chunks
-                .into_iter()
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .collect())
+            )?
+            .iter()
+            .map(|r| {
+                let bytes: Vec<u8> = r.get(1)?;
+                Ok(super::logcodec::text_of(r.get(0)?, &bytes))
+            })
+            .collect()
         })
         .await
     }

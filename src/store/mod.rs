@@ -21,6 +21,7 @@ pub mod builds;
 pub mod buildsets;
 pub mod db;
 pub mod grid;
+pub mod logcodec;
 pub mod masters;
 mod migrate;
 pub mod notify;
@@ -183,6 +184,9 @@ pub struct Store {
     remote: Option<tokio::sync::broadcast::Sender<notify::Remote>>,
     /// The changes it records.
     bus: ChangeBus,
+    /// How new log chunks are compressed (a `logcodec` code; the config's
+    /// `logCompressionMethod`).
+    log_compression: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -205,6 +209,12 @@ const PG_POOL_SIZE: usize = 16;
 const PG_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Store {
+    /// How new log chunks are compressed from now on (a `logcodec` code).
+    pub fn set_log_compression(&self, code: i64) {
+        self.log_compression
+            .store(code, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Opens (creating if needed) and migrates the SQLite store at `path`.
     pub fn open(path: &Path) -> anyhow::Result<Store> {
         let mut conn = Connection::open(path)
@@ -221,6 +231,7 @@ impl Store {
             events: crate::events::Events::new(),
             remote: None,
             bus: ChangeBus::default(),
+            log_compression: Arc::new(logcodec::ZSTD.into()),
         })
     }
 
@@ -287,6 +298,7 @@ impl Store {
             events: crate::events::Events::with_fanout(notes_tx),
             remote: Some(remote.clone()),
             bus: ChangeBus::default(),
+            log_compression: Arc::new(logcodec::ZSTD.into()),
         };
         tokio::spawn(notify::listener(
             listen_config,

@@ -296,20 +296,44 @@ pub fn build_stdio(dir: &Path, buildid: i64, step: &str) -> String {
 
 fn logs_of(dir: &Path, buildid: Option<i64>, step: &str) -> String {
     let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
-    let chunks: Vec<Vec<u8>> = c
+    let chunks: Vec<(i64, Vec<u8>)> = c
         .prepare(
-            "SELECT lc.content FROM logchunks lc JOIN logs l ON l.id = lc.logid
+            "SELECT lc.compressed, lc.content FROM logchunks lc JOIN logs l ON l.id = lc.logid
              JOIN steps s ON s.id = l.stepid JOIN builds b ON b.id = s.buildid
              WHERE s.name = ?1 AND (?2 IS NULL OR b.id = ?2) ORDER BY lc.first_line",
         )
         .expect("prepare")
-        .query_map(rusqlite::params![step, buildid], |r| r.get(0))
+        .query_map(rusqlite::params![step, buildid], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .expect("query")
         .collect::<Result<_, _>>()
         .expect("rows");
     chunks
         .into_iter()
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .map(|(code, b)| {
+            let text = kiln::store::logcodec::decompress(code, &b).expect("a chunk reads back");
+            String::from_utf8_lossy(&text).into_owned()
+        })
+        .collect()
+}
+
+/// Every stored log chunk's text, decompressed, in the order stored.
+pub fn all_log_text(dir: &Path) -> String {
+    let c = rusqlite::Connection::open(dir.join("state.sqlite")).expect("db");
+    let chunks: Vec<(i64, Vec<u8>)> = c
+        .prepare("SELECT compressed, content FROM logchunks ORDER BY logid, first_line")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    chunks
+        .into_iter()
+        .map(|(code, b)| {
+            let text = kiln::store::logcodec::decompress(code, &b).expect("a chunk reads back");
+            String::from_utf8_lossy(&text).into_owned()
+        })
         .collect()
 }
 
