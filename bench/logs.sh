@@ -4,6 +4,9 @@
 # master's peak memory meanwhile.
 # usage: bench/logs.sh [SIZE_MB] [kiln|stock]   (defaults: 100 kiln)
 # KILN_BIN=path measures that binary instead of building the release one.
+# LOG_COMPRESSION=raw|gz|bz2|lz4|zstd sets logCompressionMethod (kiln's
+# default, zstd, when unset); VARIED=1 writes compiler-like lines (paths,
+# numbers) instead of one repeated line, which compress far less.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -22,16 +25,24 @@ if [ -z "${KILN_BIN:-}" ]; then
 fi
 kiln="${KILN_BIN:-$root/target/release/kiln}"
 
+if [ -n "${VARIED:-}" ]; then
+  python="for i in range($size * 10000): w(('[%07d] gecko/dom/base/nsContent%03d.cpp:%d:%d: warning: unused variable tmp%d' % (i, i % 379, (i * 7919) % 4001, i % 80, i % 13)).ljust(99) + '\\\\n')"
+else
+  python="line = 'x' * 99 + '\\\\n'\nfor _ in range($size * 10000): w(line)"
+fi
+compression=""
+[ -z "${LOG_COMPRESSION:-}" ] || compression="logCompressionMethod: \"$LOG_COMPRESSION\","
 mkdir -p "$work/m"
 cat > "$work/m/master.rhai" <<EOF
 let f = BuildFactory();
 // $size MB as 100-byte lines (99 characters and a newline).
 f.addStep(ShellCommand(#{ name: "chatty", command: ["python3", "-c",
-    "import sys\nline = 'x' * 99 + '\\\\n'\nw = sys.stdout.write\nfor _ in range($size * 10000): w(line)"] }));
+    "import sys\nw = sys.stdout.write\n$python"] }));
 #{
     protocols: #{ msgpack_experimental_v7: #{ port: 19996 } },
     www: #{ port: 18016 },
     logMaxSize: $(( (size + 10) * 1024 * 1024 )),
+    $compression
     workers: [Worker("w1", "pw")],
     schedulers: [ForceScheduler(#{ name: "force", builderNames: ["b"] })],
     builders: [BuilderConfig(#{ name: "b", workernames: ["w1"], factory: f })],
