@@ -309,6 +309,11 @@ fn logs_of(dir: &Path, buildid: Option<i64>, step: &str) -> String {
         .expect("query")
         .collect::<Result<_, _>>()
         .expect("rows");
+    texts(chunks)
+}
+
+/// Stored chunks (method code, bytes) as text, decompressed.
+fn texts(chunks: Vec<(i64, Vec<u8>)>) -> String {
     chunks
         .into_iter()
         .map(|(code, b)| {
@@ -328,13 +333,7 @@ pub fn all_log_text(dir: &Path) -> String {
         .expect("query")
         .collect::<Result<_, _>>()
         .expect("rows");
-    chunks
-        .into_iter()
-        .map(|(code, b)| {
-            let text = kiln::store::logcodec::decompress(code, &b).expect("a chunk reads back");
-            String::from_utf8_lossy(&text).into_owned()
-        })
-        .collect()
+    texts(chunks)
 }
 
 /// Whether every request is complete and every build has finished (the
