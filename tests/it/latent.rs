@@ -488,3 +488,44 @@ fn latent_worker_options_are_checked() {
         out.fails_with(expected);
     }
 }
+
+#[test]
+fn a_reload_that_changes_a_busy_latent_worker_stops_it_after_its_build_then_uses_the_new_config() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let script = |timeout: i64| {
+        Script::steps(&waits_for_release(tmp.path()))
+            .worker_expr(&format!(
+                r#"LocalLatentWorker("l", "pw", #{{ build_wait_timeout: {timeout} }})"#
+            ))
+            .builder("b", &["l"], "")
+            .render()
+    };
+    let dir = master_script(tmp.path(), &script(-1));
+    let mut master = Master::start(&dir);
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build to run", || {
+        (builds(&dir).len() == 1 && worker_processes(tmp.path()).len() == 1).then_some(())
+    });
+    std::fs::write(dir.join("master.rhai"), script(0)).expect("save");
+    master.wait_for_log("config reloaded", 1, Duration::from_secs(30));
+    assert_has(&master.log(), "workers: ~1 (l)");
+    holds_for(Duration::from_secs(1), "the build goes on", || {
+        worker_processes(tmp.path()).len() == 1 && builds(&dir)[0].result.is_none()
+    });
+    std::fs::write(tmp.path().join("release"), "").expect("release");
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    // Stopped once its build ended (its config changed) ...
+    no_worker_left(tmp.path(), Duration::from_secs(30));
+    // ... and started anew with the new config: 0 stops it after the build.
+    let b = force_and_wait(&master, "b", 2);
+    assert_eq!(b[1].result, Some(Results::Success));
+    no_worker_left(tmp.path(), Duration::from_secs(30));
+    master.wait_for_log(
+        "stopping latent worker: its build ended",
+        1,
+        Duration::from_secs(30),
+    );
+    assert_eq!(master.stop(), Some(0));
+}
