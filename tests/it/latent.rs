@@ -209,6 +209,35 @@ fn build_wait_timeout_0_stops_the_worker_after_each_build_and_a_clean_stop_leave
     assert_has(&master.log(), "stopped 1 latent worker(s)");
 }
 
+/// Ends, when dropped, every instance the command workers of `root`
+/// started (their pid files), so that a failing test leaves none behind:
+/// they run in sessions of their own, which nothing else would end.
+struct Instances<'a>(&'a Path);
+
+impl Drop for Instances<'_> {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.0) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if !(name.starts_with("instance-") && name.ends_with(".pid")) {
+                continue;
+            }
+            let pid = std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok());
+            if let Some(pid) = pid.filter(|p| worker_processes(self.0).contains(p)) {
+                // SAFETY: a pid checked just before to be a worker of this
+                // test's directory.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
 /// Scripts that start and stop a kiln worker in the background, as a
 /// cloud CLI starts and stops an instance; `start` takes extra shell to
 /// misbehave with.
@@ -275,6 +304,7 @@ fn calls(root: &Path, name: &str) -> Vec<String> {
 fn failed_starts_are_retried_on_another_latent_worker_and_the_request_still_builds() {
     let tmp = tempfile::tempdir().expect("tmp");
     let root = tmp.path();
+    let _instances = Instances(root);
     let dir = Script::steps(TRUE)
         // Its start command fails.
         .worker_expr(&command_worker(
@@ -417,6 +447,7 @@ fn a_reload_that_removes_a_busy_latent_worker_lets_its_build_finish_then_stops_i
 fn a_killed_master_leaves_no_latent_worker_behind() {
     let tmp = tempfile::tempdir().expect("tmp");
     let root = tmp.path();
+    let _instances = Instances(root);
     let dir = Script::steps(TRUE)
         .worker_expr(r#"LocalLatentWorker("local", "pw", #{ build_wait_timeout: -1 })"#)
         .worker_expr(&command_worker(
