@@ -4,5 +4,7 @@ pub mod diff;
 mod model;
 pub mod print;
 pub mod validate;
+mod worker;
 
 pub use model::*;
+pub use worker::*;

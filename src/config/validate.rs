@@ -4,6 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::model::*;
+use super::worker::Worker;
 use crate::diagnostics::Diagnostic;
 use crate::suggest::nearest;
 
