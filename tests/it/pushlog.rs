@@ -470,11 +470,7 @@ fn a_hanging_server_times_out_and_stored_changes_reach_the_bus() {
         project: Some("firefox".into()),
         origin: None,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     rt.block_on(async {
         let store = kiln::store::Store::open(&s.tmp.path().join("state.sqlite")).expect("store");
         let mut rx = store.change_bus().subscribe();

@@ -170,11 +170,7 @@ fn a_push_appears_and_turns_green_live_and_its_build_log_can_be_read() {
             .to_string()
     };
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     let repo = dir.join("repo");
     rt.block_on(async {
         let (_driver, c) = browser(&tmp.path().join("chromium-profile")).await;
@@ -335,11 +331,7 @@ fn the_workers_page_follows_a_latent_workers_state() {
         .write(tmp.path());
     let mut master = common::Master::start(&dir);
     let url = master.http_url();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     rt.block_on(async {
         let (_driver, c) = browser(&tmp.path().join("chromium-profile")).await;
         c.goto(&format!("{url}/#/workers")).await.expect("open the page");

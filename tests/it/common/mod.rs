@@ -132,6 +132,15 @@ pub fn kiln_ok(cwd: &Path, args: &[&str]) -> Output {
     out
 }
 
+/// A tokio runtime for a test's async part (two worker threads).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// Asserts that `haystack` contains `needle`, showing all of it if not.
 #[track_caller]
 pub fn assert_has(haystack: &str, needle: &str) {
