@@ -11,6 +11,9 @@ use crate::store::Properties;
 
 use super::{lock, runner::severity, steps::step_map, Distributor, Generation};
 
+/// At most this many lines of a step's output are flagged by its log rules.
+const FLAGGED_LINES: usize = 50;
+
 /// A step's log and how much of it is kept (`logMaxSize`).
 pub(super) struct LogSink {
     pub(super) log: i64,
@@ -149,7 +152,10 @@ impl Distributor {
     }
 
     /// The step's `log_rules` over its output: a rule that matches a line
-    /// raises the result to the rule's (never lowers it), noted in the log.
+    /// raises the result to the rule's (never lowers it). Each line a rule
+    /// worse than SUCCESS matched is written to the log as `[kiln] flagged:
+    /// LINE` (the job panel of the push page shows them), at most
+    /// [`FLAGGED_LINES`] of them.
     async fn apply_log_rules(
         &self,
         step: &Step,
@@ -161,28 +167,40 @@ impl Distributor {
         }
         let text = self.output_text(log).await?;
         let mut result = by_rc;
+        let mut notes: Vec<String> = Vec::new();
+        let mut flagged = 0;
         for rule in &step.log_rules {
             // Checked when the config was loaded.
             let Ok(re) = regex::Regex::new(&rule.pattern) else {
                 continue;
             };
-            let hit = text.lines().find(|l| re.is_match(l));
-            if let Some(line) = hit {
-                if severity(rule.result) > severity(result) {
-                    self.store
-                        .append_header(
-                            log,
-                            format!(
-                                "[kiln] log rule {:?} matched {line:?}: {}",
-                                rule.pattern,
-                                rule.result.name()
-                            ),
-                        )
-                        .await
-                        .map_err(|e| format!("{e:#}"))?;
-                    result = rule.result;
+            let mut hits = text.lines().filter(|l| re.is_match(l)).peekable();
+            if hits.peek().is_none() {
+                continue;
+            }
+            if rule.result != Results::Success {
+                for line in hits.by_ref() {
+                    if flagged == FLAGGED_LINES {
+                        break;
+                    }
+                    notes.push(format!("[kiln] flagged: {line}"));
+                    flagged += 1;
                 }
             }
+            if severity(rule.result) > severity(result) {
+                notes.push(format!(
+                    "[kiln] log rule {:?} matched: {}",
+                    rule.pattern,
+                    rule.result.name()
+                ));
+                result = rule.result;
+            }
+        }
+        for note in notes {
+            self.store
+                .append_header(log, note)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
         }
         Ok(result)
     }

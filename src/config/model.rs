@@ -929,6 +929,8 @@ pub enum WwwAction {
     Force,
     Stop,
     Cancel,
+    /// A new request for a finished build's builder, sources and properties.
+    Rebuild,
     Reconfig,
     /// Stopping or killing a worker.
     Workers,
@@ -941,6 +943,7 @@ impl WwwAction {
         ("force", WwwAction::Force),
         ("stop", WwwAction::Stop),
         ("cancel", WwwAction::Cancel),
+        ("rebuild", WwwAction::Rebuild),
         ("reconfig", WwwAction::Reconfig),
         ("workers", WwwAction::Workers),
         ("change", WwwAction::Change),

@@ -53,6 +53,10 @@ pub enum Denied {
     NotLocal,
     /// No valid user name and password were given.
     NeedsUser,
+    /// The same, to the web page's own requests (`X-Requested-With`): no
+    /// `WWW-Authenticate`, so that the browser does not ask in a dialog of
+    /// its own; the page has its sign-in form.
+    NeedsUserQuietly,
     /// The user has none of the roles the action needs.
     Role {
         user: String,
@@ -86,6 +90,11 @@ impl IntoResponse for Denied {
                 action.name(),
                 roles.join(", ")
             )),
+            Denied::NeedsUserQuietly => (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({ "error": "a valid user name and password are needed" })),
+            )
+                .into_response(),
             Denied::CrossSite(from) => {
                 forbidden(format!("a write from another site ({from}) is refused"))
             }
@@ -164,6 +173,25 @@ pub fn writer(
         }
     }
     Ok(user)
+}
+
+/// Who the caller is and which actions it may do, for the web page to
+/// offer only the controls that would work: the user named by valid
+/// credentials (none without them, or when no users are configured) and
+/// the names of the allowed actions. `Err` when credentials were sent and
+/// are wrong.
+pub fn access_of(
+    access: &Access,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<(Option<String>, Vec<&'static str>), Denied> {
+    let user = user_of(access, headers)?;
+    let may = WwwAction::ALL
+        .iter()
+        .filter(|(_, a)| writer(access, headers, peer, *a).is_ok())
+        .map(|(name, _)| *name)
+        .collect();
+    Ok((user, may))
 }
 
 /// Change hooks are open, as Buildbot's are (repository hooks post

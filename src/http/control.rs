@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::extract::{self, Rpc, Writer};
+use super::extract::{self, Caller, Rpc, Writer};
 use super::AppState;
 use crate::builds::CancelError;
 use crate::config::SchedulerKind;
@@ -199,15 +199,31 @@ fn item_call(
     Ok((item, reason))
 }
 
-/// `POST /api/v2/builds/{id}` with `{"method": "stop", "params": {"reason"}}`:
-/// Buildbot's stop control.
+/// `POST /api/v2/builds/{id}`: Buildbot's controls of a build, `stop`
+/// (with `{"reason"}`) and `rebuild` (a new request for the build's
+/// builder with its sources and properties; answers `[bsid, {builderid:
+/// brid}]` as `force` does).
 pub(super) async fn build_rpc(
     State(st): State<Arc<AppState>>,
-    writer: Writer<extract::Stop>,
+    caller: Caller,
     Path(id): Path<String>,
     rpc: Rpc,
 ) -> Response {
-    let (build, reason) = match item_call(&STOP_BUILD, &id, &rpc, &writer.user) {
+    match rpc.method.as_str() {
+        "rebuild" => match caller.writer::<extract::Rebuild>(&st) {
+            Ok(w) => rebuild(&st, &w.user, &id, &rpc).await,
+            Err(r) => r,
+        },
+        "stop" => match caller.writer::<extract::Stop>(&st) {
+            Ok(w) => stop(&st, &w.user, &id, &rpc).await,
+            Err(r) => r,
+        },
+        _ => rpc.no_such_method("builds have the methods `stop` and `rebuild`"),
+    }
+}
+
+async fn stop(st: &AppState, user: &str, id: &str, rpc: &Rpc) -> Response {
+    let (build, reason) = match item_call(&STOP_BUILD, id, rpc, user) {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -222,6 +238,64 @@ pub(super) async fn build_rpc(
             -32602,
             format!("build {build} is not running"),
         )
+    }
+}
+
+async fn rebuild(st: &AppState, user: &str, id: &str, rpc: &Rpc) -> Response {
+    let Ok(build) = id.parse::<i64>() else {
+        return rpc.error(
+            StatusCode::NOT_FOUND,
+            -32602,
+            format!("`{id}` is not a build id"),
+        );
+    };
+    let mut reason = format!("rebuild of build {build}");
+    if !user.is_empty() {
+        reason = format!("{reason} (by {user})");
+    }
+    // Only a builder the config has now can build the new request.
+    let builder = match st.store.build_builder(build).await {
+        Ok(Some(name)) => name,
+        Ok(None) => {
+            return rpc.error(
+                StatusCode::NOT_FOUND,
+                -32602,
+                format!("there is no build {build}"),
+            )
+        }
+        Err(e) => return rpc.error(StatusCode::INTERNAL_SERVER_ERROR, -32603, format!("{e:#}")),
+    };
+    if !st
+        .builds
+        .generation()
+        .config
+        .builders
+        .iter()
+        .any(|b| b.name == builder)
+    {
+        return rpc.error(
+            StatusCode::CONFLICT,
+            -32602,
+            format!("builder `{builder}` of build {build} is no longer in the config"),
+        );
+    }
+    match st.store.rebuild(build, reason.clone()).await {
+        Ok(Some(ids)) => {
+            tracing::info!("{reason}: buildset {}", ids.bsid);
+            st.builds.wake();
+            let brids: serde_json::Map<String, Value> = ids
+                .brids
+                .iter()
+                .map(|r| (r.builderid.to_string(), json!(r.brid)))
+                .collect();
+            rpc.result(json!([ids.bsid, brids]))
+        }
+        Ok(None) => rpc.error(
+            StatusCode::NOT_FOUND,
+            -32602,
+            format!("there is no build {build}"),
+        ),
+        Err(e) => rpc.error(StatusCode::INTERNAL_SERVER_ERROR, -32603, format!("{e:#}")),
     }
 }
 

@@ -1,6 +1,6 @@
 //! What a write handler asks for in its signature, so that no handler can
 //! forget it: [`Writer`] (the caller, once `www.authz` allows the action),
-//! [`Hook`] (a change hook's caller) and [`Rpc`] (a JSON-RPC 2.0 call).
+//! [`Caller`] (when the action depends on the method), [`Hook`] (a change hook's caller) and [`Rpc`] (a JSON-RPC 2.0 call).
 //! Each rejects with the response the client gets.
 
 use std::marker::PhantomData;
@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
@@ -30,7 +30,7 @@ macro_rules! actions {
         }
     )*};
 }
-actions!(Reconfig, Force, Stop, Cancel, Workers);
+actions!(Reconfig, Force, Stop, Cancel, Workers, Rebuild);
 
 /// The caller of a write that needs action `A`: its user name (empty when
 /// no users are configured) and its address.
@@ -68,23 +68,70 @@ fn peer_of(parts: &Parts) -> Result<SocketAddr, Response> {
         })
 }
 
+/// Whether `www.authz` lets this caller do `A`.
+#[allow(clippy::result_large_err)] // the error is the response itself, answered at once
+fn authorize<A: Action>(
+    st: &AppState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<Writer<A>, Response> {
+    let verdict = {
+        let access = crate::sync::read(&st.access);
+        auth::writer(&access, headers, peer, A::ACTION)
+    };
+    match verdict {
+        Ok(user) => Ok(Writer {
+            user,
+            peer,
+            action: PhantomData,
+        }),
+        Err(d) => Err(quietly(d, headers).into_response()),
+    }
+}
+
+/// A refusal for want of a user, without the browser's own dialog when the
+/// web page asked (it sends `X-Requested-With`).
+pub(super) fn quietly(d: auth::Denied, headers: &HeaderMap) -> auth::Denied {
+    match d {
+        auth::Denied::NeedsUser if headers.contains_key("x-requested-with") => {
+            auth::Denied::NeedsUserQuietly
+        }
+        other => other,
+    }
+}
+
 impl<A: Action> FromRequestParts<Arc<AppState>> for Writer<A> {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, st: &Arc<AppState>) -> Result<Self, Response> {
         let peer = peer_of(parts)?;
-        let verdict = {
-            let access = crate::sync::read(&st.access);
-            auth::writer(&access, &parts.headers, peer, A::ACTION)
-        };
-        match verdict {
-            Ok(user) => Ok(Writer {
-                user,
-                peer,
-                action: PhantomData,
-            }),
-            Err(d) => Err(d.into_response()),
-        }
+        authorize(st, &parts.headers, peer)
+    }
+}
+
+/// The caller of a call whose action depends on its method (a build's
+/// `stop` or `rebuild`): [`Caller::writer`] asks `www.authz` once the
+/// method is known.
+pub(super) struct Caller {
+    headers: HeaderMap,
+    peer: SocketAddr,
+}
+
+impl Caller {
+    #[allow(clippy::result_large_err)] // the error is the response itself
+    pub fn writer<A: Action>(&self, st: &AppState) -> Result<Writer<A>, Response> {
+        authorize(st, &self.headers, self.peer)
+    }
+}
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &Arc<AppState>) -> Result<Self, Response> {
+        Ok(Caller {
+            headers: parts.headers.clone(),
+            peer: peer_of(parts)?,
+        })
     }
 }
 

@@ -99,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v2/builders/{id}/builds", get(api::builder_builds))
         .route("/api/v2/builds", get(api::builds))
         .route("/api/v2/builds/{id}/steps", get(api::build_steps))
+        .route("/api/v2/builds/{id}/failure", get(web::failure))
         .route("/api/v2/steps", get(api::steps))
         .route("/api/v2/steps/{id}", get(api::step))
         .route("/api/v2/steps/{id}/logs", get(api::step_logs))
@@ -123,6 +124,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v2/reconfig", post(control::reconfig))
         .route("/api/v2/reloads", get(list_reloads))
         .route("/api/v2/config", get(running_config))
+        .route("/api/v2/access", get(web::access))
         .route("/api/v2/events", get(events))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -12,7 +12,9 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::AppState;
+use crate::config::BuilderConfig;
 use crate::store::api::Collection;
+use crate::store::grid::{GridJob, GridPush, GridQuery};
 
 const INDEX: &str = include_str!("web/index.html");
 const SCRIPT: &str = include_str!("web/kiln.js");
@@ -50,10 +52,14 @@ pub(super) async fn style() -> Response {
     asset("text/css; charset=utf-8", STYLE)
 }
 
-/// `GET /api/v2/grid?buildsets=N&before=BSID`: the configured builders (in
-/// the grid's column order: by category, then name) and the newest pushes
-/// made of at most N buildsets (default 60), each with its changes and a
-/// cell per builder it asked for.
+/// `GET /api/v2/grid?buildsets=N&before=BSID&branch=NAME`: the configured
+/// builders (in the grid's column order: by category, then name; each
+/// with the platform row and job symbol the push page shows it under),
+/// the branches that have pushes (the one pushed to last first, each with
+/// the state of its newest push), and the newest pushes made of at most N
+/// buildsets (default 60), of one branch when `branch` is given (empty:
+/// pushes without a branch), each with its changes, its jobs and a cell
+/// per builder it asked for.
 pub(super) async fn grid(
     State(st): State<Arc<AppState>>,
     Query(q): Query<BTreeMap<String, String>>,
@@ -70,6 +76,9 @@ pub(super) async fn grid(
         Ok(b) => b,
         Err(k) => return bad(&k),
     };
+    let branch = q
+        .get("branch")
+        .map(|b| Some(b.clone()).filter(|b| !b.is_empty()));
     let ids: BTreeMap<String, i64> = match st.store.api_rows(Collection::Builders, None).await {
         Ok((_, rows)) => rows
             .iter()
@@ -88,11 +97,14 @@ pub(super) async fn grid(
         .builders
         .iter()
         .filter_map(|b| {
+            let (platform, symbol) = platform_and_symbol(b);
             Some(json!({
                 "builderid": ids.get(&b.name)?,
                 "name": b.name,
                 "category": b.category,
                 "tags": b.tags,
+                "platform": platform,
+                "symbol": symbol,
             }))
         })
         .collect();
@@ -105,15 +117,174 @@ pub(super) async fn grid(
         };
         key(a).cmp(&key(b))
     });
-    match st.store.grid(buildsets, before).await {
+    let branches = match branches(&st).await {
+        Ok(b) => b,
+        Err(e) => return super::internal(e),
+    };
+    let query = GridQuery {
+        buildsets,
+        before,
+        branch,
+    };
+    match st.store.grid(query).await {
         Ok(pushes) => Json(json!({
             "title": gen.config.title,
             "builders": builders,
+            "branches": branches,
             "pushes": pushes,
             "meta": { "total": pushes.len() },
         }))
         .into_response(),
         Err(e) => super::internal(e),
+    }
+}
+
+/// Where the push page shows a builder's jobs: its platform row (the tag
+/// `platform:NAME`, else the property `platform`, else the builder's own
+/// row) and its symbol (the tag `symbol:S`, else the property `symbol`,
+/// else the first letter of the name's last word: `B` for a "... build").
+pub(crate) fn platform_and_symbol(b: &BuilderConfig) -> (String, String) {
+    let tagged = |prefix: &str| {
+        b.tags
+            .iter()
+            .find_map(|t| t.strip_prefix(prefix))
+            .filter(|v| !v.is_empty())
+            .map(String::from)
+    };
+    let property = |name: &str| {
+        b.properties
+            .get(name)
+            .and_then(Value::as_str)
+            .filter(|v| !v.is_empty())
+            .map(String::from)
+    };
+    let platform = tagged("platform:")
+        .or_else(|| property("platform"))
+        .unwrap_or_else(|| b.name.clone());
+    let symbol = tagged("symbol:")
+        .or_else(|| property("symbol"))
+        .unwrap_or_else(|| {
+            b.name
+                .split_whitespace()
+                .last()
+                .and_then(|w| w.chars().find(|c| c.is_alphanumeric()))
+                .map_or_else(|| "?".to_string(), |c| c.to_uppercase().collect())
+        });
+    (platform, symbol)
+}
+
+/// How many branches the push page lists.
+const BRANCHES: usize = 50;
+
+/// The branches with pushes, each with the state of its newest push.
+async fn branches(st: &AppState) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for b in st.store.push_branches(BRANCHES).await? {
+        let newest = st
+            .store
+            .grid(GridQuery {
+                buildsets: 20,
+                before: None,
+                branch: Some(b.branch.clone()),
+            })
+            .await?;
+        let Some(push) = newest.first() else { continue };
+        out.push(json!({
+            "branch": b.branch,
+            "revision": push.revision,
+            "submitted_at": push.submitted_at,
+            "state": push_state(push),
+            "counts": counts(push),
+        }));
+    }
+    Ok(out)
+}
+
+const RESULT_NAMES: [&str; 7] = [
+    "success",
+    "warnings",
+    "failure",
+    "skipped",
+    "exception",
+    "retry",
+    "cancelled",
+];
+
+fn job_state(j: &GridJob) -> &'static str {
+    match j.state {
+        "done" => j
+            .results
+            .and_then(|r| RESULT_NAMES.get(r as usize).copied())
+            .unwrap_or("exception"),
+        other => other,
+    }
+}
+
+/// A push's jobs counted by state (`pending`, `running`) or result.
+fn counts(push: &GridPush) -> BTreeMap<&'static str, usize> {
+    let mut out = BTreeMap::new();
+    for j in &push.jobs {
+        *out.entry(job_state(j)).or_insert(0) += 1;
+    }
+    out
+}
+
+/// A push in one word: `running` while a job waits or runs, else its worst
+/// result (a retried build does not count once its retry has ended).
+fn push_state(push: &GridPush) -> &'static str {
+    if push.jobs.iter().any(|j| j.state != "done") {
+        return "running";
+    }
+    let worst = push
+        .cells
+        .iter()
+        .filter_map(|c| c.results)
+        .max_by_key(|r| crate::store::builds::badness(*r));
+    worst
+        .and_then(|r| RESULT_NAMES.get(r as usize).copied())
+        .unwrap_or("success")
+}
+
+/// How many lines of output a failure summary shows when no log rule
+/// flagged any.
+const TAIL_LINES: usize = 30;
+
+/// `GET /api/v2/builds/{id}/failure`: what made a build fail, for the push
+/// page's job panel: `{"failure": {stepid, number, name, results, logs,
+/// flagged, lines}}`, or `{"failure": null}` when every step succeeded.
+pub(super) async fn failure(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let Ok(buildid) = id.parse::<i64>() else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": format!("`{id}` is not a build id") })),
+        )
+            .into_response();
+    };
+    match st.store.failure_summary(buildid, TAIL_LINES).await {
+        Ok(summary) => Json(json!({ "failure": summary })).into_response(),
+        Err(e) => super::internal(e),
+    }
+}
+
+/// `GET /api/v2/access`: who the caller is (`user`, null when anonymous
+/// or when no users are configured) and which `www.authz` actions it may
+/// do now (`may`), so that the page offers the controls that would work.
+/// Wrong credentials answer 401.
+pub(super) async fn access(
+    State(st): State<Arc<AppState>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let verdict = {
+        let access = crate::sync::read(&st.access);
+        super::auth::access_of(&access, &headers, peer)
+    };
+    match verdict {
+        Ok((user, may)) => Json(json!({ "user": user, "may": may })).into_response(),
+        Err(d) => super::extract::quietly(d, &headers).into_response(),
     }
 }
 

@@ -213,7 +213,14 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
     let use_credentials_file = kw.bool("use_credentials_file", false)?;
     let origin = kw.origin();
 
-    let is_windows = platform.as_deref().is_some_and(|p| p.contains("win"));
+    // The workers' `os.name`, when the config knows it better than the
+    // platform's name does (a staging master building Windows platforms
+    // on posix stand-ins).
+    let worker_system = kw.str("worker_system")?;
+    let is_windows = match worker_system.as_deref() {
+        Some(system) => system != "posix",
+        None => platform.as_deref().is_some_and(|p| p.contains("win")),
+    };
     let lit = |s: &str| Arg::Literal(s.into());
     env.insert(
         "PROPERTIES_FILE".into(),
@@ -658,6 +665,9 @@ fn desktop_mozharness_builder(
     );
     fmap.insert("platform".into(), Dynamic::from(platform.to_string()));
     fmap.insert("use_mock".into(), Dynamic::from(pf.bool("use_mock")?));
+    if let Some(system) = pf.str("worker_system")? {
+        fmap.insert("worker_system".into(), Dynamic::from(system));
+    }
     if let Some(t) = pf.get("mock_target") {
         fmap.insert("mock_target".into(), t);
     }
@@ -720,7 +730,8 @@ fn desktop_mozharness_builder(
             origin: origin.clone(),
         },
         category: Some(name.into()),
-        tags: vec![],
+        // The push page shows a build as `B` in its platform's row.
+        tags: vec!["symbol:B".into()],
         description: None,
         properties,
         env: Default::default(),

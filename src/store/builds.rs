@@ -332,6 +332,100 @@ impl Store {
         Ok(())
     }
 
+    /// What made build `buildid` fail, for the push page's job panel: its
+    /// worst step (by Buildbot's order of results; none when every step
+    /// succeeded), that step's logs, and its first log's flagged lines
+    /// (the `[kiln] flagged:` lines log rules wrote) or else its last
+    /// `tail` lines of output.
+    pub async fn failure_summary(
+        &self,
+        buildid: i64,
+        tail: usize,
+    ) -> anyhow::Result<Option<FailureSummary>> {
+        self.call(move |c| {
+            let steps = c.query(
+                "SELECT id, number, name, results FROM steps
+                 WHERE buildid = ?1 AND results IS NOT NULL ORDER BY number",
+                args![buildid],
+            )?;
+            let mut worst: Option<(i64, i64, String, i64)> = None;
+            for r in steps {
+                let step: (i64, i64, String, i64) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+                if badness(step.3) > worst.as_ref().map_or(0, |w| badness(w.3)) {
+                    worst = Some(step);
+                }
+            }
+            let Some((stepid, number, name, results)) = worst else {
+                return Ok(None);
+            };
+            let logs: Vec<(i64, String, String)> = c
+                .query(
+                    "SELECT id, name, type FROM logs WHERE stepid = ?1 ORDER BY id",
+                    args![stepid],
+                )?
+                .iter()
+                .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .collect::<anyhow::Result<_>>()?;
+            let mut summary = FailureSummary {
+                stepid,
+                number,
+                name,
+                results,
+                logs: logs
+                    .iter()
+                    .map(|(id, name, _)| (*id, name.clone()))
+                    .collect(),
+                flagged: false,
+                lines: vec![],
+            };
+            let Some((logid, _, kind)) = logs.first() else {
+                return Ok(Some(summary));
+            };
+            // The newest chunks hold the end of the output and the lines
+            // the evaluation flagged (written when the command ended).
+            let mut chunks: Vec<String> = c
+                .query(
+                    "SELECT compressed, content FROM logchunks WHERE logid = ?1
+                     ORDER BY first_line DESC LIMIT 8",
+                    args![logid],
+                )?
+                .iter()
+                .map(|r| {
+                    let bytes: Vec<u8> = r.get(1)?;
+                    Ok(super::logcodec::text_of(r.get(0)?, &bytes))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            chunks.reverse();
+            let text = chunks.concat();
+            let stdio = kind == "s";
+            let flagged: Vec<String> = text
+                .lines()
+                .filter_map(|l| {
+                    l.strip_prefix(if stdio {
+                        "h[kiln] flagged: "
+                    } else {
+                        "[kiln] flagged: "
+                    })
+                })
+                .map(String::from)
+                .collect();
+            if flagged.is_empty() {
+                let output: Vec<&str> = text
+                    .lines()
+                    .filter(|l| !stdio || !l.starts_with('h'))
+                    .map(|l| if stdio { l.get(1..).unwrap_or("") } else { l })
+                    .collect();
+                let from = output.len().saturating_sub(tail);
+                summary.lines = output[from..].iter().map(|l| l.to_string()).collect();
+            } else {
+                summary.flagged = true;
+                summary.lines = flagged;
+            }
+            Ok(Some(summary))
+        })
+        .await
+    }
+
     /// The whole text of a log.
     pub async fn log_text(&self, logid: i64) -> anyhow::Result<String> {
         self.call(move |c| {
@@ -489,5 +583,32 @@ mod tests {
         assert_eq!(LineKind::of_stream("stdout"), LineKind::Stdout);
         assert_eq!(LineKind::of_stream("stderr"), LineKind::Stderr);
         assert_eq!(LineKind::of_stream("header"), LineKind::Header);
+    }
+}
+
+/// What made a build fail (see [`Store::failure_summary`]).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct FailureSummary {
+    pub stepid: i64,
+    pub number: i64,
+    pub name: String,
+    pub results: i64,
+    /// The step's logs: id and name.
+    pub logs: Vec<(i64, String)>,
+    /// Whether `lines` are the lines log rules flagged (else the output's end).
+    pub flagged: bool,
+    pub lines: Vec<String>,
+}
+
+/// How bad a result is, as a build's worst step is chosen: SUCCESS and
+/// SKIPPED not at all, then WARNINGS, CANCELLED, RETRY, FAILURE, EXCEPTION.
+pub fn badness(results: i64) -> u8 {
+    match results {
+        1 => 1,
+        6 => 2,
+        5 => 3,
+        2 => 4,
+        4 => 5,
+        _ => 0,
     }
 }

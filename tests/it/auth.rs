@@ -1,6 +1,7 @@
-//! Who may write over HTTP: every write (force, stop, cancel, reconfig, a
-//! worker's shutdown) with no user, a wrong password, a user without the
-//! role, and one with it; a write from another site; reads behind a login.
+//! Who may write over HTTP: every write (force, stop, cancel, rebuild,
+//! reconfig, a worker's shutdown) with no user, a wrong password, a user
+//! without the role, and one with it; a write from another site; reads
+//! behind a login; what the web page is told a user may do.
 
 use crate::common;
 
@@ -27,6 +28,7 @@ slow.addStep(ShellCommand(#{ name: "sleep", command: ["sleep", "60"] }));
             force: ["developers", "admins"],
             stop: ["admins"],
             cancel: ["developers"],
+            rebuild: ["admins"],
             reconfig: ["admins"],
             workers: ["admins"],
             change: ["admins"],
@@ -226,6 +228,96 @@ fn every_write_needs_a_user_with_its_role_and_reads_need_a_login() {
             (b["builds"][0]["results"] == 6).then_some(())
         },
     );
+
+    // Rebuild of the stopped build: admins only; a new request of its
+    // builder, which builds (and is stopped in its turn).
+    let rebuilt = matrix(
+        &format!("{api}/builds/{buildid}"),
+        &rpc("rebuild", json!({})),
+        DEV,
+        ANN,
+    );
+    let brid = rebuilt["result"][1]
+        .as_object()
+        .and_then(|m| m.values().next())
+        .and_then(Value::as_i64)
+        .expect("the rebuild's request");
+    let (_, req) = call(
+        "GET",
+        &format!("{api}/buildrequests/{brid}"),
+        DEV,
+        &[],
+        None,
+    );
+    let (_, old) = call("GET", &format!("{api}/builds/{buildid}"), DEV, &[], None);
+    assert_eq!(
+        req["buildrequests"][0]["builderid"],
+        old["builds"][0]["builderid"]
+    );
+    let again = wait_until(Duration::from_secs(60), "the rebuild runs", || {
+        let (_, b) = call(
+            "GET",
+            &format!("{api}/builds?complete=false"),
+            DEV,
+            &[],
+            None,
+        );
+        b["builds"][0]["buildid"].as_i64()
+    });
+    assert_ne!(again, buildid);
+    let (code, _) = call(
+        "POST",
+        &format!("{api}/builds/{again}"),
+        ANN,
+        &[],
+        rpc("stop", json!({})),
+    );
+    assert_eq!(code, 200);
+    let (code, v) = call(
+        "POST",
+        &format!("{api}/builds/{buildid}"),
+        ANN,
+        &[],
+        rpc("destroy", json!({})),
+    );
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("`stop` and `rebuild`"),
+        "{v}"
+    );
+
+    // What the page is told: who the user is and what it may do; the
+    // page's own requests are refused without the browser's dialog.
+    let (code, me) = call("GET", &format!("{api}/access"), DEV, &[], None);
+    assert_eq!(code, 200);
+    assert_eq!(me, json!({ "user": "dev", "may": ["force", "cancel"] }));
+    let (_, me) = call("GET", &format!("{api}/access"), ANN, &[], None);
+    assert_eq!(
+        me["may"],
+        json!(["force", "stop", "rebuild", "reconfig", "workers", "change"])
+    );
+    let rebuild_body = || common::Body::Json(json!({ "method": "rebuild" }));
+    let bad = common::http_full(
+        "POST",
+        &format!("{api}/builds/{buildid}"),
+        None,
+        &[("X-Requested-With", "kiln")],
+        rebuild_body(),
+    );
+    assert_eq!(bad.0, 401);
+    assert!(!bad.1.contains_key("www-authenticate"), "{:?}", bad.1);
+    let plain = common::http_full(
+        "POST",
+        &format!("{api}/builds/{buildid}"),
+        None,
+        &[],
+        rebuild_body(),
+    );
+    assert_eq!(plain.0, 401);
+    assert!(plain.1.contains_key("www-authenticate"), "{:?}", plain.1);
 
     // Reconfig: admins only.
     let reloaded = matrix(&format!("{api}/reconfig"), &None, DEV, ANN);

@@ -124,6 +124,22 @@ pub fn quickstart(dir: &Path) -> Command {
     cmd
 }
 
+/// The HTTP address a master logged (`HTTP listening on URL`), without
+/// its trailing slash.
+#[track_caller]
+pub fn http_url_of(log: &str) -> String {
+    let at = log
+        .find("HTTP listening on ")
+        .expect("the master's address in its log")
+        + "HTTP listening on ".len();
+    log[at..]
+        .split_whitespace()
+        .next()
+        .expect("url")
+        .trim_end_matches('/')
+        .to_string()
+}
+
 /// Runs kiln (for at most 120 s), which must succeed.
 #[track_caller]
 pub fn kiln_ok(cwd: &Path, args: &[&str]) -> Output {
@@ -371,14 +387,7 @@ impl Master {
     /// The HTTP address it logged.
     pub fn http_url(&self) -> String {
         self.wait_for_log("HTTP listening on ", 1, Duration::from_secs(30));
-        let log = self.log();
-        let at = log.find("HTTP listening on ").expect("address") + "HTTP listening on ".len();
-        log[at..]
-            .split_whitespace()
-            .next()
-            .expect("url")
-            .trim_end_matches('/')
-            .to_string()
+        http_url_of(&self.log())
     }
 
     /// SIGKILL, as a crash would; waits for the process to end.
@@ -462,6 +471,18 @@ pub fn http(
     headers: &[(&str, &str)],
     body: Body<'_>,
 ) -> (u16, String) {
+    let (code, _, text) = http_full(method, url, who, headers, body);
+    (code, text)
+}
+
+/// [`http`], with the answer's headers too.
+pub fn http_full(
+    method: &str,
+    url: &str,
+    who: Option<(&str, &str)>,
+    headers: &[(&str, &str)],
+    body: Body<'_>,
+) -> (u16, reqwest::header::HeaderMap, String) {
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -484,7 +505,8 @@ pub fn http(
     };
     let resp = r.send().unwrap_or_else(|e| panic!("{method} {url}: {e}"));
     let code = resp.status().as_u16();
-    (code, resp.text().expect("body"))
+    let headers = resp.headers().clone();
+    (code, headers, resp.text().expect("body"))
 }
 
 pub fn http_get(url: &str) -> String {

@@ -494,7 +494,7 @@ f.addStep(ShellCommand(#{ name: "worse", command: "echo 'abort: error: refused';
     );
     assert_eq!(b[0].result, Some(Results::Failure));
     assert!(
-        stdio(&dir, "hit").contains("matched"),
+        stdio(&dir, "hit").contains("[kiln] flagged: abort: error: Connection refused"),
         "{}",
         stdio(&dir, "hit")
     );
