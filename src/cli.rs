@@ -61,8 +61,13 @@ enum Command {
     /// the master and two local kiln workers, in the foreground (Ctrl-C
     /// stops them). Commit to DIR/repo and it builds.
     Quickstart {
-        #[arg(default_value = "kiln-quickstart")]
-        dir: PathBuf,
+        /// The demo's directory (made if missing; reused if it holds one).
+        /// Default: kiln-quickstart, or kiln-mozilla with --mozilla.
+        dir: Option<PathBuf>,
+        /// The seed's staging master instead: four Mercurial branches, the
+        /// ScriptFactory's builds on a worker per platform pool.
+        #[arg(long)]
+        mozilla: bool,
         /// The master's HTTP port (0: any free one).
         #[arg(long, default_value_t = 8010)]
         http_port: u16,
@@ -245,10 +250,11 @@ struct ForceArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
-        Command::Quickstart { dir, .. } => {
-            if let Err(e) = std::fs::create_dir_all(dir)
+        Command::Quickstart { dir, mozilla, .. } => {
+            let dir = quickstart_dir(dir.clone(), *mozilla);
+            if let Err(e) = std::fs::create_dir_all(&dir)
                 .map_err(anyhow::Error::from)
-                .and_then(|()| init_master_logging(dir))
+                .and_then(|()| init_master_logging(&dir))
             {
                 eprintln!("error: {e:#}");
                 return ExitCode::FAILURE;
@@ -360,11 +366,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Quickstart {
             dir,
+            mozilla,
             http_port,
             worker_port,
         } => {
-            let password = crate::quickstart::prepare(&dir, http_port, worker_port)?;
-            crate::quickstart::run(&dir, &password)?;
+            let dir = quickstart_dir(dir, mozilla);
+            if mozilla {
+                let prepared = crate::quickstart::mozilla::prepare(&dir, http_port, worker_port)?;
+                crate::quickstart::mozilla::run(&dir, &prepared)?;
+            } else {
+                let password = crate::quickstart::prepare(&dir, http_port, worker_port)?;
+                crate::quickstart::run(&dir, &password)?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::CreateMaster { dir, repo } => {
@@ -623,4 +636,15 @@ fn parse_properties(list: &[String]) -> anyhow::Result<serde_json::Map<String, s
         props.insert(name.to_string(), value);
     }
     Ok(props)
+}
+
+/// The quickstart's directory: the one given, or its default.
+fn quickstart_dir(dir: Option<PathBuf>, mozilla: bool) -> PathBuf {
+    dir.unwrap_or_else(|| {
+        PathBuf::from(if mozilla {
+            "kiln-mozilla"
+        } else {
+            "kiln-quickstart"
+        })
+    })
 }

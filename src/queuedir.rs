@@ -33,6 +33,11 @@ pub struct Item {
     /// When it was queued (Unix seconds).
     #[serde(default)]
     pub created: i64,
+    /// Where the command runs (a master queues its master dir, so that a
+    /// script's relative `bin/postrun.py` means the master's); the
+    /// runner's own directory when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -266,10 +271,11 @@ async fn run_item(item: &Item, timeout: Duration) -> Result<(), String> {
         return Err("the item has an empty command\n".into());
     };
     let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .envs(&item.env)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
+    cmd.args(args).envs(&item.env);
+    if let Some(dir) = &item.cwd {
+        cmd.current_dir(dir);
+    }
+    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
     let out = match tokio::time::timeout(timeout, cmd.output()).await {
         Err(_) => {
             return Err(format!(
@@ -350,6 +356,7 @@ mod tests {
             command: cmd.iter().map(|s| s.to_string()).collect(),
             env: Default::default(),
             created: 0,
+            cwd: None,
         }
     }
 
@@ -406,6 +413,13 @@ mod tests {
         .expect("add");
         q.add(&item(&["sh", "-c", "echo broken-postrun >&2; exit 3"]))
             .expect("add");
+        // An item that names its directory runs there.
+        let home = tempfile::tempdir().expect("cwd");
+        q.add(&Item {
+            cwd: Some(home.path().to_path_buf()),
+            ..item(&["sh", "-c", "echo here > ./relative"])
+        })
+        .expect("add");
         let opts = RunOptions {
             max_retries: 3,
             backoff: Duration::ZERO,
@@ -414,7 +428,8 @@ mod tests {
         };
         let cancel = tokio_util::sync::CancellationToken::new();
         let (ok, failed, dead) = run(&q, &opts, true, &cancel).await.expect("run");
-        assert_eq!((ok, failed, dead), (1, 3, 1));
+        assert_eq!((ok, failed, dead), (2, 3, 1));
+        assert!(home.path().join("relative").exists(), "ran in its cwd");
         assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "ran\n");
         assert!(ls(&q, "new").is_empty() && ls(&q, "cur").is_empty());
         let dead = q.dead().expect("dead");

@@ -225,6 +225,7 @@ impl Distributor {
                 command: argv,
                 env,
                 created: crate::store::now(),
+                cwd: Some(self.master_dir.clone()),
             };
             let root = self.master_dir.join(&queuedir.path);
             let queued = tokio::task::spawn_blocking(move || {

@@ -69,3 +69,153 @@ fn the_quickstart_builds_a_commit_on_its_two_workers_and_stops_them_with_it() {
         processes_under(&dir).is_empty().then_some(())
     });
 }
+
+/// The push commands the Mozilla quickstart printed, by branch.
+fn push_commands(banner: &str) -> std::collections::BTreeMap<String, String> {
+    banner
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let (branch, rest) = l.split_once(' ')?;
+            let cmd = rest.trim();
+            (cmd.starts_with("(cd ") && cmd.contains("hg push"))
+                .then(|| (branch.to_string(), cmd.to_string()))
+        })
+        .collect()
+}
+
+/// The Mozilla quickstart: the seed's staging master with four Mercurial
+/// branches and a worker per platform pool. The commands it prints push
+/// to a branch; each push builds on every platform its branch enables,
+/// through the ScriptFactory's steps; a "bustage" push fails, and the
+/// failure summary shows the compiler's error.
+#[test]
+fn the_mozilla_quickstart_builds_every_enabled_platform_of_the_branches_pushed_to() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("mozilla");
+    let mut child = common::quickstart(&dir)
+        .arg("--mozilla")
+        .env("FX_STANDIN_BUILD_SECONDS", "0.2")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln quickstart --mozilla");
+    let log = common::capture(child.stderr.take().expect("stderr"));
+    let text = || common::captured(&log);
+    wait_until(
+        Duration::from_secs(90),
+        "four workers and four first polls",
+        || {
+            (text().matches("connected worker=").count() >= 4
+                && text().matches("first poll").count() >= 4)
+                .then_some(())
+        },
+    );
+    let banner = text();
+    for worker in [
+        "bld-linux64-ec2-stage-001",
+        "bld-linux64-ec2-stage-002",
+        "bld-lion-r5-stage-001",
+        "b-2008-ix-stage-001",
+    ] {
+        assert_has(&banner, &format!("connected worker={worker}"));
+    }
+    let url = common::http_url_of(&banner);
+    let pushes = push_commands(&banner);
+    let branches: Vec<&str> = pushes.keys().map(String::as_str).collect();
+    assert_eq!(
+        branches,
+        ["cedar", "mozilla-aurora", "mozilla-central", "try"]
+    );
+
+    // The printed commands, as a developer would paste them; try's with a
+    // comment that breaks the build.
+    common::run(tmp.path(), "bash", &["-c", &pushes["mozilla-central"]]);
+    common::run(tmp.path(), "bash", &["-c", &pushes["cedar"]]);
+    let busted = pushes["try"].replace("Bug 1 - a change", "Bug 3 - bustage in the DOM");
+    common::run(tmp.path(), "bash", &["-c", &busted]);
+
+    // mozilla-central and try build five platforms each, cedar three.
+    wait_until(Duration::from_secs(240), "thirteen finished builds", || {
+        (builds(&dir).iter().filter(|b| b.result.is_some()).count() >= 13).then_some(())
+    });
+    let all = builds(&dir);
+    assert_eq!(all.len(), 13, "{all:?}");
+    let mut by_branch: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for b in &all {
+        let branch = ["mozilla-central", "cedar", "try"]
+            .into_iter()
+            .find(|br| b.builder.contains(&format!(" {br} ")))
+            .unwrap_or_else(|| panic!("a builder of a pushed branch: {}", b.builder));
+        by_branch
+            .entry(branch)
+            .or_default()
+            .push(b.builder.as_str());
+        let steps: Vec<&str> = b.steps.iter().map(|s| s.0.as_str()).collect();
+        assert_eq!(
+            &steps[..5],
+            [
+                "get_basedir",
+                "clone_scripts",
+                "download_props",
+                "run_script",
+                "cleanup"
+            ],
+            "{b:?}"
+        );
+        let want = if branch == "try" {
+            Results::Failure
+        } else {
+            Results::Success
+        };
+        assert_eq!(
+            b.result,
+            Some(want),
+            "{b:?}\n{}",
+            common::workers::build_stdio(&dir, b.id, "run_script")
+        );
+    }
+    let mut central = by_branch["mozilla-central"].clone();
+    central.sort();
+    assert_eq!(
+        central,
+        [
+            "Linux mozilla-central build",
+            "Linux x86-64 mozilla-central build",
+            "OS X 10.7 mozilla-central build",
+            "WINNT 5.2 mozilla-central build",
+            "WINNT 6.1 x86-64 mozilla-central build",
+        ]
+    );
+    assert_eq!(by_branch["cedar"].len(), 3);
+    assert_eq!(by_branch["try"].len(), 5);
+
+    // What made a try build fail: the compiler's error, from run_script.
+    let failed = all
+        .iter()
+        .find(|b| b.builder.contains(" try "))
+        .expect("a try build");
+    let summary: serde_json::Value =
+        reqwest::blocking::get(format!("{url}/api/v2/builds/{}/failure", failed.id))
+            .expect("GET")
+            .json()
+            .expect("json");
+    assert_eq!(summary["failure"]["name"], "run_script", "{summary}");
+    let lines = summary["failure"]["lines"].to_string();
+    assert_has(&lines, "error: use of undeclared identifier 'mBustage'");
+    // postrun.py noted every build, as Mozilla's noted them for TBPL.
+    wait_until(Duration::from_secs(30), "postrun for every build", || {
+        let log = std::fs::read_to_string(dir.join("postrun.log")).unwrap_or_default();
+        (log.lines().count() >= 13).then_some(())
+    });
+
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait_until(Duration::from_secs(60), "the quickstart to end", || {
+        child.try_wait().expect("wait").map(|_| ())
+    });
+    wait_until(Duration::from_secs(10), "its workers to end", || {
+        processes_under(&dir).is_empty().then_some(())
+    });
+}

@@ -3,9 +3,14 @@
 
 It takes the arguments ScriptFactory passes, reads the build's properties
 from $PROPERTIES_FILE as mozharness does, says what a Firefox build of
-that revision would do, and exits with mozharness's status for success.
-It compiles nothing: it lets a staging master run the whole flow from a
-push to finished builds on any machine.
+that revision would do, prints compiler-like lines as a build would, and
+exits with mozharness's status. It compiles nothing: it lets a staging
+master run the whole flow from a push to finished builds on any machine.
+
+A push whose comments say "bustage" fails to compile (status 2), so that
+a push page shows failures too. $FX_STANDIN_BUILD_SECONDS (default 0)
+spreads the compile lines over that many seconds, for a build that takes
+a while as real ones do.
 
 Exit status, as mozharness's: 0 success, 1 warnings, 2 failure,
 3 exception, 4 retry.
@@ -15,6 +20,34 @@ import argparse
 import json
 import os
 import sys
+import time
+
+SOURCES = [
+    "xpcom/base/nsCycleCollector.cpp",
+    "js/src/vm/Interpreter.cpp",
+    "dom/base/Document.cpp",
+    "layout/generic/nsFrame.cpp",
+    "gfx/layers/Compositor.cpp",
+    "netwerk/protocol/http/nsHttpChannel.cpp",
+    "browser/app/nsBrowserApp.cpp",
+    "toolkit/xre/nsAppRunner.cpp",
+]
+
+
+def compile_tree(busted, seconds):
+    """Prints what a build of the tree prints; False when it is busted."""
+    pause = seconds / len(SOURCES) if seconds > 0 else 0
+    for i, src in enumerate(SOURCES):
+        print(f"{i + 1:>3}/{len(SOURCES)} /usr/bin/clang++ -O2 -std=gnu++17 -c {src}", flush=True)
+        if pause:
+            time.sleep(pause)
+        if busted and src.startswith("dom/"):
+            print(f"{src}:1234:5: error: use of undeclared identifier 'mBustage'", flush=True)
+            print(f"make[4]: *** [{src[:-4]}.o] Error 1", flush=True)
+            print("make[3]: *** [dom/base/target] Error 2", flush=True)
+            return False
+    print("linking dist/bin/libxul.so", flush=True)
+    return True
 
 
 def main():
@@ -41,9 +74,18 @@ def main():
     print(f"builder {props.get('buildername')} build {props.get('buildnumber')} on {props.get('workername')}")
     print(f"basedir {props.get('basedir')}")
     print(f"building revision {ss.get('revision')} of {ss.get('repository')}")
-    for change in ss.get("changes", []):
+    changes = ss.get("changes", [])
+    for change in changes:
         files = ", ".join(f["name"] for f in change.get("files", []))
         print(f"  change {str(change.get('revision'))[:12]} by {change.get('who')}: {change.get('comments')} ({files})")
+    busted = any("bustage" in str(c.get("comments", "")).lower() for c in changes)
+    try:
+        seconds = float(os.environ.get("FX_STANDIN_BUILD_SECONDS", "0"))
+    except ValueError:
+        seconds = 0
+    if not compile_tree(busted, seconds):
+        print("fx_desktop_build: FAILED: the tree does not compile", flush=True)
+        return 2
     print("fx_desktop_build: done")
     return 0
 

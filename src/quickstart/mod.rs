@@ -1,6 +1,10 @@
 //! `kiln quickstart [DIR]`: a demo master with a local Git repository and
 //! two local kiln workers, running in the foreground. A commit to
 //! `DIR/repo` is polled within seconds and built on the workers.
+//! `kiln quickstart --mozilla [DIR]` ([`mozilla`]) runs the seed's staging
+//! master instead.
+
+pub mod mozilla;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,7 +15,7 @@ use crate::scaffold::{self, Fill};
 
 /// A free port on 127.0.0.1 when `port` is 0 (the OS picks; the socket is
 /// closed at once, so another process could take it first: a demo's risk).
-fn port_or_free(port: u16) -> anyhow::Result<u16> {
+pub(crate) fn port_or_free(port: u16) -> anyhow::Result<u16> {
     if port != 0 {
         return Ok(port);
     }
@@ -87,9 +91,40 @@ impl Drop for Workers {
     }
 }
 
+/// A kiln worker the quickstart runs beside its master.
+pub(crate) struct LocalWorker<'a> {
+    pub name: &'a str,
+    /// Added to the worker's environment (its builds see it).
+    pub env: Vec<(&'a str, &'a str)>,
+}
+
 /// Starts the demo: the master in the foreground, two kiln workers as
 /// child processes, until Ctrl-C.
 pub fn run(dir: &Path, password: &str) -> anyhow::Result<()> {
+    let workers = ["worker1", "worker2"].map(|name| LocalWorker { name, env: vec![] });
+    let shown = crate::diagnostics::display_pathbuf(dir);
+    run_master(dir, password, &workers, |http| {
+        format!(
+            "\nkiln quickstart in {shown}: a master polling {shown}/repo every 2 s, with two local workers\n\
+             \x20 web page:     {http}/  (the pushes, builds and their logs; the API under {http}/api/v2/)\n\
+             \x20 push:         (cd {shown}/repo && echo change >> README && git commit -qam 'a change')\n\
+             \x20 watch:        kiln repl {shown} --master {http}   then live()\n\
+             \x20 edit:         {shown}/master.rhai reloads on save\n\
+             \x20 Ctrl-C stops the master and its workers.\n"
+        )
+    })
+}
+
+/// Runs the master of `dir` in the foreground with `workers` as child
+/// processes (made under `dir/workers/` the first time), printing
+/// `banner(web address)` once they are started; the workers stop when
+/// the master does.
+pub(crate) fn run_master(
+    dir: &Path,
+    password: &str,
+    workers: &[LocalWorker],
+    banner: impl FnOnce(&str) -> String,
+) -> anyhow::Result<()> {
     let loaded =
         crate::script::load_master(dir, crate::script::Limits::default()).map_err(|f| {
             anyhow::anyhow!(
@@ -110,15 +145,16 @@ pub fn run(dir: &Path, password: &str) -> anyhow::Result<()> {
         .context("the quickstart master has no www")?;
     let exe = std::env::current_exe().context("cannot find the kiln executable")?;
     let mut children = Workers(Vec::new());
-    for name in ["worker1", "worker2"] {
-        let wdir: PathBuf = dir.join("workers").join(name);
+    for w in workers {
+        let wdir: PathBuf = dir.join("workers").join(w.name);
         if !wdir.exists() {
-            kiln_worker::create(&wdir, &format!("127.0.0.1:{port}"), name, password)?;
+            kiln_worker::create(&wdir, &format!("127.0.0.1:{port}"), w.name, password)?;
         }
-        let log = std::fs::File::create(dir.join("workers").join(format!("{name}.log")))?;
+        let log = std::fs::File::create(dir.join("workers").join(format!("{}.log", w.name)))?;
         let child = Command::new(&exe)
             .args(["worker", "start"])
             .arg(&wdir)
+            .envs(w.env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -126,15 +162,7 @@ pub fn run(dir: &Path, password: &str) -> anyhow::Result<()> {
             .context("cannot start a local worker")?;
         children.0.push(child);
     }
-    let shown = crate::diagnostics::display_pathbuf(dir);
-    eprintln!(
-        "\nkiln quickstart in {shown}: a master polling {shown}/repo every 2 s, with two local workers\n\
-         \x20 web page:     {http}/  (the push grid, builds and their logs; the API under {http}/api/v2/)\n\
-         \x20 push:         (cd {shown}/repo && echo change >> README && git commit -qam 'a change')\n\
-         \x20 watch:        kiln repl {shown} --master {http}   then live()\n\
-         \x20 edit:         {shown}/master.rhai reloads on save\n\
-         \x20 Ctrl-C stops the master and its workers.\n"
-    );
+    eprintln!("{}", banner(&http));
     let options = crate::master::ReloadOptions::default();
     let r = crate::master::run(dir, loaded, options);
     drop(children);
