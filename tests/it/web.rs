@@ -194,41 +194,48 @@ fn a_push_appears_and_turns_green_live_and_its_build_log_can_be_read() {
         );
         let rev = run(&repo, "git", &["rev-parse", "HEAD"]).trim().to_string();
 
-        let row = format!("tr[data-revision='{rev}']");
+        let row = format!("article.push[data-revision='{rev}']");
         eventually(Duration::from_secs(60), "the push's row", || async {
             c.find(Locator::Css(&row)).await.ok()
         })
         .await;
-        let cells = format!("{row} td.cell[data-state]");
+        let jobs = format!("{row} .job");
         let states = eventually(Duration::from_secs(120), "both builds green", || async {
             let v = js(&c, &format!(
-                "return [...document.querySelectorAll(\"{cells}\")].map(td => [td.dataset.builder, td.dataset.state, td.dataset.results || '']);"
+                "return [...document.querySelectorAll(\"{jobs}\")].map(a => [a.dataset.builder, a.dataset.state]);"
             ))
             .await;
             let list = v.as_array().cloned().unwrap_or_default();
-            (list.len() == 2 && list.iter().all(|x| x[1] == "done" && x[2] == "0")).then_some(list)
+            (list.len() == 2 && list.iter().all(|x| x[1] == "success")).then_some(list)
         })
         .await;
         assert_eq!(states.len(), 2, "{states:?}");
         assert_eq!(
             js(&c, "return window.kilnTestMark || null;").await,
             serde_json::json!("same page"),
-            "the grid changed without a reload"
+            "the page changed without a reload"
         );
         // The commit message is shown as text, never as markup.
         let comments = text_of(&c, &format!("{row} .comments")).await;
         assert_has(&comments, "Bug 4242 - add the feature <b>bold</b>");
-        let author = text_of(&c, &format!("{row} td.push b")).await;
+        let author = text_of(&c, &format!("{row} .pusher")).await;
         assert_eq!(author, "Dee Veloper");
-        screenshot(&c, "web-grid.png").await;
+        screenshot(&c, "web-pushes.png").await;
 
-        // Open the `build` builder's build of this push, then its log.
-        c.find(Locator::Css(&format!("{row} td.cell[data-builder='build'] a")))
+        // The `build` builder's job of this push opens its panel; from
+        // there, its build page, then its log.
+        c.find(Locator::Css(&format!("{row} .job[data-builder='build']")))
             .await
-            .expect("the cell's link")
+            .expect("the job's symbol")
             .click()
             .await
             .expect("click");
+        let build_link = eventually(Duration::from_secs(30), "the job's panel", || async {
+            c.find(Locator::Css("#panel a[href^='#/builds/']")).await.ok()
+        })
+        .await;
+        assert_has(&text_of(&c, "#panel").await, "success");
+        build_link.click().await.expect("click the build");
         let log_link = eventually(Duration::from_secs(30), "the build page's steps", || async {
             c.find(Locator::Css("ul.steps .logs a")).await.ok()
         })
@@ -258,8 +265,8 @@ fn a_push_appears_and_turns_green_live_and_its_build_log_can_be_read() {
             &["commit", "-q", "-a", "--author", "Dee Veloper <dee@example.org>", "-m", "Bug 4243 - improve it"],
         );
         let rev2 = run(&repo, "git", &["rev-parse", "HEAD"]).trim().to_string();
-        c.goto(&format!("{url}/#/")).await.expect("grid");
-        let row2 = format!("tr[data-revision='{rev2}']");
+        c.goto(&format!("{url}/#/")).await.expect("pushes");
+        let row2 = format!("article.push[data-revision='{rev2}']");
         eventually(Duration::from_secs(60), "the second push's row", || async {
             c.find(Locator::Css(&row2)).await.ok()
         })
@@ -294,16 +301,16 @@ fn a_push_appears_and_turns_green_live_and_its_build_log_can_be_read() {
         })
         .await;
         assert_has(&files, "master.rhai");
-        // A phone-sized window still shows the grid, scrolled sideways.
+        // A phone-sized window still shows the pushes, without scrolling sideways.
         c.set_window_size(390, 844).await.expect("resize");
-        c.goto(&format!("{url}/#/")).await.expect("grid");
-        eventually(Duration::from_secs(30), "the grid on a phone", || async {
+        c.goto(&format!("{url}/#/")).await.expect("pushes");
+        eventually(Duration::from_secs(30), "the pushes on a phone", || async {
             c.find(Locator::Css(&row)).await.ok()
         })
         .await;
         let overflow = js(&c, "return document.documentElement.scrollWidth <= window.innerWidth + 1;").await;
         assert_eq!(overflow, serde_json::json!(true), "the page itself does not scroll sideways");
-        screenshot(&c, "web-grid-phone.png").await;
+        screenshot(&c, "web-pushes-phone.png").await;
         c.close().await.expect("close the browser");
     });
     drop(master);
@@ -349,4 +356,296 @@ fn the_workers_page_follows_a_latent_workers_state() {
         .await;
     });
     assert_eq!(master.stop(), Some(0));
+}
+
+/// The jobs a push page shows, as `[platform, builder, state, symbol]`.
+async fn jobs_shown(c: &Client, push: &str) -> Vec<[String; 4]> {
+    let v = js(
+        c,
+        &format!(
+            "return [...document.querySelectorAll(\"{push} .prow\")].flatMap(r => \
+             [...r.querySelectorAll('.job')].map(a => [r.dataset.platform, a.dataset.builder, a.dataset.state, a.textContent]));"
+        ),
+    )
+    .await;
+    serde_json::from_value(v).unwrap_or_default()
+}
+
+/// The Mozilla quickstart's push page in Chromium: the branches with
+/// their latest state, a push's changesets and a row per platform with a
+/// `B` per build, a failed job's panel with the compiler's error, the
+/// filters kept in the URL, a branch switch, a new push arriving live,
+/// and the page on a phone.
+#[test]
+fn the_mozilla_push_page_shows_branches_platform_rows_and_why_a_job_failed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("mozilla");
+    let mut master = Guard::spawn(
+        common::quickstart(&dir)
+            .arg("--mozilla")
+            .env("FX_STANDIN_BUILD_SECONDS", "0.2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let log = common::capture(master.0.stderr.take().expect("stderr"));
+    let text = || common::captured(&log);
+    wait_until(
+        Duration::from_secs(90),
+        "four workers and four first polls",
+        || {
+            (text().matches("connected worker=").count() >= 4
+                && text().matches("first poll").count() >= 4)
+                .then_some(())
+        },
+    );
+    let url = common::http_url_of(&text());
+    let work = dir.join("work");
+    let push = |branch: &str, message: &str| {
+        let repo = work.join(branch);
+        let file = repo.join("README");
+        let mut body = std::fs::read_to_string(&file).expect("README");
+        body.push_str("change\n");
+        std::fs::write(&file, body).expect("write");
+        run(&repo, "hg", &["commit", "-q", "-m", message]);
+        run(&repo, "hg", &["push", "-q"]);
+        run(&repo, "hg", &["log", "-r", ".", "-T", "{node}"])
+    };
+    let central = push("mozilla-central", "Bug 1 - make the browser start faster");
+    let busted = push("try", "Bug 2 - bustage: a missing semicolon");
+
+    let rt = common::runtime();
+    rt.block_on(async {
+        let (_driver, c) = browser(&tmp.path().join("chromium-profile")).await;
+        c.goto(&format!("{url}/#/?branch=try")).await.expect("open the page");
+        let try_push = format!("article.push[data-revision='{busted}']");
+        let platforms = ["linux", "linux64", "macosx64", "win32", "win64"];
+        let jobs = eventually(Duration::from_secs(180), "try's five builds failed", || async {
+            let jobs = jobs_shown(&c, &try_push).await;
+            (jobs.len() == 5 && jobs.iter().all(|j| j[2] == "failure")).then_some(jobs)
+        })
+        .await;
+        let rows: Vec<&str> = jobs.iter().map(|j| j[0].as_str()).collect();
+        assert_eq!(rows, platforms, "a row per platform, in order");
+        assert!(jobs.iter().all(|j| j[3] == "B" && j[1].ends_with(" try build")), "{jobs:?}");
+        assert_has(&text_of(&c, &format!("{try_push} ul.csets")).await, "Bug 2 - bustage: a missing semicolon");
+        assert_eq!(text_of(&c, &format!("{try_push} .pusher")).await, "kiln-test");
+        assert_eq!(text_of(&c, &format!("{try_push} .count")).await, "5 of 5 done");
+        // Both branches are listed, each with its newest push's state.
+        let branches = eventually(Duration::from_secs(120), "both branches' states", || async {
+            let v = js(&c, "return [...document.querySelectorAll('nav.branches a.branch')].map(a => [a.dataset.branch, a.dataset.state]);").await;
+            let list: Vec<[String; 2]> = serde_json::from_value(v).unwrap_or_default();
+            list.iter().any(|b| b[0] == "mozilla-central" && b[1] == "success").then_some(list)
+        })
+        .await;
+        assert!(branches.contains(&["try".to_string(), "failure".to_string()]), "{branches:?}");
+        js(&c, "window.kilnTestMark = 'same page'; return null;").await;
+
+        // A failed job's panel: what failed and the lines that say why.
+        c.find(Locator::Css(&format!("{try_push} .prow[data-platform='linux64'] .job")))
+            .await
+            .expect("linux64's job")
+            .click()
+            .await
+            .expect("click");
+        let lines = eventually(Duration::from_secs(30), "the failing lines", || async {
+            let t = c.find(Locator::Css("#panel pre.faillines")).await.ok()?.text().await.ok()?;
+            (!t.is_empty()).then_some(t)
+        })
+        .await;
+        assert_has(&lines, "error: use of undeclared identifier 'mBustage'");
+        let panel = text_of(&c, "#panel").await;
+        assert_has(&panel, "Linux x86-64 try build");
+        assert_has(&panel, "Step run_script: failure");
+        assert_has(&panel, "bld-linux64-ec2-stage-00");
+        c.find(Locator::Css("#panel .logs a[href^='#/builds/']")).await.expect("a link to the full log");
+        screenshot(&c, "push-page.png").await;
+        // The URL names the job: the same link shows the same panel.
+        let here = js(&c, "return location.href;").await.as_str().expect("href").to_string();
+        assert_has(&here, "job=b");
+        c.goto(&format!("{url}/#/workers")).await.expect("away");
+        c.goto(&here).await.expect("back by the link");
+        eventually(Duration::from_secs(30), "the panel again", || async {
+            let t = c.find(Locator::Css("#panel pre.faillines")).await.ok()?.text().await.ok()?;
+            t.contains("mBustage").then_some(())
+        })
+        .await;
+        js(&c, "window.kilnTestMark = 'same page'; return null;").await;
+
+        // Another branch, by its link: mozilla-central built green.
+        c.find(Locator::Css("nav.branches a.branch[data-branch='mozilla-central']"))
+            .await
+            .expect("mozilla-central's link")
+            .click()
+            .await
+            .expect("click");
+        let central_push = format!("article.push[data-revision='{central}']");
+        let jobs = eventually(Duration::from_secs(60), "mozilla-central's five green builds", || async {
+            let jobs = jobs_shown(&c, &central_push).await;
+            (jobs.len() == 5 && jobs.iter().all(|j| j[2] == "success")).then_some(jobs)
+        })
+        .await;
+        let rows: Vec<&str> = jobs.iter().map(|j| j[0].as_str()).collect();
+        assert_eq!(rows, platforms);
+        // Failures only: nothing of mozilla-central's is shown; the URL says so.
+        c.find(Locator::Css("#failures")).await.expect("the filter").click().await.expect("click");
+        eventually(Duration::from_secs(10), "no jobs shown", || async {
+            jobs_shown(&c, &central_push).await.is_empty().then_some(())
+        })
+        .await;
+        assert_has(&text_of(&c, &format!("{central_push} .nojobs")).await, "No jobs match");
+        assert_has(&js(&c, "return location.hash;").await.to_string(), "failures=1");
+        c.find(Locator::Css("#failures")).await.expect("the filter").click().await.expect("click");
+        // A text filter on the builder's name.
+        c.find(Locator::Css("#filter")).await.expect("the text filter").send_keys("WINNT").await.expect("type");
+        let windows = eventually(Duration::from_secs(10), "the Windows jobs only", || async {
+            let jobs = jobs_shown(&c, &central_push).await;
+            (jobs.len() == 2).then_some(jobs)
+        })
+        .await;
+        assert!(windows.iter().all(|j| j[1].starts_with("WINNT")), "{windows:?}");
+        assert_has(&js(&c, "return location.hash;").await.to_string(), "filter=WINNT");
+        c.find(Locator::Css("#filter")).await.expect("the text filter").clear().await.expect("clear");
+        js(&c, "document.getElementById('filter').dispatchEvent(new Event('input')); return null;").await;
+
+        // A new push shows up and builds without a reload.
+        let second = push("mozilla-central", "Bug 3 - a second push");
+        let second_push = format!("article.push[data-revision='{second}']");
+        eventually(Duration::from_secs(120), "the second push, built", || async {
+            let jobs = jobs_shown(&c, &second_push).await;
+            (jobs.len() == 5 && jobs.iter().all(|j| j[2] == "success")).then_some(())
+        })
+        .await;
+        assert_eq!(
+            js(&c, "return window.kilnTestMark || null;").await,
+            serde_json::json!("same page"),
+            "the page changed without a reload"
+        );
+        let order = js(&c, "return [...document.querySelectorAll('article.push')].map(a => a.dataset.revision);").await;
+        assert_eq!(order, serde_json::json!([second, central]), "newest first");
+
+        // On a phone: no sideways scrolling; the panel opens over the pushes.
+        c.set_window_size(390, 844).await.expect("resize");
+        c.goto(&format!("{url}/#/?branch=try")).await.expect("try");
+        eventually(Duration::from_secs(30), "try on a phone", || async {
+            (jobs_shown(&c, &try_push).await.len() == 5).then_some(())
+        })
+        .await;
+        c.find(Locator::Css(&format!("{try_push} .prow[data-platform='win32'] .job")))
+            .await
+            .expect("win32's job")
+            .click()
+            .await
+            .expect("click");
+        eventually(Duration::from_secs(30), "the panel on a phone", || async {
+            let t = c.find(Locator::Css("#panel pre.faillines")).await.ok()?.text().await.ok()?;
+            t.contains("mBustage").then_some(())
+        })
+        .await;
+        let overflow = js(&c, "return document.documentElement.scrollWidth <= window.innerWidth + 1;").await;
+        assert_eq!(overflow, serde_json::json!(true), "the page itself does not scroll sideways");
+        screenshot(&c, "push-page-phone.png").await;
+        c.close().await.expect("close the browser");
+    });
+    drop(master);
+}
+
+/// Rebuilding from a job's panel: offered to a user `www.authz` allows
+/// (signed in through the page's form), who gets a new job in the same
+/// push; not offered to an anonymous visitor, whom the API refuses.
+#[test]
+fn a_signed_in_user_may_rebuild_from_the_panel_and_an_anonymous_one_may_not() {
+    use common::workers::{KilnWorker, Script, TestWorker as _, TRUE};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = Script::steps(TRUE)
+        .worker("w1", "pw-one")
+        .builder("compile", &["w1"], "")
+        .www(
+            r#"users: #{ rel: #{ password: secret("pw-rel"), roles: ["releng"] } },
+               authz: #{ rebuild: ["releng"], force: ["releng"] }"#,
+        )
+        .secret("pw-rel", "sesame")
+        .write(tmp.path());
+    let master = common::Master::start(&dir);
+    let url = master.http_url();
+    let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
+    let (code, body) = common::http(
+        "POST",
+        &format!("{url}/api/v2/forceschedulers/force"),
+        Some(("rel", "sesame")),
+        &[],
+        common::Body::Json(
+            serde_json::json!({ "method": "force", "params": { "builderNames": ["compile"], "revision": "abc123" } }),
+        ),
+    );
+    assert_eq!(code, 200, "{body}");
+    let rt = common::runtime();
+    rt.block_on(async {
+        let (_driver, c) = browser(&tmp.path().join("chromium-profile")).await;
+        c.goto(&format!("{url}/#/")).await.expect("open the page");
+        let job = "article.push[data-revision='abc123'] .job";
+        eventually(Duration::from_secs(60), "the forced build done", || async {
+            let v = js(&c, &format!("return [...document.querySelectorAll(\"{job}\")].map(a => a.dataset.state);")).await;
+            (v == serde_json::json!(["success"])).then_some(())
+        })
+        .await;
+        c.find(Locator::Css(job)).await.expect("the job").click().await.expect("click");
+        let panel = eventually(Duration::from_secs(30), "the panel", || async {
+            let t = c.find(Locator::Css("#panel")).await.ok()?.text().await.ok()?;
+            t.contains("compile").then_some(t)
+        })
+        .await;
+        // Anonymous: no button, and the API says no.
+        assert_has(&panel, "Sign in to rebuild.");
+        assert!(c.find(Locator::Css("#rebuild")).await.is_err(), "no Rebuild button");
+        let buildid = js(&c, &format!("return document.querySelector(\"{job}\").dataset.buildid;")).await;
+        let buildid = buildid.as_str().expect("buildid").to_string();
+        let refused = format!("{url}/api/v2/builds/{buildid}");
+        let (code, _) = tokio::task::spawn_blocking(move || {
+            common::http(
+                "POST",
+                &refused,
+                None,
+                &[("X-Requested-With", "kiln")],
+                common::Body::Json(serde_json::json!({ "method": "rebuild" })),
+            )
+        })
+        .await
+        .expect("the API call");
+        assert_eq!(code, 401, "an anonymous rebuild is refused");
+
+        // Signed in as rel: the button, and a second job in the push.
+        c.find(Locator::Id("signin")).await.expect("Sign in").click().await.expect("click");
+        c.find(Locator::Css("form.signin [name=user]")).await.expect("user").send_keys("rel").await.expect("type");
+        c.find(Locator::Css("form.signin [name=password]")).await.expect("password").send_keys("wrong").await.expect("type");
+        c.find(Locator::Css("form.signin button")).await.expect("submit").click().await.expect("click");
+        eventually(Duration::from_secs(10), "a wrong password said so", || async {
+            let t = c.find(Locator::Css("form.signin .error")).await.ok()?.text().await.ok()?;
+            t.contains("wrong").then_some(())
+        })
+        .await;
+        let pw = c.find(Locator::Css("form.signin [name=password]")).await.expect("password");
+        pw.clear().await.expect("clear");
+        pw.send_keys("sesame").await.expect("type");
+        c.find(Locator::Css("form.signin button")).await.expect("submit").click().await.expect("click");
+        eventually(Duration::from_secs(10), "signed in", || async {
+            let t = c.find(Locator::Css("#who")).await.ok()?.text().await.ok()?;
+            t.contains("rel").then_some(())
+        })
+        .await;
+        let rebuild = eventually(Duration::from_secs(30), "the Rebuild button", || async {
+            c.find(Locator::Id("rebuild")).await.ok()
+        })
+        .await;
+        rebuild.click().await.expect("rebuild");
+        eventually(Duration::from_secs(60), "two green jobs in the push", || async {
+            let v = js(&c, &format!("return [...document.querySelectorAll(\"{job}\")].map(a => a.dataset.state);")).await;
+            (v == serde_json::json!(["success", "success"])).then_some(())
+        })
+        .await;
+        assert_has(&text_of(&c, "#panel .msg").await, "rebuild requested");
+        c.close().await.expect("close the browser");
+    });
+    let reasons = common::http_get(&format!("{url}/api/v2/buildsets"));
+    assert_has(&reasons, &format!("rebuild of build {} (by rel)", 1));
 }

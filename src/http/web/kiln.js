@@ -1,4 +1,4 @@
-// kiln's web page: the push grid, builders, builds with live logs, workers
+// kiln's web page: the pushes of a branch, builders, builds with live logs, workers
 // and the config in force. It reads /api/v2/ and follows /api/v2/events;
 // everything it shows from the store goes through textContent, never HTML.
 "use strict";
@@ -24,7 +24,7 @@ function h(tag, attrs, ...children) {
     else if (k === "dataset") Object.assign(el.dataset, v);
     else el.setAttribute(k, v === true ? "" : String(v));
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
@@ -42,7 +42,7 @@ async function rpc(path, method, params) {
   const r = await fetch("/api/v2/" + path, {
     method: "POST",
     credentials: "same-origin",
-    headers: { "Content-Type": "application/json" },
+    headers: Object.assign({ "Content-Type": "application/json" }, authHeaders()),
     body: JSON.stringify({ jsonrpc: "2.0", id: 1, method, params: params || {} }),
   });
   const body = await r.json().catch(() => ({}));
@@ -103,78 +103,281 @@ function fail(e) {
   main().replaceChildren(h("p", { class: "error" }, String(e.message || e)));
 }
 
-// ---- The push grid ------------------------------------------------------
+// ---- Signing in -------------------------------------------------------
 
-/// The grid from the newest pushes, or (`before`, a buildset id) from
-/// older ones: `#/pushes/before/ID` pages back.
-async function gridPage(before) {
+// The credentials of the user signed in through the page's form (HTTP
+// Basic, kept for this tab only); writes and /api/v2/access carry them.
+const AUTH_KEY = "kiln-auth";
+const authHeaders = () => {
+  const a = sessionStorage.getItem(AUTH_KEY);
+  return Object.assign({ "X-Requested-With": "kiln" }, a ? { Authorization: "Basic " + a } : {});
+};
+
+/// Who the page acts as and what it may do: `{user, may: [actions]}`.
+async function whoami() {
+  const r = await fetch("/api/v2/access", { credentials: "same-origin", headers: authHeaders() });
+  if (r.status === 401) { sessionStorage.removeItem(AUTH_KEY); return { user: null, may: [] }; }
+  return r.ok ? r.json() : { user: null, may: [] };
+}
+
+async function drawWho() {
+  const who = document.getElementById("who");
+  const me = await whoami().catch(() => ({ user: null, may: [] }));
+  const form = h("form", { class: "signin", hidden: true, onsubmit: async (ev) => {
+    ev.preventDefault();
+    const user = form.querySelector("[name=user]").value;
+    const password = form.querySelector("[name=password]").value;
+    const encoded = btoa(unescape(encodeURIComponent(`${user}:${password}`)));
+    const r = await fetch("/api/v2/access", { credentials: "same-origin",
+      headers: { "X-Requested-With": "kiln", Authorization: "Basic " + encoded } });
+    if (!r.ok) { msg.textContent = "wrong user name or password"; return; }
+    sessionStorage.setItem(AUTH_KEY, encoded);
+    await drawWho();
+    route();
+  } },
+  h("input", { name: "user", placeholder: "user", autocomplete: "username", "aria-label": "user" }),
+  h("input", { name: "password", type: "password", placeholder: "password", autocomplete: "current-password", "aria-label": "password" }),
+  h("button", { type: "submit" }, "Sign in"));
+  const msg = h("span", { class: "error" });
+  form.append(msg);
+  if (me.user) {
+    who.replaceChildren(h("span", { class: "muted" }, me.user), " ",
+      h("a", { href: "#", id: "signout", onclick: async (ev) => {
+        ev.preventDefault(); sessionStorage.removeItem(AUTH_KEY); await drawWho(); route();
+      } }, "Sign out"));
+  } else {
+    who.replaceChildren(h("a", { href: "#", id: "signin", onclick: (ev) => {
+      ev.preventDefault(); form.hidden = !form.hidden;
+      if (!form.hidden) form.querySelector("input").focus();
+    } }, "Sign in"), form);
+  }
+}
+
+// ---- Pushes, in the manner of TBPL and Treeherder ----------------------
+
+const FAILED = new Set(["failure", "warnings", "exception"]);
+const jobState = (j) => (j.state === "done" ? RESULTS[j.results] || "exception" : j.state);
+const jobKey = (j) => (j.buildid ? `b${j.buildid}` : `r${j.buildrequestid}`);
+const shortRev = (r) => (r || "").slice(0, 12);
+const personOf = (a) => (a || "").replace(/\s*<.*>$/, "") || a;
+
+/// The push page's state lives in the URL (`#/?branch=B&failures=1&filter=T&job=K&before=BSID`),
+/// so that a link shows the same view.
+function pushParams(path) {
+  return new URLSearchParams(path.split("?")[1] || "");
+}
+function pushHref(params) {
+  const s = params.toString();
+  return "#/" + (s ? "?" + s : "");
+}
+
+async function pushesPage(params) {
   const show = viewOf();
-  let data;
-  const draw = async () => {
-    data = await api("grid?buildsets=60" + (before ? `&before=${before}` : ""));
-    document.getElementById("title").textContent = data.title || "";
-    const oldest = Math.min(...data.pushes.flatMap((p) => p.buildsets));
-    const nav = h("p", {},
-      before ? h("a", { href: "#/" }, "Newest pushes") : null, before ? " · " : null,
-      data.pushes.length && Number.isFinite(oldest) && oldest > 1 ?
-        h("a", { href: `#/pushes/before/${oldest}`, id: "older" }, "Older pushes") : null);
-    show().replaceChildren(renderGrid(data), nav);
+  const view = { data: null, me: { user: null, may: [] }, workers: new Map(), failures: new Map() };
+  const root = h("div", { class: "pushpage" });
+  const branchList = h("nav", { class: "branches", "aria-label": "branches" });
+  const list = h("div", { id: "pushes" });
+  const nav = h("p", { class: "nav" });
+  const panel = h("aside", { id: "panel", class: "panel", hidden: true });
+  const setParam = (k, v) => {
+    if (v === null || v === "" || v === false) params.delete(k); else params.set(k, v);
+    history.replaceState(null, "", pushHref(params));
   };
-  await draw();
-  const redraw = debounce(() => draw().catch(fail), 250);
+  const failuresBox = h("input", { type: "checkbox", id: "failures", checked: params.get("failures") === "1",
+    onchange: () => { setParam("failures", failuresBox.checked ? "1" : null); render(); } });
+  const filterBox = h("input", { type: "search", id: "filter", placeholder: "filter builders", value: params.get("filter") || "",
+    "aria-label": "filter builders", oninput: () => { setParam("filter", filterBox.value.trim()); render(); } });
+  const heading = h("h1", {}, "Pushes");
+  root.append(branchList, h("section", { class: "pushcol" }, heading,
+    h("div", { class: "toolbar" }, h("label", {}, failuresBox, " failures only"), filterBox), list, nav), panel);
+  show().replaceChildren(root);
+
+  const fetchData = async () => {
+    if (!params.has("branch")) {
+      const first = await api("grid?buildsets=1");
+      if (first.branches.length) setParam("branch", first.branches[0].branch ?? "");
+    }
+    const q = new URLSearchParams({ buildsets: "60" });
+    if (params.has("branch")) q.set("branch", params.get("branch"));
+    if (params.get("before")) q.set("before", params.get("before"));
+    const [data, me, { workers }] = await Promise.all([api("grid?" + q), whoami(), api("workers")]);
+    document.getElementById("title").textContent = data.title || "";
+    view.data = data;
+    view.me = me;
+    view.workers = new Map(workers.map((w) => [w.workerid, w]));
+  };
+
+  const render = () => {
+    const data = view.data;
+    if (!data) return;
+    const current = params.has("branch") ? params.get("branch") : null;
+    branchList.replaceChildren(...data.branches.map((b) => {
+      const p = new URLSearchParams(params);
+      p.set("branch", b.branch ?? ""); p.delete("job"); p.delete("before");
+      const mine = (b.branch ?? "") === current;
+      return h("a", { href: pushHref(p), class: "branch" + (mine ? " current" : ""), dataset: { branch: b.branch ?? "", state: b.state },
+        title: `newest push ${when(b.submitted_at)}: ${b.state}` },
+        h("span", { class: `dot ${b.state}` }), b.branch ?? "(no branch)");
+    }));
+    heading.textContent = current === null ? "Pushes" : `Pushes to ${current || "(no branch)"}`;
+    const builders = new Map(data.builders.map((b) => [b.builderid, b]));
+    const failuresOnly = params.get("failures") === "1";
+    const text = (params.get("filter") || "").toLowerCase();
+    const shown = (j) => {
+      const b = builders.get(j.builderid);
+      if (failuresOnly && !FAILED.has(jobState(j))) return false;
+      return !text || (b ? b.name : "").toLowerCase().includes(text);
+    };
+    if (!data.pushes.length) {
+      list.replaceChildren(h("p", { class: "muted" }, "No pushes yet. Commit to a watched repository, or force a build from a builder's page."));
+    } else {
+      list.replaceChildren(...data.pushes.map((p) => renderPush(p, builders, shown, params, openJob)));
+    }
+    const oldest = Math.min(...data.pushes.flatMap((p) => p.buildsets));
+    const older = new URLSearchParams(params); older.delete("job");
+    if (Number.isFinite(oldest)) older.set("before", oldest);
+    const newest = new URLSearchParams(params); newest.delete("before"); newest.delete("job");
+    nav.replaceChildren(...[
+      params.get("before") ? h("a", { href: pushHref(newest) }, "Newest pushes") : null, params.get("before") ? " · " : null,
+      data.pushes.length && Number.isFinite(oldest) && oldest > 1 ? h("a", { href: pushHref(older), id: "older" }, "Older pushes") : null,
+    ].filter((x) => x !== null));
+    for (const el of list.querySelectorAll(".job.selected")) el.classList.remove("selected");
+    const key = params.get("job");
+    if (key) {
+      const el = list.querySelector(`.job[data-key="${CSS.escape(key)}"]`);
+      if (el) el.classList.add("selected");
+    }
+    drawPanel();
+  };
+
+  const findJob = (key) => {
+    for (const p of view.data.pushes) for (const j of p.jobs) if (jobKey(j) === key) return [p, j];
+    return [null, null];
+  };
+
+  function openJob(key) {
+    setParam("job", key);
+    render();
+  }
+
+  // What the last control did, for the job it was about (kept across the
+  // live redraws of the panel).
+  let notice = { key: null, text: "", error: false };
+  const act = async (msg, path, method, params) => {
+    const key = params_key();
+    msg.textContent = `${method}…`;
+    try {
+      const r = await rpc(path, method, params);
+      notice = { key, error: false,
+        text: method === "rebuild" ? `rebuild requested (request ${Object.values(r[1]).join(", ")})` : `${method} sent` };
+    } catch (e) { notice = { key, text: e.message, error: true }; }
+    drawPanel();
+  };
+  const params_key = () => params.get("job");
+
+  const drawPanel = () => {
+    const key = params.get("job");
+    const [push, j] = key ? findJob(key) : [null, null];
+    if (!j) { panel.hidden = true; panel.replaceChildren(); return; }
+    panel.hidden = false;
+    const b = view.data.builders.find((x) => x.builderid === j.builderid) || { name: `builder ${j.builderid}` };
+    const state = jobState(j);
+    const worker = j.workerid ? view.workers.get(j.workerid) : null;
+    const may = new Set(view.me.may || []);
+    const mine = notice.key === key;
+    const msg = h("span", { class: "msg" + (mine && notice.error ? " error" : "") }, mine ? notice.text : "");
+    const buttons = [];
+    if (j.buildid && j.state === "done") {
+      buttons.push(may.has("rebuild") ? h("button", { id: "rebuild", onclick: () => act(msg, `builds/${j.buildid}`, "rebuild") }, "Rebuild")
+        : h("span", { class: "muted" }, view.me.user ? "You may not rebuild." : "Sign in to rebuild."));
+    }
+    if (j.buildid && j.state === "running" && may.has("stop")) {
+      buttons.push(h("button", { id: "stop", onclick: () => act(msg, `builds/${j.buildid}`, "stop", { reason: "stopped from the push page" }) }, "Stop"));
+    }
+    if (j.state === "pending" && may.has("cancel")) {
+      buttons.push(h("button", { id: "cancel", onclick: () => act(msg, `buildrequests/${j.buildrequestid}`, "cancel", { reason: "cancelled from the push page" }) }, "Cancel"));
+    }
+    const close = new URLSearchParams(params); close.delete("job");
+    const failure = h("div", { class: "failure" });
+    panel.replaceChildren(
+      h("div", { class: "panelhead" }, h("span", { class: `res ${state}` }, b.symbol || "?"), " ",
+        h("a", { href: `#/builders/${j.builderid}` }, b.name),
+        j.buildid ? [" ", h("a", { href: `#/builds/${j.buildid}` }, `#${j.number}`)] : null,
+        h("a", { href: pushHref(close), class: "close", title: "close", "aria-label": "close",
+          onclick: (ev) => { ev.preventDefault(); setParam("job", null); render(); } }, "×")),
+      h("dl", {},
+        h("dt", {}, "State"), h("dd", { id: "jobstate" }, state),
+        h("dt", {}, "Push"), h("dd", {}, shortRev(push.revision) || push.reason),
+        h("dt", {}, "Worker"), h("dd", {}, worker ? h("a", { href: `#/workers/${worker.workerid}` }, worker.name) : "—"),
+        h("dt", {}, "Started"), h("dd", {}, j.started_at ? when(j.started_at) : "—"),
+        h("dt", {}, j.complete_at ? "Took" : "Running for"), h("dd", {}, j.started_at ? duration(j.started_at, j.complete_at) : "—")),
+      buttons.length ? h("div", { class: "actions" }, buttons, " ", msg) : msg,
+      failure);
+    if (j.buildid && j.state === "done" && state !== "success") drawFailure(j.buildid, failure);
+  };
+
+  const drawFailure = async (buildid, into) => {
+    let f = view.failures.get(buildid);
+    if (!f) {
+      f = (await api(`builds/${buildid}/failure`).catch(() => ({ failure: null }))).failure;
+      if (f) view.failures.set(buildid, f);
+    }
+    if (!f) return;
+    const pre = h("pre", { class: "log faillines" }, f.lines.map((l) => h("span", { class: /error|fail|\*\*\*/i.test(l) ? "e" : "" }, l + "\n")));
+    into.replaceChildren(
+      h("h2", {}, `Step ${f.name}: ${RESULTS[f.results] || "exception"}`),
+      h("p", { class: "muted" }, f.flagged ? "Lines the log rules flagged:" : `The last ${f.lines.length} lines of its output:`),
+      pre,
+      h("p", { class: "logs" }, "Logs: ", f.logs.map(([id, name]) => [h("a", { href: `#/builds/${buildid}/logs/${id}` }, name), " ",
+        h("a", { href: `/api/v2/logs/${id}/raw`, class: "muted" }, "(raw)"), " "])));
+    // The end of the output is where a build says why it stopped.
+    pre.scrollTop = pre.scrollHeight;
+  };
+
+  await fetchData();
+  render();
+  const redraw = debounce(() => fetchData().then(render).catch(fail), 250);
   const es = follow("topics=changes,buildsets,buildrequests,builds", redraw);
   return { close() { es.close(); } };
 }
 
-function renderGrid(data) {
-  const builders = data.builders;
-  if (!data.pushes.length) {
-    return h("div", {}, h("h1", {}, "Pushes"),
-      h("p", { class: "muted" }, "No pushes yet. Commit to a watched repository, or force a build from a builder's page."));
+/// One push: who pushed what when, then a row per platform with a symbol
+/// per job; `shown(job)` says which jobs the filters keep.
+function renderPush(p, builders, shown, params, openJob) {
+  const newest = p.changes[0];
+  const done = p.jobs.filter((j) => j.state === "done").length;
+  const rows = new Map();
+  for (const j of p.jobs) {
+    if (!shown(j)) continue;
+    const b = builders.get(j.builderid);
+    const platform = b ? b.platform : `builder ${j.builderid}`;
+    if (!rows.has(platform)) rows.set(platform, []);
+    rows.get(platform).push(j);
   }
-  // Only the builders some push on this page asked for, grouped by category.
-  const used = new Set(data.pushes.flatMap((p) => p.cells.map((c) => c.builderid)));
-  const cols = builders.filter((b) => used.has(b.builderid));
-  const groups = [];
-  for (const b of cols) {
-    const g = b.category || "";
-    if (!groups.length || groups[groups.length - 1].name !== g) groups.push({ name: g, n: 0 });
-    groups[groups.length - 1].n++;
-  }
-  const firstOf = new Set();
-  let prev = null;
-  for (const b of cols) { if ((b.category || "") !== prev) firstOf.add(b.builderid); prev = b.category || ""; }
-  const short = (b) => (b.category && b.name.includes(b.category)) ?
-    b.name.replace(b.category, "").replace(/\s+/g, " ").trim() || b.name : b.name;
-  const head1 = h("tr", {}, h("th", { class: "push" }, ""),
-    groups.map((g) => h("th", { class: "group", colspan: g.n }, g.name)));
-  const head2 = h("tr", {}, h("th", { class: "push" }, "Push"),
-    cols.map((b) => h("th", { class: "builder", title: b.name },
-      h("a", { href: `#/builders/${b.builderid}` }, short(b)))));
-  const rows = data.pushes.map((p) => {
-    const cells = new Map(p.cells.map((c) => [c.builderid, c]));
-    const info = h("td", { class: "push" },
-      h("div", { class: "muted" }, when(p.submitted_at), p.branch ? ` · ${p.branch}` : ""),
-      p.changes.length ? p.changes.slice(0, 5).map((c) => h("div", { class: "change" },
-        h("span", { class: "rev" }, safeUrl(c.revlink) ? h("a", { href: safeUrl(c.revlink) }, (c.revision || "").slice(0, 12)) : (c.revision || "").slice(0, 12)),
-        " ", h("b", {}, c.author.replace(/\s*<.*>$/, "")), " ",
-        h("span", { class: "comments" }, c.comments.split("\n")[0]))) : h("div", { class: "comments" }, p.reason),
-      p.changes.length > 5 ? h("div", { class: "muted" }, `and ${p.changes.length - 5} more`) : null);
-    return h("tr", { dataset: { revision: p.revision || "", branch: p.branch || "" } }, info,
-      cols.map((b) => {
-        const c = cells.get(b.builderid);
-        const td = h("td", { class: "cell" + (firstOf.has(b.builderid) ? " first" : ""), dataset: { builder: b.name } });
-        if (!c) return td;
-        td.dataset.state = c.state;
-        if (c.results !== null && c.results !== undefined) td.dataset.results = c.results;
-        if (c.state === "pending") td.append(h("span", { class: "res pending", title: "waiting for a worker" }, "…"));
-        else td.append(badge(c.state === "done" ? c.results : null, c.state === "done",
-          c.number ?? "", c.buildid ? `#/builds/${c.buildid}` : null));
-        return td;
-      }));
-  });
-  return h("div", {}, h("h1", {}, "Pushes"),
-    h("div", { class: "scroll" }, h("table", { class: "grid" }, h("thead", {}, head1, head2), h("tbody", {}, rows))));
+  const platforms = [...rows.keys()].sort();
+  const selected = params.get("job");
+  const link = (c) => safeUrl(c.revlink) ? h("a", { href: safeUrl(c.revlink), class: "rev" }, shortRev(c.revision)) : h("span", { class: "rev" }, shortRev(c.revision));
+  return h("article", { class: "push", dataset: { revision: p.revision || "", branch: p.branch || "" } },
+    h("div", { class: "pushhead" },
+      h("b", { class: "pusher" }, newest ? personOf(newest.author) : p.reason), " ",
+      h("span", { class: "muted" }, when(p.submitted_at)), " ",
+      p.revision && !p.changes.length ? h("span", { class: "rev" }, shortRev(p.revision)) : null,
+      h("span", { class: "count", title: "jobs done" }, `${done} of ${p.jobs.length} done`)),
+    p.changes.length ? h("ul", { class: "csets" }, p.changes.map((c) => h("li", {},
+      link(c), " ", h("span", { class: "author" }, personOf(c.author)), " ",
+      h("span", { class: "comments" }, (c.comments || "").split("\n")[0])))) : null,
+    platforms.length ? h("div", { class: "prows" }, platforms.map((pf) => h("div", { class: "prow", dataset: { platform: pf } },
+      h("span", { class: "pf" }, pf),
+      h("span", { class: "jobs" }, rows.get(pf).sort((a, b) => {
+        const an = (builders.get(a.builderid) || {}).name || "", bn = (builders.get(b.builderid) || {}).name || "";
+        return an.localeCompare(bn) || a.buildrequestid - b.buildrequestid || (a.buildid || 1e15) - (b.buildid || 1e15);
+      }).map((j) => {
+        const b = builders.get(j.builderid) || {};
+        const state = jobState(j);
+        return h("a", { href: "#", class: `job res ${state}` + (jobKey(j) === selected ? " selected" : ""),
+          title: `${b.name || "?"}: ${state}`, dataset: { key: jobKey(j), builder: b.name || "", state, buildid: j.buildid || "" },
+          onclick: (ev) => { ev.preventDefault(); openJob(jobKey(j)); } }, b.symbol || "?");
+      }))))) : h("p", { class: "muted nojobs" }, p.jobs.length ? "No jobs match the filters." : "No jobs."));
 }
 
 // ---- Builders -----------------------------------------------------------
@@ -385,12 +588,13 @@ async function route() {
     else if ((r = m(/^\/workers\/(\d+)$/))) page = await workerPage(r[1]);
     else if (m(/^\/workers$/)) page = await workersPage();
     else if (m(/^\/config$/)) page = await configPage();
-    else if ((r = m(/^\/pushes\/before\/(\d+)$/))) page = await gridPage(r[1]);
-    else page = await gridPage();
+    else if ((r = m(/^\/pushes\/before\/(\d+)$/))) page = await pushesPage(new URLSearchParams({ before: r[1] }));
+    else page = await pushesPage(pushParams(path));
   } catch (e) {
     fail(e);
   }
 }
 
 window.addEventListener("hashchange", route);
+drawWho();
 route();
