@@ -12,8 +12,11 @@ runs=${1:-5}
 work=$(mktemp -d /tmp/kiln-bench-checkconfig.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
-cargo build --release --quiet --manifest-path "$root/Cargo.toml"
-kiln="$root/target/release/kiln"
+# KILN_BIN=path measures that kiln binary (another profile's, say) as it is.
+if [ -z "${KILN_BIN:-}" ]; then
+  cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+fi
+kiln="${KILN_BIN:-$root/target/release/kiln}"
 venv=$("$peer/setup.sh")
 
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }

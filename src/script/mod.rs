@@ -63,12 +63,20 @@ pub struct LoadState {
     pub limits: Limits,
     files: Mutex<BTreeSet<PathBuf>>,
     sources: Mutex<Sources>,
-    warnings: Mutex<Vec<Diagnostic>>,
+    warnings: Mutex<Warnings>,
     started: Mutex<Instant>,
     modules: resolver::ModuleCache,
 }
 
 use crate::sync::lock;
+
+/// The warnings of a load, each message once, with how often it was said.
+#[derive(Default)]
+struct Warnings {
+    list: Vec<Diagnostic>,
+    counts: Vec<usize>,
+    seen: std::collections::HashMap<String, usize>,
+}
 
 impl LoadState {
     pub fn new(master_dir: &Path, limits: Limits) -> Arc<Self> {
@@ -107,10 +115,19 @@ impl LoadState {
         lock(&self.sources).insert(id.into(), text.into());
     }
 
+    /// Records a warning. One said again (the same message: a legacy key
+    /// in each of 5,000 platforms, say) is kept once, at its first place,
+    /// and counted.
     pub fn warn(&self, d: Diagnostic) {
         let mut w = lock(&self.warnings);
-        if !w.contains(&d) {
-            w.push(d);
+        let w = &mut *w;
+        match w.seen.get(&d.message) {
+            Some(&i) => w.counts[i] += 1,
+            None => {
+                w.seen.insert(d.message.clone(), w.list.len());
+                w.list.push(d);
+                w.counts.push(1);
+            }
         }
     }
 
@@ -122,8 +139,20 @@ impl LoadState {
         lock(&self.sources).clone()
     }
 
+    /// The warnings, each once; one said more than once says how often.
     pub fn warnings(&self) -> Vec<Diagnostic> {
-        lock(&self.warnings).clone()
+        let w = lock(&self.warnings);
+        w.list
+            .iter()
+            .zip(&w.counts)
+            .map(|(d, &n)| {
+                let mut d = d.clone();
+                if n > 1 {
+                    d.message = format!("{} ({n} times; the first is shown)", d.message);
+                }
+                d
+            })
+            .collect()
     }
 
     /// The functions of every module evaluated so far.

@@ -598,13 +598,13 @@ fn desktop_mozharness_builder(
         Some(w) => w,
         None => match pf.shared_str_list("slaves")? {
             Some(w) => {
-                state.warn(
-                    crate::diagnostics::Diagnostic::warning(format!(
-                        "{}: `slaves` is a legacy Buildbot 0.8 name; use `workers`",
-                        pf.path
-                    ))
-                    .at_origin(origin.as_ref()),
-                );
+                let mut d = crate::diagnostics::Diagnostic::warning(
+                    "`slaves` in a platform given to generateBranchObjects is a legacy \
+                     Buildbot 0.8 name; use `workers`",
+                )
+                .at_origin(origin.as_ref());
+                d.help = Some(format!("the first is {}", pf.path));
+                state.warn(d);
                 w
             }
             None => {

@@ -346,6 +346,36 @@ fn legacy_names_are_accepted_with_warnings() {
     assert_eq!(loaded.config.builders[0].worker_names, ["w1"]);
 }
 
+/// A warning said for each of many builders is said once, with how often
+/// and where it was first (a 1,000-branch master written with the seed's
+/// `slaves` used to print 5,000 of them).
+#[test]
+fn a_repeated_warning_is_said_once_with_its_count_and_first_place() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    write(
+        tmp.path(),
+        "master.rhai",
+        r#"
+        let f = BuildFactory([ShellCommand(#{ command: "make" })]);
+        let c = #{ workers: [Worker("w1", "pw")], builders: [] };
+        for i in 0..40 {
+            c.builders.push(#{ name: `b${i}`, slavenames: ["w1"], factory: f });
+        }
+        c
+    "#,
+    );
+    let out = common::kiln(tmp.path(), &["checkconfig", "."], LIMIT);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(
+        out.stderr.matches("`slavenames`").count(),
+        1,
+        "{}",
+        out.stderr
+    );
+    assert_has(&out.stderr, "(40 times; the first");
+    assert_has(&out.stderr, "master.rhai:5:47");
+}
+
 #[test]
 fn imports_look_beside_the_importer_then_the_master_dir_then_the_stdlib() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# checkconfig of a master in the seed's own idiom (generateBranchObjects
+# per branch, mergeBuildObjects by value, platform maps with `slaves` pools
+# and mozharness settings), kiln beside Buildbot 4.3 on the same shape.
+# usage: bench/seed_checkconfig.sh [RUNS] [BRANCHES...]   (default 5 runs; 200 and 1000 branches of 5 platforms)
+# Prints per size and tool: wall time and peak RSS (medians), the peak
+# above the tool's own empty config, that per builder, and the ratios.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+runs=${1:-5}; shift || true
+sizes=("$@"); [ ${#sizes[@]} -gt 0 ] || sizes=(200 1000)
+work=$(mktemp -d /tmp/kiln-bench-seed.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+
+# KILN_BIN=path measures that kiln binary (another profile's, say) as it is.
+if [ -z "${KILN_BIN:-}" ]; then
+  cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+fi
+kiln=${KILN_BIN:-$root/target/release/kiln}
+venv=$("$root/bench/buildbot/setup.sh")
+
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# measure DIR CMD...: "wall_s peak_kb", medians over $runs runs
+measure() {
+  local dir=$1; shift
+  local walls=() peaks=()
+  for _ in $(seq 1 "$runs"); do
+    local t0 t1 peak
+    t0=$(date +%s.%N)
+    peak=$(cd "$dir" && /usr/bin/time -f "%M" "$@" 2>&1 >/dev/null | tail -1)
+    t1=$(date +%s.%N)
+    walls+=("$(echo "$t1 - $t0" | bc -l)"); peaks+=("$peak")
+  done
+  echo "$(printf '%s\n' "${walls[@]}" | median) $(printf '%s\n' "${peaks[@]}" | median)"
+}
+
+python3 "$here/gen_seed_master.py" "$work/k0" 0
+python3 "$root/bench/buildbot/gen_seed_master.py" "$work/b0" 0
+"$kiln" checkconfig "$work/k0" >/dev/null
+read -r _ k0 < <(measure "$work/k0" "$kiln" checkconfig .)
+read -r _ b0 < <(measure "$work/b0" "$venv/bin/buildbot" checkconfig .)
+printf 'empty config: kiln %.1f MB, buildbot %.1f MB\n' "$(echo "$k0/1024" | bc -l)" "$(echo "$b0/1024" | bc -l)"
+printf '%-9s %-9s %8s %8s %9s %11s\n' builders tool wall_s peak_MB above_MB KB/builder
+for b in "${sizes[@]}"; do
+  n=$((b * 5))
+  python3 "$here/gen_seed_master.py" "$work/k$b" "$b"
+  python3 "$root/bench/buildbot/gen_seed_master.py" "$work/b$b" "$b"
+  out=$("$kiln" checkconfig "$work/k$b" 2>&1) || { echo "$out"; exit 1; }
+  (cd "$work/b$b" && "$venv/bin/buildbot" checkconfig . >/dev/null) || { echo "buildbot checkconfig failed"; exit 1; }
+  read -r kw kp < <(measure "$work/k$b" "$kiln" checkconfig .)
+  read -r bw bp < <(measure "$work/b$b" "$venv/bin/buildbot" checkconfig .)
+  ka=$(echo "($kp - $k0) / 1024" | bc -l); ba=$(echo "($bp - $b0) / 1024" | bc -l)
+  printf '%-9s %-9s %8.3f %8.1f %9.1f %11.2f\n' "$n" kiln "$kw" "$(echo "$kp/1024" | bc -l)" "$ka" "$(echo "$ka*1024/$n" | bc -l)"
+  printf '%-9s %-9s %8.3f %8.1f %9.1f %11.2f\n' "$n" buildbot "$bw" "$(echo "$bp/1024" | bc -l)" "$ba" "$(echo "$ba*1024/$n" | bc -l)"
+  printf '%-9s %-9s %7.1fx %17s %10.2fx\n' "$n" ratio "$(echo "$bw / $kw" | bc -l)" "" "$(echo "$ba / $ka" | bc -l)"
+  echo "  kiln's warnings: $(printf '%s\n' "$out" | grep -c 'legacy' || true) line(s) for the $n platforms' \`slaves\`"
+done
