@@ -10,6 +10,28 @@ use std::time::Duration;
 use common::wait_until;
 use common::workers::{builds, Results};
 
+/// The quickstart's process: asked to stop (SIGTERM) when dropped, so a
+/// failing test leaves no master and no workers behind (they stop with it).
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            // SAFETY: plain kill(2) on our child.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while std::time::Instant::now() < deadline {
+                if !matches!(self.0.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// kiln processes (the quickstart's workers) whose command line names `dir`.
 fn processes_under(dir: &std::path::Path) -> Vec<String> {
     let needle = dir.to_string_lossy().into_owned();
@@ -93,14 +115,17 @@ fn push_commands(banner: &str) -> std::collections::BTreeMap<String, String> {
 fn the_mozilla_quickstart_builds_every_enabled_platform_of_the_branches_pushed_to() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("mozilla");
-    let mut child = common::quickstart(&dir)
-        .arg("--mozilla")
-        .env("FX_STANDIN_BUILD_SECONDS", "0.2")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kiln quickstart --mozilla");
+    let mut running = Running(
+        common::quickstart(&dir)
+            .arg("--mozilla")
+            .env("FX_STANDIN_BUILD_SECONDS", "0.2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln quickstart --mozilla"),
+    );
+    let child = &mut running.0;
     let log = common::capture(child.stderr.take().expect("stderr"));
     let text = || common::captured(&log);
     wait_until(
