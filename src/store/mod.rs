@@ -25,6 +25,7 @@ pub mod logcodec;
 pub mod masters;
 mod migrate;
 pub mod notify;
+mod rebuild;
 
 pub use migrate::{create_at_version, SCHEMA_VERSION};
 use migrate::{migrate, migrate_pg};
