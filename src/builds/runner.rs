@@ -362,7 +362,6 @@ impl Distributor {
             self.schedulers.buildset_done(BuildsetDone {
                 bsid,
                 results: r,
-                here: true,
             });
         }
         if disconnected == Some(Disconnected::Drop) {

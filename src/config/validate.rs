@@ -125,7 +125,9 @@ pub fn validate(c: &MasterConfig) -> Vec<Diagnostic> {
     let scheduler_names: Vec<&str> = c.schedulers.iter().map(|s| s.name.as_str()).collect();
     for s in &c.schedulers {
         if let SchedulerKind::Dependent { upstream } = &s.kind {
-            if !schedulers.contains_key(upstream.as_str()) {
+            // In a fleet, the upstream may run on another master (a test
+            // master follows the scheduler master's builds).
+            if !schedulers.contains_key(upstream.as_str()) && c.multi_master.is_none() {
                 out.push(
                     Diagnostic::error(format!(
                         "Dependent scheduler `{}` names unknown upstream `{upstream}`",

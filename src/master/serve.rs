@@ -631,7 +631,6 @@ async fn hear_the_others(
                             schedulers.buildset_done(crate::schedulers::BuildsetDone {
                                 bsid: bs.bsid,
                                 results,
-                                here: false,
                             });
                         }
                     }
@@ -660,9 +659,10 @@ async fn hear_the_others(
 }
 
 /// The services of `config` that run on one master of a fleet at a time,
-/// by lease: change sources, and schedulers that read changes or keep
-/// timers. (Force, Triggerable and Dependent schedulers run on every
-/// master: each acts on what happens on its own master.)
+/// by lease: change sources, schedulers that read changes or keep timers,
+/// and Dependent schedulers (which follow their upstream's buildsets in the
+/// store, wherever they were built). Force and Triggerable schedulers run
+/// on every master: each answers the calls made to its own master.
 pub(super) fn leased_names(config: &MasterConfig) -> Vec<String> {
     let sources = config
         .change_source
@@ -680,7 +680,11 @@ fn is_leased(s: &crate::config::SchedulerConfig) -> bool {
     use crate::config::SchedulerKind as K;
     matches!(
         s.kind,
-        K::Scheduler { .. } | K::AnyBranchScheduler { .. } | K::Nightly { .. } | K::Periodic { .. }
+        K::Scheduler { .. }
+            | K::AnyBranchScheduler { .. }
+            | K::Nightly { .. }
+            | K::Periodic { .. }
+            | K::Dependent { .. }
     )
 }
 

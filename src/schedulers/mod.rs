@@ -9,10 +9,13 @@
 //! handled and their timers in one transaction. A `treeStableTimer` or cron
 //! deadline is stored as wall-clock time, so a restart resumes it.
 //! `Triggerable` and `ForceScheduler` make buildsets on request;
-//! `Dependent` when an upstream buildset succeeds; `Periodic` on its timer.
+//! `Dependent` when an upstream buildset succeeds (it reads the upstream's
+//! buildsets from the store, so it sees those of every master and of its
+//! own downtime); `Periodic` on its timer.
 
 pub mod cron;
 
+mod dependent;
 mod filter;
 mod task;
 
@@ -83,10 +86,6 @@ impl Clock {
 pub struct BuildsetDone {
     pub bsid: i64,
     pub results: i64,
-    /// Completed on this master (else heard from another of the fleet: a
-    /// waiting Trigger step takes it, a Dependent scheduler, which runs on
-    /// every master that has it, acts on its own master's only).
-    pub here: bool,
 }
 
 /// What `force` and `trigger` are asked.
@@ -195,6 +194,7 @@ impl Schedulers {
             cfg: cfg.clone(),
             shared: self.shared.clone(),
             object: None,
+            started_at: crate::store::now(),
         };
         let wake = self.bus.subscribe();
         let done_rx = self.done.subscribe();

@@ -26,6 +26,8 @@ pub(super) struct Task {
     pub(super) cfg: SchedulerConfig,
     pub(super) shared: Arc<Shared>,
     pub(super) object: Option<ObjectId>,
+    /// When this task was made (Unix seconds).
+    pub(super) started_at: i64,
 }
 
 pub(super) const LAST_CHANGE: &str = "lastChangeId";
@@ -126,6 +128,10 @@ impl Task {
             }
         };
         let mut change_based = self.filter().is_some();
+        // A Dependent catches up with its upstream at start, then after
+        // every buildset completed anywhere.
+        let mut follow = state.followed.is_some();
+        let mut hears_done = follow;
         // Catch up with what was stored while this scheduler was not running.
         let mut scan = true;
         let mut incoming: Vec<Arc<Change>> = Vec::new();
@@ -140,6 +146,21 @@ impl Task {
                     Err(e) => {
                         tracing::error!(scheduler = %name, "handling new changes failed: {e:#}; retrying in 1 s");
                         scan = true;
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = cancel.cancelled() => return,
+                        }
+                        continue;
+                    }
+                }
+            }
+            if let (true, Some(mut followed)) = (follow, state.followed.take()) {
+                let r = self.follow_upstream(&mut followed).await;
+                state.followed = Some(followed);
+                match r {
+                    Ok(()) => follow = false,
+                    Err(e) => {
+                        tracing::error!(scheduler = %name, "cannot follow the upstream's buildsets: {e:#}; retrying in 1 s");
                         tokio::select! {
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                             _ = cancel.cancelled() => return,
@@ -178,13 +199,10 @@ impl Task {
                     // No more changes will come; keep serving timers and commands.
                     Err(broadcast::error::RecvError::Closed) => change_based = false,
                 },
-                r = done.recv() => {
-                    if let Ok(d) = r {
-                        if let Err(e) = self.upstream_done(d).await {
-                            tracing::error!(scheduler = %name, "cannot start after buildset {}: {e:#}", d.bsid);
-                        }
-                    }
-                }
+                r = done.recv(), if hears_done => match r {
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => follow = true,
+                    Err(broadcast::error::RecvError::Closed) => hears_done = false,
+                },
                 Some(cmd) = commands.recv() => self.command(cmd).await,
                 _ = sleep => {}
                 _ = cancel.cancelled() => return,
@@ -213,6 +231,7 @@ impl Task {
             last,
             persisted: last,
             timers,
+            followed: self.load_followed().await?,
         };
         let now = self.shared.clock.now();
         match &self.cfg.kind {
@@ -506,36 +525,6 @@ impl Task {
         Ok(out)
     }
 
-    pub(super) async fn upstream_done(&mut self, d: BuildsetDone) -> anyhow::Result<()> {
-        let SchedulerKind::Dependent { upstream } = &self.cfg.kind else {
-            return Ok(());
-        };
-        if !d.here {
-            return Ok(());
-        }
-        // SUCCESS or WARNINGS, as Buildbot's Dependent requires.
-        if d.results > 1 {
-            return Ok(());
-        }
-        let Some(bs) = self.shared.store.get_buildset(d.bsid).await? else {
-            return Ok(());
-        };
-        if bs.scheduler.as_deref() != Some(upstream.as_str()) {
-            return Ok(());
-        }
-        let ids = self
-            .shared
-            .store
-            .add_buildset(self.buildset(
-                Source::SourceStamps(bs.sourcestamps.clone()),
-                format!("downstream of buildset {} from '{upstream}'", bs.bsid),
-                Properties::new(),
-            ))
-            .await?;
-        self.log_made(std::slice::from_ref(&ids));
-        Ok(())
-    }
-
     pub(super) async fn command(&mut self, cmd: Call) {
         match cmd {
             Call::Force(req, reply) => {
@@ -635,6 +624,8 @@ pub(super) struct State {
     pub(super) persisted: i64,
     /// Deadlines (Unix seconds) by key: `branch:<name>`, `nightly`, `periodic`.
     pub(super) timers: BTreeMap<String, f64>,
+    /// A Dependent's position in its upstream's buildsets.
+    pub(super) followed: Option<super::dependent::Followed>,
 }
 
 impl State {

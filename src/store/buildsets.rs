@@ -430,6 +430,15 @@ pub fn complete_requests(
     Ok(done)
 }
 
+/// One of a scheduler's buildsets, as a Dependent downstream sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpstreamBuildset {
+    pub bsid: i64,
+    pub complete: bool,
+    pub results: Option<i64>,
+    pub complete_at: Option<i64>,
+}
+
 /// What cancelling a build request found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cancel {
@@ -541,6 +550,36 @@ impl Store {
 
     pub async fn get_buildset(&self, bsid: i64) -> anyhow::Result<Option<Buildset>> {
         self.call(move |c| get_buildset(c, bsid)).await
+    }
+
+    /// The buildsets scheduler `scheduler` made after buildset `after`,
+    /// oldest first, at most `limit`: what a Dependent downstream of it
+    /// follows, whichever master made or completed them.
+    pub async fn buildsets_of_scheduler(
+        &self,
+        scheduler: &str,
+        after: i64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<UpstreamBuildset>> {
+        let scheduler = scheduler.to_string();
+        self.call(move |c| {
+            c.query(
+                "SELECT id, complete, results, complete_at FROM buildsets
+                 WHERE scheduler = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                args![scheduler, after, limit as i64],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(UpstreamBuildset {
+                    bsid: r.get(0)?,
+                    complete: r.get(1)?,
+                    results: r.get(2)?,
+                    complete_at: r.get(3)?,
+                })
+            })
+            .collect()
+        })
+        .await
     }
 
     pub async fn requests_of_buildset(&self, bsid: i64) -> anyhow::Result<Vec<BuildRequest>> {

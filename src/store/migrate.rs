@@ -36,6 +36,10 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
         "builder masters",
         include_str!("migrations/0007_builder_masters.sql"),
     ),
+    (
+        "buildsets by scheduler",
+        include_str!("migrations/0008_buildsets_scheduler.sql"),
+    ),
 ];
 
 /// The schema version this kiln writes.

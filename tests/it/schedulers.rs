@@ -602,7 +602,6 @@ async fn triggerable_and_dependent_chain() {
     m.schedulers.buildset_done(BuildsetDone {
         bsid: up.bsid,
         results: 0,
-        here: true,
     });
     let started = std::time::Instant::now();
     let down = loop {
@@ -630,7 +629,6 @@ async fn triggerable_and_dependent_chain() {
     m.schedulers.buildset_done(BuildsetDone {
         bsid: up2.bsid,
         results: 2,
-        here: true,
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let downs = m
@@ -640,6 +638,120 @@ async fn triggerable_and_dependent_chain() {
         .filter(|b| b.scheduler.as_deref() == Some("down"))
         .count();
     assert_eq!(downs, 1);
+    m.stop().await;
+}
+
+/// Waits until `scheduler` (a `kind`) has stored state `key`.
+async fn stored_state(store: &Store, scheduler: &str, kind: &str, key: &str) -> serde_json::Value {
+    let obj = store.object_id(scheduler, kind).await.expect("object");
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(v) = store.get_state(obj, key).await.expect("state") {
+            return v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{scheduler} never stored `{key}`"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `n` buildsets of scheduler `name` exist.
+async fn wait_buildsets_of(m: &Running, name: &str, n: usize) -> Vec<Buildset> {
+    let started = std::time::Instant::now();
+    loop {
+        let of: Vec<Buildset> = m
+            .buildsets()
+            .await
+            .into_iter()
+            .filter(|b| b.scheduler.as_deref() == Some(name))
+            .collect();
+        if of.len() >= n {
+            return of;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{} of {n} buildsets from {name}",
+            of.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// A Dependent follows its upstream's buildsets in the store: one completed
+// while it was not running (its master restarted, or another master of a
+// fleet built it and nobody told this process) starts it when it starts
+// again; completions out of order each start it once; a restart does not
+// start it twice.
+#[tokio::test]
+async fn dependent_acts_on_upstream_buildsets_completed_while_it_was_stopped() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let loaded = load(
+        tmp.path(),
+        r#"Triggerable(#{ name: "up", builderNames: ["up"] }),
+           Dependent(#{ name: "down", upstream: "up", builderNames: ["down"] })"#,
+        Limits::default(),
+    );
+    let store = open_store(tmp.path()).await;
+    let m = Running::start(&loaded, &store);
+    stored_state(&store, "down", "Dependent", "upstream").await;
+    let ss = |rev: &str| SourceStamp {
+        branch: Some("m-c".into()),
+        revision: Some(rev.into()),
+        repository: "r".into(),
+        project: "p".into(),
+        codebase: String::new(),
+    };
+    let first = m
+        .schedulers
+        .trigger("up", vec![ss("aaa")], Default::default(), None)
+        .await
+        .expect("trigger");
+    let second = m
+        .schedulers
+        .trigger("up", vec![ss("bbb")], Default::default(), None)
+        .await
+        .expect("trigger");
+    m.stop().await;
+
+    // The second completes while no Dependent runs, and nobody says so.
+    let brids = second.brids.iter().map(|r| r.brid).collect();
+    store.complete_requests(brids, 0).await.expect("complete");
+    let m = Running::start(&loaded, &store);
+    let downs = wait_buildsets_of(&m, "down", 1).await;
+    let revision = |bsid: i64| {
+        let store = store.clone();
+        async move {
+            let ss = store.buildset_sourcestamps(bsid).await.expect("ss");
+            ss[0].revision.clone().unwrap_or_default()
+        }
+    };
+    assert_eq!(revision(downs[0].bsid).await, "bbb");
+
+    // The first, older one completes after it: it starts the Dependent too.
+    let brids = first.brids.iter().map(|r| r.brid).collect();
+    store.complete_requests(brids, 1).await.expect("complete");
+    m.schedulers.buildset_done(BuildsetDone {
+        bsid: first.bsid,
+        results: 1,
+    });
+    let downs = wait_buildsets_of(&m, "down", 2).await;
+    let mut revisions = Vec::new();
+    for d in &downs {
+        revisions.push(revision(d.bsid).await);
+    }
+    revisions.sort();
+    assert_eq!(revisions, ["aaa", "bbb"]);
+    // Every upstream buildset is handled: the position moved past both.
+    let followed = stored_state(&store, "down", "Dependent", "upstream").await;
+    assert_eq!(followed["after"], serde_json::json!(second.bsid), "{followed}");
+    m.stop().await;
+
+    // Started again, it makes nothing twice.
+    let m = Running::start(&loaded, &store);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(wait_buildsets_of(&m, "down", 2).await.len(), 2);
     m.stop().await;
 }
 
