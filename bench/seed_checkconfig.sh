@@ -4,7 +4,8 @@
 # and mozharness settings), kiln beside Buildbot 4.3 on the same shape.
 # usage: bench/seed_checkconfig.sh [RUNS] [BRANCHES...]   (default 5 runs; 200 and 1000 branches of 5 platforms)
 # Prints per size and tool: wall time and peak RSS (medians), the peak
-# above the tool's own empty config, that per builder, and the ratios.
+# above the tool's own one-branch config (Buildbot refuses a config without
+# builders), that per added builder, and the ratios.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -35,13 +36,13 @@ measure() {
   echo "$(printf '%s\n' "${walls[@]}" | median) $(printf '%s\n' "${peaks[@]}" | median)"
 }
 
-python3 "$here/gen_seed_master.py" "$work/k0" 0
-python3 "$root/bench/buildbot/gen_seed_master.py" "$work/b0" 0
+python3 "$here/gen_seed_master.py" "$work/k0" 1
+python3 "$root/bench/buildbot/gen_seed_master.py" "$work/b0" 1
 "$kiln" checkconfig "$work/k0" >/dev/null
 read -r _ k0 < <(measure "$work/k0" "$kiln" checkconfig .)
 read -r _ b0 < <(measure "$work/b0" "$venv/bin/buildbot" checkconfig .)
-printf 'empty config: kiln %.1f MB, buildbot %.1f MB\n' "$(echo "$k0/1024" | bc -l)" "$(echo "$b0/1024" | bc -l)"
-printf '%-9s %-9s %8s %8s %9s %11s\n' builders tool wall_s peak_MB above_MB KB/builder
+printf 'one branch (5 builders): kiln %.1f MB, buildbot %.1f MB\n' "$(echo "$k0/1024" | bc -l)" "$(echo "$b0/1024" | bc -l)"
+printf '%-9s %-9s %8s %8s %9s %11s\n' builders tool wall_s peak_MB above_MB KB/added
 for b in "${sizes[@]}"; do
   n=$((b * 5))
   python3 "$here/gen_seed_master.py" "$work/k$b" "$b"
@@ -51,8 +52,8 @@ for b in "${sizes[@]}"; do
   read -r kw kp < <(measure "$work/k$b" "$kiln" checkconfig .)
   read -r bw bp < <(measure "$work/b$b" "$venv/bin/buildbot" checkconfig .)
   ka=$(echo "($kp - $k0) / 1024" | bc -l); ba=$(echo "($bp - $b0) / 1024" | bc -l)
-  printf '%-9s %-9s %8.3f %8.1f %9.1f %11.2f\n' "$n" kiln "$kw" "$(echo "$kp/1024" | bc -l)" "$ka" "$(echo "$ka*1024/$n" | bc -l)"
-  printf '%-9s %-9s %8.3f %8.1f %9.1f %11.2f\n' "$n" buildbot "$bw" "$(echo "$bp/1024" | bc -l)" "$ba" "$(echo "$ba*1024/$n" | bc -l)"
+  printf '%-9s %-9s %8.3f %8.1f %9.1f %11.2f\n' "$n" kiln "$kw" "$(echo "$kp/1024" | bc -l)" "$ka" "$(echo "$ka*1024/($n - 5)" | bc -l)"
+  printf '%-9s %-9s %8.3f %8.1f %9.1f %11.2f\n' "$n" buildbot "$bw" "$(echo "$bp/1024" | bc -l)" "$ba" "$(echo "$ba*1024/($n - 5)" | bc -l)"
   printf '%-9s %-9s %7.1fx %17s %10.2fx\n' "$n" ratio "$(echo "$bw / $kw" | bc -l)" "" "$(echo "$ba / $ka" | bc -l)"
   echo "  kiln's warnings: $(printf '%s\n' "$out" | grep -c 'legacy' || true) line(s) for the $n platforms' \`slaves\`"
 done
