@@ -359,10 +359,8 @@ impl Distributor {
             return Ok(());
         }
         for (bsid, r) in completed {
-            self.schedulers.buildset_done(BuildsetDone {
-                bsid,
-                results: r,
-            });
+            self.schedulers
+                .buildset_done(BuildsetDone { bsid, results: r });
         }
         if disconnected == Some(Disconnected::Drop) {
             tracing::info!(worker = %worker.name, "disconnecting the worker, as build {number}'s DisconnectStep asked");

@@ -57,7 +57,9 @@ impl Task {
         let mut open = false;
         let mut cursor = 0;
         loop {
-            let rows = store.buildsets_of_scheduler(&upstream, cursor, BATCH).await?;
+            let rows = store
+                .buildsets_of_scheduler(&upstream, cursor, BATCH)
+                .await?;
             for r in &rows {
                 cursor = r.bsid;
                 let before = r.complete && r.complete_at.is_some_and(|t| t < self.started_at);
@@ -88,7 +90,9 @@ impl Task {
         let mut prefix = true;
         let mut cursor = followed.after;
         loop {
-            let rows = store.buildsets_of_scheduler(&upstream, cursor, BATCH).await?;
+            let rows = store
+                .buildsets_of_scheduler(&upstream, cursor, BATCH)
+                .await?;
             for r in &rows {
                 cursor = r.bsid;
                 if !r.complete {

@@ -745,7 +745,11 @@ async fn dependent_acts_on_upstream_buildsets_completed_while_it_was_stopped() {
     assert_eq!(revisions, ["aaa", "bbb"]);
     // Every upstream buildset is handled: the position moved past both.
     let followed = stored_state(&store, "down", "Dependent", "upstream").await;
-    assert_eq!(followed["after"], serde_json::json!(second.bsid), "{followed}");
+    assert_eq!(
+        followed["after"],
+        serde_json::json!(second.bsid),
+        "{followed}"
+    );
     m.stop().await;
 
     // Started again, it makes nothing twice.
