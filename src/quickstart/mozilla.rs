@@ -46,6 +46,10 @@ const SCRIPTS: &[(&str, &str)] = &[
         include_str!("../../scripts/mozilla/production_config.rhai"),
     ),
     (
+        "unittests.rhai",
+        include_str!("../../scripts/mozilla/unittests.rhai"),
+    ),
+    (
         "passwords.rhai",
         include_str!("../../examples/mozilla-staging/passwords.rhai"),
     ),
@@ -62,6 +66,10 @@ const MOZHARNESS: &[(&str, &str)] = &[
     (
         "scripts/fx_desktop_build.py",
         include_str!("../../examples/mozilla-staging/local/mozharness/scripts/fx_desktop_build.py"),
+    ),
+    (
+        "scripts/desktop_unittest.py",
+        include_str!("../../examples/mozilla-staging/local/mozharness/scripts/desktop_unittest.py"),
     ),
     (
         "external_tools/count_and_reboot.py",

@@ -21,6 +21,7 @@ mod repl;
 mod schedulers;
 mod script_errors;
 mod seed_build;
+mod seed_fleet;
 mod soak;
 mod web;
 mod workers;
