@@ -2,7 +2,9 @@
 # Log storage (issue 18): BUILDS builds, each logging 1 MB of compiler-like
 # output on kiln's worker, once per logCompressionMethod; the database's
 # size after a clean stop, and the ingest rate (MB of log per second of the
-# whole run).
+# whole run); then what `kiln cleanupdb` makes of that database: every
+# chunk compressed with zstd, then every log deleted (`--log-horizon 0`, as
+# the janitor does once a build is older than its logHorizon).
 # usage: bench/logsize.sh [BUILDS] [METHODS...]   (defaults: 50 raw zstd)
 # KILN_BIN=path measures that binary instead of building the release one.
 set -euo pipefail
@@ -75,4 +77,15 @@ RHAI
   printf '%-5s %d builds x 1 MB: database %.1f MB (%.1f KB a build); %.2f s, %.1f MB/s of log\n' \
     "$m" "$builds" "$(echo "$size / 1048576" | bc -l)" "$(echo "$size / 1024 / $builds" | bc -l)" \
     "$secs" "$(echo "$builds / $secs" | bc -l)"
+  sed -i 's/logCompressionMethod: "[a-z0-9]*"/logCompressionMethod: "zstd"/' "$d/master.rhai"
+  t0=$(date +%s.%N)
+  "$kiln" cleanupdb "$d" >/dev/null
+  t1=$(date +%s.%N)
+  zsize=$(stat -c %s "$d/state.sqlite")
+  "$kiln" cleanupdb "$d" --log-horizon 0 >/dev/null
+  t2=$(date +%s.%N)
+  psize=$(stat -c %s "$d/state.sqlite")
+  printf '      cleanupdb: compressed with zstd %.1f MB (%.2f s); every log deleted %.2f MB (%.2f s)\n' \
+    "$(echo "$zsize / 1048576" | bc -l)" "$(echo "$t1 - $t0" | bc -l)" \
+    "$(echo "$psize / 1048576" | bc -l)" "$(echo "$t2 - $t1" | bc -l)"
 done

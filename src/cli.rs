@@ -92,6 +92,19 @@ enum Command {
         #[arg(long)]
         max_operations: Option<u64>,
     },
+    /// Delete old logs, compress every log chunk with the config's
+    /// logCompressionMethod and give the free space back to the file system
+    /// (Buildbot's cleanupdb). A master on SQLite must be stopped first.
+    Cleanupdb {
+        /// The master dir (holding master.rhai).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Delete the logs of builds that ended more than this many seconds
+        /// ago (default: the JanitorConfigurator's logHorizon; without one,
+        /// every log is kept).
+        #[arg(long, value_name = "SECONDS")]
+        log_horizon: Option<u64>,
+    },
     /// Print the evaluated config (secrets as <secret>).
     PrintConfig {
         #[arg(default_value = ".")]
@@ -410,6 +423,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // The process ends now: freeing a large config piece by piece
             // would only make the command slower.
             std::mem::forget(loaded);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cleanupdb { dir, log_horizon } => {
+            let loaded = match load(&dir, Limits::default()) {
+                Ok(l) => l,
+                Err(code) => return Ok(code),
+            };
+            let c = crate::master::janitor::cleanupdb(&dir, &loaded.config, log_horizon)?;
+            let mb = |b: u64| b as f64 / 1e6;
+            match c.log_horizon {
+                Some(h) => println!(
+                    "deleted the logs of builds that ended over {h} s ago: {} logs, {} chunks, {:.1} MB stored",
+                    c.swept.pruned.logs,
+                    c.swept.pruned.chunks,
+                    mb(c.swept.pruned.bytes)
+                ),
+                None => println!("kept every log (no JanitorConfigurator logHorizon, no --log-horizon)"),
+            }
+            println!(
+                "compressed {} chunks with {}: {:.1} MB to {:.1} MB",
+                c.recompressed.chunks,
+                loaded.config.log_compression.name(),
+                mb(c.recompressed.bytes_before),
+                mb(c.recompressed.bytes_after)
+            );
+            println!(
+                "the database took {:.1} MB and takes {:.1} MB: {:.1} MB freed",
+                mb(c.size_before),
+                mb(c.size_after),
+                mb(c.size_before.saturating_sub(c.size_after))
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::PrintConfig { dir, json } => {

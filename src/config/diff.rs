@@ -163,6 +163,7 @@ impl ConfigDiff {
             "logCompressionMethod",
             old.log_compression == new.log_compression,
         );
+        global("janitor", old.janitor == new.janitor);
         global(
             "latentStartConcurrency",
             old.latent_start_concurrency == new.latent_start_concurrency,

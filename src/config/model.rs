@@ -861,6 +861,28 @@ pub struct MasterConfig {
     /// `logCompressionMethod`).
     #[serde(rename = "logCompressionMethod")]
     pub log_compression: LogCompression,
+    /// What the janitor deletes, and when (`configurators:
+    /// [JanitorConfigurator(...)]`).
+    #[serde(rename = "janitor", skip_serializing_if = "Option::is_none")]
+    pub janitor: Option<Janitor>,
+}
+
+/// Buildbot's `JanitorConfigurator`: the logs of builds that ended more
+/// than `log_horizon` seconds ago are deleted at the times its cron
+/// fields match (by default daily at midnight, the master's local time).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Janitor {
+    #[serde(rename = "logHorizon")]
+    pub log_horizon: u64,
+    pub minute: CronField,
+    pub hour: CronField,
+    #[serde(rename = "dayOfMonth")]
+    pub day_of_month: CronField,
+    pub month: CronField,
+    #[serde(rename = "dayOfWeek")]
+    pub day_of_week: CronField,
+    #[serde(skip)]
+    pub origin: Option<Origin>,
 }
 
 /// Buildbot's `logCompressionMethod` values; the number is the code a
@@ -887,6 +909,14 @@ impl LogCompression {
 
     pub fn code(self) -> i64 {
         self as i64
+    }
+
+    /// Its name in `logCompressionMethod`.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, m)| *m == self)
+            .map_or("raw", |(n, _)| n)
     }
 }
 

@@ -284,6 +284,10 @@ pub(super) async fn log_contents(
     }
 }
 
+/// What `/raw` says of a log the janitor deleted (its `type` is `d`).
+pub const DELETED_LOG_TEXT: &str =
+    "[kiln] this log was deleted by the janitor: its build ended longer ago than the JanitorConfigurator's logHorizon\n";
+
 /// `/logs/{id}/raw`: the log as text; a stdio log's lines without their
 /// stream prefix, as Buildbot serves them.
 pub(super) async fn log_raw(
@@ -302,7 +306,15 @@ pub(super) async fn log_raw(
         return not_found(format!("no log `{ident}`"));
     };
     let logid = row.get("logid").and_then(Value::as_i64).unwrap_or(0);
-    let stdio = row.get("type").and_then(Value::as_str) == Some("s");
+    let kind = row.get("type").and_then(Value::as_str);
+    if kind == Some(crate::store::janitor::DELETED) {
+        return (
+            [("content-type", "text/plain; charset=utf-8")],
+            DELETED_LOG_TEXT,
+        )
+            .into_response();
+    }
+    let stdio = kind == Some("s");
     match st.store.log_text(logid).await {
         Ok(text) => {
             let text = if stdio {

@@ -251,7 +251,7 @@ const TAIL_LINES: usize = 30;
 
 /// `GET /api/v2/builds/{id}/failure`: what made a build fail, for the push
 /// page's job panel: `{"failure": {stepid, number, name, results, logs,
-/// flagged, lines}}`, or `{"failure": null}` when every step succeeded.
+/// flagged, lines, deleted}}`, or `{"failure": null}` when every step succeeded.
 pub(super) async fn failure(
     State(st): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,

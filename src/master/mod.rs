@@ -15,6 +15,7 @@
 //! Commands that talk to a running master (`kiln stop`, `kiln reconfig`,
 //! `kiln force`, ...) are in `crate::client`.
 
+pub mod janitor;
 mod pidfile;
 mod reload;
 mod serve;

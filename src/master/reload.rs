@@ -148,6 +148,7 @@ impl Live {
         self.app
             .store
             .set_log_compression(new.log_compression.code());
+        self.janitor.send_replace(new.janitor.clone());
         // Workers: new passwords for the next connections; a worker whose
         // password changed reconnects with the new one; a removed one is let
         // go once its builds end.

@@ -100,6 +100,8 @@ pub(super) struct Live {
     pub(super) held: Option<BTreeSet<String>>,
     /// The leased services the running config has, for the heartbeat.
     pub(super) wanted: tokio::sync::watch::Sender<Vec<String>>,
+    /// The janitor the running config has, for the janitor's task.
+    pub(super) janitor: tokio::sync::watch::Sender<Option<crate::config::Janitor>>,
 }
 
 impl Live {
@@ -329,6 +331,7 @@ pub(super) async fn serve(
         queues: BTreeMap::new(),
         held: held.clone(),
         wanted: wanted_tx,
+        janitor: tokio::sync::watch::channel(config.janitor.clone()).0,
     };
     live.run_queues();
 
@@ -349,6 +352,11 @@ pub(super) async fn serve(
         );
     }
     let distributor_task = tokio::spawn(distributor.clone().run(cancel.clone()));
+    let janitor_task = tokio::spawn(super::janitor::run(
+        store.clone(),
+        live.janitor.subscribe(),
+        cancel.clone(),
+    ));
     if let Some(remote) = store.remote() {
         tokio::spawn(hear_the_others(
             remote,
@@ -483,6 +491,7 @@ pub(super) async fn serve(
             let _ = w.task.await;
         }
         let _ = distributor_task.await;
+        let _ = janitor_task.await;
         if let Some(t) = heartbeat_task {
             let _ = t.await;
         }

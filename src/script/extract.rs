@@ -152,6 +152,22 @@ fn build(map: Map, state: &Arc<LoadState>) -> ScriptResult<MasterConfig> {
             }
         },
     };
+    let janitor = match &items::<Janitor>(
+        kw.raw("configurators"),
+        "configurators",
+        "JanitorConfigurator(...)",
+    )?[..]
+    {
+        [] => None,
+        [one] => Some(one.clone()),
+        [_, ..] => {
+            return Err(ScriptError::new(
+                "`configurators` has more than one JanitorConfigurator; one says when and what to delete",
+            )
+            .focus("configurators")
+            .into_err())
+        }
+    };
     // Buildbot's usage reporting: kiln reports nothing, whatever it says.
     let _ = kw.raw("buildbotNetUsageData");
     kw.finish()?;
@@ -175,6 +191,7 @@ fn build(map: Map, state: &Arc<LoadState>) -> ScriptResult<MasterConfig> {
         master_name,
         latent_start_concurrency,
         log_compression,
+        janitor,
     })
 }
 

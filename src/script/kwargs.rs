@@ -180,6 +180,15 @@ impl Kwargs {
         }
     }
 
+    /// Warns about `key` of these arguments.
+    pub fn warn(&self, message: &str, key: &str) {
+        self.state.warn(
+            Diagnostic::warning(message.to_string())
+                .at_origin(self.origin.as_ref())
+                .with_focus(Some(key.to_string())),
+        );
+    }
+
     pub fn warn_legacy(&self, legacy: &str, modern: &str) {
         self.state.warn(
             Diagnostic::warning(format!(

@@ -377,10 +377,15 @@ impl Store {
                     .collect(),
                 flagged: false,
                 lines: vec![],
+                deleted: false,
             };
             let Some((logid, _, kind)) = logs.first() else {
                 return Ok(Some(summary));
             };
+            if kind == super::janitor::DELETED {
+                summary.deleted = true;
+                return Ok(Some(summary));
+            }
             // The newest chunks hold the end of the output and the lines
             // the evaluation flagged (written when the command ended).
             let mut chunks: Vec<String> = c
@@ -598,6 +603,8 @@ pub struct FailureSummary {
     /// Whether `lines` are the lines log rules flagged (else the output's end).
     pub flagged: bool,
     pub lines: Vec<String>,
+    /// Whether the janitor deleted the step's log (`lines` is then empty).
+    pub deleted: bool,
 }
 
 /// How bad a result is, as a build's worst step is chosen: SUCCESS and

@@ -21,6 +21,7 @@ pub mod builds;
 pub mod buildsets;
 pub mod db;
 pub mod grid;
+pub mod janitor;
 pub mod logcodec;
 pub mod masters;
 mod migrate;
@@ -220,6 +221,10 @@ impl Store {
     pub fn open(path: &Path) -> anyhow::Result<Store> {
         let mut conn = Connection::open(path)
             .with_context(|| format!("cannot open the database {}", path.display()))?;
+        // Before the first table: a new database gives the space of deleted
+        // logs back to the file system when the janitor asks (an existing
+        // one ignores this until `kiln cleanupdb` rewrites it).
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;

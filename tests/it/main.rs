@@ -18,6 +18,7 @@ mod queue;
 mod quickstart;
 mod reconfig;
 mod repl;
+mod retention;
 mod schedulers;
 mod script_errors;
 mod seed_build;

@@ -323,6 +323,12 @@ async function pushesPage(params) {
       if (f) view.failures.set(buildid, f);
     }
     if (!f) return;
+    if (f.deleted) {
+      into.replaceChildren(
+        h("h2", {}, `Step ${f.name}: ${RESULTS[f.results] || "exception"}`),
+        h("p", { class: "muted deleted" }, "Its log was deleted by the janitor: the build ended longer ago than its logHorizon."));
+      return;
+    }
     const pre = h("pre", { class: "log faillines" }, f.lines.map((l) => h("span", { class: /error|fail|\*\*\*/i.test(l) ? "e" : "" }, l + "\n")));
     into.replaceChildren(
       h("h2", {}, `Step ${f.name}: ${RESULTS[f.results] || "exception"}`),
@@ -473,6 +479,7 @@ async function buildPage(id, logid) {
       }
     };
     for (const c of logchunks) add(c.content);
+    if (log.type === "d") pre.append(h("span", { class: "muted" }, "This log was deleted by the janitor: its build ended longer ago than the JanitorConfigurator's logHorizon.\n"));
     view.lines = add;
     view.log = h("div", {}, h("h2", {}, log.name, " ", h("a", { href: `/api/v2/logs/${lid}/raw` }, "raw")), pre);
   };

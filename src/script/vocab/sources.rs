@@ -100,8 +100,10 @@ pub(super) fn cron_field(
     };
     let bad = || {
         ScriptError::new(format!(
-            "`{key}` in Nightly must be \"*\", an integer or an array of integers from {} to {}",
-            range.0, range.1
+            "`{key}` in {} must be \"*\", an integer or an array of integers from {} to {}",
+            kw.what(),
+            range.0,
+            range.1
         ))
         .focus(key)
         .into_err()
@@ -245,6 +247,41 @@ pub(super) fn register_schedulers(engine: &mut Engine, state: &Arc<LoadState>) {
 }
 
 pub(super) fn register_status(engine: &mut Engine, state: &Arc<LoadState>) {
+    register_type::<Janitor>(
+        engine,
+        "JanitorConfigurator",
+        &["logHorizon", "hour", "dayOfWeek"],
+        |j| describe("JanitorConfigurator", j),
+    );
+    ctor(engine, state, "JanitorConfigurator", |kw| {
+        let log_horizon = match kw.uint("logHorizon")? {
+            Some(s) if s > 0 => s,
+            _ => {
+                return Err(kw.missing(
+                    "logHorizon",
+                    "how old, in seconds, a build's logs are when the janitor deletes them (86400 * 30: a month)",
+                ))
+            }
+        };
+        // kiln keeps no build data (Buildbot's setBuildData) to delete.
+        if kw.raw("build_data_horizon").is_some() {
+            kw.warn(
+                "`build_data_horizon` in JanitorConfigurator has nothing to delete: kiln keeps no build data \
+                 (Buildbot's setBuildData); builds, steps and properties are kept, logs go by `logHorizon`",
+                "build_data_horizon",
+            );
+        }
+        Ok(Janitor {
+            log_horizon,
+            minute: cron_field(kw, "minute", CronField::Values(vec![0]), (0, 59))?,
+            hour: cron_field(kw, "hour", CronField::Values(vec![0]), (0, 23))?,
+            day_of_month: cron_field(kw, "dayOfMonth", CronField::Any(AnyMarker), (1, 31))?,
+            month: cron_field(kw, "month", CronField::Any(AnyMarker), (1, 12))?,
+            day_of_week: cron_field(kw, "dayOfWeek", CronField::Any(AnyMarker), (0, 6))?,
+            origin: kw.origin(),
+        })
+    });
+
     register_type::<QueueDirConfig>(engine, "QueueDir", &["name", "path"], |q| {
         describe("QueueDir", q)
     });
