@@ -358,6 +358,55 @@ fn the_workers_page_follows_a_latent_workers_state() {
     assert_eq!(master.stop(), Some(0));
 }
 
+/// A log the janitor deleted says so on the build page, not an error.
+#[test]
+fn a_deleted_log_reads_as_deleted_on_the_build_page() {
+    use common::workers::{force_and_wait, KilnWorker, Script, TestWorker};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = Script::steps(
+        r#"f.addStep(ShellCommand(#{ name: "compile", command: "echo compiling nsGlobalWindow.cpp; exit 1" }));"#,
+    )
+    .worker("w1", "pw")
+    .builder("b", &["w1"], "")
+    .write(tmp.path());
+    let mut master = common::Master::start(&dir);
+    let w = KilnWorker::connect(&master, tmp.path(), "w1", "pw");
+    force_and_wait(&master, "b", 1);
+    assert_eq!(master.stop(), Some(0));
+    drop(w);
+    common::kiln_ok(&dir, &["cleanupdb", ".", "--log-horizon", "0"]);
+    let mut master = common::Master::start(&dir);
+    let url = master.http_url();
+    let get = |path: &str| -> serde_json::Value {
+        serde_json::from_str(&common::http_get(&format!("{url}/api/v2/{path}"))).expect("json")
+    };
+    let buildid = get("builds")["builds"][0]["buildid"].clone();
+    let stepid = get(&format!("builds/{buildid}/steps"))["steps"][0]["stepid"].clone();
+    let logid = get(&format!("steps/{stepid}/logs"))["logs"][0]["logid"].clone();
+    let rt = common::runtime();
+    rt.block_on(async {
+        let (_driver, c) = browser(&tmp.path().join("chromium-profile")).await;
+        c.goto(&format!("{url}/#/builds/{buildid}/logs/{logid}"))
+            .await
+            .expect("open the page");
+        let shown = eventually(Duration::from_secs(30), "the log view", || async {
+            let t = c
+                .find(Locator::Css("pre#log"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            (!t.trim().is_empty()).then_some(t)
+        })
+        .await;
+        assert_has(&shown, "This log was deleted by the janitor");
+        assert!(!shown.contains("nsGlobalWindow"), "{shown}");
+        c.close().await.expect("close the browser");
+    });
+    assert_eq!(master.stop(), Some(0));
+}
+
 /// The jobs a push page shows, as `[platform, builder, state, symbol]`.
 async fn jobs_shown(c: &Client, push: &str) -> Vec<[String; 4]> {
     let v = js(
