@@ -21,6 +21,7 @@ pub mod script;
 pub mod store;
 pub mod suggest;
 pub mod sync;
+pub mod throttle;
 pub mod workers;
 
 #[global_allocator]

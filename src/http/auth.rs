@@ -123,6 +123,13 @@ fn user_of(access: &Access, headers: &HeaderMap) -> Result<Option<String>, Denie
     }
 }
 
+/// Whether the credentials a request carries name a user with that
+/// password (false for malformed ones); `None` when there are no users
+/// to check them against.
+pub fn credentials_valid(access: &Access, headers: &HeaderMap) -> Option<bool> {
+    (!access.users.is_empty()).then(|| matches!(user_of(access, headers), Ok(Some(_))))
+}
+
 /// Whether a browser says this request comes from a page of another site.
 fn cross_site(headers: &HeaderMap) -> Option<String> {
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());

@@ -63,6 +63,9 @@ pub struct AppState {
     /// Fires when this HTTP server stops: event streams end with it.
     pub stopping: tokio_util::sync::CancellationToken,
     pub started_at: std::time::Instant,
+    /// Addresses that sent wrong credentials wait before their next request
+    /// with credentials is looked at.
+    pub throttle: Arc<crate::throttle::Throttle>,
 }
 
 /// The router; serve it with `into_make_service_with_connect_info::<SocketAddr>()`
@@ -134,13 +137,27 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Reads need what `www.public_read` says (see [`auth::reader`]); writes
-/// check their own action in their handler.
+/// check their own action in their handler. A request with credentials
+/// from an address whose last ones were wrong waits first (see
+/// [`crate::throttle`]), and its own are noted.
 async fn read_guard(
     State(st): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    if req.headers().contains_key("authorization") {
+        st.throttle.wait(peer.ip()).await;
+        let valid = {
+            let access = crate::sync::read(&st.access);
+            auth::credentials_valid(&access, req.headers())
+        };
+        match valid {
+            Some(true) => st.throttle.succeeded(peer.ip()),
+            Some(false) => st.throttle.failed(peer.ip()),
+            None => {}
+        }
+    }
     if req.method() == axum::http::Method::GET && req.uri().path() != "/health" {
         let verdict = {
             let access = crate::sync::read(&st.access);

@@ -309,6 +309,7 @@ pub(super) async fn serve(
         watched: Arc::new(std::sync::RwLock::new(paths(&loaded.files))),
         stopping: CancellationToken::new(),
         started_at: Instant::now(),
+        throttle: Default::default(),
     };
     let mut live = Live {
         dir: dir.to_path_buf(),

@@ -232,6 +232,8 @@ pub struct Registry {
     pub changed: tokio::sync::Notify,
     /// Who connected, went away or was refused (latent workers follow it).
     pub presence: tokio::sync::broadcast::Sender<Presence>,
+    /// Addresses that sent wrong credentials wait before their next try.
+    pub throttle: crate::throttle::Throttle,
 }
 
 /// A worker's comings and goings.
@@ -252,6 +254,7 @@ impl Default for Registry {
             workers: Mutex::default(),
             changed: tokio::sync::Notify::new(),
             presence: tokio::sync::broadcast::channel(256).0,
+            throttle: crate::throttle::Throttle::default(),
         }
     }
 }
@@ -387,6 +390,9 @@ async fn connection(
     masterid: i64,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
+    // An address that sent wrong credentials waits before its next try
+    // is looked at.
+    registry.throttle.wait(peer.ip()).await;
     let mut who: Result<String, (StatusCode, String)> =
         Err((StatusCode::UNAUTHORIZED, "no handshake".into()));
     let mut refused_name: Option<String> = None;
@@ -414,6 +420,7 @@ async fn connection(
         Err(_) => bail!("no WebSocket handshake within 30 s"),
         Ok(Err(e)) => {
             if let Err((_, why)) = &who {
+                registry.throttle.failed(peer.ip());
                 if let Some(name) = &refused_name {
                     let _ = registry.presence.send(Presence::Refused {
                         name: name.clone(),
@@ -427,6 +434,7 @@ async fn connection(
         Ok(Ok(ws)) => ws,
     };
     let name = who.map_err(|(_, why)| anyhow!("refused: {why}"))?;
+    registry.throttle.succeeded(peer.ip());
     let keepalive = setup.get(&name).map(|w| w.1).unwrap_or(3600).max(1);
     let (mut sink, mut stream) = ws.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(256);

@@ -13,6 +13,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
     BTreeMap::from([
         ("suggest", &[][..]),
         ("sync", &[]),
+        ("throttle", &["sync"]),
         ("memory", &[]),
         ("queuedir", &[]),
         ("events", &[]),
@@ -24,7 +25,10 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ),
         ("store", &["events", "diagnostics", "sync"]),
         ("changes", &["config", "store", "sync"]),
-        ("workers", &["config", "events", "store", "sync"]),
+        (
+            "workers",
+            &["config", "events", "store", "sync", "throttle"],
+        ),
         (
             "schedulers",
             &["changes", "config", "script", "store", "sync"],
@@ -51,6 +55,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "schedulers",
                 "store",
                 "sync",
+                "throttle",
             ],
         ),
         (

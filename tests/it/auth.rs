@@ -355,3 +355,46 @@ fn every_write_needs_a_user_with_its_role_and_reads_need_a_login() {
         (!connected(&dir).contains(&"w1".to_string())).then_some(())
     });
 }
+
+/// Wrong passwords cost time on the web port too: each request with
+/// credentials from an address waits out its failures before it, and
+/// right credentials clear them.
+#[test]
+fn wrong_web_passwords_wait_longer_each_time_and_right_ones_clear_the_wait() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_script(tmp.path(), SCRIPT);
+    for name in ["pw-ann", "pw-dev", "pw-guest"] {
+        write_secret(&dir, name, name);
+    }
+    let mut master = Master::start(&dir);
+    let builders = format!("{}/api/v2/builders", master.http_url());
+    let timed = |who: (&str, &str)| {
+        let t = std::time::Instant::now();
+        let code = call("GET", &builders, Some(who), &[], None).0;
+        (code, t.elapsed())
+    };
+    let mut waits = vec![];
+    for _ in 0..4 {
+        let (code, took) = timed(("dev", "guess"));
+        assert_eq!(code, 401);
+        waits.push(took);
+    }
+    for (took, least) in waits.iter().zip([0, 250, 500, 1000]) {
+        assert!(*took >= Duration::from_millis(least), "{waits:?}");
+    }
+    // Anonymous reads are not slowed (here they are refused at once).
+    let t = std::time::Instant::now();
+    assert_eq!(call("GET", &builders, None, &[], None).0, 401);
+    assert!(
+        t.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        t.elapsed()
+    );
+    let (code, took) = timed(("dev", "pw-dev"));
+    assert_eq!(code, 200);
+    assert!(took >= Duration::from_millis(2000), "{took:?}");
+    let (code, took) = timed(("dev", "guess"));
+    assert_eq!(code, 401);
+    assert!(took < Duration::from_millis(2000), "cleared: {took:?}");
+    assert_eq!(master.stop(), Some(0));
+}

@@ -606,3 +606,50 @@ fn running(pid: &str) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Wrong passwords on the worker port cost time: each try from an address
+/// waits out its failures before it (250 ms, doubling), and the right
+/// password, once let in, clears them.
+#[test]
+fn wrong_passwords_wait_longer_each_time_on_the_worker_port() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_dir(tmp.path());
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let mut waits = vec![];
+        for _ in 0..4 {
+            let t = std::time::Instant::now();
+            let err = ws_connect(port, "w1", "guess").await.expect_err("refused");
+            assert_has(&err, "401");
+            waits.push(t.elapsed());
+        }
+        for (took, least) in waits.iter().zip([0, 250, 500, 1000]) {
+            assert!(*took >= Duration::from_millis(least), "{waits:?}");
+        }
+        let t = std::time::Instant::now();
+        let ws = ws_connect(port, "w1", "pw-one").await.expect("w1 connects");
+        assert!(
+            t.elapsed() >= Duration::from_millis(2000),
+            "{:?}",
+            t.elapsed()
+        );
+        drop(ws);
+    });
+    master.wait_for_log("wrong password for worker `w1`", 4, Duration::from_secs(30));
+    // Cleared: the next failure waits nothing before it.
+    rt.block_on(async {
+        let t = std::time::Instant::now();
+        ws_connect(port, "w1", "guess").await.expect_err("refused");
+        assert!(
+            t.elapsed() < Duration::from_millis(2000),
+            "{:?}",
+            t.elapsed()
+        );
+    });
+    assert_eq!(master.stop(), Some(0));
+}
