@@ -359,3 +359,73 @@ mod tests {
             .contains("without its `)`"));
     }
 }
+
+/// Property-based checks: any template (Interpolate's and WithProperties'
+/// syntax, mangled) renders or is refused with a message, never a panic;
+/// text without `%` renders as itself. `PROPTEST_CASES=N` runs more
+/// (bench/fuzz.sh).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::collection::{btree_map, vec};
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// Templates made of the pieces the syntax has, in any order.
+    fn template() -> impl Strategy<Value = String> {
+        vec(
+            prop_oneof![
+                prop::sample::select(vec![
+                    "%(",
+                    ")s",
+                    "%(prop:",
+                    "%(kw:",
+                    "%(worker:",
+                    "%(src:",
+                    "%(secret:",
+                    ":-",
+                    ":~",
+                    ":+",
+                    ":?|",
+                    "|",
+                    ")",
+                    "%",
+                    "%%",
+                    "(",
+                    "s",
+                    "branch",
+                    "x",
+                    "buildnumber",
+                    "é",
+                ])
+                .prop_map(String::from),
+                ".{0,4}",
+            ],
+            0..12,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_any_template_renders_or_is_refused(
+            t in template(),
+            kw in btree_map("[a-z]{1,4}", ".{0,6}", 0..3),
+            interpolate in any::<bool>(),
+        ) {
+            let mut props = Properties::new();
+            props.insert("branch".into(), (json!("mozilla-central"), "Build".into()));
+            props.insert("buildnumber".into(), (json!(7), "Build".into()));
+            let r = if interpolate {
+                Renderable::Interpolate(t.clone(), kw)
+            } else {
+                Renderable::WithProperties(t.clone())
+            };
+            match render(&r, &Scope::of(&props)) {
+                Ok(text) if !t.contains('%') => prop_assert_eq!(text, t),
+                Ok(_) => {}
+                Err(e) => prop_assert!(!e.message.is_empty()),
+            }
+        }
+    }
+}

@@ -313,3 +313,91 @@ mod tests {
         assert_eq!(revs, ["c4", "c5"]);
     }
 }
+
+/// Property-based checks: any answer a pushlog server gives is parsed or
+/// refused, never a panic; well-formed ones keep every changeset, oldest
+/// push first. `PROPTEST_CASES=N` runs more (bench/fuzz.sh).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::collection::{btree_map, vec};
+    use proptest::prelude::*;
+
+    /// Any JSON, its keys mostly the pushlog's own.
+    fn json() -> impl Strategy<Value = Value> {
+        let key = prop_oneof![
+            prop::sample::select(vec![
+                "pushes",
+                "lastpushid",
+                "date",
+                "user",
+                "changesets",
+                "node",
+                "author",
+                "desc",
+                "files",
+                "branch",
+                "tags",
+                "1",
+                "2",
+            ])
+            .prop_map(String::from),
+            ".{0,6}",
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(5, 96, 8, move |inner| {
+            prop_oneof![
+                vec(inner.clone(), 0..6).prop_map(Value::Array),
+                vec((key.clone(), inner), 0..6)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_parse_takes_any_text(body in ".{0,300}") {
+            let _ = parse(&body);
+        }
+
+        #[test]
+        fn fuzz_parse_takes_any_json(v in json()) {
+            let _ = parse(&v.to_string());
+            let _ = parse(&serde_json::json!({ "lastpushid": 3, "pushes": v }).to_string());
+        }
+
+        #[test]
+        fn fuzz_well_formed_pushes_keep_every_changeset_oldest_first(
+            pushes in btree_map(1i64..100_000, (0i64..4_000_000_000, "[a-z]{1,8}", vec("[0-9a-f]{40}", 1..4)), 0..12),
+            v2 in any::<bool>(),
+        ) {
+            let map: serde_json::Map<String, Value> = pushes
+                .iter()
+                .map(|(id, (date, user, nodes))| {
+                    let csets: Vec<Value> = nodes
+                        .iter()
+                        .map(|n| serde_json::json!({ "node": n, "author": user, "desc": "Bug 1", "files": ["a.c"], "branch": "default" }))
+                        .collect();
+                    (id.to_string(), serde_json::json!({ "date": date, "user": user, "changesets": csets }))
+                })
+                .collect();
+            let body = if v2 {
+                serde_json::json!({ "lastpushid": pushes.keys().max().copied().unwrap_or(0), "pushes": map })
+            } else {
+                Value::Object(map)
+            };
+            let parsed = parse(&body.to_string()).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+            prop_assert_eq!(parsed.len(), pushes.len());
+            prop_assert!(parsed.windows(2).all(|w| (w[0].date, w[0].id) <= (w[1].date, w[1].id)));
+            let count: usize = parsed.iter().map(|p| p.changesets.len()).sum();
+            prop_assert_eq!(count, pushes.values().map(|p| p.2.len()).sum::<usize>());
+        }
+    }
+}

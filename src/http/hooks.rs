@@ -160,3 +160,38 @@ pub(super) async fn change_hook_base(
         }
     }
 }
+
+/// Property-based checks: any form the base hook is posted (known and
+/// unknown fields, any values) becomes a change or a message, never a
+/// panic. `PROPTEST_CASES=N` runs more (bench/fuzz.sh).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::collection::btree_map;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn fuzz_any_base_hook_form_is_a_change_or_refused(
+            form in btree_map(
+                prop_oneof![
+                    prop::sample::select(FIELDS.to_vec()).prop_map(String::from),
+                    ".{0,8}",
+                ],
+                prop_oneof![
+                    ".{0,16}",
+                    Just("[\"a.c\", \"b/c.h\"]".to_string()),
+                    Just("{\"k\": [1, 2]}".to_string()),
+                    Just("1700000000".to_string()),
+                    Just("-1e400".to_string()),
+                ],
+                0..10,
+            ),
+        ) {
+            match change_from_form(&form) {
+                Ok(c) => prop_assert!(!c.author.is_empty()),
+                Err(e) => prop_assert!(!e.is_empty()),
+            }
+        }
+    }
+}

@@ -193,3 +193,80 @@ mod tests {
         assert_eq!(never.next_after(&t), None);
     }
 }
+
+/// Property-based checks: for any fields, the next time is strictly later,
+/// matches every field (in the zone given), and no earlier minute after
+/// the start does. `PROPTEST_CASES=N` runs more (bench/fuzz.sh).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::config::AnyMarker;
+    use chrono::{FixedOffset, Utc};
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    fn field(lo: u32, hi: u32) -> impl Strategy<Value = CronField> {
+        prop_oneof![
+            Just(CronField::Any(AnyMarker)),
+            vec(lo..=hi, 1..4).prop_map(|mut v| {
+                v.sort_unstable();
+                v.dedup();
+                CronField::Values(v)
+            }),
+        ]
+    }
+
+    fn cron() -> impl Strategy<Value = Cron> {
+        (
+            field(0, 59),
+            field(0, 23),
+            field(1, 31),
+            field(1, 12),
+            field(0, 6),
+        )
+            .prop_map(|(minute, hour, day_of_month, month, day_of_week)| Cron {
+                minute,
+                hour,
+                day_of_month,
+                month,
+                day_of_week,
+            })
+    }
+
+    fn fires_at<Tz: TimeZone>(c: &Cron, t: &DateTime<Tz>) -> bool {
+        let l = t.naive_local();
+        matches(&c.minute, l.minute())
+            && matches(&c.hour, l.hour())
+            && matches(&c.month, l.month())
+            && c.day_matches(l.date())
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_the_next_time_matches_and_none_is_skipped(
+            c in cron(),
+            start in 0i64..4_000_000_000,
+            offset_minutes in -720i32..=840,
+        ) {
+            let zone = FixedOffset::east_opt(offset_minutes * 60).unwrap_or(FixedOffset::east_opt(0).expect("UTC"));
+            let after = Utc.timestamp_opt(start, 0).single().expect("a time").with_timezone(&zone);
+            let Some(next) = c.next_after(&after) else {
+                // Only an impossible date (the 30th of February, say) has none.
+                prop_assert!(matches!(c.day_of_month, CronField::Values(_)) && matches!(c.month, CronField::Values(_)));
+                return Ok(());
+            };
+            prop_assert!(next > after);
+            prop_assert_eq!(next.second(), 0);
+            prop_assert!(fires_at(&c, &next), "{:?} at {}", c, next);
+            // No minute in between fires (checked over the first day).
+            let mut t = after.with_second(0).and_then(|t| t.with_nanosecond(0)).expect("whole minute")
+                + Duration::minutes(1);
+            let mut n = 0;
+            while t < next && n < 1440 {
+                prop_assert!(!fires_at(&c, &t), "{:?} fires at {} before {}", c, t, next);
+                t += Duration::minutes(1);
+                n += 1;
+            }
+        }
+    }
+}

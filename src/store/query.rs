@@ -474,3 +474,48 @@ mod tests {
         }
     }
 }
+
+/// Property-based checks: any query string's pairs are parsed into a
+/// typed query over known fields or refused; nothing of them reaches SQL
+/// but as an argument. `PROPTEST_CASES=N` runs more (bench/fuzz.sh).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    fn known() -> Vec<String> {
+        ["buildid", "number", "results", "complete", "name"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_any_query_is_typed_or_refused(
+            params in vec((
+                prop_oneof![
+                    prop::sample::select(vec![
+                        "order", "limit", "offset", "field", "buildid", "number__gt",
+                        "results__ne", "name__contains", "complete__eq", "name__in",
+                    ]).prop_map(String::from),
+                    ".{0,12}",
+                ],
+                ".{0,16}",
+            ), 0..8),
+        ) {
+            let known = known();
+            if let Ok(q) = ListQuery::parse(&params, &known) {
+                for f in &q.filters {
+                    prop_assert!(known.contains(&f.field), "{:?}", f);
+                }
+                for (f, _) in &q.order {
+                    prop_assert!(known.contains(f), "{}", f);
+                }
+                for f in &q.fields {
+                    prop_assert!(known.contains(f), "{}", f);
+                }
+            }
+        }
+    }
+}

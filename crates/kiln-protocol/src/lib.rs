@@ -222,3 +222,103 @@ mod tests {
         assert!(update_pairs(&Value::Array(vec![Value::from(1)])).is_err());
     }
 }
+
+/// Property-based checks of the decoder against any bytes and any
+/// MessagePack value. `PROPTEST_CASES=N` runs more cases than the suite's
+/// default (bench/fuzz.sh).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    /// Any MessagePack value, nested up to 4 deep.
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Nil),
+            any::<bool>().prop_map(Value::Boolean),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::F64),
+            ".{0,24}".prop_map(Value::from),
+            vec(any::<u8>(), 0..24).prop_map(Value::Binary),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                vec(inner.clone(), 0..8).prop_map(Value::Array),
+                vec((inner.clone(), inner), 0..8).prop_map(Value::Map),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_decode_takes_any_bytes(data in vec(any::<u8>(), 0..512)) {
+            let _ = decode(&data);
+        }
+
+        #[test]
+        fn fuzz_decode_takes_any_value_and_a_cut_one(v in value(), cut in any::<prop::sample::Index>()) {
+            let bytes = encode(&v);
+            let frame = decode(&bytes);
+            // Only a map with an integer seq_number and a string op is a frame.
+            if frame.is_ok() {
+                prop_assert!(matches!(v, Value::Map(_)));
+            }
+            // A frame cut short is an error, never a panic.
+            let at = cut.index(bytes.len().max(1));
+            if at < bytes.len() {
+                prop_assert!(decode(&bytes[..at]).is_err());
+            }
+            let _ = update_pairs(&v);
+            let _ = to_json(&v);
+        }
+
+        #[test]
+        fn fuzz_requests_and_responses_round_trip(
+            seq in any::<u64>(),
+            op in "[a-z_]{1,16}",
+            fields in vec(("[a-z]{1,8}", value()), 0..6),
+            result in value(),
+            failed in any::<bool>(),
+        ) {
+            prop_assume!(op != "response");
+            let fields: Vec<(&str, Value)> = fields.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            match decode(&request(seq, &op, fields)) {
+                Ok(Frame::Request { seq: s, op: o, .. }) => {
+                    prop_assert_eq!(s, seq);
+                    prop_assert_eq!(o, op);
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+            match decode(&response(seq, result.clone(), failed)) {
+                Ok(Frame::Response { seq: s, result: r }) => {
+                    prop_assert_eq!(s, seq);
+                    prop_assert_eq!(r.is_err(), failed);
+                    if !failed {
+                        prop_assert_eq!(r, Ok(result));
+                    }
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+    }
+
+    /// A header that declares far more than the frame holds (a 4-billion
+    /// item array, map or string) is an error, not an allocation of it.
+    #[test]
+    fn a_huge_declared_length_is_an_error() {
+        for header in [
+            &[0xdd, 0xff, 0xff, 0xff, 0xff][..],
+            &[0xdf, 0xff, 0xff, 0xff, 0xff],
+            &[0xdb, 0xff, 0xff, 0xff, 0xff],
+            &[0xc6, 0xff, 0xff, 0xff, 0xff],
+        ] {
+            assert!(decode(header).is_err(), "{header:x?}");
+        }
+        // A map whose one entry declares a huge array.
+        let mut m = vec![0x81, 0xa2, b'o', b'p', 0xdd, 0x7f, 0xff, 0xff, 0xff];
+        m.extend([0u8; 16]);
+        assert!(decode(&m).is_err());
+    }
+}
