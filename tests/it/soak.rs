@@ -76,20 +76,33 @@ f.addStep(ShellCommand(#{ name: "done", command: "true" }));"#,
     };
     let builds_running =
         |dir: &Path| count(dir, "SELECT count(*) FROM builds WHERE complete_at IS NULL");
-    for stage in [
-        "change taken",
-        "build running",
-        "build ended",
-        "requests waiting",
-    ] {
+    // The suite goes through the four stages once; bench/soak.sh sets more
+    // rounds (four kills each).
+    let rounds: usize = std::env::var("KILN_SOAK_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
+    let mut kills = 0;
+    for (round, stage) in (0..rounds).flat_map(|r| {
+        [
+            "change taken",
+            "build running",
+            "build ended",
+            "requests waiting",
+        ]
+        .map(move |s| (r, s))
+    }) {
         let ended_before = builds_ended(&dir);
         for _ in 0..3 {
             push(&master, pushed);
             pushed += 1;
         }
         match stage {
-            // At once: the scheduler may or may not have seen it.
-            "change taken" => {}
+            // At once, or a little later (from round 2 on, a different
+            // point in each round): the scheduler may or may not have seen it.
+            "change taken" => {
+                std::thread::sleep(Duration::from_millis((round as u64 * 137) % 400));
+            }
             "build running" => wait_until(Duration::from_secs(60), stage, || {
                 (builds_running(&dir) > 0).then_some(())
             }),
@@ -105,12 +118,13 @@ f.addStep(ShellCommand(#{ name: "done", command: "true" }));"#,
             }),
         }
         master.kill();
+        kills += 1;
         master = Master::start(&dir);
     }
 
     // Everything builds to its end.
     let pushed = pushed as i64;
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120 + 10 * rounds as u64);
     loop {
         let c = db(&dir);
         if scalar(&c, "SELECT count(*) FROM buildrequests WHERE complete = 1") == pushed
@@ -182,4 +196,6 @@ f.addStep(ShellCommand(#{ name: "done", command: "true" }));"#,
         builds(&dir)
     );
     assert_eq!(master.stop(), Some(0));
+    let retried = scalar(&c, "SELECT count(*) FROM builds WHERE results = 5");
+    eprintln!("soak: {kills} kills survived, {pushed} changes, {pushed} SUCCESS builds, {retried} RETRY builds; nothing lost or doubled");
 }
