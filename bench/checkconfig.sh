@@ -19,21 +19,7 @@ fi
 kiln="${KILN_BIN:-$root/target/release/kiln}"
 venv=$("$peer/setup.sh")
 
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-
-# measure DIR CMD...: prints "wall_s peak_kb" medians over $runs runs
-measure() {
-  local dir=$1; shift
-  local walls=() peaks=()
-  for _ in $(seq 1 "$runs"); do
-    local t0 t1 peak
-    t0=$(date +%s.%N)
-    peak=$(cd "$dir" && /usr/bin/time -f "%M" "$@" 2>&1 >/dev/null | tail -1)
-    t1=$(date +%s.%N)
-    walls+=("$(echo "$t1 - $t0" | bc -l)"); peaks+=("$peak")
-  done
-  echo "$(printf '%s\n' "${walls[@]}" | median) $(printf '%s\n' "${peaks[@]}" | median)"
-}
+. "$here/lib.sh"  # median, measure
 
 printf '%-9s %-10s %10s %10s\n' builders tool wall_s peak_MB
 for b in 20 200 1000; do

@@ -21,20 +21,7 @@ fi
 kiln=${KILN_BIN:-$root/target/release/kiln}
 venv=$("$root/bench/buildbot/setup.sh")
 
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-# measure DIR CMD...: "wall_s peak_kb", medians over $runs runs
-measure() {
-  local dir=$1; shift
-  local walls=() peaks=()
-  for _ in $(seq 1 "$runs"); do
-    local t0 t1 peak
-    t0=$(date +%s.%N)
-    peak=$(cd "$dir" && /usr/bin/time -f "%M" "$@" 2>&1 >/dev/null | tail -1)
-    t1=$(date +%s.%N)
-    walls+=("$(echo "$t1 - $t0" | bc -l)"); peaks+=("$peak")
-  done
-  echo "$(printf '%s\n' "${walls[@]}" | median) $(printf '%s\n' "${peaks[@]}" | median)"
-}
+. "$here/lib.sh"  # median, measure
 
 python3 "$here/gen_seed_master.py" "$work/k0" 1
 python3 "$root/bench/buildbot/gen_seed_master.py" "$work/b0" 1
