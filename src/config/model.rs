@@ -249,6 +249,18 @@ impl Results {
             Results::Cancelled => "CANCELLED",
         }
     }
+    /// The name in lower case, as the web page and its API's states say it.
+    pub fn word(self) -> &'static str {
+        match self {
+            Results::Success => "success",
+            Results::Warnings => "warnings",
+            Results::Failure => "failure",
+            Results::Skipped => "skipped",
+            Results::Exception => "exception",
+            Results::Retry => "retry",
+            Results::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// How a step's outcome is judged from its exit code and log.

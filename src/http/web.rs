@@ -200,22 +200,15 @@ async fn branches(st: &AppState) -> anyhow::Result<Vec<Value>> {
     Ok(out)
 }
 
-const RESULT_NAMES: [&str; 7] = [
-    "success",
-    "warnings",
-    "failure",
-    "skipped",
-    "exception",
-    "retry",
-    "cancelled",
-];
+/// A results code as the page says it (`None` for a code kiln does not
+/// know).
+fn result_word(code: i64) -> Option<&'static str> {
+    crate::config::Results::from_code(code).map(crate::config::Results::word)
+}
 
 fn job_state(j: &GridJob) -> &'static str {
     match j.state {
-        "done" => j
-            .results
-            .and_then(|r| RESULT_NAMES.get(r as usize).copied())
-            .unwrap_or("exception"),
+        "done" => j.results.and_then(result_word).unwrap_or("exception"),
         other => other,
     }
 }
@@ -240,9 +233,7 @@ fn push_state(push: &GridPush) -> &'static str {
         .iter()
         .filter_map(|c| c.results)
         .max_by_key(|r| crate::store::builds::badness(*r));
-    worst
-        .and_then(|r| RESULT_NAMES.get(r as usize).copied())
-        .unwrap_or("success")
+    worst.and_then(result_word).unwrap_or("success")
 }
 
 /// How many lines of output a failure summary shows when no log rule
