@@ -134,6 +134,14 @@ pub(super) async fn change_hook_base(
 ) -> Response {
     let Form(form) = match form {
         Ok(f) => f,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            tracing::warn!("change hook: refused a body over {} bytes", super::MAX_BODY);
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Json(json!({ "error": format!("the body is over {} bytes", super::MAX_BODY) })),
+            )
+                .into_response();
+        }
         Err(e) => return bad_request(format!("the body is not a form: {}", e.body_text())),
     };
     let change = match change_from_form(&form) {

@@ -68,6 +68,11 @@ pub struct AppState {
     pub throttle: Arc<crate::throttle::Throttle>,
 }
 
+/// The largest request body the master reads (a change hook's form, a
+/// control call's JSON); a larger one is refused with 413 before it is
+/// read whole.
+pub const MAX_BODY: usize = 1 << 20;
+
 /// The router; serve it with `into_make_service_with_connect_info::<SocketAddr>()`
 /// so that writes can check where they come from.
 pub fn router(state: AppState) -> Router {
@@ -133,6 +138,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             read_guard,
         ))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
 

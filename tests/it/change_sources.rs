@@ -358,6 +358,19 @@ fn the_base_change_hook_and_sendchange_store_changes_and_refuse_bad_ones() {
         assert!(body.contains(reason), "{form:?}: {body}");
     }
     assert_eq!(changes(&dir).len(), 1, "a refused change stores nothing");
+    // A body over the limit (1 MiB) is refused as too large.
+    let huge = "x".repeat(3 << 20);
+    let (status, body) = post_form(&hook, &[("author", "a"), ("comments", &huge)]);
+    assert_eq!(status, 413, "{body}");
+    let (status, body) = common::http(
+        "POST",
+        &format!("{url}/api/v2/forceschedulers/force"),
+        None,
+        &[],
+        common::Body::Json(serde_json::json!({ "method": "force", "params": { "reason": huge } })),
+    );
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(changes(&dir).len(), 1);
 
     kiln_ok(
         tmp.path(),
