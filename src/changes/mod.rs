@@ -102,22 +102,56 @@ pub struct Context {
     pub timeout: Duration,
     /// Bounds how many hg/git processes polls run at once.
     commands: Arc<tokio::sync::Semaphore>,
-    /// Failed polls per change source, for `/metrics`.
-    pub poll_errors: PollErrors,
+    /// How each change source's polls go, for `/metrics` and the API.
+    pub poll_health: PollHealth,
 }
 
-/// Failed polls per change source name, since the master started.
+/// How each change source's polls go, since the master started: for
+/// `/metrics` (failures counted) and the API's `changesources` (the last
+/// error, when it began, when polling last worked).
 #[derive(Clone, Default)]
-pub struct PollErrors(Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>);
+pub struct PollHealth(Arc<std::sync::Mutex<std::collections::BTreeMap<String, SourceHealth>>>);
 
-impl PollErrors {
-    fn count(&self, source: &str) {
-        *crate::sync::lock(&self.0)
-            .entry(source.to_string())
-            .or_default() += 1;
+/// One change source's health.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct SourceHealth {
+    /// Failed polls since the master started.
+    pub errors_total: u64,
+    /// Failed polls since the last one that worked.
+    pub failing_for: u32,
+    /// What the last failed poll said, while polls fail.
+    pub last_error: Option<String>,
+    /// When the first of the failing polls ended (Unix seconds).
+    pub failing_since: Option<i64>,
+    /// When a poll last worked (Unix seconds).
+    pub last_ok: Option<i64>,
+    /// When the next poll is due after a failure (Unix seconds).
+    pub retry_at: Option<i64>,
+}
+
+impl PollHealth {
+    fn failed(&self, source: &str, error: String, retry_in: Duration) {
+        let now = crate::store::now();
+        let mut all = crate::sync::lock(&self.0);
+        let h = all.entry(source.to_string()).or_default();
+        h.errors_total += 1;
+        h.failing_for = h.failing_for.saturating_add(1);
+        h.failing_since.get_or_insert(now);
+        h.last_error = Some(error);
+        h.retry_at = Some(now + i64::try_from(retry_in.as_secs()).unwrap_or(i64::MAX / 2));
     }
 
-    pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
+    fn succeeded(&self, source: &str) {
+        let mut all = crate::sync::lock(&self.0);
+        let h = all.entry(source.to_string()).or_default();
+        h.failing_for = 0;
+        h.failing_since = None;
+        h.last_error = None;
+        h.retry_at = None;
+        h.last_ok = Some(crate::store::now());
+    }
+
+    pub fn snapshot(&self) -> std::collections::BTreeMap<String, SourceHealth> {
         crate::sync::lock(&self.0).clone()
     }
 }
@@ -137,7 +171,7 @@ impl Context {
             http,
             timeout: POLL_TIMEOUT,
             commands: Arc::new(tokio::sync::Semaphore::new(command_slots())),
-            poll_errors: PollErrors::default(),
+            poll_health: PollHealth::default(),
         })
     }
 
@@ -236,6 +270,7 @@ impl Poller {
             };
             let wait = match outcome {
                 Ok(n) => {
+                    ctx.poll_health.succeeded(&name);
                     if failures > 0 {
                         tracing::info!(poller = %name, "polling works again");
                     }
@@ -252,7 +287,7 @@ impl Poller {
                         .saturating_mul(1 << failures.min(10))
                         .min(MAX_BACKOFF)
                         .max(Duration::from_secs(1));
-                    ctx.poll_errors.count(&name);
+                    ctx.poll_health.failed(&name, format!("{e:#}"), wait);
                     tracing::warn!(
                         poller = %name,
                         "poll failed: {e:#}; retrying in {} s",

@@ -84,7 +84,8 @@ pub(super) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         "counter",
         "Failed polls by change source since the master started.",
     );
-    for (source, n) in st.poll_errors.snapshot() {
+    for (source, h) in st.poll_health.snapshot() {
+        let n = h.errors_total;
         let _ = writeln!(
             text,
             "kiln_poll_errors_total{{source=\"{}\"}} {n}",

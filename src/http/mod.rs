@@ -47,8 +47,8 @@ pub struct AppState {
     pub store: Store,
     /// The pollers the `poller` change hook can wake.
     pub poll_now: crate::changes::PollNow,
-    /// Failed polls per change source, for `/metrics`.
-    pub poll_errors: crate::changes::PollErrors,
+    /// How each change source's polls go, for `/metrics` and the API.
+    pub poll_health: crate::changes::PollHealth,
     pub schedulers: Schedulers,
     /// Running builds and connected workers, for stop and shutdown.
     pub builds: Arc<crate::builds::Distributor>,
@@ -132,6 +132,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v2/reconfig", post(control::reconfig))
         .route("/api/v2/reloads", get(list_reloads))
         .route("/api/v2/config", get(running_config))
+        .route("/api/v2/changesources", get(change_sources))
         .route("/api/v2/access", get(web::access))
         .route("/api/v2/events", get(events))
         .layer(axum::middleware::from_fn_with_state(
@@ -240,6 +241,40 @@ async fn running_config(State(st): State<Arc<AppState>>) -> Response {
         Ok(v) => Json(json!({ "config": v, "files": watched })).into_response(),
         Err(e) => internal(e.into()),
     }
+}
+
+/// `GET /api/v2/changesources`: each change source of the running config
+/// with how its polls go on this master: `state` `ok`, `failing` (with
+/// `last_error`, `failing_since`, `failing_for` polls, `retry_at`) or
+/// `not polled` (not yet, or by another master of a fleet), and
+/// `errors_total`, `last_ok`.
+async fn change_sources(State(st): State<Arc<AppState>>) -> Response {
+    let gen = st.builds.generation();
+    let health = st.poll_health.snapshot();
+    let list: Vec<Value> = gen
+        .config
+        .change_source
+        .iter()
+        .map(|cs| {
+            let name = crate::changes::Poller::new(cs).name();
+            let h = health.get(&name).cloned().unwrap_or_default();
+            let state = if h.failing_for > 0 {
+                "failing"
+            } else if h.last_ok.is_some() {
+                "ok"
+            } else {
+                "not polled"
+            };
+            let mut v = serde_json::to_value(&h).unwrap_or_else(|_| json!({}));
+            if let Some(m) = v.as_object_mut() {
+                m.insert("name".into(), json!(name));
+                m.insert("state".into(), json!(state));
+            }
+            v
+        })
+        .collect();
+    let n = list.len();
+    Json(json!({ "changesources": list, "meta": { "total": n } })).into_response()
 }
 
 /// `GET /api/v2/reloads`: the newest reloads first (`?limit=N`, default 20).

@@ -299,7 +299,7 @@ pub(super) async fn serve(
     let app = crate::http::AppState {
         store: store.clone(),
         poll_now: ctx.poll_now.clone(),
-        poll_errors: ctx.poll_errors.clone(),
+        poll_health: ctx.poll_health.clone(),
         schedulers: schedulers.clone(),
         builds: distributor.clone(),
         access: Arc::new(std::sync::RwLock::new(crate::http::auth::Access::of(

@@ -28,6 +28,8 @@ enum Fault {
     Truncated,
     /// No answer for 5 s.
     Hang,
+    /// 200 with an HTML page (a proxy's or a login page) instead of JSON.
+    HtmlPage,
 }
 
 struct Pushlog {
@@ -76,6 +78,14 @@ async fn json_pushes(
         }
         Fault::Truncated => {
             return (StatusCode::OK, "{\"1\": {\"date\": 12, \"user\": ").into_response()
+        }
+        Fault::HtmlPage => {
+            return (
+                StatusCode::OK,
+                [("content-type", "text/html")],
+                "<html><body>Please sign in</body></html>",
+            )
+                .into_response()
         }
         Fault::None | Fault::Hang => {}
     }
@@ -501,4 +511,79 @@ fn a_hanging_server_times_out_and_stored_changes_reach_the_bus() {
         assert_eq!(change.change.properties["got_revision"].0, one.as_str());
         assert!(change.changeid > 0);
     });
+}
+
+/// A running master whose pushlog server fails in turn with a 500, an
+/// HTML page and a truncated answer while pushes land: it stays up, backs
+/// off, shows the failure per change source (API, metrics), and once the
+/// server answers again stores every push exactly once.
+#[test]
+fn a_running_master_shows_a_failing_pushlog_and_stores_every_push_once_when_it_recovers() {
+    let mut s = Setup::new(2, "");
+    let mut master = common::Master::start(&s.dir);
+    let url = master.http_url();
+    let sources = || -> Value {
+        serde_json::from_str(&common::http_get(&format!("{url}/api/v2/changesources")))
+            .expect("json")
+    };
+    common::wait_until(Duration::from_secs(60), "a first poll", || {
+        (sources()["changesources"][0]["state"] == "ok").then_some(())
+    });
+    let mut pushed = vec![];
+    for (fault, says) in [
+        (Fault::ServerError, "500 Internal Server Error"),
+        (Fault::HtmlPage, "malformed answer from"),
+        (Fault::Truncated, "malformed answer from"),
+    ] {
+        s.server.set(|p| p.fault = fault);
+        pushed.push(s.push1("p@m.org", "b", &format!("during {fault:?}")));
+        let (status, _) = common::post_form(&format!("{url}/change_hook/poller"), &[]);
+        assert_eq!(status, 200);
+        let failing = common::wait_until(Duration::from_secs(60), says, || {
+            let v = sources()["changesources"][0].clone();
+            (v["state"] == "failing" && v["last_error"].as_str().is_some_and(|e| e.contains(says)))
+                .then_some(v)
+        });
+        assert!(failing["failing_since"].as_i64().is_some(), "{failing}");
+        assert!(failing["retry_at"].as_i64().is_some(), "{failing}");
+        assert_eq!(stored(&s.dir).len(), 0, "a failed poll stores nothing");
+    }
+    let metrics = common::http_get(&format!("{url}/metrics"));
+    let errors: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln_poll_errors_total{source=\"HgPoller "))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("poll errors in\n{metrics}"));
+    assert!(errors >= 3, "{metrics}");
+
+    s.server.set(|p| p.fault = Fault::None);
+    let (status, _) = common::post_form(&format!("{url}/change_hook/poller"), &[]);
+    assert_eq!(status, 200);
+    common::wait_until(Duration::from_secs(60), "the pushes stored", || {
+        (stored(&s.dir).len() == 3).then_some(())
+    });
+    assert_eq!(stored_revisions(&s.dir), pushed);
+    let ok = sources()["changesources"][0].clone();
+    assert_eq!(ok["state"], "ok", "{ok}");
+    assert_eq!(ok["last_error"], Value::Null, "{ok}");
+    // Polling on asks the server again and stores nothing more.
+    let asked = || {
+        s.server
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .requests
+            .len()
+    };
+    let before = asked();
+    let (status, _) = common::post_form(&format!("{url}/change_hook/poller"), &[]);
+    assert_eq!(status, 200);
+    common::wait_until(Duration::from_secs(60), "another poll", || {
+        (asked() > before).then_some(())
+    });
+    common::holds_for(Duration::from_secs(2), "no push stored twice", || {
+        stored_revisions(&s.dir) == pushed
+    });
+    assert_eq!(master.stop(), Some(0));
 }

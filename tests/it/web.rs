@@ -301,6 +301,9 @@ fn a_push_appears_and_turns_green_live_and_its_build_log_can_be_read() {
         })
         .await;
         assert_has(&files, "master.rhai");
+        // The quickstart's poller, polling fine.
+        let state = js(&c, "return [...document.querySelectorAll('#changesources tr')].map(r => r.dataset.state);").await;
+        assert_eq!(state, serde_json::json!(["ok"]), "{files}");
         // A phone-sized window still shows the pushes, without scrolling sideways.
         c.set_window_size(390, 844).await.expect("resize");
         c.goto(&format!("{url}/#/")).await.expect("pushes");

@@ -560,9 +560,17 @@ async function workerPage(id) {
 async function configPage() {
   const show = viewOf();
   const draw = async () => {
-    const [{ config, files }, { reloads }] = await Promise.all([api("config"), api("reloads?limit=10")]);
+    const [{ config, files }, { reloads }, { changesources }] = await Promise.all([api("config"), api("reloads?limit=10"), api("changesources")]);
+    const pill = { ok: "up", failing: "down" };
     show().replaceChildren(h("h1", {}, "Config"),
       h("p", {}, `${config.builders.length} builders, ${config.schedulers.length} schedulers, ${config.workers.length} workers, ${config.change_source.length} change sources.`),
+      ...(changesources.length ? [h("h2", {}, "Change sources"),
+        h("div", { class: "scroll" }, h("table", { id: "changesources" }, h("tbody", {}, changesources.map((c) => h("tr", { dataset: { source: c.name, state: c.state } },
+          h("td", {}, h("code", {}, c.name)),
+          h("td", {}, h("span", { class: `pill ${pill[c.state] || ""}` }, c.state)),
+          h("td", { class: c.state === "failing" ? "error" : "muted" },
+            c.state === "failing" ? `${c.last_error} (since ${when(c.failing_since)}, ${c.failing_for} failed polls; next try ${when(c.retry_at)})` :
+            c.last_ok ? `last poll ${when(c.last_ok)}` : "not polled by this master yet"))))))] : []),
       h("h2", {}, "Last reloads"),
       reloads.length ? h("ul", { id: "reloads" }, reloads.map((r) => h("li", {},
         h("span", { class: `pill ${r.applied ? "up" : "down"}` }, r.applied ? "applied" : "failed"), " ",
@@ -575,8 +583,10 @@ async function configPage() {
       h("pre", { class: "json" }, JSON.stringify(config, null, 2)));
   };
   await draw();
-  const es = follow("topics=reloads", debounce(() => draw().catch(fail), 250));
-  return { close() { es.close(); } };
+  const es = follow("topics=reloads,changes", debounce(() => draw().catch(fail), 250));
+  // A poll that fails stores nothing: look again now and then.
+  const timer = setInterval(() => draw().catch(fail), 10000);
+  return { close() { es.close(); clearInterval(timer); } };
 }
 
 // ---- Routing ------------------------------------------------------------
