@@ -68,6 +68,10 @@ const MOZHARNESS: &[(&str, &str)] = &[
         include_str!("../../examples/mozilla-staging/local/mozharness/scripts/fx_desktop_build.py"),
     ),
     (
+        "mozharness/__init__.py",
+        include_str!("../../examples/mozilla-staging/local/mozharness/mozharness/__init__.py"),
+    ),
+    (
         "scripts/desktop_unittest.py",
         include_str!("../../examples/mozilla-staging/local/mozharness/scripts/desktop_unittest.py"),
     ),

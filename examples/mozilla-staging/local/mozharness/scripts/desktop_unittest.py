@@ -14,10 +14,13 @@ Exit status, as mozharness's: 0 success, 1 warnings, 2 failure.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
+
+# As mozharness's scripts do: the library is beside scripts/.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mozharness import read_buildprops  # noqa: E402
 
 TESTS = [
     "dom/base/test/test_bug5141.html",
@@ -34,18 +37,11 @@ def main():
     parser.add_argument("--branch", required=True)
     args = parser.parse_args()
 
-    props_file = os.environ.get("PROPERTIES_FILE")
-    if not props_file:
-        print("ERROR: PROPERTIES_FILE is not set; run me from a build master", flush=True)
+    read = read_buildprops()
+    if isinstance(read, str):
+        print(read, flush=True)
         return 2
-    try:
-        with open(props_file) as f:
-            buildprops = json.load(f)
-    except (OSError, ValueError) as e:
-        print(f"ERROR: cannot read the build properties from {props_file}: {e}", flush=True)
-        return 2
-    props = buildprops.get("properties", {})
-    ss = buildprops.get("sourcestamp", {})
+    props, ss = read
     print(f"desktop_unittest: {args.test_suite} on branch {args.branch}, config {' '.join(args.cfg)}")
     print(f"builder {props.get('buildername')} build {props.get('buildnumber')} on {props.get('workername')}")
     print(f"testing revision {ss.get('revision')} of {ss.get('repository')}")

@@ -17,10 +17,13 @@ Exit status, as mozharness's: 0 success, 1 warnings, 2 failure,
 """
 
 import argparse
-import json
 import os
 import sys
 import time
+
+# As mozharness's scripts do: the library is beside scripts/.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mozharness import read_buildprops  # noqa: E402
 
 SOURCES = [
     "xpcom/base/nsCycleCollector.cpp",
@@ -57,18 +60,11 @@ def main():
     parser.add_argument("--build-pool", choices=["staging", "production"], required=True)
     args = parser.parse_args()
 
-    props_file = os.environ.get("PROPERTIES_FILE")
-    if not props_file:
-        print("ERROR: PROPERTIES_FILE is not set; run me from a build master", flush=True)
+    read = read_buildprops()
+    if isinstance(read, str):
+        print(read, flush=True)
         return 2
-    try:
-        with open(props_file) as f:
-            buildprops = json.load(f)
-    except (OSError, ValueError) as e:
-        print(f"ERROR: cannot read the build properties from {props_file}: {e}", flush=True)
-        return 2
-    props = buildprops.get("properties", {})
-    ss = buildprops.get("sourcestamp", {})
+    props, ss = read
 
     print(f"fx_desktop_build: branch {args.branch}, pool {args.build_pool}, config {' '.join(args.config)}")
     print(f"builder {props.get('buildername')} build {props.get('buildnumber')} on {props.get('workername')}")
