@@ -406,8 +406,13 @@ async fn connection(
         stream,
         |req: &Request, resp: Response| {
             who = authenticate(setup, req);
+            // Noted before the answer goes out, so that the client's next
+            // try, however quick, finds it.
             if who.is_err() {
+                registry.throttle.failed(peer.ip());
                 refused_name = claimed_name(req);
+            } else {
+                registry.throttle.succeeded(peer.ip());
             }
             match &who {
                 Ok(_) => Ok(resp),
@@ -420,7 +425,6 @@ async fn connection(
         Err(_) => bail!("no WebSocket handshake within 30 s"),
         Ok(Err(e)) => {
             if let Err((_, why)) = &who {
-                registry.throttle.failed(peer.ip());
                 if let Some(name) = &refused_name {
                     let _ = registry.presence.send(Presence::Refused {
                         name: name.clone(),
@@ -434,7 +438,6 @@ async fn connection(
         Ok(Ok(ws)) => ws,
     };
     let name = who.map_err(|(_, why)| anyhow!("refused: {why}"))?;
-    registry.throttle.succeeded(peer.ip());
     let keepalive = setup.get(&name).map(|w| w.1).unwrap_or(3600).max(1);
     let (mut sink, mut stream) = ws.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(256);
