@@ -184,6 +184,7 @@ pub const TOPICS: &[&str] = &[
     "workers",
     "masters",
     "reloads",
+    "locks",
 ];
 
 #[cfg(test)]

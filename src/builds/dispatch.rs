@@ -364,7 +364,12 @@ impl Distributor {
                 let collapse = self.collapse_for(&gen, builder, req).await?;
                 let claimed = self
                     .store
-                    .claim_with_collapsed(req.buildrequestid, self.masterid, collapse)
+                    .claim_with_collapsed(
+                        req.buildrequestid,
+                        self.masterid,
+                        collapse,
+                        shared_locks(&gen, builder),
+                    )
                     .await?;
                 if claimed.is_empty() {
                     continue;
@@ -405,6 +410,13 @@ impl Distributor {
                     let _ = me.store.unclaim_request(*brid).await;
                 }
             }
+            if !shared_locks(&gen, &builder).is_empty() {
+                if let Err(e) = me.store.release_shared_locks(req.buildrequestid).await {
+                    // They go at this master's next start, or when the
+                    // others declare it dead.
+                    tracing::error!(builder = %bname, "cannot give back the build's MasterLocks: {e:#}");
+                }
+            }
             {
                 let mut busy = lock(&me.busy);
                 if let Some(set) = busy.running.get_mut(&wname) {
@@ -417,4 +429,25 @@ impl Distributor {
             me.wake.notify_one();
         });
     }
+}
+
+/// The builder's MasterLocks as the masters of a fleet share them (none
+/// for a master alone: its own count is the whole count).
+fn shared_locks(
+    gen: &Generation,
+    builder: &BuilderConfig,
+) -> Vec<crate::store::buildsets::SharedLock> {
+    if gen.config.multi_master.is_none() {
+        return vec![];
+    }
+    builder
+        .locks
+        .iter()
+        .filter(|a| a.scope == crate::config::LockScope::Master)
+        .map(|a| crate::store::buildsets::SharedLock {
+            name: a.name.clone(),
+            exclusive: a.mode == crate::config::LockMode::Exclusive,
+            max_count: a.max_count,
+        })
+        .collect()
 }

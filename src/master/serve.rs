@@ -647,9 +647,11 @@ async fn hear_the_others(
                     Ok(None) => {}
                     Err(e) => tracing::warn!("cannot read buildset {}: {e:#}", n.id),
                 },
-                ("buildrequests", _) | ("buildsets", "new") | ("workers", _) | ("masters", _) => {
-                    distributor.wake()
-                }
+                ("buildrequests", _)
+                | ("buildsets", "new")
+                | ("workers", _)
+                | ("masters", _)
+                | ("locks", _) => distributor.wake(),
                 _ => {}
             },
             Ok(Remote::Stop {

@@ -487,6 +487,11 @@ impl Store {
                  AND brid IN (SELECT id FROM buildrequests WHERE complete = 0)",
                 args![masterid],
             )?;
+            // Nor does it hold a lock.
+            c.execute(
+                "DELETE FROM lock_holders WHERE masterid = ?1",
+                args![masterid],
+            )?;
             Ok(ids)
         })
         .await

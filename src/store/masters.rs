@@ -112,6 +112,10 @@ impl Store {
                     )?;
                     c.execute("DELETE FROM leases WHERE masterid = ?1", args![masterid])?;
                     c.execute(
+                        "DELETE FROM lock_holders WHERE masterid = ?1",
+                        args![masterid],
+                    )?;
+                    c.execute(
                         "DELETE FROM builder_masters WHERE masterid = ?1",
                         args![masterid],
                     )?;

@@ -40,6 +40,10 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
         "buildsets by scheduler",
         include_str!("migrations/0008_buildsets_scheduler.sql"),
     ),
+    (
+        "lock holders",
+        include_str!("migrations/0009_lock_holders.sql"),
+    ),
 ];
 
 /// The schema version this kiln writes.

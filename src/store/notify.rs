@@ -34,6 +34,7 @@ const KINDS: &[&str] = &[
     "failed",
     "stopped",
     "dead",
+    "released",
 ];
 
 /// The channel a master asks another to stop a build on.

@@ -482,3 +482,54 @@ child.addStep(ShellCommand(#{ name: "child", command: ["sh", "-c", "sleep 1; ech
         .expect("the parent ran on m1");
     assert!(parent["complete_at"].as_i64() >= child["complete_at"].as_i64());
 }
+
+/// A MasterLock counts the builds of every master of the fleet: with an
+/// exclusive one, a second request waits although another master has an
+/// idle worker for it, and builds once the first build gave the lock back.
+#[test]
+fn a_master_lock_counts_the_builds_of_every_master() {
+    let f = Fleet::new();
+    let write = |name: &str| {
+        fleet_script(name, &f.db)
+            .rhai(&format!(
+                r#"f.addStep(ShellCommand(#{{ name: "wait", command: ["sh", "-c", "while [ ! -e {} ]; do sleep 0.05; done"] }}));
+let one = MasterLock("one");"#,
+                f.release.display()
+            ))
+            .worker("w1", "pw")
+            .worker("w2", "pw")
+            .builder("b", &["w1", "w2"], r#"locks: [one.access("exclusive")]"#)
+            .write_to(&f.tmp.path().join(name))
+    };
+    let m1 = Master::start(&write("m1"));
+    let m2 = Master::start(&write("m2"));
+    let _w1 = f.worker(&m1, 1);
+    let _w2 = f.worker(&m2, 2);
+    force(&m1, "b");
+    force(&m1, "b");
+    let url = m1.http_url();
+    let running = || {
+        get(&format!("{url}/api/v2/builds?complete=false"))["builds"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    wait_until(Duration::from_secs(60), "a build holding the lock", || {
+        (running() == 1).then_some(())
+    });
+    common::holds_for(Duration::from_secs(3), "one build at a time", || {
+        running() == 1
+    });
+    std::fs::write(&f.release, "").expect("release");
+    let builds = wait_until(Duration::from_secs(60), "both builds", || {
+        let v = get(&format!(
+            "{url}/api/v2/builds?complete=true&order=started_at"
+        ));
+        let list = v["builds"].as_array().cloned().unwrap_or_default();
+        (list.len() == 2).then_some(list)
+    });
+    assert!(builds.iter().all(|b| b["results"] == 0), "{builds:?}");
+    assert!(
+        builds[1]["started_at"].as_i64() >= builds[0]["complete_at"].as_i64(),
+        "the second started once the first ended: {builds:?}"
+    );
+}
