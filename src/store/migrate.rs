@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 use super::db::{args, Sql};
 
@@ -54,10 +54,34 @@ pub(super) fn migrate(conn: &mut Connection, target: usize) -> anyhow::Result<()
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let version = usize::try_from(version).unwrap_or(usize::MAX);
     refuse_newer(version)?;
+    if version == 0 {
+        // A file with tables but no kiln schema version is another
+        // program's: writing kiln's tables into it would mix the two.
+        let theirs: Option<String> = conn
+            .query_row(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(table) = theirs {
+            bail!(
+                "it holds tables of another program (`{table}`, ...) and no kiln schema version: kiln will not write into it; \
+                 give `db.db_url` a file of its own, or move this one aside"
+            );
+        }
+    }
     for (i, (what, sql)) in MIGRATIONS.iter().enumerate().take(target).skip(version) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)
-            .with_context(|| format!("migration {} ({what}) failed", i + 1))?;
+        // SQLite's message ends with the whole script: its first line says it.
+        tx.execute_batch(sql).map_err(|e| {
+            let msg = e.to_string();
+            anyhow::anyhow!(
+                "migration {} ({what}) failed: {}",
+                i + 1,
+                msg.lines().next().unwrap_or_default()
+            )
+        })?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
         tracing::info!("database schema migrated to version {} ({what})", i + 1);

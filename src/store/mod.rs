@@ -221,6 +221,20 @@ impl Store {
     pub fn open(path: &Path) -> anyhow::Result<Store> {
         let mut conn = Connection::open(path)
             .with_context(|| format!("cannot open the database {}", path.display()))?;
+        // SQLite reads the file at the first statement: a damaged or
+        // foreign file is said as such, with what to do.
+        if let Err(e) = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+            r.get::<_, i64>(0)
+        }) {
+            if e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) {
+                bail!(
+                    "the database {} is not an SQLite database (damaged, or another program's file): \
+                     restore it from a backup, or move it aside to start with an empty one",
+                    path.display()
+                );
+            }
+            return Err(e).with_context(|| format!("cannot read the database {}", path.display()));
+        }
         // Before the first table: a new database gives the space of deleted
         // logs back to the file system when the janitor asks (an existing
         // one ignores this until `kiln cleanupdb` rewrites it).

@@ -10,6 +10,7 @@ mod architecture;
 mod auth;
 mod change_sources;
 mod config_host;
+mod database;
 mod fleet;
 mod latent;
 mod postgres;
