@@ -126,3 +126,79 @@ mod tests {
         assert_eq!(t.delay(newest), FIRST_DELAY);
     }
 }
+
+/// Connections still in their handshake, per address and in all. Past
+/// `per_address` from one address, or `total` in all, a new connection is
+/// closed at once: half-open connections (a client that connects and says
+/// nothing) cannot use up the master's file descriptors, nor one address
+/// crowd out the others.
+#[derive(Debug)]
+pub struct Handshakes {
+    open: Mutex<HashMap<IpAddr, usize>>,
+    per_address: usize,
+    total: usize,
+}
+
+/// One admitted connection's place until its handshake ends (dropped).
+#[derive(Debug)]
+pub struct Admitted {
+    of: std::sync::Arc<Handshakes>,
+    ip: IpAddr,
+}
+
+impl Handshakes {
+    pub fn new(per_address: usize, total: usize) -> Handshakes {
+        Handshakes {
+            open: Mutex::default(),
+            per_address,
+            total,
+        }
+    }
+
+    /// A place for a new connection from `ip`, if there is one.
+    pub fn admit(self: &std::sync::Arc<Self>, ip: IpAddr) -> Option<Admitted> {
+        let mut open = crate::sync::lock(&self.open);
+        let all: usize = open.values().sum();
+        let mine = open.get(&ip).copied().unwrap_or(0);
+        if all >= self.total || mine >= self.per_address {
+            return None;
+        }
+        open.insert(ip, mine + 1);
+        Some(Admitted {
+            of: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = crate::sync::lock(&self.of.open);
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod handshake_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn places_are_bounded_per_address_and_in_all_and_come_back_when_dropped() {
+        let h = Arc::new(Handshakes::new(2, 3));
+        let a: IpAddr = "192.0.2.1".parse().expect("ip");
+        let b: IpAddr = "192.0.2.2".parse().expect("ip");
+        let a1 = h.admit(a).expect("a1");
+        let _a2 = h.admit(a).expect("a2");
+        assert!(h.admit(a).is_none(), "two per address");
+        let _b1 = h.admit(b).expect("b1");
+        assert!(h.admit(b).is_none(), "three in all");
+        drop(a1);
+        assert!(h.admit(b).is_some(), "a place came back");
+    }
+}

@@ -234,7 +234,16 @@ pub struct Registry {
     pub presence: tokio::sync::broadcast::Sender<Presence>,
     /// Addresses that sent wrong credentials wait before their next try.
     pub throttle: crate::throttle::Throttle,
+    /// Connections still in their handshake, bounded per address and in all.
+    pub handshakes: Arc<crate::throttle::Handshakes>,
 }
+
+/// How many connections from one address may be in their handshake at
+/// once (a host running many workers that all reconnect at once stays
+/// well under it).
+pub const HANDSHAKES_PER_ADDRESS: usize = 64;
+/// How many connections may be in their handshake at once in all.
+pub const HANDSHAKES_TOTAL: usize = 1024;
 
 /// A worker's comings and goings.
 #[derive(Clone, Debug, PartialEq)]
@@ -255,6 +264,10 @@ impl Default for Registry {
             changed: tokio::sync::Notify::new(),
             presence: tokio::sync::broadcast::channel(256).0,
             throttle: crate::throttle::Throttle::default(),
+            handshakes: Arc::new(crate::throttle::Handshakes::new(
+                HANDSHAKES_PER_ADDRESS,
+                HANDSHAKES_TOTAL,
+            )),
         }
     }
 }
@@ -281,6 +294,7 @@ pub async fn serve(
     stop_listening: CancellationToken,
 ) {
     let setup = Arc::new(setup);
+    let (mut refused, mut last_said) = (0u64, None);
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -294,6 +308,19 @@ pub async fn serve(
             _ = cancel.cancelled() => break,
             _ = stop_listening.cancelled() => return,
         };
+        let Some(admitted) = registry.handshakes.admit(peer.ip()) else {
+            drop(stream);
+            // Said once in a while, not once per connection of a flood.
+            refused += 1;
+            if last_said.map_or(true, |t: std::time::Instant| {
+                t.elapsed() >= Duration::from_secs(10)
+            }) {
+                tracing::warn!(peer = %peer, "too many connections are still in their handshake (from this address or in all): closed {refused} connection(s)");
+                refused = 0;
+                last_said = Some(std::time::Instant::now());
+            }
+            continue;
+        };
         let (setup, registry, store, cancel) = (
             setup.clone(),
             registry.clone(),
@@ -301,8 +328,10 @@ pub async fn serve(
             cancel.clone(),
         );
         tokio::spawn(async move {
-            if let Err(e) =
-                connection(stream, peer, &setup, &registry, &store, masterid, &cancel).await
+            if let Err(e) = connection(
+                stream, peer, admitted, &setup, &registry, &store, masterid, &cancel,
+            )
+            .await
             {
                 tracing::warn!(peer = %peer, "worker connection closed: {e:#}");
             }
@@ -381,9 +410,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 // tungstenite's handshake callback must return its own (large) error type.
 #[allow(clippy::result_large_err)]
+#[allow(clippy::too_many_arguments)]
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
+    admitted: crate::throttle::Admitted,
     setup: &WorkerSetup,
     registry: &Arc<Registry>,
     store: &Store,
@@ -437,6 +468,8 @@ async fn connection(
         }
         Ok(Ok(ws)) => ws,
     };
+    // The handshake is over: its place goes to the next connection.
+    drop(admitted);
     let name = who.map_err(|(_, why)| anyhow!("refused: {why}"))?;
     let keepalive = setup.get(&name).map(|w| w.1).unwrap_or(3600).max(1);
     let (mut sink, mut stream) = ws.split();

@@ -653,3 +653,45 @@ fn wrong_passwords_wait_longer_each_time_on_the_worker_port() {
     });
     assert_eq!(master.stop(), Some(0));
 }
+
+/// Half-open connections (a client that connects and says nothing) are
+/// bounded per address: past the bound a new connection is closed at
+/// once, and when they go a worker connects as usual.
+#[test]
+fn half_open_connections_are_bounded_and_do_not_keep_workers_out() {
+    use std::io::Read as _;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = master_dir(tmp.path());
+    let mut master = Master::start(&dir);
+    let port = worker_port(&master);
+    let idle: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    // Each of those is held open by the master, waiting for a handshake.
+    let mut first = idle[0].try_clone().expect("clone");
+    first
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let mut buf = [0u8; 1];
+    assert!(
+        first.read(&mut buf).is_err(),
+        "an admitted connection stays open"
+    );
+    // The 65th is closed at once.
+    let mut extra = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    assert_eq!(extra.read(&mut buf).ok(), Some(0), "closed by the master");
+    master.wait_for_log(
+        "too many connections are still in their handshake",
+        1,
+        Duration::from_secs(30),
+    );
+    drop(idle);
+    drop(first);
+    // Their places come back as the master sees them go.
+    let _w1 = KilnWorker::connect(&master, tmp.path(), "w1", "pw-one");
+    assert_eq!(connected(&dir), ["w1"]);
+    assert_eq!(master.stop(), Some(0));
+}
