@@ -2,8 +2,8 @@
 # Property-based fuzzing of every door, at length: the worker protocol's
 # decoder (any bytes, any MessagePack value, cut frames, huge declared
 # lengths), the json-pushes parser, the API's query parameters, the base
-# change hook's form, Interpolate/WithProperties rendering and Nightly's
-# cron fields. The test suite runs each with proptest's default 256 cases;
+# change hook's form, Interpolate/WithProperties rendering, Nightly's
+# cron fields, and QueueDir's item names and files. The test suite runs each with proptest's default 256 cases;
 # this runs CASES each (default 100000; 1000000 for a long night) in the
 # release profile and prints the time. A failure prints proptest's
 # minimal failing input and exits 1.

@@ -459,3 +459,54 @@ mod tests {
         assert!(q.pop().expect("pop").is_none(), "it may not run yet");
     }
 }
+
+/// Property-based checks: any item name parses, and a retry's name gives
+/// back what it was made of; any bytes in an item file are run or buried
+/// in `dead/`, never lost and never a panic. `PROPTEST_CASES=N` runs more
+/// (bench/fuzz.sh).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn fuzz_any_name_parses_and_retry_names_round_trip(
+            name in ".{0,40}",
+            id in "[0-9a-z.-]{1,24}",
+            failures in any::<u32>(),
+            at in 0i64..i64::MAX,
+        ) {
+            let _ = parse_name(&name);
+            let made = format!("{id}+r{failures}@{at}");
+            prop_assert_eq!(parse_name(&made), (id.as_str(), failures, at));
+        }
+
+        #[test]
+        fn fuzz_any_item_file_is_run_or_buried(
+            bytes in prop_oneof![
+                vec(any::<u8>(), 0..200),
+                Just(br#"{"command": ["true"]}"#.to_vec()),
+                Just(br#"{"command": "true", "env": 5}"#.to_vec()),
+                Just(br#"{"command": [], "created": "yesterday"}"#.to_vec()),
+            ],
+        ) {
+            let tmp = tempfile::tempdir().expect("tmp");
+            let q = QueueDir::open(tmp.path()).expect("open");
+            std::fs::write(q.part("new", "item1"), &bytes).expect("write");
+            match q.pop().expect("pop") {
+                Some((name, item)) => {
+                    prop_assert_eq!(name, "item1");
+                    prop_assert_eq!(Some(item), serde_json::from_slice::<Item>(&bytes).ok());
+                }
+                None => {
+                    prop_assert!(serde_json::from_slice::<Item>(&bytes).is_err());
+                    prop_assert!(q.part("dead", "item1").exists(), "buried, not lost");
+                    let log = std::fs::read_to_string(q.part("dead", "item1.log")).expect("log");
+                    prop_assert!(log.contains("unreadable queue item"), "{}", log);
+                }
+            }
+        }
+    }
+}
