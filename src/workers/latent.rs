@@ -610,11 +610,20 @@ impl LatentPool {
 
     /// Stops every latent worker that runs (the master is stopping).
     pub async fn stop_all(&self) {
-        let names: Vec<String> = lock(&self.slots)
-            .iter()
-            .filter(|(_, s)| !matches!(s.state, State::Stopped | State::Failed))
-            .map(|(n, _)| n.clone())
-            .collect();
+        // Marked stopping here, under the lock, so that a disconnection
+        // seen meanwhile does not stop one a second time; one another path
+        // is already stopping is waited for instead.
+        let (mut names, mut already) = (Vec::new(), Vec::new());
+        for (n, s) in lock(&self.slots).iter_mut() {
+            match s.state {
+                State::Stopped | State::Failed => {}
+                State::Stopping => already.push(n.clone()),
+                _ => {
+                    s.set(State::Stopping, "");
+                    names.push(n.clone());
+                }
+            }
+        }
         let all = names.iter().map(|n| async move {
             self.teardown(n).await;
             let mut slots = lock(&self.slots);
@@ -623,6 +632,17 @@ impl LatentPool {
             }
         });
         futures_util::future::join_all(all).await;
+        let deadline = std::time::Instant::now() + STOP_LIMIT;
+        while std::time::Instant::now() < deadline
+            && already.iter().any(|n| {
+                lock(&self.slots)
+                    .get(n)
+                    .is_some_and(|s| s.state == State::Stopping)
+            })
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        names.append(&mut already);
         if !names.is_empty() {
             tracing::info!("stopped {} latent worker(s)", names.len());
         }
