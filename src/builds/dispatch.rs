@@ -433,10 +433,7 @@ impl Distributor {
 
 /// The builder's MasterLocks as the masters of a fleet share them (none
 /// for a master alone: its own count is the whole count).
-fn shared_locks(
-    gen: &Generation,
-    builder: &BuilderConfig,
-) -> Vec<crate::store::buildsets::SharedLock> {
+fn shared_locks(gen: &Generation, builder: &BuilderConfig) -> Vec<crate::store::locks::SharedLock> {
     if gen.config.multi_master.is_none() {
         return vec![];
     }
@@ -444,7 +441,7 @@ fn shared_locks(
         .locks
         .iter()
         .filter(|a| a.scope == crate::config::LockScope::Master)
-        .map(|a| crate::store::buildsets::SharedLock {
+        .map(|a| crate::store::locks::SharedLock {
             name: a.name.clone(),
             exclusive: a.mode == crate::config::LockMode::Exclusive,
             max_count: a.max_count,

@@ -430,15 +430,6 @@ pub fn complete_requests(
     Ok(done)
 }
 
-/// One of a scheduler's buildsets, as a Dependent downstream sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UpstreamBuildset {
-    pub bsid: i64,
-    pub complete: bool,
-    pub results: Option<i64>,
-    pub complete_at: Option<i64>,
-}
-
 /// What cancelling a build request found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cancel {
@@ -552,36 +543,6 @@ impl Store {
         self.call(move |c| get_buildset(c, bsid)).await
     }
 
-    /// The buildsets scheduler `scheduler` made after buildset `after`,
-    /// oldest first, at most `limit`: what a Dependent downstream of it
-    /// follows, whichever master made or completed them.
-    pub async fn buildsets_of_scheduler(
-        &self,
-        scheduler: &str,
-        after: i64,
-        limit: usize,
-    ) -> anyhow::Result<Vec<UpstreamBuildset>> {
-        let scheduler = scheduler.to_string();
-        self.call(move |c| {
-            c.query(
-                "SELECT id, complete, results, complete_at FROM buildsets
-                 WHERE scheduler = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-                args![scheduler, after, limit as i64],
-            )?
-            .iter()
-            .map(|r| {
-                Ok(UpstreamBuildset {
-                    bsid: r.get(0)?,
-                    complete: r.get(1)?,
-                    results: r.get(2)?,
-                    complete_at: r.get(3)?,
-                })
-            })
-            .collect()
-        })
-        .await
-    }
-
     pub async fn requests_of_buildset(&self, bsid: i64) -> anyhow::Result<Vec<BuildRequest>> {
         self.call(move |c| requests_of_buildset(c, bsid)).await
     }
@@ -637,22 +598,17 @@ impl Store {
         brid: i64,
         masterid: i64,
         collapse: Collapse,
-        locks: Vec<SharedLock>,
+        locks: Vec<super::locks::SharedLock>,
     ) -> anyhow::Result<Vec<i64>> {
         let ids = self
             .call(move |c| {
-                if !locks_free(c, &locks)? {
+                if !super::locks::free(c, &locks)? {
                     return Ok(vec![]);
                 }
                 if !claim_request(c, brid, masterid)? {
                     return Ok(vec![]);
                 }
-                for l in &locks {
-                    c.execute(
-                        "INSERT INTO lock_holders (name, brid, masterid, exclusive) VALUES (?1, ?2, ?3, ?4)",
-                        args![&l.name, brid, masterid, i64::from(l.exclusive)],
-                    )?;
-                }
+                super::locks::take(c, &locks, brid, masterid)?;
                 let mut ids = vec![brid];
                 let others = match collapse {
                     Collapse::None => vec![],
@@ -803,64 +759,6 @@ impl Store {
     }
 }
 
-impl Store {
-    /// Gives back the shared locks taken for request `brid` (its build
-    /// ended, or never started); the masters waiting for them hear it.
-    pub async fn release_shared_locks(&self, brid: i64) -> anyhow::Result<()> {
-        let n = self
-            .call(move |c| c.execute("DELETE FROM lock_holders WHERE brid = ?1", args![brid]))
-            .await?;
-        if n > 0 {
-            self.events().emit(
-                "locks",
-                brid,
-                "released",
-                || serde_json::json!({ "buildrequestid": brid }),
-            );
-        }
-        Ok(())
-    }
-}
-
-/// A MasterLock as several masters share it: taken for a build by the
-/// master that claims its request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SharedLock {
-    pub name: String,
-    /// Exclusive: alone; counting: up to `max_count` holders.
-    pub exclusive: bool,
-    pub max_count: u32,
-}
-
-/// Whether every lock of `locks` can be taken now (Buildbot's rules:
-/// counting up to maxCount holders, exclusive alone). On PostgreSQL the
-/// transaction first takes an advisory lock per name, so that two masters
-/// deciding at once decide one after the other.
-fn locks_free(c: &mut dyn Sql, locks: &[SharedLock]) -> anyhow::Result<bool> {
-    for l in locks {
-        if c.dialect() == Dialect::Postgres {
-            c.query(
-                "SELECT count(*) FROM (SELECT pg_advisory_xact_lock(hashtext(?1))) AS taken",
-                args![format!("kiln lock {}", l.name)],
-            )?;
-        }
-        let row = c.query_one(
-            "SELECT COUNT(*), COALESCE(MAX(exclusive), 0) FROM lock_holders WHERE name = ?1",
-            args![&l.name],
-        )?;
-        let (holders, exclusive): (i64, i64) = (row.get(0)?, row.get(1)?);
-        let free = if l.exclusive {
-            holders == 0
-        } else {
-            exclusive == 0 && holders < i64::from(l.max_count.max(1))
-        };
-        if !free {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -904,67 +802,6 @@ mod tests {
             .await
             .unwrap()
             .0
-    }
-
-    /// Shared MasterLocks are taken with the claim: an exclusive one by one
-    /// request at a time, a counting one by up to maxCount; given back,
-    /// the next request takes it; a master's start drops what it held.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn shared_locks_are_taken_with_the_claim_and_given_back() {
-        for (store, _db) in crate::store::testing::each_backend().await {
-            let m1 = store.master_started("m1").await.unwrap();
-            let m2 = store.master_started("m2").await.unwrap();
-            let ids = store
-                .add_buildset(buildset(&["a", "b", "c"]))
-                .await
-                .unwrap();
-            let [a, b, c] = [0, 1, 2].map(|i| ids.brids[i].brid);
-            let lock = |exclusive, max_count| {
-                vec![SharedLock {
-                    name: "db".into(),
-                    exclusive,
-                    max_count,
-                }]
-            };
-            let claim = |brid, master, locks| {
-                let store = store.clone();
-                async move {
-                    store
-                        .claim_with_collapsed(brid, master, Collapse::None, locks)
-                        .await
-                        .unwrap()
-                }
-            };
-            assert_eq!(claim(a, m1, lock(true, 1)).await, [a]);
-            assert_eq!(
-                claim(b, m2, lock(true, 1)).await,
-                Vec::<i64>::new(),
-                "held by a"
-            );
-            assert_eq!(
-                claim(b, m2, lock(false, 5)).await,
-                Vec::<i64>::new(),
-                "exclusive holder"
-            );
-            store.release_shared_locks(a).await.unwrap();
-            // Counting, two at a time.
-            assert_eq!(claim(b, m2, lock(false, 2)).await, [b]);
-            assert_eq!(
-                claim(c, m1, lock(true, 1)).await,
-                Vec::<i64>::new(),
-                "counted"
-            );
-            store.unclaim_request(a).await.unwrap();
-            assert_eq!(claim(a, m1, lock(false, 2)).await, [a]);
-            assert_eq!(
-                claim(c, m1, lock(false, 2)).await,
-                Vec::<i64>::new(),
-                "two holders"
-            );
-            // m1 starts again: what it held is gone.
-            store.retry_unfinished_builds(m1).await.unwrap();
-            assert_eq!(claim(c, m1, lock(false, 2)).await, [c]);
-        }
     }
 
     /// A finished build settles its requests in the same call: complete

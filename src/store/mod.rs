@@ -22,6 +22,7 @@ pub mod buildsets;
 pub mod db;
 pub mod grid;
 pub mod janitor;
+pub mod locks;
 pub mod logcodec;
 pub mod masters;
 mod migrate;
@@ -32,6 +33,7 @@ pub use migrate::{create_at_version, SCHEMA_VERSION};
 use migrate::{migrate, migrate_pg};
 pub mod query;
 pub mod reloads;
+pub mod upstream;
 pub mod workers;
 
 use anyhow::{bail, Context};
