@@ -33,11 +33,27 @@ pub struct Answer {
 impl Client {
     /// A client for the master at `base` (`http://host:port`), with
     /// `user:password` for Basic auth when given.
+    ///
+    /// An `https` master's certificate must come from a public authority,
+    /// or from one in the PEM file `SSL_CERT_FILE` names (a private
+    /// authority, or the master's own self-signed certificate).
     pub fn new(base: &str, auth: Option<&str>) -> anyhow::Result<Client> {
-        let http = reqwest::blocking::Client::builder()
-            .timeout(TIMEOUT)
-            .build()
-            .context("cannot start an HTTP client")?;
+        let mut builder = reqwest::blocking::Client::builder().timeout(TIMEOUT);
+        if let Some(path) = std::env::var_os("SSL_CERT_FILE") {
+            let pem = std::fs::read(&path).with_context(|| {
+                format!("cannot read SSL_CERT_FILE {}", Path::new(&path).display())
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| {
+                format!(
+                    "SSL_CERT_FILE {} is not PEM certificates",
+                    Path::new(&path).display()
+                )
+            })?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().context("cannot start an HTTP client")?;
         let auth = auth.map(|up| {
             let (u, p) = up.split_once(':').unwrap_or((up, ""));
             (u.to_string(), p.to_string())

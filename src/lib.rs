@@ -12,6 +12,7 @@ pub mod events;
 pub mod http;
 pub mod master;
 pub mod memory;
+pub mod net;
 pub mod queuedir;
 pub mod quickstart;
 pub mod repl;

@@ -776,6 +776,9 @@ pub struct WwwUser {
 pub struct WwwConfig {
     pub port: u16,
     pub host: String,
+    /// TLS on the web port (an `ssl:` port string).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::TlsConfig>,
     /// Whether reads need no login (Buildbot's default: yes).
     pub public_read: bool,
     pub users: BTreeMap<String, WwwUser>,
@@ -784,12 +787,6 @@ pub struct WwwConfig {
     /// every user.
     pub authz: BTreeMap<String, Vec<String>>,
     pub change_hook_dialects: Vec<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ProtocolsConfig {
-    /// Port of the `msgpack_experimental_v7` WebSocket listener.
-    pub msgpack_port: Option<u16>,
 }
 
 /// Buildbot's `db` key: where the master keeps its state.
@@ -844,7 +841,7 @@ pub struct MasterConfig {
     #[serde(rename = "buildbotURL")]
     pub buildbot_url: String,
     pub db: DbConfig,
-    pub protocols: ProtocolsConfig,
+    pub protocols: super::ProtocolsConfig,
     pub www: Option<WwwConfig>,
     pub properties: PropertyMap,
     pub workers: Vec<Worker>,

@@ -29,6 +29,7 @@ mod control;
 mod extract;
 mod hooks;
 mod metrics;
+pub mod server;
 mod web;
 
 use crate::schedulers::Schedulers;

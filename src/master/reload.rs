@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use super::serve::{bind_http, bind_workers, builder_rows, Live};
+use super::serve::{bind_http, bind_workers, builder_rows, Listening, Live};
 use crate::config::diff::ConfigDiff;
 use crate::script::{Limits, Loaded};
 use crate::store::reloads::NewReload;
@@ -125,22 +125,50 @@ impl Live {
         }
         let diff = ConfigDiff::between(&old, &new);
 
-        // New sockets first: a port that cannot be bound refuses the reload.
-        let http_moved = old.www.as_ref().map(|w| (&w.host, w.port))
-            != new.www.as_ref().map(|w| (&w.host, w.port));
+        // New sockets first: a port that cannot be bound, or a key that
+        // cannot be read, refuses the reload.
+        let http_moved = old.www.as_ref().map(|w| (&w.host, w.port, &w.tls))
+            != new.www.as_ref().map(|w| (&w.host, w.port, &w.tls));
         let new_http = match (&new.www, http_moved) {
-            (Some(www), true) => Some(bind_http(www).await.context(
+            (Some(www), true) => Some(bind_http(www, &self.dir).await.context(
                 "the new HTTP address cannot be used; nothing of this reload was applied",
             )?),
             _ => None,
         };
-        let workers_moved = old.protocols.msgpack_port != new.protocols.msgpack_port;
-        let new_workers = match (new.protocols.msgpack_port, workers_moved) {
-            (Some(port), true) => Some(bind_workers(port).await.context(
+        let (op, np) = (&old.protocols, &new.protocols);
+        let workers_moved = (op.msgpack_port, &op.msgpack_interface, &op.msgpack_tls)
+            != (np.msgpack_port, &np.msgpack_interface, &np.msgpack_tls);
+        let new_workers = match (np.msgpack_port, workers_moved) {
+            (Some(port), true) => Some(bind_workers(np, port, &self.dir).await.context(
                 "the new worker port cannot be used; nothing of this reload was applied",
             )?),
             _ => None,
         };
+        // A port that stays: its key and certificate are read again (a
+        // renewed certificate), and served from the next connection on.
+        let renewed_http = match (&new.www, http_moved) {
+            (Some(crate::config::WwwConfig { tls: Some(tls), .. }), false) => Some(
+                crate::net::load_tls(&self.dir, tls)
+                    .context("the web port's TLS; nothing of this reload was applied")?,
+            ),
+            _ => None,
+        };
+        let renewed_workers = match (&np.msgpack_tls, workers_moved) {
+            (Some(tls), false) => Some(
+                crate::net::load_tls(&self.dir, tls)
+                    .context("the worker port's TLS; nothing of this reload was applied")?,
+            ),
+            _ => None,
+        };
+        let listening = [
+            (&self.http, renewed_http),
+            (&self.worker_listener, renewed_workers),
+        ];
+        for (listener, renewed) in listening {
+            if let (Some(Listening { tls: Some(tls), .. }), Some(acceptor)) = (listener, renewed) {
+                tls.replace(acceptor);
+            }
+        }
 
         // Builds: the next ones use the new builders; new log chunks the
         // new compression.
@@ -203,7 +231,8 @@ impl Live {
                 self.retired.push(old.task);
             }
             if let Some(listener) = new_workers {
-                self.worker_listener = Some(self.serve_workers(listener)?);
+                let cert = np.msgpack_tls.as_ref().map(|t| t.cert.as_str());
+                self.worker_listener = Some(self.serve_workers(listener, cert)?);
             }
         }
 

@@ -68,6 +68,8 @@ pub(super) fn master_name(dir: &Path) -> String {
 pub(super) struct Listening {
     pub(super) stop: CancellationToken,
     pub(super) task: tokio::task::JoinHandle<()>,
+    /// Its TLS, which a reload renews in place.
+    pub(super) tls: Option<Arc<crate::net::Tls>>,
 }
 
 /// Everything a running master is made of; reloads change it in place.
@@ -147,56 +149,59 @@ impl Live {
 
 pub(super) async fn bind_http(
     www: &crate::config::WwwConfig,
-) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind((www.host.as_str(), www.port))
+    dir: &Path,
+) -> anyhow::Result<crate::net::Bound> {
+    crate::net::bind(&www.host, www.port, www.tls.as_ref(), dir)
         .await
-        .with_context(|| format!("cannot listen on {}:{}", www.host, www.port))
+        .context("the web port (www.port)")
 }
 
-pub(super) async fn bind_workers(port: u16) -> anyhow::Result<tokio::net::TcpListener> {
-    // Workers are remote machines: listen on every interface, as Buildbot does.
-    tokio::net::TcpListener::bind(("0.0.0.0", port))
-        .await
-        .with_context(|| format!("cannot listen for workers on port {port}"))
+pub(super) async fn bind_workers(
+    protocols: &crate::config::ProtocolsConfig,
+    port: u16,
+    dir: &Path,
+) -> anyhow::Result<crate::net::Bound> {
+    crate::net::bind(
+        &protocols.msgpack_interface,
+        port,
+        protocols.msgpack_tls.as_ref(),
+        dir,
+    )
+    .await
+    .context("the worker port (protocols.msgpack_experimental_v7.port)")
 }
 
 impl Live {
-    pub(super) fn serve_http(
-        &self,
-        listener: tokio::net::TcpListener,
-    ) -> anyhow::Result<Listening> {
-        let addr = listener.local_addr()?;
-        tracing::info!("HTTP listening on http://{addr}/");
+    pub(super) fn serve_http(&self, bound: crate::net::Bound) -> anyhow::Result<Listening> {
+        let addr = bound.tcp.local_addr()?;
+        tracing::info!(
+            "HTTP listening on {}://{addr}/",
+            bound.scheme("http", "https")
+        );
         let stop = self.cancel.child_token();
         // Long answers (the event stream) end when this server stops.
         let mut state = self.app.clone();
         state.stopping = stop.clone();
         let app = crate::http::router(state);
-        let until = stop.clone();
-        let task = tokio::spawn(async move {
-            let r = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { until.cancelled().await })
-            .await;
-            if let Err(e) = r {
-                tracing::warn!("HTTP server: {e}");
-            }
-        });
-        Ok(Listening { stop, task })
+        let tls = bound.tls.clone();
+        let task = tokio::spawn(crate::http::server::serve(bound, app, stop.clone()));
+        Ok(Listening { stop, task, tls })
     }
 
+    /// Serves the worker port; `cert` is its TLS certificate file, which
+    /// latent workers trust.
     pub(super) fn serve_workers(
         &self,
-        listener: tokio::net::TcpListener,
+        bound: crate::net::Bound,
+        cert: Option<&str>,
     ) -> anyhow::Result<Listening> {
-        let addr = listener.local_addr()?;
-        tracing::info!("workers connect to ws://{addr}/");
-        self.distributor.latent.set_master_addr(addr);
+        let addr = bound.tcp.local_addr()?;
+        tracing::info!("workers connect to {}://{addr}/", bound.scheme("ws", "wss"));
+        self.distributor.latent.set_master_addr(addr, cert);
         let stop = self.cancel.child_token();
+        let tls = bound.tls.clone();
         let task = tokio::spawn(crate::workers::serve(
-            listener,
+            bound,
             self.worker_setup.clone(),
             self.registry.clone(),
             self.store.clone(),
@@ -204,7 +209,7 @@ impl Live {
             self.cancel.clone(),
             stop.clone(),
         ));
-        Ok(Listening { stop, task })
+        Ok(Listening { stop, task, tls })
     }
 }
 
@@ -337,12 +342,21 @@ pub(super) async fn serve(
     live.run_queues();
 
     match &config.www {
-        Some(www) => live.http = Some(live.serve_http(bind_http(www).await?)?),
+        Some(www) => live.http = Some(live.serve_http(bind_http(www, dir).await?)?),
         None => tracing::info!("no `www` in the config: no HTTP server, so no change hook"),
     }
     store.master_connections_reset(master_id).await?;
     if let Some(port) = config.protocols.msgpack_port {
-        live.worker_listener = Some(live.serve_workers(bind_workers(port).await?)?);
+        live.worker_listener = Some(
+            live.serve_workers(
+                bind_workers(&config.protocols, port, dir).await?,
+                config
+                    .protocols
+                    .msgpack_tls
+                    .as_ref()
+                    .map(|t| t.cert.as_str()),
+            )?,
+        );
     }
 
     let retried = store.retry_unfinished_builds(master_id).await?;

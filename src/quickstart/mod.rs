@@ -148,7 +148,7 @@ pub(crate) fn run_master(
     for w in workers {
         let wdir: PathBuf = dir.join("workers").join(w.name);
         if !wdir.exists() {
-            kiln_worker::create(&wdir, &format!("127.0.0.1:{port}"), w.name, password)?;
+            kiln_worker::create(&wdir, &format!("127.0.0.1:{port}"), w.name, password, None)?;
         }
         let log = std::fs::File::create(dir.join("workers").join(format!("{}.log", w.name)))?;
         let child = Command::new(&exe)

@@ -12,6 +12,10 @@ use super::{errors, LoadState};
 use crate::config::*;
 use crate::diagnostics::Diagnostic;
 
+/// Where the worker port listens unless its port string says: workers are
+/// other machines, so every interface, as Buildbot does.
+const EVERY_INTERFACE: &str = "0.0.0.0";
+
 pub fn master_config(
     value: Dynamic,
     state: &Arc<LoadState>,
@@ -315,36 +319,39 @@ fn db_config(v: Option<Dynamic>) -> ScriptResult<DbConfig> {
     Ok(db)
 }
 
-fn port_of(v: &Dynamic, key: &str) -> ScriptResult<u16> {
-    let bad = || {
-        ScriptError::new(format!("`{key}` must be a port number from 0 to 65535"))
+/// A port: a number, or Twisted's port string (`"tcp:8010:interface=..."`,
+/// `"ssl:8443:privateKey=key.pem:certKey=cert.pem"`) as Buildbot configs
+/// write it.
+fn listen_of(v: &Dynamic, key: &str) -> ScriptResult<Listen> {
+    let bad = |why: String| {
+        ScriptError::new(format!("`{key}`: {why}"))
+            .help("write a port number, \"tcp:PORT:interface=ADDRESS\" or \"ssl:PORT:privateKey=KEY.pem:certKey=CERT.pem\"")
             .focus("port")
             .into_err()
     };
     if let Ok(n) = v.as_int() {
-        return u16::try_from(n).map_err(|_| bad());
+        let port =
+            u16::try_from(n).map_err(|_| bad("a port must be a number from 0 to 65535".into()))?;
+        return Ok(Listen {
+            port,
+            interface: None,
+            tls: None,
+        });
     }
-    // Twisted's "tcp:8010:interface=127.0.0.1" form, as Buildbot configs write it.
-    let s = v.clone().into_string().map_err(|_| bad())?;
-    let port = s
-        .strip_prefix("tcp:")
-        .unwrap_or(&s)
-        .split(':')
-        .next()
-        .unwrap_or("");
-    port.parse::<u16>().map_err(|_| bad())
-}
-
-fn interface_of(v: &Dynamic) -> Option<String> {
-    let s = v.clone().into_string().ok()?;
-    s.split(':')
-        .find_map(|part| part.strip_prefix("interface="))
-        .map(str::to_string)
+    let s = v
+        .clone()
+        .into_string()
+        .map_err(|_| bad("must be a port number or a port string".into()))?;
+    Listen::parse(&s).map_err(bad)
 }
 
 fn protocols(v: Option<Dynamic>) -> ScriptResult<ProtocolsConfig> {
     let Some(v) = v else {
-        return Ok(ProtocolsConfig { msgpack_port: None });
+        return Ok(ProtocolsConfig {
+            msgpack_port: None,
+            msgpack_interface: EVERY_INTERFACE.into(),
+            msgpack_tls: None,
+        });
     };
     let m = sub_map(v, "protocols")?;
     if m.contains_key("pb") {
@@ -354,7 +361,7 @@ fn protocols(v: Option<Dynamic>) -> ScriptResult<ProtocolsConfig> {
             .into_err());
     }
     strict(&m, "protocols", &["msgpack_experimental_v7"])?;
-    let msgpack_port = match m.get("msgpack_experimental_v7") {
+    let listen = match m.get("msgpack_experimental_v7") {
         None => None,
         Some(p) => {
             let pm = sub_map(p.clone(), "msgpack_experimental_v7")?;
@@ -362,10 +369,17 @@ fn protocols(v: Option<Dynamic>) -> ScriptResult<ProtocolsConfig> {
             let port = pm.get("port").ok_or_else(|| {
                 ScriptError::new("`protocols.msgpack_experimental_v7` needs `port`").into_err()
             })?;
-            Some(port_of(port, "protocols.msgpack_experimental_v7.port")?)
+            Some(listen_of(port, "protocols.msgpack_experimental_v7.port")?)
         }
     };
-    Ok(ProtocolsConfig { msgpack_port })
+    Ok(ProtocolsConfig {
+        msgpack_port: listen.as_ref().map(|l| l.port),
+        msgpack_interface: listen
+            .as_ref()
+            .and_then(|l| l.interface.clone())
+            .unwrap_or_else(|| EVERY_INTERFACE.into()),
+        msgpack_tls: listen.and_then(|l| l.tls),
+    })
 }
 
 fn www(v: Dynamic, state: &Arc<LoadState>) -> ScriptResult<WwwConfig> {
@@ -384,14 +398,17 @@ fn www(v: Dynamic, state: &Arc<LoadState>) -> ScriptResult<WwwConfig> {
         ],
     )?;
     let port_v = m.get("port").cloned().unwrap_or(Dynamic::from(8010_i64));
-    let port = port_of(&port_v, "www.port")?;
+    let listen = listen_of(&port_v, "www.port")?;
     let host = match m.get("host") {
         Some(h) => h.clone().into_string().map_err(|_| {
             ScriptError::new("`www.host` must be a string")
                 .focus("host")
                 .into_err()
         })?,
-        None => interface_of(&port_v).unwrap_or_else(|| "127.0.0.1".into()),
+        None => listen
+            .interface
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1".into()),
     };
     let public_read = match m.get("public_read") {
         None => true,
@@ -444,8 +461,9 @@ fn www(v: Dynamic, state: &Arc<LoadState>) -> ScriptResult<WwwConfig> {
         }
     }
     Ok(WwwConfig {
-        port,
+        port: listen.port,
         host,
+        tls: listen.tls,
         public_read,
         users,
         authz,

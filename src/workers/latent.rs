@@ -109,11 +109,19 @@ pub struct Counters {
 pub struct LatentPool {
     slots: Mutex<BTreeMap<String, Slot>>,
     master_dir: PathBuf,
-    /// HOST:PORT of the master's worker listener.
-    master_addr: Mutex<String>,
+    /// Where latent workers find the master's worker listener.
+    master_addr: Mutex<MasterAddr>,
     concurrency: AtomicU32,
     events: Events,
     pub counters: Counters,
+}
+
+/// Where a latent worker connects: `HOST:PORT`, or `wss://HOST:PORT` and
+/// the master's certificate file to trust when the port has TLS.
+#[derive(Clone, Debug, Default)]
+pub struct MasterAddr {
+    pub addr: String,
+    pub ca: Option<PathBuf>,
 }
 
 /// How long a stop command or a worker's exit may take.
@@ -138,14 +146,24 @@ impl LatentPool {
         })
     }
 
-    /// The address latent workers are given to connect to.
-    pub fn set_master_addr(&self, addr: std::net::SocketAddr) {
+    /// The address latent workers are given to connect to; with TLS,
+    /// `cert` (relative to the master dir) is what they trust.
+    pub fn set_master_addr(&self, addr: std::net::SocketAddr, cert: Option<&str>) {
         let host = if addr.ip().is_unspecified() {
             "127.0.0.1".to_string()
         } else {
             addr.ip().to_string()
         };
-        *lock(&self.master_addr) = format!("{host}:{}", addr.port());
+        *lock(&self.master_addr) = match cert {
+            None => MasterAddr {
+                addr: format!("{host}:{}", addr.port()),
+                ca: None,
+            },
+            Some(cert) => MasterAddr {
+                addr: format!("wss://{host}:{}/", addr.port()),
+                ca: Some(self.master_dir.join(cert)),
+            },
+        };
     }
 
     /// Takes the latent workers of a (new) config. A new one starts
@@ -320,8 +338,14 @@ impl LatentPool {
                     std::fs::remove_file(&config)
                         .map_err(|e| format!("cannot replace {}: {e}", config.display()))?;
                 }
-                kiln_worker::create(&dir, &addr, name, worker.password.expose())
-                    .map_err(|e| format!("{e:#}"))?;
+                kiln_worker::create(
+                    &dir,
+                    &addr.addr,
+                    name,
+                    worker.password.expose(),
+                    addr.ca.as_deref(),
+                )
+                .map_err(|e| format!("{e:#}"))?;
                 let log = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
@@ -776,7 +800,7 @@ async fn run_command(
     argv: &[String],
     env: &BTreeMap<String, String>,
     worker: &Worker,
-    addr: &str,
+    addr: &MasterAddr,
     limit: Duration,
 ) -> Result<(), String> {
     let Some((program, args)) = argv.split_first() else {
@@ -787,7 +811,7 @@ async fn run_command(
         .envs(env)
         .env("KILN_WORKER_NAME", &worker.name)
         .env("KILN_WORKER_PASSWORD", worker.password.expose())
-        .env("KILN_MASTER", addr)
+        .env("KILN_MASTER", &addr.addr)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -795,6 +819,9 @@ async fn run_command(
         // ended with everything it started and still waits on.
         .process_group(0)
         .kill_on_drop(true);
+    if let Some(ca) = &addr.ca {
+        cmd.env("KILN_MASTER_CA", ca);
+    }
     let child = cmd
         .spawn()
         .map_err(|e| format!("cannot run `{program}`: {e}"))?;

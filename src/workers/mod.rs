@@ -26,7 +26,6 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _};
 use futures_util::{SinkExt, StreamExt};
 use rmpv::Value;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
@@ -285,7 +284,7 @@ impl Registry {
 /// stops: every connection is closed) or `stop_listening` does (a reload
 /// moved the port: the connections stay).
 pub async fn serve(
-    listener: TcpListener,
+    bound: crate::net::Bound,
     setup: WorkerSetup,
     registry: Arc<Registry>,
     store: Store,
@@ -297,7 +296,7 @@ pub async fn serve(
     let (mut refused, mut last_said) = (0u64, None);
     loop {
         let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
+            r = bound.tcp.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!("accepting a worker connection failed: {e}");
@@ -321,13 +320,21 @@ pub async fn serve(
             }
             continue;
         };
-        let (setup, registry, store, cancel) = (
+        let (setup, registry, store, cancel, tls) = (
             setup.clone(),
             registry.clone(),
             store.clone(),
             cancel.clone(),
+            bound.tls.clone(),
         );
         tokio::spawn(async move {
+            let stream = match crate::net::Stream::accept(stream, tls.as_deref()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(peer = %peer, "worker connection closed: {e:#}");
+                    return;
+                }
+            };
             if let Err(e) = connection(
                 stream, peer, admitted, &setup, &registry, &store, masterid, &cancel,
             )
@@ -412,7 +419,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[allow(clippy::result_large_err)]
 #[allow(clippy::too_many_arguments)]
 async fn connection(
-    stream: TcpStream,
+    stream: crate::net::Stream,
     peer: SocketAddr,
     admitted: crate::throttle::Admitted,
     setup: &WorkerSetup,

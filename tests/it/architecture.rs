@@ -14,6 +14,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("suggest", &[][..]),
         ("sync", &[]),
         ("throttle", &["sync"]),
+        ("net", &["config", "sync"]),
         ("memory", &[]),
         ("queuedir", &[]),
         ("events", &[]),
@@ -27,7 +28,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ("changes", &["config", "store", "sync"]),
         (
             "workers",
-            &["config", "events", "store", "sync", "throttle"],
+            &["config", "events", "net", "store", "sync", "throttle"],
         ),
         (
             "schedulers",
@@ -52,6 +53,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "changes",
                 "config",
                 "events",
+                "net",
                 "schedulers",
                 "store",
                 "sync",
@@ -66,6 +68,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
                 "config",
                 "diagnostics",
                 "http",
+                "net",
                 "queuedir",
                 "schedulers",
                 "script",

@@ -25,5 +25,6 @@ mod script_errors;
 mod seed_build;
 mod seed_fleet;
 mod soak;
+mod tls;
 mod web;
 mod workers;

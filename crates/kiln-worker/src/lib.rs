@@ -33,13 +33,19 @@ pub enum Command {
     /// Make a worker dir that connects to a master.
     Create {
         dir: PathBuf,
-        /// The master's worker port, HOST:PORT.
+        /// The master's worker port: HOST:PORT, or wss://HOST:PORT for a
+        /// port with TLS (ws://HOST:PORT is HOST:PORT).
         #[arg(long)]
         master: String,
         #[arg(long)]
         name: String,
         #[arg(long)]
         password: String,
+        /// PEM certificates of the authority (or the self-signed
+        /// certificate) that a wss:// master's certificate must come from;
+        /// without it, the public authorities (Mozilla's list).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
     /// Run the worker of DIR in the foreground (logs to stderr).
     Start { dir: PathBuf },
@@ -54,8 +60,9 @@ pub fn run_command(command: Command, program: &str) -> anyhow::Result<()> {
             master,
             name,
             password,
+            ca_file,
         } => {
-            create(&dir, &master, &name, &password)?;
+            create(&dir, &master, &name, &password, ca_file.as_deref())?;
             println!(
                 "created worker `{name}` in {}; run it with `{program} start {}`",
                 dir.display(),
@@ -75,18 +82,32 @@ struct WorkerFile {
     master: String,
     name: String,
     password: String,
+    /// Trust for a wss:// master (absolute, or relative to the worker dir).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_file: Option<PathBuf>,
 }
 
 /// `kiln worker create`.
-pub fn create(dir: &Path, master: &str, name: &str, password: &str) -> anyhow::Result<()> {
+pub fn create(
+    dir: &Path,
+    master: &str,
+    name: &str,
+    password: &str,
+    ca_file: Option<&Path>,
+) -> anyhow::Result<()> {
     if dir.join(CONFIG_FILE).exists() {
         bail!("{} already holds a worker", dir.display());
+    }
+    session::master_url(master)?;
+    if let Some(ca) = ca_file {
+        session::roots(Some(ca), dir).with_context(|| format!("--ca-file {}", ca.display()))?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let text = serde_json::to_string_pretty(&WorkerFile {
         master: master.to_string(),
         name: name.to_string(),
         password: password.to_string(),
+        ca_file: ca_file.map(Path::to_path_buf),
     })?;
     let path = dir.join(CONFIG_FILE);
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
@@ -135,6 +156,7 @@ pub fn fleet(
                 master: master.to_string(),
                 name: format!("{prefix}{i}"),
                 password: password.to_string(),
+                ca_file: None,
             };
             tasks.push(tokio::spawn(run(cfg, basedir)));
         }

@@ -34,25 +34,101 @@ pub(super) type Running = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<String
 pub(super) type Waiting =
     Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Result<Value, String>>>>>;
 
+/// The master's URL from what `--master` says: `HOST:PORT` and
+/// `ws://HOST:PORT` are plain, `wss://HOST:PORT` is TLS.
+pub(super) fn master_url(master: &str) -> anyhow::Result<String> {
+    let url = if master.starts_with("ws://") || master.starts_with("wss://") {
+        master.to_string()
+    } else if master.contains("://") {
+        anyhow::bail!(
+            "the master must be HOST:PORT, ws://HOST:PORT or wss://HOST:PORT, not {master}"
+        );
+    } else {
+        format!("ws://{master}/")
+    };
+    Ok(url)
+}
+
+/// The authorities a wss:// master's certificate may come from: those of
+/// `ca_file` (relative to `basedir`), or Mozilla's list of public ones.
+pub(super) fn roots(
+    ca_file: Option<&Path>,
+    basedir: &Path,
+) -> anyhow::Result<tokio_rustls::rustls::RootCertStore> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::CertificateDer;
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    let Some(ca) = ca_file else {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        return Ok(roots);
+    };
+    let path = basedir.join(ca);
+    let certs = CertificateDer::pem_file_iter(&path)
+        .and_then(|c| c.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("cannot read certificates from {}", path.display()))?;
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        anyhow::bail!(
+            "{} holds no usable certificate (PEM: -----BEGIN CERTIFICATE-----)",
+            path.display()
+        );
+    }
+    Ok(roots)
+}
+
+/// The connection under the WebSocket: TCP, or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A connection to the master, through TLS for a wss:// URL (the master's
+/// certificate checked against [`roots`] and the URL's host).
+async fn connect(
+    cfg: &WorkerFile,
+    basedir: &Path,
+    req: tokio_tungstenite::tungstenite::handshake::client::Request,
+) -> anyhow::Result<tokio_tungstenite::WebSocketStream<Box<dyn Io>>> {
+    use tokio_rustls::rustls;
+    let uri = req.uri().clone();
+    let host = uri.host().context("the master's URL has no host")?;
+    let secure = uri.scheme_str() == Some("wss");
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+        .await
+        .with_context(|| format!("cannot connect to {host}:{port}"))?;
+    let _ = tcp.set_nodelay(true);
+    let stream: Box<dyn Io> = if secure {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots(cfg.ca_file.as_deref(), basedir)?)
+            .with_no_client_auth();
+        let name =
+            rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+                .with_context(|| format!("{host} is not a host name or an address"))?;
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .context("TLS handshake with the master")?;
+        Box::new(tls)
+    } else {
+        Box::new(tcp)
+    };
+    let (ws, _) = tokio_tungstenite::client_async(req, stream).await?;
+    Ok(ws)
+}
+
 pub(super) async fn session(cfg: &WorkerFile, basedir: &Path) -> anyhow::Result<Ended> {
     use base64::Engine as _;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let url = if cfg.master.starts_with("ws://") {
-        cfg.master.clone()
-    } else {
-        format!("ws://{}/", cfg.master)
-    };
+    let url = master_url(&cfg.master)?;
     let mut req = url.as_str().into_client_request()?;
     let auth =
         base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", cfg.name, cfg.password));
     req.headers_mut()
         .insert("Authorization", format!("Basic {auth}").parse()?);
-    let (ws, _) = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio_tungstenite::connect_async(req),
-    )
-    .await
-    .context("no answer within 30 s")??;
+    let ws = tokio::time::timeout(Duration::from_secs(30), connect(cfg, basedir, req))
+        .await
+        .context("no answer within 30 s")??;
     tracing::info!("connected to {url} as {}", cfg.name);
     let (mut sink, mut stream) = ws.split();
     let (out, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();

@@ -378,8 +378,11 @@ pub struct Script {
     secrets: Vec<(String, String)>,
     no_force: bool,
     bound_to: Option<String>,
-    /// The worker port (0, any free one, by default).
-    worker_port: u16,
+    /// The worker port as the script writes it (0, any free one, by
+    /// default).
+    worker_port: String,
+    /// The web port as the script writes it (0 by default).
+    www_port: String,
 }
 
 impl Script {
@@ -452,7 +455,19 @@ impl Script {
     /// Workers connect on this port (so that they find the master again
     /// after it restarts).
     pub fn worker_port(mut self, port: u16) -> Script {
-        self.worker_port = port;
+        self.worker_port = port.to_string();
+        self
+    }
+
+    /// The worker port as a Twisted port string (`"ssl:0:privateKey=..."`).
+    pub fn worker_port_string(mut self, spec: &str) -> Script {
+        self.worker_port = format!("{spec:?}");
+        self
+    }
+
+    /// The web port as a Twisted port string.
+    pub fn www_port_string(mut self, spec: &str) -> Script {
+        self.www_port = format!("{spec:?}");
         self
     }
 
@@ -481,12 +496,21 @@ impl Script {
         let map = format!(
             "#{{\n    \
              protocols: #{{ msgpack_experimental_v7: #{{ port: {port} }} }},\n    \
-             www: #{{ port: 0{www} }},\n    \
+             www: #{{ port: {www_port}{www} }},\n    \
              workers: [{workers}],\n    \
              schedulers: [{schedulers}],\n    \
              builders: [{builders}],\n{keys}}}",
             www = self.www,
-            port = self.worker_port,
+            www_port = if self.www_port.is_empty() {
+                "0"
+            } else {
+                &self.www_port
+            },
+            port = if self.worker_port.is_empty() {
+                "0"
+            } else {
+                &self.worker_port
+            },
             workers = self.workers.join(", "),
             schedulers = schedulers.join(", "),
             builders = builders.join(",\n        "),
