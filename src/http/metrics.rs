@@ -1,5 +1,5 @@
-//! `GET /metrics`: Prometheus text, from one store query per scrape and the
-//! pollers' failure counts.
+//! `GET /metrics`: Prometheus text, from one store query per scrape, the
+//! pollers' failure counts and the store's faults.
 
 use std::sync::Arc;
 
@@ -92,6 +92,38 @@ pub(super) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
             label(&source)
         );
     }
+    let faults = st.store.faults().snapshot();
+    family(
+        &mut text,
+        "kiln_store_faults_total",
+        "counter",
+        "Database writes that failed and wait to be tried again, by kind (full: no space; locked: another program holds the database; io: an I/O error).",
+    );
+    for (kind, n) in [
+        ("full", faults.full),
+        ("locked", faults.locked),
+        ("io", faults.io),
+    ] {
+        let _ = writeln!(text, "kiln_store_faults_total{{kind=\"{kind}\"}} {n}");
+    }
+    family(
+        &mut text,
+        "kiln_store_waiting",
+        "gauge",
+        "Calls waiting for the database to take a write again.",
+    );
+    let _ = writeln!(text, "kiln_store_waiting {}", faults.waiting);
+    family(
+        &mut text,
+        "kiln_store_failing_seconds",
+        "gauge",
+        "How long the database has failed writes (0 when it takes them).",
+    );
+    let _ = writeln!(
+        text,
+        "kiln_store_failing_seconds {}",
+        faults.failing_for_s.unwrap_or(0)
+    );
     family(
         &mut text,
         "kiln_reloads_total",

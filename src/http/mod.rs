@@ -301,9 +301,23 @@ async fn list_reloads(
     }
 }
 
+/// `GET /health`: `status` `ok`, or `degraded` while the database fails
+/// writes (`store` says how: see [`crate::store::faults`]). Always 200:
+/// the master is up either way.
 async fn health(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let faults = st.store.faults().snapshot();
+    let store = match &faults.failing_for_s {
+        None => json!({ "state": "ok" }),
+        Some(s) => json!({
+            "state": "failing",
+            "failing_for_s": s,
+            "last_error": faults.last_error,
+            "waiting": faults.waiting,
+        }),
+    };
     Json(json!({
-        "status": "ok",
+        "status": if faults.failing_for_s.is_some() { "degraded" } else { "ok" },
         "uptime_s": st.started_at.elapsed().as_secs(),
+        "store": store,
     }))
 }

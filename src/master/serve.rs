@@ -490,6 +490,9 @@ pub(super) async fn serve(
     };
     drop(watcher);
     tracing::info!("{why}: stopping");
+    // A database fault no longer holds anything up: what cannot be
+    // written now is recovered at the next start.
+    store.faults().close();
     cancel.cancel();
     let Live {
         pollers,

@@ -163,7 +163,7 @@ impl Store {
             .call(move |c| {
                 c.execute(
                     "UPDATE builds SET complete_at = ?2, results = ?3, state_string = ?4 WHERE id = ?1",
-                    args![buildid, now(), results, state],
+                    args![buildid, now(), results, &state],
                 )?;
                 let buildsets = match &claimed {
                     Claimed::Complete(brids) => super::buildsets::complete_requests(c, brids, results)?,
@@ -208,7 +208,7 @@ impl Store {
                  RETURNING id",
                 args![number, &name, buildid, now()],
             )?;
-            Ok((id, name))
+            Ok((id, name.clone()))
         })
         .await?;
         self.events.emit("steps", id.0, "started", || {
@@ -224,7 +224,7 @@ impl Store {
             .call(move |c| {
                 c.execute(
                     "UPDATE steps SET complete_at = ?2, results = ?3, state_string = ?4 WHERE id = ?1",
-                    args![stepid, now(), results, state],
+                    args![stepid, now(), results, &state],
                 )?;
                 c.query_opt(
                     "SELECT buildid, state_string FROM steps WHERE id = ?1",
@@ -262,7 +262,7 @@ impl Store {
                     "INSERT INTO logs (name, slug, stepid, type) VALUES (?1, ?2, ?3, ?4) RETURNING id",
                     args![&name, &slug, stepid, &kind],
                 )?;
-                Ok((id, name, slug, kind))
+                Ok((id, name.clone(), slug, kind.clone()))
             })
             .await?;
         self.events.emit("logs", id, "new", || {
@@ -551,7 +551,7 @@ impl Store {
     /// The id of worker `name`, if it has ever connected.
     pub async fn worker_id(&self, name: &str) -> anyhow::Result<Option<i64>> {
         let name = name.to_string();
-        self.call(move |c| c.value_opt("SELECT id FROM workers WHERE name = ?1", args![name]))
+        self.call(move |c| c.value_opt("SELECT id FROM workers WHERE name = ?1", args![&name]))
             .await
     }
 }

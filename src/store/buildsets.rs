@@ -610,7 +610,7 @@ impl Store {
                 }
                 super::locks::take(c, &locks, brid, masterid)?;
                 let mut ids = vec![brid];
-                let others = match collapse {
+                let others = match collapse.clone() {
                     Collapse::None => vec![],
                     Collapse::Default => collapsible(c, brid)?,
                     Collapse::These(v) => v,

@@ -32,7 +32,7 @@ impl Store {
                     "INSERT INTO masters (name, active, last_active) VALUES (?1, 1, ?2)
                      ON CONFLICT (name) DO UPDATE SET active = 1, last_active = excluded.last_active
                      RETURNING id",
-                    args![name, now()],
+                    args![&name, now()],
                 )
             })
             .await?;

@@ -20,6 +20,7 @@ pub mod api;
 pub mod builds;
 pub mod buildsets;
 pub mod db;
+pub mod faults;
 pub mod grid;
 pub mod janitor;
 pub mod locks;
@@ -191,6 +192,8 @@ pub struct Store {
     /// How new log chunks are compressed (a `logcodec` code; the config's
     /// `logCompressionMethod`).
     log_compression: Arc<std::sync::atomic::AtomicI64>,
+    /// Writes the database cannot take now, waited out (see [`faults`]).
+    faults: Arc<faults::Faults>,
 }
 
 impl std::fmt::Debug for Store {
@@ -254,6 +257,7 @@ impl Store {
             remote: None,
             bus: ChangeBus::default(),
             log_compression: Arc::new(logcodec::ZSTD.into()),
+            faults: Arc::default(),
         })
     }
 
@@ -321,6 +325,7 @@ impl Store {
             remote: Some(remote.clone()),
             bus: ChangeBus::default(),
             log_compression: Arc::new(logcodec::ZSTD.into()),
+            faults: Arc::default(),
         };
         tokio::spawn(notify::listener(
             listen_config,
@@ -358,33 +363,75 @@ impl Store {
         &self.bus
     }
 
+    /// How the database's writes go (faults waited out, calls waiting).
+    pub fn faults(&self) -> &faults::Faults {
+        &self.faults
+    }
+
+    /// Runs `f` on the SQLite connection itself, outside any transaction
+    /// (the fault tests set its limits).
+    #[cfg(test)]
+    pub(crate) fn with_sqlite<R>(&self, f: impl FnOnce(&Connection) -> R) -> Option<R> {
+        match &self.backend {
+            Backend::Sqlite(conn) => Some(f(&crate::sync::lock(conn))),
+            Backend::Postgres(_) => None,
+        }
+    }
+
     /// Runs blocking database work off the async runtime, as one
     /// transaction: committed when `f` returns `Ok`, rolled back when it
     /// returns `Err`. The closure runs to its end even if the caller stops
     /// waiting, so a transaction is never left half-written by a cancelled
-    /// task.
+    /// task. A fault of SQLite's that a wait can outlast (a full disk, a
+    /// lock held by another program, an I/O error) is waited out and the
+    /// whole transaction run again (see [`faults`]).
     async fn call<R, F>(&self, f: F) -> anyhow::Result<R>
     where
         R: Send + 'static,
-        F: FnOnce(&mut dyn Sql) -> anyhow::Result<R> + Send + 'static,
+        F: FnMut(&mut dyn Sql) -> anyhow::Result<R> + Send + 'static,
     {
         match &self.backend {
             Backend::Sqlite(conn) => {
-                let conn = conn.clone();
-                tokio::task::spawn_blocking(move || {
-                    let mut c = crate::sync::lock(&conn);
-                    let tx = c.transaction()?;
-                    let r = f(&mut db::Lite(&tx))?;
-                    tx.commit()?;
-                    Ok(r)
-                })
-                .await
-                .context("database task failed")?
+                let mut f = f;
+                let mut attempt = 0u32;
+                let mut waiting = None;
+                loop {
+                    let conn = conn.clone();
+                    let (back, r) = tokio::task::spawn_blocking(move || {
+                        let r = (|| {
+                            let mut c = crate::sync::lock(&conn);
+                            let tx = c.transaction()?;
+                            let r = f(&mut db::Lite(&tx))?;
+                            tx.commit()?;
+                            Ok(r)
+                        })();
+                        (f, r)
+                    })
+                    .await
+                    .context("database task failed")?;
+                    f = back;
+                    let e = match r {
+                        Ok(r) => {
+                            if waiting.take().is_some() {
+                                self.faults.recovered();
+                            }
+                            return Ok(r);
+                        }
+                        Err(e) => e,
+                    };
+                    let Some(wait) = self.faults.retry(&e, attempt) else {
+                        return Err(e);
+                    };
+                    waiting.get_or_insert_with(|| self.faults.waiting());
+                    tokio::time::sleep(wait).await;
+                    attempt = attempt.saturating_add(1);
+                }
             }
             Backend::Postgres(pool) => {
                 let pool = pool.clone();
                 let target = self.target.clone();
                 let rt = tokio::runtime::Handle::current();
+                let mut f = f;
                 tokio::task::spawn_blocking(move || {
                     let mut client = rt.block_on(connection(&pool, &target))?;
                     let tx = rt.block_on(client.transaction())?;
@@ -435,8 +482,8 @@ impl Store {
         let stored = self
             .call(move |c| {
                 let mut out = Vec::with_capacity(changes.len());
-                for ch in changes {
-                    out.push(insert_change(c, &source, ch)?);
+                for ch in &changes {
+                    out.push(insert_change(c, &source, ch.clone())?);
                 }
                 for (object, name, value) in &state {
                     set_state(c, *object, name, value)?;

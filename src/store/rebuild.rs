@@ -45,7 +45,7 @@ impl Store {
                 };
                 let new = NewBuildset {
                     scheduler: "rebuild".into(),
-                    reason,
+                    reason: reason.clone(),
                     external_idstring: old.external_idstring,
                     source: Source::SourceStamps(old.sourcestamps),
                     properties: old.properties,

@@ -60,10 +60,10 @@ impl Store {
                 args![
                     r.started_at,
                     now(),
-                    r.trigger,
+                    &r.trigger,
                     r.applied,
-                    r.diff,
-                    r.errors,
+                    &r.diff,
+                    &r.errors,
                     serde_json::to_string(&r.files)?,
                     r.duration_ms
                 ],

@@ -29,7 +29,7 @@ impl Store {
             c.query(
                 "SELECT id, complete, results, complete_at FROM buildsets
                  WHERE scheduler = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-                args![scheduler, after, limit as i64],
+                args![&scheduler, after, limit as i64],
             )?
             .iter()
             .map(|r| {

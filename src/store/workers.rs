@@ -48,7 +48,7 @@ impl Store {
                 "INSERT INTO workers (name, info_json) VALUES (?1, ?2)
                  ON CONFLICT (name) DO UPDATE SET info_json = excluded.info_json
                  RETURNING id",
-                args![name, info.to_string()],
+                args![&name, info.to_string()],
             )?;
             c.execute(
                 "INSERT INTO connected_workers (workerid, masterid, connected_at) VALUES (?1, ?2, ?3)

@@ -25,6 +25,7 @@ mod script_errors;
 mod seed_build;
 mod seed_fleet;
 mod soak;
+mod store_faults;
 mod tls;
 mod web;
 mod workers;
