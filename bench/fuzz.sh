@@ -3,7 +3,9 @@
 # decoder (any bytes, any MessagePack value, cut frames, huge declared
 # lengths), the json-pushes parser, the API's query parameters, the base
 # change hook's form, Interpolate/WithProperties rendering, Nightly's
-# cron fields, and QueueDir's item names and files. The test suite runs each with proptest's default 256 cases;
+# cron fields, QueueDir's item names and files, and the master's handling
+# of worker requests (unknown ops and command ids, wrong types, transfer
+# calls out of order). The test suite runs each with proptest's default 256 cases;
 # this runs CASES each (default 100000; 1000000 for a long night) in the
 # release profile and prints the time. A failure prints proptest's
 # minimal failing input and exits 1.

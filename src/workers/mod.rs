@@ -14,6 +14,8 @@
 //! wins).
 
 pub use kiln_protocol as protocol;
+#[cfg(test)]
+mod fuzz;
 pub mod latent;
 pub mod transfer;
 
