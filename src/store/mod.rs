@@ -28,6 +28,7 @@ pub mod logcodec;
 pub mod masters;
 mod migrate;
 pub mod notify;
+pub mod pgtls;
 mod rebuild;
 
 pub use migrate::{create_at_version, SCHEMA_VERSION};
@@ -154,11 +155,13 @@ impl Target {
             }));
         }
         if db_url.starts_with("postgresql://") || db_url.starts_with("postgres://") {
-            db_url.parse::<tokio_postgres::Config>().with_context(|| {
-                format!("`db.db_url` {} is not a PostgreSQL URL", redact_url(db_url))
-            })?;
+            let what = || format!("`db.db_url` {}", redact_url(db_url));
+            let pg = pgtls::PgUrl::parse(db_url, Some(dir)).with_context(what)?;
+            pg.url
+                .parse::<tokio_postgres::Config>()
+                .with_context(|| format!("{} is not a PostgreSQL URL", what()))?;
             return Ok(Target::Postgres {
-                url: db_url.to_string(),
+                url: pg.to_db_url(),
                 password,
             });
         }
@@ -279,9 +282,17 @@ impl Store {
             }
             Target::Postgres { url, password } => (url, password),
         };
-        let mut config: tokio_postgres::Config = url
+        let pg = pgtls::PgUrl::parse(url, None).with_context(|| format!("`db.db_url` {target}"))?;
+        let mut config: tokio_postgres::Config = pg
+            .url
             .parse()
             .with_context(|| format!("`db.db_url` {target} is not a PostgreSQL URL"))?;
+        let tls = match &pg.tls {
+            None => None,
+            Some(root) => Some(
+                pgtls::connector(root.as_deref()).with_context(|| format!("database {target}"))?,
+            ),
+        };
         if let Some(p) = password {
             config.password(p.as_bytes());
         }
@@ -290,13 +301,19 @@ impl Store {
         }
         config.application_name("kiln");
         let listen_config = config.clone();
-        let manager = deadpool_postgres::Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
-            deadpool_postgres::ManagerConfig {
-                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        };
+        let manager = match &tls {
+            None => deadpool_postgres::Manager::from_config(
+                config,
+                tokio_postgres::NoTls,
+                manager_config,
+            ),
+            Some(tls) => {
+                deadpool_postgres::Manager::from_config(config, tls.clone(), manager_config)
+            }
+        };
         let pool = deadpool_postgres::Pool::builder(manager)
             .max_size(PG_POOL_SIZE)
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -329,6 +346,7 @@ impl Store {
         };
         tokio::spawn(notify::listener(
             listen_config,
+            tls,
             origin,
             store.clone(),
             remote,
@@ -825,6 +843,59 @@ mod tests {
         Target::Postgres {
             url,
             password: password.map(String::from),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_to_postgresql_checks_the_servers_certificate_and_name() {
+        let server = kiln_testpg::PgServer::start();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        server
+            .enable_tls(&cert.cert.pem(), &cert.key_pair.serialize_pem())
+            .unwrap();
+        server.create_db("kiln");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), cert.cert.pem()).unwrap();
+        let url = |host: &str, query: &str| {
+            format!(
+                "postgresql://{}:{}@{host}:{}/kiln?{query}",
+                kiln_testpg::USER,
+                kiln_testpg::PASSWORD,
+                server.port()
+            )
+        };
+
+        // Trusting the certificate (a path relative to the master dir),
+        // by the name it was made for: connected, over TLS.
+        let target = Target::parse(
+            dir.path(),
+            &url("localhost", "sslmode=verify-full&sslrootcert=ca.pem"),
+            None,
+        )
+        .unwrap();
+        let store = Store::connect(&target).await.unwrap();
+        store.object_id("x", "HgPoller").await.unwrap();
+        let over_tls = server.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE application_name = 'kiln' AND ssl",
+        );
+        assert_ne!(over_tls.trim(), "0", "kiln's connections use TLS");
+
+        // The public authorities do not know a self-signed certificate, and
+        // 127.0.0.1 is not a name it was made for.
+        for (host, query, says) in [
+            ("localhost", "sslmode=require", "UnknownIssuer"),
+            (
+                "127.0.0.1",
+                "sslmode=require&sslrootcert=ca.pem",
+                "not valid for name",
+            ),
+        ] {
+            let target = Target::parse(dir.path(), &url(host, query), None).unwrap();
+            let err = format!("{:#}", Store::connect(&target).await.unwrap_err());
+            assert!(err.contains(says), "{host} {query}: {err}");
+            assert!(!err.contains(kiln_testpg::PASSWORD), "{err}");
         }
     }
 

@@ -128,13 +128,18 @@ pub(super) async fn notifier(
 /// this master's subscribers and sent on `out`.
 pub(super) async fn listener(
     config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     origin: String,
     store: Store,
     out: broadcast::Sender<Remote>,
 ) {
     let mut backoff = Duration::from_millis(500);
     loop {
-        match listen_once(&config, &origin, &store, &out).await {
+        let once = match &tls {
+            None => listen_once(&config, tokio_postgres::NoTls, &origin, &store, &out).await,
+            Some(tls) => listen_once(&config, tls.clone(), &origin, &store, &out).await,
+        };
+        match once {
             Ok(()) => backoff = Duration::from_millis(500),
             Err(e) => {
                 tracing::warn!(
@@ -149,13 +154,18 @@ pub(super) async fn listener(
 }
 
 /// One listening connection, until it fails.
-async fn listen_once(
+async fn listen_once<T>(
     config: &tokio_postgres::Config,
+    tls: T,
     origin: &str,
     store: &Store,
     out: &broadcast::Sender<Remote>,
-) -> anyhow::Result<()> {
-    let (client, mut conn) = config.connect(tokio_postgres::NoTls).await?;
+) -> anyhow::Result<()>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, mut conn) = config.connect(tls).await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, String)>();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));

@@ -287,6 +287,32 @@ impl PgServer {
         }
     }
 
+    /// Turns TLS on with this certificate and key (PEM), as
+    /// `server.crt` and `server.key` in the data dir; plain connections
+    /// are still accepted.
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.dir.path().join("data");
+        std::fs::write(data.join("server.crt"), cert_pem)
+            .map_err(|e| format!("server.crt: {e}"))?;
+        let key = data.join("server.key");
+        std::fs::write(&key, key_pem).map_err(|e| format!("server.key: {e}"))?;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("server.key: {e}"))?;
+        chown_postgres(&data)?;
+        self.psql("postgres", "ALTER SYSTEM SET ssl = on");
+        self.psql("postgres", "SELECT pg_reload_conf()");
+        // The reload is asynchronous: wait until the server says it is on.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.psql("postgres", "SHOW ssl").trim() != "on" {
+            if Instant::now() > deadline {
+                return Err(format!("TLS did not come on:\n{}", self.log()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
