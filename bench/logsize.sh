@@ -4,7 +4,8 @@
 # size after a clean stop, and the ingest rate (MB of log per second of the
 # whole run); then what `kiln cleanupdb` makes of that database: every
 # chunk compressed with zstd, then every log deleted (`--log-horizon 0`, as
-# the janitor does once a build is older than its logHorizon).
+# the janitor does once a build is older than its logHorizon), with its
+# longest transaction: the longest any other write waits behind the janitor.
 # usage: bench/logsize.sh [BUILDS] [METHODS...]   (defaults: 50 raw zstd)
 # KILN_BIN=path measures that binary instead of building the release one.
 set -euo pipefail
@@ -82,10 +83,10 @@ RHAI
   "$kiln" cleanupdb "$d" >/dev/null
   t1=$(date +%s.%N)
   zsize=$(stat -c %s "$d/state.sqlite")
-  "$kiln" cleanupdb "$d" --log-horizon 0 >/dev/null
+  longest=$("$kiln" cleanupdb "$d" --log-horizon 0 | grep -o 'at most [0-9]* ms' || true)
   t2=$(date +%s.%N)
   psize=$(stat -c %s "$d/state.sqlite")
-  printf '      cleanupdb: compressed with zstd %.1f MB (%.2f s); every log deleted %.2f MB (%.2f s)\n' \
+  printf '      cleanupdb: compressed with zstd %.1f MB (%.2f s); every log deleted %.2f MB (%.2f s; transactions of %s)\n' \
     "$(echo "$zsize / 1048576" | bc -l)" "$(echo "$t1 - $t0" | bc -l)" \
-    "$(echo "$psize / 1048576" | bc -l)" "$(echo "$t2 - $t1" | bc -l)"
+    "$(echo "$psize / 1048576" | bc -l)" "$(echo "$t2 - $t1" | bc -l)" "$longest"
 done

@@ -434,10 +434,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mb = |b: u64| b as f64 / 1e6;
             match c.log_horizon {
                 Some(h) => println!(
-                    "deleted the logs of builds that ended over {h} s ago: {} logs, {} chunks, {:.1} MB stored",
+                    "deleted the logs of builds that ended over {h} s ago: {} logs, {} chunks, {:.1} MB stored, in transactions of at most {} ms",
                     c.swept.pruned.logs,
                     c.swept.pruned.chunks,
-                    mb(c.swept.pruned.bytes)
+                    mb(c.swept.pruned.bytes),
+                    c.swept.longest.as_millis()
                 ),
                 None => println!("kept every log (no JanitorConfigurator logHorizon, no --log-horizon)"),
             }

@@ -26,6 +26,9 @@ pub struct Swept {
     pub pruned: Pruned,
     /// Pages of the SQLite file given back to the file system.
     pub pages_reclaimed: u64,
+    /// The longest of its transactions: the longest any other write of
+    /// the master (a claim, a log chunk) waited behind it.
+    pub longest: Duration,
 }
 
 /// Deletes the logs of builds that ended at or before `before` (Unix seconds),
@@ -33,7 +36,9 @@ pub struct Swept {
 pub async fn sweep(store: &Store, before: i64) -> anyhow::Result<Swept> {
     let mut swept = Swept::default();
     loop {
+        let started = std::time::Instant::now();
         let p = store.prune_logs(before, BATCH).await?;
+        swept.longest = swept.longest.max(started.elapsed());
         if p.logs == 0 {
             break;
         }
@@ -42,7 +47,9 @@ pub async fn sweep(store: &Store, before: i64) -> anyhow::Result<Swept> {
         tokio::task::yield_now().await;
     }
     loop {
+        let started = std::time::Instant::now();
         let pages = store.reclaim_some(RECLAIM_PAGES).await?;
+        swept.longest = swept.longest.max(started.elapsed());
         if pages == 0 {
             break;
         }
@@ -97,12 +104,13 @@ pub async fn run(
                     .map_or_else(|| before.to_string(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string());
                 match sweep(&store, before).await {
                     Ok(s) => tracing::info!(
-                        "janitor: deleted the logs of builds that ended before {when}: {} logs, {} chunks, {:.1} MB stored; {} pages given back to the file system ({:.1} s)",
+                        "janitor: deleted the logs of builds that ended before {when}: {} logs, {} chunks, {:.1} MB stored; {} pages given back to the file system ({:.1} s; its longest transaction {} ms)",
                         s.pruned.logs,
                         s.pruned.chunks,
                         s.pruned.bytes as f64 / 1e6,
                         s.pages_reclaimed,
-                        started.elapsed().as_secs_f64()
+                        started.elapsed().as_secs_f64(),
+                        s.longest.as_millis()
                     ),
                     // The store already retried; the next time comes round.
                     Err(e) => tracing::error!("janitor: {e:#}; it tries again at its next time"),
