@@ -289,15 +289,20 @@ impl Store {
         let method = self
             .log_compression
             .load(std::sync::atomic::Ordering::Relaxed);
+        // Compressed before the transaction: the database is not held
+        // while the chunk is made.
+        let count = lines.len() as i64;
+        let mut content = lines.join("\n");
+        drop(lines);
+        content.push('\n');
+        let (code, bytes) = super::logcodec::compress(method, content.as_bytes());
+        drop(content);
         let first = self.call(move |c| {
             let first: i64 = c.value("SELECT num_lines FROM logs WHERE id = ?1", args![logid])?;
-            let last = first + lines.len() as i64 - 1;
-            let mut content = lines.join("\n");
-            content.push('\n');
-            let (code, bytes) = super::logcodec::compress(method, content.as_bytes());
+            let last = first + count - 1;
             c.execute(
                 "INSERT INTO logchunks (logid, first_line, last_line, content, compressed) VALUES (?1, ?2, ?3, ?4, ?5)",
-                args![logid, first, last, bytes, code],
+                args![logid, first, last, bytes.as_slice(), code],
             )?;
             c.execute(
                 "UPDATE logs SET num_lines = ?2 WHERE id = ?1",
