@@ -28,26 +28,25 @@ if [ -z "${KILN_BIN:-}" ]; then
 fi
 kiln="${KILN_BIN:-$root/target/release/kiln}"
 
-# 1 MB of lines such as a compiler prints: paths, line numbers, warnings.
-cat > "$work/chatty.py" <<'PY'
-import sys
-w = sys.stdout.write
-n = 0
-i = 0
-while n < 1_000_000:
-    line = ("[%05d] /builds/worker/checkouts/gecko/dom/base/nsContent%03d.cpp:%d:%d: "
-            "warning: unused variable 'tmp%d' [-Wunused-variable]\n") % (i, i % 379, (i * 7919) % 4001, i % 80, i % 13)
-    w(line)
-    n += len(line)
-    i += 1
-PY
+# 1 MB of lines such as a compiler prints: paths, line numbers, warnings
+# (awk: a python3 generator of the same bytes took 0.3 s a build).
+cat > "$work/chatty.awk" <<'AWK'
+BEGIN {
+  n = 0
+  for (i = 0; n < 1000000; i++) {
+    line = sprintf("[%05d] /builds/worker/checkouts/gecko/dom/base/nsContent%03d.cpp:%d:%d: warning: unused variable 'tmp%d' [-Wunused-variable]\n", i, i % 379, (i * 7919) % 4001, i % 80, i % 13)
+    printf "%s", line
+    n += length(line)
+  }
+}
+AWK
 
 for m in "${methods[@]}"; do
   d="$work/$m"
   mkdir -p "$d"
   cat > "$d/master.rhai" <<RHAI
 let f = BuildFactory();
-f.addStep(ShellCommand(#{ name: "compile", command: ["python3", "$work/chatty.py"] }));
+f.addStep(ShellCommand(#{ name: "compile", command: ["awk", "-f", "$work/chatty.awk"] }));
 #{
     protocols: #{ msgpack_experimental_v7: #{ port: 0 } },
     www: #{ port: 0 },
@@ -68,7 +67,7 @@ RHAI
   t0=$(date +%s.%N)
   for _ in $(seq 1 "$builds"); do "$kiln" force --master "$url" b >/dev/null; done
   q() { python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(sys.argv[2]).fetchone()[0])" "$d/state.sqlite" "$1"; }
-  for _ in $(seq 1 12000); do [ "$(q 'select count(*) from builds where complete_at is not null')" -ge "$builds" ] && break; sleep 0.1; done
+  for _ in $(seq 1 $((builds * 20 + 600))); do [ "$(q 'select count(*) from builds where complete_at is not null')" -ge "$builds" ] && break; sleep 0.1; done
   t1=$(date +%s.%N)
   "$kiln" stop "$d" >/dev/null
   pkill -f "worker start $d/w1" || true

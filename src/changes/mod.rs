@@ -189,7 +189,12 @@ impl Context {
         changes: Vec<NewChange>,
         state: Vec<(ObjectId, String, serde_json::Value)>,
     ) -> anyhow::Result<usize> {
-        Ok(self.store.add_changes(source, changes, state).await?.len())
+        let fence = self.store.fence(format!("change_source:{source}"));
+        Ok(self
+            .store
+            .add_changes_fenced(source, changes, state, fence)
+            .await?
+            .len())
     }
 
     /// A directory for a poller's mirror of `url`.

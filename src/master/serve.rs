@@ -281,11 +281,16 @@ pub(super) async fn serve(
     let running = held_services(&config, held.as_ref());
     let (wanted_tx, wanted_rx) = tokio::sync::watch::channel(leased_names(&config));
     let (held_tx, mut held_rx) = tokio::sync::mpsc::channel::<BTreeSet<String>>(4);
-    let ctx = changes::Context::new(store.clone(), dir)?;
+    // In a fleet, what pollers and schedulers write stands on their lease.
+    let services_store = match &held {
+        Some(_) => store.fenced(master_id),
+        None => store.clone(),
+    };
+    let ctx = changes::Context::new(services_store.clone(), dir)?;
     let schedulers = Schedulers::start(
         &running,
         runtime.clone(),
-        store.clone(),
+        services_store,
         Clock::new(),
         &cancel,
     );

@@ -128,6 +128,7 @@ impl Task {
         let w = SchedulerWrite {
             buildsets: made,
             state: vec![(UPSTREAM.into(), json!(next))],
+            fence: self.fence(),
             ..Default::default()
         };
         let ids = store.scheduler_write(obj, w).await?;

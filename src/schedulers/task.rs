@@ -48,6 +48,13 @@ impl Task {
         }
     }
 
+    /// In a fleet, the lease this scheduler's writes stand on.
+    pub(super) fn fence(&self) -> Option<crate::store::masters::Fence> {
+        self.shared
+            .store
+            .fence(format!("scheduler:{}", self.cfg.name))
+    }
+
     pub(super) async fn object(&mut self) -> anyhow::Result<ObjectId> {
         if let Some(o) = self.object {
             return Ok(o);
@@ -367,6 +374,7 @@ impl Task {
                 (LAST_CHANGE.into(), json!(last)),
                 (TIMERS.into(), json!(timers)),
             ];
+            w.fence = self.fence();
             let made = self.shared.store.scheduler_write(obj, w).await?;
             self.log_made(&made);
             state.persisted = last;
@@ -508,6 +516,7 @@ impl Task {
                 }
             }
             w.state = vec![(TIMERS.into(), json!(timers))];
+            w.fence = self.fence();
             let made = self.shared.store.scheduler_write(obj, w).await?;
             self.log_made(&made);
             state.timers = timers;

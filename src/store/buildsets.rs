@@ -474,6 +474,8 @@ pub struct SchedulerWrite {
     pub flush: Vec<i64>,
     pub buildsets: Vec<NewBuildset>,
     pub state: Vec<(String, serde_json::Value)>,
+    /// In a fleet, the lease the write stands on.
+    pub fence: Option<super::masters::Fence>,
 }
 
 impl Store {
@@ -483,6 +485,9 @@ impl Store {
         w: SchedulerWrite,
     ) -> anyhow::Result<Vec<BuildsetIds>> {
         let ids = self.call(move |c| {
+            if let Some(f) = &w.fence {
+                f.check(c)?;
+            }
             for (changeid, important) in &w.classify {
                 c.execute(
                     "INSERT INTO scheduler_changes (schedulerid, changeid, important) VALUES (?1, ?2, ?3)

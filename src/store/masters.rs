@@ -229,3 +229,135 @@ impl Store {
         }
     }
 }
+
+/// What a leased service's writes stand on in a fleet: the master that
+/// runs it still holds its lease. Checked in the write's own transaction
+/// (on PostgreSQL the lease's row is locked until the write commits, so a
+/// master taking the lease over waits for it), a write of a master that
+/// lost the lease while it was paused or cut off is not made, whatever it
+/// believes it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub masterid: i64,
+    /// `change_source:NAME` or `scheduler:NAME`.
+    pub lease: String,
+}
+
+impl Fence {
+    pub(super) fn check(&self, c: &mut dyn super::db::Sql) -> anyhow::Result<()> {
+        let lock = match c.dialect() {
+            super::db::Dialect::Postgres => " FOR UPDATE",
+            super::db::Dialect::Sqlite => "",
+        };
+        let expires: Option<i64> = c.value_opt(
+            &format!("SELECT expires_at FROM leases WHERE name = ?1 AND masterid = ?2{lock}"),
+            args![&self.lease, self.masterid],
+        )?;
+        match expires {
+            Some(t) if t >= now() => Ok(()),
+            _ => anyhow::bail!(
+                "this master no longer holds the lease of {} (another master has it, or it lapsed): the write was not made",
+                self.lease
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::buildsets::SchedulerWrite;
+
+    fn write(fence: Fence) -> SchedulerWrite {
+        SchedulerWrite {
+            state: vec![("position".into(), json!(1))],
+            fence: Some(fence),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leased_services_write_is_made_only_while_its_master_holds_the_lease() {
+        for (store, _db) in crate::store::testing::each_backend().await {
+            let a = store.master_started("a").await.unwrap();
+            let b = store.master_started("b").await.unwrap();
+            let (sa, sb) = (store.fenced(a), store.fenced(b));
+            let lease = "scheduler:s".to_string();
+            let obj = store.object_id("s", "Scheduler").await.unwrap();
+            assert_eq!(
+                store.hold_leases(a, vec![lease.clone()], 60).await.unwrap(),
+                vec![lease.clone()]
+            );
+            assert!(store
+                .hold_leases(b, vec![lease.clone()], 60)
+                .await
+                .unwrap()
+                .is_empty());
+
+            sa.scheduler_write(obj, write(sa.fence(lease.clone()).unwrap()))
+                .await
+                .expect("the holder writes");
+            let e = sb
+                .scheduler_write(obj, write(sb.fence(lease.clone()).unwrap()))
+                .await
+                .expect_err("not the holder");
+            assert!(
+                format!("{e:#}").contains("no longer holds the lease of scheduler:s"),
+                "{e:#}"
+            );
+
+            // Master a stalls past its lease (paused, cut off): b takes it
+            // over, and a's late write is not made, though a still thinks
+            // it runs the scheduler.
+            store
+                .call(|c| {
+                    c.execute("UPDATE leases SET expires_at = ?1", args![now() - 10])?;
+                    Ok(())
+                })
+                .await
+                .unwrap();
+            assert!(sa
+                .scheduler_write(obj, write(sa.fence(lease.clone()).unwrap()))
+                .await
+                .is_err());
+            assert_eq!(
+                store.hold_leases(b, vec![lease.clone()], 60).await.unwrap(),
+                vec![lease.clone()]
+            );
+            sb.scheduler_write(obj, write(sb.fence(lease.clone()).unwrap()))
+                .await
+                .expect("the new holder writes");
+            assert!(sa
+                .scheduler_write(obj, write(sa.fence(lease.clone()).unwrap()))
+                .await
+                .is_err());
+
+            // A poller's changes, the same way; outside a fleet nothing is
+            // fenced.
+            let poller = "change_source:HgPoller:r".to_string();
+            store
+                .hold_leases(b, vec![lease, poller.clone()], 60)
+                .await
+                .unwrap();
+            let change = crate::store::NewChange {
+                revision: Some("abc".into()),
+                ..Default::default()
+            };
+            assert!(sa
+                .add_changes_fenced(
+                    "HgPoller:r",
+                    vec![change.clone()],
+                    vec![],
+                    sa.fence(poller.clone())
+                )
+                .await
+                .is_err());
+            let stored = sb
+                .add_changes_fenced("HgPoller:r", vec![change], vec![], sb.fence(poller))
+                .await
+                .unwrap();
+            assert_eq!(stored.len(), 1);
+            assert_eq!(store.fence("scheduler:s".into()), None);
+        }
+    }
+}

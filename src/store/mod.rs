@@ -197,6 +197,9 @@ pub struct Store {
     log_compression: Arc<std::sync::atomic::AtomicI64>,
     /// Writes the database cannot take now, waited out (see [`faults`]).
     faults: Arc<faults::Faults>,
+    /// In a fleet, this master's id: leased services' writes stand on
+    /// their lease (see [`masters::Fence`]).
+    fence_master: Option<i64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -261,6 +264,7 @@ impl Store {
             bus: ChangeBus::default(),
             log_compression: Arc::new(logcodec::ZSTD.into()),
             faults: Arc::default(),
+            fence_master: None,
         })
     }
 
@@ -343,6 +347,7 @@ impl Store {
             bus: ChangeBus::default(),
             log_compression: Arc::new(logcodec::ZSTD.into()),
             faults: Arc::default(),
+            fence_master: None,
         };
         tokio::spawn(notify::listener(
             listen_config,
@@ -379,6 +384,23 @@ impl Store {
     /// The changes this store records, as it records them.
     pub fn change_bus(&self) -> &ChangeBus {
         &self.bus
+    }
+
+    /// This store as master `masterid` of a fleet uses it: the writes of
+    /// its leased services (pollers, schedulers) are made only while it
+    /// holds their lease.
+    pub fn fenced(&self, masterid: i64) -> Store {
+        Store {
+            fence_master: Some(masterid),
+            ..self.clone()
+        }
+    }
+
+    /// The fence of lease `lease` (`change_source:NAME`,
+    /// `scheduler:NAME`), in a fleet.
+    pub fn fence(&self, lease: String) -> Option<masters::Fence> {
+        self.fence_master
+            .map(|masterid| masters::Fence { masterid, lease })
     }
 
     /// How the database's writes go (faults waited out, calls waiting).
@@ -496,9 +518,24 @@ impl Store {
         changes: Vec<NewChange>,
         state: Vec<(ObjectId, String, serde_json::Value)>,
     ) -> anyhow::Result<Vec<Change>> {
+        self.add_changes_fenced(source, changes, state, None).await
+    }
+
+    /// [`Store::add_changes`] of a poller of a fleet: made only while its
+    /// master holds `fence`'s lease.
+    pub async fn add_changes_fenced(
+        &self,
+        source: &str,
+        changes: Vec<NewChange>,
+        state: Vec<(ObjectId, String, serde_json::Value)>,
+        fence: Option<masters::Fence>,
+    ) -> anyhow::Result<Vec<Change>> {
         let source = source.to_string();
         let stored = self
             .call(move |c| {
+                if let Some(f) = &fence {
+                    f.check(c)?;
+                }
                 let mut out = Vec::with_capacity(changes.len());
                 for ch in &changes {
                     out.push(insert_change(c, &source, ch.clone())?);
