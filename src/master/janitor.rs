@@ -38,6 +38,12 @@ pub async fn sweep(store: &Store, before: i64) -> anyhow::Result<Swept> {
     loop {
         let started = std::time::Instant::now();
         let p = store.prune_logs(before, BATCH).await?;
+        tracing::debug!(
+            logs = p.logs,
+            chunks = p.chunks,
+            ms = started.elapsed().as_millis() as u64,
+            "janitor: pruned a batch"
+        );
         swept.longest = swept.longest.max(started.elapsed());
         if p.logs == 0 {
             break;
@@ -49,6 +55,11 @@ pub async fn sweep(store: &Store, before: i64) -> anyhow::Result<Swept> {
     loop {
         let started = std::time::Instant::now();
         let pages = store.reclaim_some(RECLAIM_PAGES).await?;
+        tracing::debug!(
+            pages,
+            ms = started.elapsed().as_millis() as u64,
+            "janitor: gave pages back"
+        );
         swept.longest = swept.longest.max(started.elapsed());
         if pages == 0 {
             break;
