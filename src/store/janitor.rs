@@ -89,7 +89,13 @@ impl Store {
                 return Ok(0);
             }
             let before: i64 = c.pragma_query_value(None, "freelist_count", |r| r.get(0))?;
-            c.execute_batch(&format!("PRAGMA incremental_vacuum({pages})"))?;
+            // The pragma gives one page back per step (a row each):
+            // step it to its end.
+            let mut stmt = c.prepare(&format!("PRAGMA incremental_vacuum({pages})"))?;
+            let mut rows = stmt.query([])?;
+            while rows.next()?.is_some() {}
+            drop(rows);
+            drop(stmt);
             let after: i64 = c.pragma_query_value(None, "freelist_count", |r| r.get(0))?;
             Ok(before.saturating_sub(after).max(0) as u64)
         })
@@ -293,6 +299,41 @@ mod tests {
                 .expect("finish");
         }
         (buildid, logid)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn freed_pages_go_back_to_the_file_system_as_many_as_asked_per_call() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = Store::open(&tmp.path().join("state.sqlite")).expect("open");
+        let master = store.master_started("m").await.expect("master");
+        for _ in 0..4 {
+            build_with_log(&store, master, 3000, true).await;
+        }
+        store
+            .prune_logs(crate::store::now() + 10, 100)
+            .await
+            .expect("prune");
+        let free = || {
+            store
+                .with_sqlite(|c| {
+                    c.pragma_query_value(None, "freelist_count", |r| r.get::<_, i64>(0))
+                })
+                .expect("sqlite")
+                .expect("freelist")
+        };
+        let before = free();
+        assert!(before > 40, "{before} free pages after the prune");
+        assert_eq!(store.reclaim_some(20).await.expect("reclaim"), 20);
+        assert_eq!(free(), before - 20);
+        let mut rest = 0;
+        for _ in 0..100 {
+            let n = store.reclaim_some(2048).await.expect("reclaim");
+            if n == 0 {
+                break;
+            }
+            rest += n;
+        }
+        assert_eq!((rest, free()), ((before - 20) as u64, 0));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
