@@ -209,13 +209,11 @@ mod tests {
         panic!("not within 10 s: {what}");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_full_database_holds_a_write_until_there_is_room_and_then_writes_it_once() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let store = Store::open(&tmp.path().join("state.sqlite")).expect("open");
+    /// A store in `dir` that may grow no page more than it has: the next
+    /// write that needs one is refused with SQLITE_FULL. And an object.
+    async fn full_store(dir: &std::path::Path) -> (Store, crate::store::ObjectId) {
+        let store = Store::open(&dir.join("state.sqlite")).expect("open");
         let obj = store.object_id("poller", "HgPoller").await.expect("object");
-        // No page more than it has now: the next write that needs one is
-        // refused with SQLITE_FULL.
         store
             .with_sqlite(|c| {
                 let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
@@ -223,6 +221,13 @@ mod tests {
             })
             .expect("sqlite")
             .expect("max_page_count");
+        (store, obj)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_database_holds_a_write_until_there_is_room_and_then_writes_it_once() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (store, obj) = full_store(tmp.path()).await;
         let big = serde_json::json!("x".repeat(200_000));
         let writer = {
             let (store, big) = (store.clone(), big.clone());
@@ -290,15 +295,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn once_the_master_stops_a_fault_is_returned_not_waited_on() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let store = Store::open(&tmp.path().join("state.sqlite")).expect("open");
-        let obj = store.object_id("poller", "HgPoller").await.expect("object");
-        store
-            .with_sqlite(|c| {
-                let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-                c.pragma_update(None, "max_page_count", pages)
-            })
-            .expect("sqlite")
-            .expect("max_page_count");
+        let (store, obj) = full_store(tmp.path()).await;
         store.faults().close();
         let e = store
             .set_state(obj, "seen", serde_json::json!("x".repeat(200_000)))

@@ -78,6 +78,19 @@ fn worker(
     (child, log)
 }
 
+/// `kiln force` of `builder` at an https `url`, trusting `ca`.
+fn force_over_https(dir: &Path, url: &str, ca: &Path, builder: &str) {
+    let out = common::kiln_command(dir, &["force", "--master", url, builder])
+        .env("SSL_CERT_FILE", ca)
+        .output()
+        .expect("kiln force");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn https_client(ca_pem: &str) -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -129,15 +142,7 @@ fn both_ports_speak_tls_a_worker_checks_the_certificate_and_a_reload_renews_it()
     // With the certificate as its authority, it connects and builds.
     let (mut w1, w1_log) = worker(tmp.path(), "w1", &wss, Some(&ca));
     master.wait_for_log("connected worker=w1", 1, Duration::from_secs(30));
-    let out = common::kiln_command(&dir, &["force", "--master", &url, "b"])
-        .env("SSL_CERT_FILE", &ca)
-        .output()
-        .expect("kiln force");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    force_over_https(&dir, &url, &ca, "b");
     wait_until(Duration::from_secs(60), "the build over TLS", || {
         finished(&dir, 1).then_some(())
     });
@@ -149,15 +154,7 @@ fn both_ports_speak_tls_a_worker_checks_the_certificate_and_a_reload_renews_it()
     );
 
     // A local latent worker is given wss:// and the master's certificate.
-    let out = common::kiln_command(&dir, &["force", "--master", &url, "latent"])
-        .env("SSL_CERT_FILE", &ca)
-        .output()
-        .expect("kiln force");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    force_over_https(&dir, &url, &ca, "latent");
     wait_until(Duration::from_secs(60), "the latent worker's build", || {
         finished(&dir, 2).then_some(())
     });
