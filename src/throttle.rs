@@ -183,10 +183,42 @@ impl Drop for Admitted {
     }
 }
 
+/// Connections a listener closed at once for want of a place, counted and
+/// said once in a while rather than once per connection of a flood.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    since_said: u64,
+    said: Option<std::time::Instant>,
+}
+
+impl Refusals {
+    /// How often the count is said.
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Counts one; returns how many to say now, when it is time.
+    pub fn note(&mut self) -> Option<u64> {
+        self.since_said += 1;
+        if self.said.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            return None;
+        }
+        self.said = Some(std::time::Instant::now());
+        Some(std::mem::take(&mut self.since_said))
+    }
+}
+
 #[cfg(test)]
 mod handshake_tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn refusals_are_said_at_the_first_then_counted_until_the_next_saying() {
+        let mut r = Refusals::default();
+        assert_eq!(r.note(), Some(1));
+        assert_eq!((r.note(), r.note()), (None, None));
+        r.said = std::time::Instant::now().checked_sub(Refusals::EVERY);
+        assert_eq!(r.note(), Some(3));
+    }
 
     #[test]
     fn places_are_bounded_per_address_and_in_all_and_come_back_when_dropped() {

@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::net::{Bound, Stream, Tls};
-use crate::throttle::{Admitted, Handshakes};
+use crate::throttle::{Admitted, Handshakes, Refusals};
 
 /// Open connections at most.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -44,7 +44,7 @@ pub const DRAIN: Duration = Duration::from_secs(10);
 pub async fn serve(bound: Bound, app: Router, stop: CancellationToken) {
     let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let places = Arc::new(Handshakes::new(HANDSHAKES_PER_ADDRESS, HANDSHAKES));
-    let (mut refused, mut last_said) = (0u64, None::<std::time::Instant>);
+    let mut refusals = Refusals::default();
     loop {
         let (tcp, peer) = tokio::select! {
             r = bound.tcp.accept() => match r {
@@ -62,11 +62,8 @@ pub async fn serve(bound: Bound, app: Router, stop: CancellationToken) {
             (Ok(permit), Some(place)) => (permit, place),
             _ => {
                 drop(tcp);
-                refused += 1;
-                if last_said.map_or(true, |t| t.elapsed() >= Duration::from_secs(10)) {
-                    tracing::warn!(peer = %peer, "too many HTTP connections are open, or still before their first request (from this address or in all): closed {refused} connection(s)");
-                    refused = 0;
-                    last_said = Some(std::time::Instant::now());
+                if let Some(n) = refusals.note() {
+                    tracing::warn!(peer = %peer, "too many HTTP connections are open, or still before their first request (from this address or in all): closed {n} connection(s)");
                 }
                 continue;
             }

@@ -295,7 +295,7 @@ pub async fn serve(
     stop_listening: CancellationToken,
 ) {
     let setup = Arc::new(setup);
-    let (mut refused, mut last_said) = (0u64, None);
+    let mut refusals = crate::throttle::Refusals::default();
     loop {
         let (stream, peer) = tokio::select! {
             r = bound.tcp.accept() => match r {
@@ -311,14 +311,8 @@ pub async fn serve(
         };
         let Some(admitted) = registry.handshakes.admit(peer.ip()) else {
             drop(stream);
-            // Said once in a while, not once per connection of a flood.
-            refused += 1;
-            if last_said.map_or(true, |t: std::time::Instant| {
-                t.elapsed() >= Duration::from_secs(10)
-            }) {
-                tracing::warn!(peer = %peer, "too many connections are still in their handshake (from this address or in all): closed {refused} connection(s)");
-                refused = 0;
-                last_said = Some(std::time::Instant::now());
+            if let Some(n) = refusals.note() {
+                tracing::warn!(peer = %peer, "too many connections are still in their handshake (from this address or in all): closed {n} connection(s)");
             }
             continue;
         };
