@@ -25,20 +25,6 @@ fn write_pair(dir: &Path, (cert, key): &(String, String)) {
     std::fs::write(dir.join("key.pem"), key).expect("key.pem");
 }
 
-/// The worker port a master logged as `workers connect to wss://HOST:PORT/`.
-fn wss_port(m: &Master) -> u16 {
-    m.wait_for_log("workers connect to wss://", 1, Duration::from_secs(30));
-    let log = m.log();
-    let at =
-        log.find("workers connect to wss://").expect("line") + "workers connect to wss://".len();
-    log[at..]
-        .split('/')
-        .next()
-        .and_then(|a| a.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .expect("port")
-}
-
 /// `kiln-worker` in `dir` for `master`, trusting `ca` (or the public
 /// authorities), its log captured.
 fn worker(
@@ -116,7 +102,7 @@ fn both_ports_speak_tls_a_worker_checks_the_certificate_and_a_reload_renews_it()
     let mut master = Master::start(&dir);
     let url = master.http_url();
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
-    let port = wss_port(&master);
+    let port = worker_port(&master);
     let wss = format!("wss://127.0.0.1:{port}");
 
     // A worker that trusts only the public authorities refuses the
@@ -315,7 +301,7 @@ fn a_stock_buildbot_worker_builds_over_tls_and_checks_the_certificate() {
     write_pair(&dir, &self_signed());
     let ca = dir.join("cert.pem");
     let mut master = Master::start(&dir);
-    let port = wss_port(&master);
+    let port = worker_port(&master);
     let bin = common::repo_root().join("target/tools/venv/bin/buildbot-worker");
     let wdir = tmp.path().join("stock");
     let out = std::process::Command::new(&bin)

@@ -6,12 +6,17 @@ use std::time::Duration;
 
 use super::Master;
 
-/// The worker port the master logged.
+/// The worker port the master logged (`workers connect to ws://HOST:PORT/`,
+/// or `wss://` with TLS).
 pub fn worker_port(m: &Master) -> u16 {
-    m.wait_for_log("workers connect to ws://", 1, Duration::from_secs(30));
+    m.wait_for_log("workers connect to ws", 1, Duration::from_secs(30));
     let log = m.log();
-    let at = log.find("workers connect to ws://").expect("line") + "workers connect to ws://".len();
-    let addr = log[at..].split('/').next().expect("addr");
+    let at = log.find("workers connect to ws").expect("line") + "workers connect to ".len();
+    let addr = log[at..]
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("addr");
     addr.rsplit(':')
         .next()
         .and_then(|p| p.parse().ok())
