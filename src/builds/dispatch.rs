@@ -14,6 +14,16 @@ use crate::workers::WorkerConn;
 
 use super::{lock, Distributor, Generation};
 
+/// What a round of dispatch left to a later one.
+#[derive(Default)]
+pub(super) struct Round {
+    /// A request was held back by a script's callback (`nextWorker`,
+    /// `canStartBuild`, `prioritizeBuilders`), which no event announces
+    /// the change of its mind: the distributor looks again after
+    /// [`super::DEFERRED_RETRY`].
+    pub(super) deferred: bool,
+}
+
 /// A builder's pending requests, as the distributor serves them.
 pub(super) struct BuilderQueue<'a> {
     pub(super) builder: &'a BuilderConfig,
@@ -307,7 +317,11 @@ impl Distributor {
         chosen
     }
 
-    pub(super) async fn distribute(self: Arc<Self>) -> anyhow::Result<()> {
+    /// One round over the queue. Nothing polls it: a round runs when
+    /// something that can change its answer happens (a request added or
+    /// given back, a worker come or gone, a build ended, a lock released
+    /// here or on another master, a latent worker's state, a reload).
+    pub(super) async fn distribute(self: Arc<Self>) -> anyhow::Result<Round> {
         let gen = self.generation();
         // The queue of this master's builders only: with many masters on
         // one database, the others' requests are not its to look at.
@@ -344,10 +358,15 @@ impl Distributor {
                 }
             }
         }
+        let mut round = Round::default();
         if queues.is_empty() {
-            return Ok(());
+            return Ok(round);
         }
-        for i in self.prioritize(&gen, &queues).await {
+        let order = self.prioritize(&gen, &queues).await;
+        // A builder prioritizeBuilders left out waits for the next round,
+        // which nothing else may bring soon.
+        round.deferred |= order.len() < queues.len();
+        for i in order {
             let builder = queues[i].builder;
             let waiting = queues[i].requests.len();
             for (n, req) in queues[i].requests.iter().enumerate() {
@@ -359,6 +378,10 @@ impl Distributor {
                     break;
                 }
                 let Some(worker) = self.pick_worker(&gen, builder, req, candidates).await? else {
+                    // nextWorker said "not now", or canStartBuild refused
+                    // every candidate: what they look at is the script's
+                    // business, so the request is offered again later.
+                    round.deferred = true;
                     continue;
                 };
                 let collapse = self.collapse_for(&gen, builder, req).await?;
@@ -377,7 +400,7 @@ impl Distributor {
                 self.start(gen.clone(), claimed, req.clone(), builder.clone(), worker);
             }
         }
-        Ok(())
+        Ok(round)
     }
 
     /// Marks the worker busy, takes the builder's locks, and runs the build

@@ -36,8 +36,13 @@ use crate::workers::Registry;
 
 use locks::Busy;
 
-/// How often the distributor looks for work when nothing wakes it.
-const IDLE_POLL: Duration = Duration::from_millis(250);
+/// How soon a request a script's callback held back is offered again.
+const DEFERRED_RETRY: Duration = Duration::from_secs(1);
+
+/// How long the distributor waits after a failed round: doubling from the
+/// first to the last. (The store waits out its own passing faults; what
+/// reaches here is rarer.)
+const FAILED_RETRY: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(30)];
 
 /// One loaded config and the functions its callbacks run against. A build
 /// keeps the generation it started with to its end; a reload makes a new
@@ -119,6 +124,8 @@ pub struct Distributor {
     warned: Mutex<HashSet<String>>,
     /// Builds running now, by build id, so that they can be stopped.
     running_builds: Mutex<HashMap<i64, Arc<RunningBuild>>>,
+    /// Rounds over the queue so far (`/metrics`: an idle master runs none).
+    pub rounds: std::sync::atomic::AtomicU64,
 }
 
 /// A running build's stop signal.
@@ -156,6 +163,7 @@ impl Distributor {
             wake: Notify::new(),
             warned: Mutex::default(),
             running_builds: Mutex::default(),
+            rounds: Default::default(),
         })
     }
 
@@ -168,14 +176,42 @@ impl Distributor {
         let latent = tokio::spawn(self.latent.clone().run(cancel.clone()));
         let mut presence = self.registry.presence.subscribe();
         let added = self.schedulers.requests_added();
+        let mut failed_rounds = 0u32;
         loop {
-            if let Err(e) = self.clone().distribute().await {
-                tracing::error!("distributing build requests failed: {e:#}");
-            }
+            self.rounds
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let retry = match self.clone().distribute().await {
+                Ok(round) => {
+                    failed_rounds = 0;
+                    round.deferred.then_some(DEFERRED_RETRY)
+                }
+                Err(e) => {
+                    failed_rounds = failed_rounds.saturating_add(1);
+                    let wait = FAILED_RETRY[0]
+                        .saturating_mul(1 << (failed_rounds - 1).min(5))
+                        .min(FAILED_RETRY[1]);
+                    tracing::error!(
+                        "distributing build requests failed (again in {} s): {e:#}",
+                        wait.as_secs()
+                    );
+                    Some(wait)
+                }
+            };
+            // The next time something is due that no event announces: a
+            // retry, or a latent worker whose start failed becoming
+            // startable again.
+            let due = [
+                retry.map(|d| tokio::time::Instant::now() + d),
+                self.latent.next_retry().map(tokio::time::Instant::from_std),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             tokio::select! {
                 _ = self.registry.changed.notified() => {}
                 _ = self.wake.notified() => {}
                 _ = added.notified() => {}
+                _ = self.latent.changed.notified() => {}
                 p = presence.recv() => match p {
                     Ok(p) => self.latent.presence(&p),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
@@ -183,7 +219,12 @@ impl Distributor {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
                 },
-                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = async {
+                    match due {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
                 _ = cancel.cancelled() => break,
             }
         }

@@ -145,6 +145,17 @@ pub(super) async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .fold((0i64, 0.0f64), |(c, s), r| (c + r.1, s + r.2));
     let _ = writeln!(text, "kiln_reload_duration_seconds_sum {}", ms / 1000.0);
     let _ = writeln!(text, "kiln_reload_duration_seconds_count {count}");
+    family(
+        &mut text,
+        "kiln_dispatch_rounds_total",
+        "counter",
+        "Times the distributor looked at the queue (each when something that can start a build happened).",
+    );
+    let _ = writeln!(
+        text,
+        "kiln_dispatch_rounds_total {}",
+        st.builds.rounds.load(std::sync::atomic::Ordering::Relaxed)
+    );
     let latent = &st.builds.latent;
     if latent.is_configured() {
         use std::sync::atomic::Ordering::Relaxed;

@@ -114,6 +114,9 @@ pub struct LatentPool {
     concurrency: AtomicU32,
     events: Events,
     pub counters: Counters,
+    /// Notified at every change of a latent worker's state (the
+    /// distributor looks at the queue again: a start failed, a stop ended).
+    pub changed: tokio::sync::Notify,
 }
 
 /// Where a latent worker connects: `HOST:PORT`, or `wss://HOST:PORT` and
@@ -143,6 +146,7 @@ impl LatentPool {
             concurrency: AtomicU32::new(4),
             events,
             counters: Counters::default(),
+            changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -319,6 +323,18 @@ impl LatentPool {
                 }
             });
         }
+    }
+
+    /// When the first latent worker whose start failed may be started
+    /// again, if that is still to come.
+    pub fn next_retry(&self) -> Option<Instant> {
+        let now = Instant::now();
+        lock(&self.slots)
+            .values()
+            .filter(|s| s.state == State::Failed)
+            .filter_map(|s| s.retry_at)
+            .filter(|t| *t > now)
+            .min()
     }
 
     /// Starts the instance; it counts as started when it connects.
@@ -741,6 +757,7 @@ impl LatentPool {
     }
 
     fn announce(&self, name: &str) {
+        self.changed.notify_one();
         let status = lock(&self.slots).get(name).map(|s| s.status(name));
         if let Some(st) = status {
             self.events.emit(

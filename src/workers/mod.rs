@@ -229,7 +229,8 @@ impl WorkerConn {
 /// The connected workers, by name.
 pub struct Registry {
     workers: Mutex<BTreeMap<String, Arc<WorkerConn>>>,
-    /// Woken whenever a worker connects or disconnects.
+    /// Woken whenever a worker connects or disconnects. Its one waiter is
+    /// the distributor; a notice given while it is busy is kept for it.
     pub changed: tokio::sync::Notify,
     /// Who connected, went away or was refused (latent workers follow it).
     pub presence: tokio::sync::broadcast::Sender<Presence>,
@@ -631,7 +632,7 @@ async fn connection(
         .context("cannot record the worker")?;
     let _ = conn.info.set(info);
     lock(&registry.workers).insert(name.clone(), conn.clone());
-    registry.changed.notify_waiters();
+    registry.changed.notify_one();
     let _ = registry.presence.send(Presence::Connected(name.clone()));
     tracing::info!(worker = %name, peer = %peer, "connected");
 
@@ -666,7 +667,7 @@ async fn connection(
             w.remove(&name);
         }
     }
-    registry.changed.notify_waiters();
+    registry.changed.notify_one();
     let _ = registry.presence.send(Presence::Disconnected(name.clone()));
     if let Err(e) = store.worker_disconnected(workerid, masterid).await {
         tracing::warn!(worker = %name, "cannot record the disconnection: {e:#}");

@@ -305,3 +305,70 @@ fn a_collapse_requests_function_chooses_what_collapses() {
     assert_has(&master.log(), "cannot decide");
     assert_eq!(master.stop(), Some(0));
 }
+
+/// `canStartBuild` says no twice, then yes: no event announces that it
+/// changed its mind, so the held-back request is offered again on its own.
+#[test]
+fn a_request_can_start_build_held_back_is_offered_again() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = Script::steps(r#"f.addStep(ShellCommand(#{ name: "s", command: "true" }));"#)
+        .rhai("let asked = 0;")
+        .worker("w1", "pw-one")
+        .builder(
+            "b",
+            &["w1"],
+            r#"canStartBuild: |builder, worker, request| { asked += 1; print(`canStartBuild asked ${asked} time(s)`); asked >= 3 }"#,
+        )
+        .write(tmp.path());
+    let mut master = Master::start(&dir);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", worker_port(&master));
+    wait_connected(&master, &["w1"]);
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    assert_eq!(master.stop(), Some(0));
+    assert_has(&master.log(), "canStartBuild asked 3 time(s)");
+    let b = builds(&dir);
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert_eq!(b[0].result, Some(Results::Success));
+}
+
+/// Dispatch runs when something happens, never on a timer: once a build
+/// has ended, an idle master looks at the queue no more.
+#[test]
+fn an_idle_master_does_not_look_at_the_queue() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = Script::steps(r#"f.addStep(ShellCommand(#{ name: "s", command: "true" }));"#)
+        .worker("w1", "pw-one")
+        .builder("b", &["w1"], "")
+        .write(tmp.path());
+    let mut master = Master::start(&dir);
+    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", worker_port(&master));
+    wait_connected(&master, &["w1"]);
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(&dir, 1).then_some(())
+    });
+    let rounds = || {
+        let text = common::http_get(&format!("{}/metrics", master.http_url()));
+        text.lines()
+            .find_map(|l| l.strip_prefix("kiln_dispatch_rounds_total "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .expect("kiln_dispatch_rounds_total in /metrics")
+    };
+    // The build's end wakes the distributor once more; let that settle.
+    let mut before = rounds();
+    wait_until(Duration::from_secs(10), "the rounds to settle", || {
+        let now = rounds();
+        let settled = now == before;
+        before = now;
+        settled.then_some(())
+    });
+    let quiet = std::time::Instant::now();
+    while quiet.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(rounds(), before, "rounds ran with nothing to do");
+    assert_eq!(master.stop(), Some(0));
+}
