@@ -26,7 +26,7 @@ pub(super) struct Round {
 
 /// A builder's pending requests, as the distributor serves them.
 pub(super) struct BuilderQueue<'a> {
-    pub(super) builder: &'a BuilderConfig,
+    pub(super) builder: &'a Arc<BuilderConfig>,
     /// When its oldest pending request was submitted.
     pub(super) oldest: i64,
     /// The highest priority among its pending requests.
@@ -410,7 +410,7 @@ impl Distributor {
         gen: Arc<Generation>,
         claimed: Vec<i64>,
         req: BuildRequest,
-        builder: BuilderConfig,
+        builder: Arc<BuilderConfig>,
         worker: Arc<WorkerConn>,
     ) {
         {

@@ -70,7 +70,7 @@ impl Generation {
         }
     }
 
-    fn builder(&self, name: &str) -> Option<&BuilderConfig> {
+    fn builder(&self, name: &str) -> Option<&Arc<BuilderConfig>> {
         self.builder_index
             .get(name)
             .and_then(|&i| self.config.builders.get(i))

@@ -469,8 +469,10 @@ pub struct LogRule {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct BuildFactory {
     /// Shared, so that copying a factory (as Rhai does whenever a script
-    /// reads a variable holding one) costs a reference count.
-    pub steps: Arc<Vec<Step>>,
+    /// reads a variable holding one) costs a reference count; each step
+    /// too, so that factories made alike (the seed's ScriptFactory per
+    /// branch and platform) hold one copy of the steps they have in common.
+    pub steps: Arc<Vec<Arc<Step>>>,
     #[serde(skip)]
     pub origin: Option<Origin>,
 }
@@ -847,7 +849,9 @@ pub struct MasterConfig {
     pub workers: Vec<Worker>,
     pub change_source: Vec<ChangeSource>,
     pub schedulers: Vec<SchedulerConfig>,
-    pub builders: Vec<BuilderConfig>,
+    /// Shared with the script's values that made them (a builder copied
+    /// from list to list in a script is one builder in memory).
+    pub builders: Vec<Arc<BuilderConfig>>,
     pub status: Vec<StatusTarget>,
     #[serde(rename = "prioritizeBuilders", skip_serializing_if = "Option::is_none")]
     pub prioritize_builders: Option<Callback>,

@@ -101,14 +101,14 @@ fn build(map: Map, state: &Arc<LoadState>) -> ScriptResult<MasterConfig> {
     let mut builders = Vec::new();
     for (i, x) in list_of(kw.raw("builders")).into_iter().enumerate() {
         let t = type_name(&x);
-        if x.is::<BuilderConfig>() {
-            builders.push(x.cast::<BuilderConfig>());
+        if x.is::<Arc<BuilderConfig>>() {
+            builders.push(x.cast::<Arc<BuilderConfig>>());
         } else if let Some(m) = x.try_cast::<Map>() {
             // Buildbot 0.8 builders were plain dicts, as the seed's are.
             let mut bkw = Kwargs::new("builder", m, None, state.clone());
             let b = builder_config(&mut bkw)?;
             bkw.finish()?;
-            builders.push(b);
+            builders.push(Arc::new(b));
         } else {
             return Err(ScriptError::new(format!(
                 "item {i} of `builders` is a {t}, not BuilderConfig(...) or a builder map"

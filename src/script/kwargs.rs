@@ -131,6 +131,11 @@ impl Kwargs {
         }
     }
 
+    /// The load this call is part of.
+    pub fn state(&self) -> &LoadState {
+        &self.state
+    }
+
     pub fn origin(&self) -> Option<Origin> {
         self.origin.clone()
     }

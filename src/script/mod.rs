@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use rhai::{Dynamic, Engine, Scope, AST};
 
-use crate::config::{validate, MasterConfig};
+use crate::config::{validate, MasterConfig, Step};
 use crate::diagnostics::{canonical, display_pathbuf, Diagnostic, Sources};
 
 pub use mozilla::normalize_name;
@@ -66,6 +66,9 @@ pub struct LoadState {
     warnings: Mutex<Warnings>,
     started: Mutex<Instant>,
     modules: resolver::ModuleCache,
+    /// Steps ScriptFactory made, by name, to be shared by the factories
+    /// that make them alike.
+    steps: Mutex<std::collections::HashMap<rhai::ImmutableString, Vec<Arc<Step>>>>,
 }
 
 use crate::sync::lock;
@@ -88,7 +91,28 @@ impl LoadState {
             warnings: Mutex::default(),
             started: Mutex::new(Instant::now()),
             modules: resolver::ModuleCache::default(),
+            steps: Mutex::default(),
         })
+    }
+
+    /// `step`, or an equal step made earlier in this load: the seed's
+    /// ScriptFactory makes the same five of its six steps for every branch
+    /// and platform, and thousands of builders then hold one copy of them.
+    /// At most a few variants of each step name are kept, so that a step
+    /// made different every time (the script's own command line) costs a
+    /// short look and no memory.
+    pub fn share_step(&self, step: Step) -> Arc<Step> {
+        const VARIANTS: usize = 8;
+        let mut kept = lock(&self.steps);
+        let same = kept.entry(step.name.clone()).or_default();
+        if let Some(s) = same.iter().find(|s| ***s == step) {
+            return s.clone();
+        }
+        let step = Arc::new(step);
+        if same.len() < VARIANTS {
+            same.push(step.clone());
+        }
+        step
     }
 
     /// Records a file that was read (or looked for), with every symlink on

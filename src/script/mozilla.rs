@@ -343,8 +343,9 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
             )
         });
     }
+    let state = kw.state();
     Ok(BuildFactory {
-        steps: Arc::new(steps),
+        steps: Arc::new(steps.into_iter().map(|s| state.share_step(s)).collect()),
         origin,
     })
 }
@@ -520,7 +521,7 @@ fn generate_branch_objects(
             Some((_, names)) => names.push(builder.name.clone()),
             None => builders_by_product.push((product.clone(), vec![builder.name.clone()])),
         }
-        builders.push(Dynamic::from(builder));
+        builders.push(Dynamic::from(Arc::new(builder)));
     }
 
     let poller = HgPoller {

@@ -276,7 +276,8 @@ fn generate_branch_objects_and_merge_leave_their_inputs_alone() {
     write(tmp.path(), "master.rhai", &std::fs::read_to_string(tmp.path().join("master.rhai")).unwrap().replace(
         "let two = generateBranchObjects(br, \"b\");",
         "let br2 = br; br2.repo_path = \"b\"; br2.platforms.linux.base_name = \"Linux b\";\n\
-         let two = generateBranchObjects(br2, \"b\");",
+         let two = #{};\n\
+         for pair in [[br, \"a\"], [br2, \"b\"]] { let made = generateBranchObjects(pair[0], pair[1]); if pair[1] == \"a\" { one = made } else { two = made } }",
     ));
     let loaded = load_master(tmp.path(), Limits::default()).unwrap_or_else(|f| panic!("{f:?}"));
     let c = &loaded.config;
@@ -313,6 +314,27 @@ fn generate_branch_objects_and_merge_leave_their_inputs_alone() {
             "production"
         ]
     );
+    // The steps the two branches' factories make alike are one step in
+    // memory; the script's command line, which names the branch, is not.
+    let step = |b: usize, name: &str| {
+        c.builders[b]
+            .factory
+            .steps
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no step {name}"))
+    };
+    for name in ["get_basedir", "clone_scripts", "download_props", "cleanup"] {
+        assert!(
+            std::sync::Arc::ptr_eq(&step(0, name), &step(1, name)),
+            "{name} is held twice"
+        );
+    }
+    assert!(!std::sync::Arc::ptr_eq(
+        &step(0, "run_script"),
+        &step(1, "run_script")
+    ));
 }
 
 #[test]

@@ -416,7 +416,7 @@ pub(super) fn register_factory(engine: &mut Engine, state: &Arc<LoadState>) {
         "BuildFactory",
         |ctx: NativeCallContext, steps: Array| -> ScriptResult<BuildFactory> {
             Ok(BuildFactory {
-                steps: Arc::new(steps_of(steps)?),
+                steps: Arc::new(steps_of(steps)?.into_iter().map(Arc::new).collect()),
                 origin: origin_of(&ctx),
             })
         },
@@ -427,7 +427,7 @@ pub(super) fn register_factory(engine: &mut Engine, state: &Arc<LoadState>) {
         // room for 8 (a third of a Mozilla-shaped config's memory).
         let steps = Arc::make_mut(&mut f.steps);
         steps.reserve_exact(1);
-        steps.push(s)
+        steps.push(Arc::new(s))
     });
     engine.register_fn(
         "addSteps",
@@ -435,16 +435,22 @@ pub(super) fn register_factory(engine: &mut Engine, state: &Arc<LoadState>) {
             let new = steps_of(steps)?;
             let all = Arc::make_mut(&mut f.steps);
             all.reserve_exact(new.len());
-            all.extend(new);
+            all.extend(new.into_iter().map(Arc::new));
             Ok(())
         },
     );
     engine.register_get("steps", |f: &mut BuildFactory| -> Array {
-        f.steps.iter().cloned().map(Dynamic::from).collect()
+        f.steps
+            .iter()
+            .map(|s| Dynamic::from(Step::clone(s)))
+            .collect()
     });
     engine.register_fn("len", |f: &mut BuildFactory| f.steps.len() as i64);
 
-    register_type::<BuilderConfig>(
+    // Shared: a script copies builders between lists (the seed's
+    // `mergeBuildObjects`, `c.builders += ...`) and each copy is the same
+    // builder, not a deep copy of its steps.
+    register_type::<Arc<BuilderConfig>>(
         engine,
         "BuilderConfig",
         &[
@@ -467,6 +473,8 @@ pub(super) fn register_factory(engine: &mut Engine, state: &Arc<LoadState>) {
             )
         },
     );
-    engine.register_get("factory", |b: &mut BuilderConfig| b.factory.clone());
-    ctor(engine, state, "BuilderConfig", builder_config);
+    engine.register_get("factory", |b: &mut Arc<BuilderConfig>| b.factory.clone());
+    ctor(engine, state, "BuilderConfig", |kw| {
+        builder_config(kw).map(Arc::new)
+    });
 }
