@@ -250,7 +250,9 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
         origin: origin.clone(),
     };
 
-    let mut steps = Vec::new();
+    // At most six steps, made for every builder of a seed-shaped master:
+    // no growing.
+    let mut steps = Vec::with_capacity(6);
     steps.push(Step {
         halt_on_failure: true,
         ..base(
@@ -343,9 +345,14 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
             )
         });
     }
-    let state = kw.state();
+    // A new list, not `collect()`: that would reuse the steps' own
+    // allocation (six steps' room) for six pointers.
+    let mut shared = Vec::with_capacity(steps.len());
+    for s in steps {
+        shared.push(kw.state().share_step(s));
+    }
     Ok(BuildFactory {
-        steps: Arc::new(steps.into_iter().map(|s| state.share_step(s)).collect()),
+        steps: Arc::new(shared),
         origin,
     })
 }
