@@ -10,25 +10,97 @@ use std::time::Duration;
 use common::wait_until;
 use common::workers::{builds, Results};
 
-/// The quickstart's process: asked to stop (SIGTERM) when dropped, so a
-/// failing test leaves no master and no workers behind (they stop with it).
-struct Running(std::process::Child);
+/// A `kiln quickstart` running in the foreground, its stderr captured.
+/// `stop` asks it to end (SIGTERM) and waits for it and its workers;
+/// dropped without that (a failing test), it is stopped the same way, so
+/// no master and no worker is left behind.
+struct Quickstart {
+    child: std::process::Child,
+    log: common::Captured,
+    dir: std::path::PathBuf,
+}
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
+impl Quickstart {
+    /// Starts `kiln quickstart DIR ARGS...` and waits until `workers`
+    /// workers are connected and `pollers` pollers have polled once.
+    fn start(
+        dir: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        workers: usize,
+        pollers: usize,
+    ) -> Quickstart {
+        let mut child = common::quickstart(dir)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln quickstart");
+        let log = common::capture(child.stderr.take().expect("stderr"));
+        let q = Quickstart {
+            child,
+            log,
+            dir: dir.to_path_buf(),
+        };
+        let what = format!("{workers} workers and {pollers} first polls");
+        wait_until(Duration::from_secs(90), &what, || {
+            let text = q.text();
+            (text.matches("connected worker=").count() >= workers
+                && text.matches("first poll").count() >= pollers)
+                .then_some(())
+        });
+        q
+    }
+
+    /// What it has said so far.
+    fn text(&self) -> String {
+        common::captured(&self.log)
+    }
+
+    /// Asks it to end and waits for it, then for its workers: both must
+    /// end on their own.
+    fn stop(mut self) {
+        assert!(
+            self.end(),
+            "the quickstart did not end on SIGTERM within 60 s"
+        );
+        assert!(
+            processes_under(&self.dir).is_empty(),
+            "workers left behind: {:?}",
+            processes_under(&self.dir)
+        );
+    }
+
+    /// SIGTERM, then SIGKILL after 60 s; whether it ended on the first.
+    fn end(&mut self) -> bool {
+        let mut on_its_own = true;
+        if matches!(self.child.try_wait(), Ok(None)) {
             // SAFETY: plain kill(2) on our child.
-            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while std::time::Instant::now() < deadline {
-                if !matches!(self.0.try_wait(), Ok(None)) {
-                    return;
-                }
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while std::time::Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None))
+            {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+            if matches!(self.child.try_wait(), Ok(None)) {
+                on_its_own = false;
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
         }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline && !processes_under(&self.dir).is_empty() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        on_its_own
+    }
+}
+
+impl Drop for Quickstart {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 
@@ -51,19 +123,8 @@ fn processes_under(dir: &std::path::Path) -> Vec<String> {
 fn the_quickstart_builds_a_commit_on_its_two_workers_and_stops_them_with_it() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("demo");
-    let mut child = common::quickstart(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kiln quickstart");
-    let log = common::capture(child.stderr.take().expect("stderr"));
-    let text = || common::captured(&log);
-    wait_until(Duration::from_secs(60), "both workers", || {
-        (text().matches("connected worker=").count() >= 2 && text().contains("first poll"))
-            .then_some(())
-    });
-    assert_has(&text(), "kiln quickstart in");
+    let q = Quickstart::start(&dir, &[], &[], 2, 1);
+    assert_has(&q.text(), "kiln quickstart in");
 
     let repo = dir.join("repo");
     std::fs::write(repo.join("README"), "a change\n").expect("edit");
@@ -74,22 +135,14 @@ fn the_quickstart_builds_a_commit_on_its_two_workers_and_stops_them_with_it() {
     let all = builds(&dir);
     assert_eq!(all.len(), 2, "{all:?}");
     for b in &all {
-        assert_eq!(b.result, Some(Results::Success), "{all:?}\n{}", text());
+        assert_eq!(b.result, Some(Results::Success), "{all:?}\n{}", q.text());
         let steps: Vec<&str> = b.steps.iter().map(|s| s.0.as_str()).collect();
         assert_eq!(steps, ["checkout", "list", "build"]);
     }
     let out = common::workers::stdio(&dir, "build");
     assert_has(&out, ": Make a change");
     assert_eq!(processes_under(&dir).len(), 2);
-
-    // SAFETY: plain kill(2) on our child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    wait_until(Duration::from_secs(60), "the quickstart to end", || {
-        child.try_wait().expect("wait").map(|_| ())
-    });
-    wait_until(Duration::from_secs(10), "its workers to end", || {
-        processes_under(&dir).is_empty().then_some(())
-    });
+    q.stop();
 }
 
 /// The push commands the Mozilla quickstart printed, by branch.
@@ -115,29 +168,14 @@ fn push_commands(banner: &str) -> std::collections::BTreeMap<String, String> {
 fn the_mozilla_quickstart_builds_every_enabled_platform_of_the_branches_pushed_to() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("mozilla");
-    let mut running = Running(
-        common::quickstart(&dir)
-            .arg("--mozilla")
-            .env("FX_STANDIN_BUILD_SECONDS", "0.2")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kiln quickstart --mozilla"),
+    let q = Quickstart::start(
+        &dir,
+        &["--mozilla"],
+        &[("FX_STANDIN_BUILD_SECONDS", "0.2")],
+        4,
+        4,
     );
-    let child = &mut running.0;
-    let log = common::capture(child.stderr.take().expect("stderr"));
-    let text = || common::captured(&log);
-    wait_until(
-        Duration::from_secs(90),
-        "four workers and four first polls",
-        || {
-            (text().matches("connected worker=").count() >= 4
-                && text().matches("first poll").count() >= 4)
-                .then_some(())
-        },
-    );
-    let banner = text();
+    let banner = q.text();
     for worker in [
         "bld-linux64-ec2-stage-001",
         "bld-linux64-ec2-stage-002",
@@ -235,12 +273,5 @@ fn the_mozilla_quickstart_builds_every_enabled_platform_of_the_branches_pushed_t
         (log.lines().count() >= 13).then_some(())
     });
 
-    // SAFETY: plain kill(2) on our child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    wait_until(Duration::from_secs(60), "the quickstart to end", || {
-        child.try_wait().expect("wait").map(|_| ())
-    });
-    wait_until(Duration::from_secs(10), "its workers to end", || {
-        processes_under(&dir).is_empty().then_some(())
-    });
+    q.stop();
 }
