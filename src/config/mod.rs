@@ -6,7 +6,9 @@ mod model;
 pub mod print;
 pub mod validate;
 mod worker;
+mod www;
 
 pub use listen::*;
 pub use model::*;
 pub use worker::*;
+pub use www::*;

@@ -666,6 +666,19 @@ impl Serialize for AnyMarker {
     }
 }
 
+/// Cron's five fields: when a `Nightly` builds and when the janitor
+/// sweeps (`schedulers::cron` finds the next time they match).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Cron {
+    pub minute: CronField,
+    pub hour: CronField,
+    #[serde(rename = "dayOfMonth")]
+    pub day_of_month: CronField,
+    pub month: CronField,
+    #[serde(rename = "dayOfWeek")]
+    pub day_of_week: CronField,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type")]
 pub enum SchedulerKind {
@@ -695,13 +708,8 @@ pub enum SchedulerKind {
     },
     Nightly {
         branch: Option<String>,
-        minute: CronField,
-        hour: CronField,
-        #[serde(rename = "dayOfMonth")]
-        day_of_month: CronField,
-        month: CronField,
-        #[serde(rename = "dayOfWeek")]
-        day_of_week: CronField,
+        #[serde(flatten)]
+        when: Cron,
         #[serde(rename = "onlyIfChanged")]
         only_if_changed: bool,
     },
@@ -768,29 +776,6 @@ pub enum StatusTarget {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct WwwUser {
-    pub password: Secret,
-    pub roles: Vec<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct WwwConfig {
-    pub port: u16,
-    pub host: String,
-    /// TLS on the web port (an `ssl:` port string).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls: Option<super::TlsConfig>,
-    /// Whether reads need no login (Buildbot's default: yes).
-    pub public_read: bool,
-    pub users: BTreeMap<String, WwwUser>,
-    /// Which roles may do which write (`force`, `stop`, `cancel`,
-    /// `reconfig`, `workers`, `change`); one it does not name is open to
-    /// every user.
-    pub authz: BTreeMap<String, Vec<String>>,
-    pub change_hook_dialects: Vec<String>,
-}
-
 /// Buildbot's `db` key: where the master keeps its state.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DbConfig {
@@ -844,7 +829,7 @@ pub struct MasterConfig {
     pub buildbot_url: String,
     pub db: DbConfig,
     pub protocols: super::ProtocolsConfig,
-    pub www: Option<WwwConfig>,
+    pub www: Option<super::WwwConfig>,
     pub properties: PropertyMap,
     pub workers: Vec<Worker>,
     pub change_source: Vec<ChangeSource>,
@@ -887,13 +872,8 @@ pub struct MasterConfig {
 pub struct Janitor {
     #[serde(rename = "logHorizon")]
     pub log_horizon: u64,
-    pub minute: CronField,
-    pub hour: CronField,
-    #[serde(rename = "dayOfMonth")]
-    pub day_of_month: CronField,
-    pub month: CronField,
-    #[serde(rename = "dayOfWeek")]
-    pub day_of_week: CronField,
+    #[serde(flatten)]
+    pub when: Cron,
     #[serde(skip)]
     pub origin: Option<Origin>,
 }
@@ -963,39 +943,5 @@ mod tests {
         assert!(std::mem::size_of::<Origin>() <= 24);
         // One per builder: 528 bytes before its callbacks were boxed.
         assert!(std::mem::size_of::<BuilderConfig>() <= 296);
-    }
-}
-
-/// What a write does, as `www.authz` names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WwwAction {
-    Force,
-    Stop,
-    Cancel,
-    /// A new request for a finished build's builder, sources and properties.
-    Rebuild,
-    Reconfig,
-    /// Stopping or killing a worker.
-    Workers,
-    /// A change through a change hook.
-    Change,
-}
-
-impl WwwAction {
-    pub const ALL: &'static [(&'static str, WwwAction)] = &[
-        ("force", WwwAction::Force),
-        ("stop", WwwAction::Stop),
-        ("cancel", WwwAction::Cancel),
-        ("rebuild", WwwAction::Rebuild),
-        ("reconfig", WwwAction::Reconfig),
-        ("workers", WwwAction::Workers),
-        ("change", WwwAction::Change),
-    ];
-
-    pub fn name(self) -> &'static str {
-        WwwAction::ALL
-            .iter()
-            .find(|(_, a)| *a == self)
-            .map_or("?", |(n, _)| n)
     }
 }

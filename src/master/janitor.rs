@@ -11,7 +11,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Janitor;
-use crate::schedulers::cron::Cron;
 use crate::store::janitor::Pruned;
 use crate::store::Store;
 
@@ -70,16 +69,6 @@ pub async fn sweep(store: &Store, before: i64) -> anyhow::Result<Swept> {
     Ok(swept)
 }
 
-fn cron_of(j: &Janitor) -> Cron {
-    Cron {
-        minute: j.minute.clone(),
-        hour: j.hour.clone(),
-        day_of_month: j.day_of_month.clone(),
-        month: j.month.clone(),
-        day_of_week: j.day_of_week.clone(),
-    }
-}
-
 /// Runs the janitor the config names at its times until `cancel`; a
 /// reload sends the new config's janitor (or none) on `config`.
 pub async fn run(
@@ -91,7 +80,7 @@ pub async fn run(
         let janitor = config.borrow_and_update().clone();
         let next = janitor
             .as_ref()
-            .and_then(|j| cron_of(j).next_after(&Local::now()));
+            .and_then(|j| j.when.next_after(&Local::now()));
         let wait = async {
             match next {
                 // Never more than an hour at a time: a clock changed under

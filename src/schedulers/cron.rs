@@ -5,17 +5,8 @@
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, NaiveDateTime, TimeZone, Timelike};
 
+pub use crate::config::Cron;
 use crate::config::CronField;
-
-/// The five fields of a Nightly.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Cron {
-    pub minute: CronField,
-    pub hour: CronField,
-    pub day_of_month: CronField,
-    pub month: CronField,
-    pub day_of_week: CronField,
-}
 
 fn matches(f: &CronField, v: u32) -> bool {
     match f {

@@ -263,26 +263,11 @@ impl Task {
     }
 
     pub(super) fn next_cron(&self, after: f64) -> Option<f64> {
-        let SchedulerKind::Nightly {
-            minute,
-            hour,
-            day_of_month,
-            month,
-            day_of_week,
-            ..
-        } = &self.cfg.kind
-        else {
+        let SchedulerKind::Nightly { when, .. } = &self.cfg.kind else {
             return None;
         };
-        let c = super::cron::Cron {
-            minute: minute.clone(),
-            hour: hour.clone(),
-            day_of_month: day_of_month.clone(),
-            month: month.clone(),
-            day_of_week: day_of_week.clone(),
-        };
         let at = chrono::DateTime::from_timestamp(after as i64, 0)?.with_timezone(&chrono::Local);
-        c.next_after(&at).map(|t| t.timestamp() as f64)
+        when.next_after(&at).map(|t| t.timestamp() as f64)
     }
 
     /// Handles the changes after `state.last`: those just published when

@@ -89,6 +89,19 @@ pub fn hg_poller(kw: &mut Kwargs) -> ScriptResult<HgPoller> {
     })
 }
 
+/// The five cron fields of a `Nightly` or the janitor: minute 0 of
+/// `hour` (every hour or midnight, as their Buildbot defaults differ),
+/// any day.
+fn cron(kw: &mut Kwargs, hour: CronField) -> ScriptResult<Cron> {
+    Ok(Cron {
+        minute: cron_field(kw, "minute", CronField::Values(vec![0]), (0, 59))?,
+        hour: cron_field(kw, "hour", hour, (0, 23))?,
+        day_of_month: cron_field(kw, "dayOfMonth", CronField::Any(AnyMarker), (1, 31))?,
+        month: cron_field(kw, "month", CronField::Any(AnyMarker), (1, 12))?,
+        day_of_week: cron_field(kw, "dayOfWeek", CronField::Any(AnyMarker), (0, 6))?,
+    })
+}
+
 pub(super) fn cron_field(
     kw: &mut Kwargs,
     key: &'static str,
@@ -195,11 +208,8 @@ pub(super) fn register_schedulers(engine: &mut Engine, state: &Arc<LoadState>) {
         scheduler(kw, |kw| {
             Ok(SchedulerKind::Nightly {
                 branch: kw.str("branch")?,
-                minute: cron_field(kw, "minute", CronField::Values(vec![0]), (0, 59))?,
-                hour: cron_field(kw, "hour", CronField::Any(AnyMarker), (0, 23))?,
-                day_of_month: cron_field(kw, "dayOfMonth", CronField::Any(AnyMarker), (1, 31))?,
-                month: cron_field(kw, "month", CronField::Any(AnyMarker), (1, 12))?,
-                day_of_week: cron_field(kw, "dayOfWeek", CronField::Any(AnyMarker), (0, 6))?,
+                // Buildbot's defaults: at minute 0 of every hour.
+                when: cron(kw, CronField::Any(AnyMarker))?,
                 only_if_changed: kw.bool("onlyIfChanged", false)?,
             })
         })
@@ -273,11 +283,8 @@ pub(super) fn register_status(engine: &mut Engine, state: &Arc<LoadState>) {
         }
         Ok(Janitor {
             log_horizon,
-            minute: cron_field(kw, "minute", CronField::Values(vec![0]), (0, 59))?,
-            hour: cron_field(kw, "hour", CronField::Values(vec![0]), (0, 23))?,
-            day_of_month: cron_field(kw, "dayOfMonth", CronField::Any(AnyMarker), (1, 31))?,
-            month: cron_field(kw, "month", CronField::Any(AnyMarker), (1, 12))?,
-            day_of_week: cron_field(kw, "dayOfWeek", CronField::Any(AnyMarker), (0, 6))?,
+            // Buildbot's default: every day at midnight.
+            when: cron(kw, CronField::Values(vec![0]))?,
             origin: kw.origin(),
         })
     });
