@@ -480,3 +480,51 @@ c;
         .collect();
     assert_eq!(names, ["w1", "w2"]);
 }
+
+/// A Nightly's and the janitor's cron fields print as Buildbot names them,
+/// beside their other keys (one `Cron` type holds them in the model).
+#[test]
+fn cron_fields_print_at_the_top_of_a_nightly_and_the_janitor() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    write(
+        tmp.path(),
+        "master.rhai",
+        r#"
+        let f = BuildFactory([ShellCommand(#{ command: "true" })]);
+        #{ workers: [Worker("w", "pw")],
+           builders: [BuilderConfig(#{ name: "b", workernames: ["w"], factory: f })],
+           schedulers: [Nightly(#{ name: "n", builderNames: ["b"], hour: [3], dayOfWeek: [0, 4] })],
+           configurators: [JanitorConfigurator(#{ logHorizon: 86400, minute: 30 })] }
+    "#,
+    );
+    let out = common::kiln(tmp.path(), &["print-config", "--json", "."], LIMIT);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let c: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    let n = &c["schedulers"][0];
+    assert_eq!(n["type"], "Nightly");
+    assert_eq!(
+        (
+            &n["minute"],
+            &n["hour"],
+            &n["dayOfMonth"],
+            &n["month"],
+            &n["dayOfWeek"]
+        ),
+        (
+            &serde_json::json!([0]),
+            &serde_json::json!([3]),
+            &serde_json::json!("*"),
+            &serde_json::json!("*"),
+            &serde_json::json!([0, 4])
+        ),
+        "{n}"
+    );
+    assert_eq!(n["onlyIfChanged"], false);
+    let j = &c["janitor"];
+    assert_eq!(j["logHorizon"], 86400);
+    assert_eq!(
+        (&j["minute"], &j["hour"]),
+        (&serde_json::json!([30]), &serde_json::json!([0])),
+        "{j}"
+    );
+}
