@@ -306,6 +306,19 @@ fn a_collapse_requests_function_chooses_what_collapses() {
     assert_eq!(master.stop(), Some(0));
 }
 
+/// Starts the master in `dir` with its worker `w1`, forces builder `b`
+/// and waits for that build to end.
+fn one_forced_build(root: &Path, dir: &Path) -> (Master, KilnWorker) {
+    let master = Master::start(dir);
+    let w1 = KilnWorker::start(root, "w1", "pw-one", worker_port(&master));
+    wait_connected(&master, &["w1"]);
+    force(&master, "b");
+    wait_until(Duration::from_secs(60), "the build", || {
+        finished(dir, 1).then_some(())
+    });
+    (master, w1)
+}
+
 /// `canStartBuild` says no twice, then yes: no event announces that it
 /// changed its mind, so the held-back request is offered again on its own.
 #[test]
@@ -320,13 +333,7 @@ fn a_request_can_start_build_held_back_is_offered_again() {
             r#"canStartBuild: |builder, worker, request| { asked += 1; print(`canStartBuild asked ${asked} time(s)`); asked >= 3 }"#,
         )
         .write(tmp.path());
-    let mut master = Master::start(&dir);
-    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", worker_port(&master));
-    wait_connected(&master, &["w1"]);
-    force(&master, "b");
-    wait_until(Duration::from_secs(60), "the build", || {
-        finished(&dir, 1).then_some(())
-    });
+    let (mut master, _w1) = one_forced_build(tmp.path(), &dir);
     assert_eq!(master.stop(), Some(0));
     assert_has(&master.log(), "canStartBuild asked 3 time(s)");
     let b = builds(&dir);
@@ -343,13 +350,7 @@ fn an_idle_master_does_not_look_at_the_queue() {
         .worker("w1", "pw-one")
         .builder("b", &["w1"], "")
         .write(tmp.path());
-    let mut master = Master::start(&dir);
-    let _w1 = KilnWorker::start(tmp.path(), "w1", "pw-one", worker_port(&master));
-    wait_connected(&master, &["w1"]);
-    force(&master, "b");
-    wait_until(Duration::from_secs(60), "the build", || {
-        finished(&dir, 1).then_some(())
-    });
+    let (mut master, _w1) = one_forced_build(tmp.path(), &dir);
     let rounds = || {
         let text = common::http_get(&format!("{}/metrics", master.http_url()));
         text.lines()
