@@ -84,7 +84,7 @@ pub(super) fn mock_command(
         other => protocol::str_of(other).unwrap_or_default().to_string(),
     };
     let mut inner = vec!["/usr/bin/env".to_string()];
-    for (k, v) in &step.env {
+    for (k, v) in step.env.iter() {
         inner.push(quote(&format!("{k}={}", arg_text(v, props)?)));
     }
     inner.push(cmd);

@@ -424,8 +424,9 @@ pub struct Step {
     pub command: Option<StepCommand>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workdir: Option<rhai::ImmutableString>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, Arg>,
+    /// Shared: the seed's builders give their scripts one environment.
+    #[serde(skip_serializing_if = "no_env")]
+    pub env: Arc<BTreeMap<String, Arg>>,
     /// Seconds without output before the command is killed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u32>,
@@ -448,14 +449,19 @@ pub struct Step {
     /// tens of thousands of steps.
     #[serde(rename = "doStepIf", skip_serializing_if = "Option::is_none")]
     pub do_step_if: Option<Box<BoolOrCallback>>,
+    /// Shared, as `env`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_eval: Option<Box<LogEval>>,
+    pub log_eval: Option<Arc<LogEval>>,
     /// Regular expressions over the command's output, each with the result
     /// a match makes the step at least (Mozilla's known-failure lists).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub log_rules: Vec<LogRule>,
     #[serde(skip)]
     pub origin: Option<Origin>,
+}
+
+fn no_env(env: &Arc<BTreeMap<String, Arg>>) -> bool {
+    env.is_empty()
 }
 
 /// `[pattern, result]` in a step's `log_rules`.

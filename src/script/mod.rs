@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use rhai::{Dynamic, Engine, Scope, AST};
 
-use crate::config::{validate, MasterConfig, Step};
+use crate::config::{validate, Arg, LogEval, MasterConfig, Step};
 use crate::diagnostics::{canonical, display_pathbuf, Diagnostic, Sources};
 
 pub use mozilla::normalize_name;
@@ -69,6 +69,36 @@ pub struct LoadState {
     /// Steps ScriptFactory made, by name, to be shared by the factories
     /// that make them alike.
     steps: Mutex<std::collections::HashMap<rhai::ImmutableString, Vec<Arc<Step>>>>,
+    /// The environments and log evaluations ScriptFactory gives its
+    /// scripts, as `steps`.
+    envs: Kept<std::collections::BTreeMap<String, Arg>>,
+    log_evals: Kept<LogEval>,
+}
+
+/// What a load makes alike many times, kept once: at most a few variants,
+/// so that a value made different every time costs a short look.
+struct Kept<T>(Mutex<Vec<Arc<T>>>);
+
+impl<T> Default for Kept<T> {
+    fn default() -> Self {
+        Kept(Mutex::default())
+    }
+}
+
+impl<T: PartialEq> Kept<T> {
+    const VARIANTS: usize = 8;
+
+    fn share(&self, value: T) -> Arc<T> {
+        let mut kept = lock(&self.0);
+        if let Some(v) = kept.iter().find(|v| ***v == value) {
+            return v.clone();
+        }
+        let value = Arc::new(value);
+        if kept.len() < Self::VARIANTS {
+            kept.push(value.clone());
+        }
+        value
+    }
 }
 
 use crate::sync::lock;
@@ -92,6 +122,8 @@ impl LoadState {
             started: Mutex::new(Instant::now()),
             modules: resolver::ModuleCache::default(),
             steps: Mutex::default(),
+            envs: Kept::default(),
+            log_evals: Kept::default(),
         })
     }
 
@@ -102,17 +134,30 @@ impl LoadState {
     /// made different every time (the script's own command line) costs a
     /// short look and no memory.
     pub fn share_step(&self, step: Step) -> Arc<Step> {
-        const VARIANTS: usize = 8;
         let mut kept = lock(&self.steps);
         let same = kept.entry(step.name.clone()).or_default();
         if let Some(s) = same.iter().find(|s| ***s == step) {
             return s.clone();
         }
         let step = Arc::new(step);
-        if same.len() < VARIANTS {
+        if same.len() < Kept::<Step>::VARIANTS {
             same.push(step.clone());
         }
         step
+    }
+
+    /// A step's environment, shared as [`Self::share_step`] shares steps
+    /// (the seed's `run_script` differs per branch; its environment not).
+    pub fn share_env(
+        &self,
+        env: std::collections::BTreeMap<String, Arg>,
+    ) -> Arc<std::collections::BTreeMap<String, Arg>> {
+        self.envs.share(env)
+    }
+
+    /// A step's log evaluation, shared likewise.
+    pub fn share_log_eval(&self, log_eval: LogEval) -> Arc<LogEval> {
+        self.log_evals.share(log_eval)
     }
 
     /// Records a file that was read (or looked for), with every symlink on

@@ -228,6 +228,7 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
             "%(basedir)s/{properties_file}"
         )))),
     );
+    let env = kw.state().share_env(env);
 
     let base = |name: &str, kind: StepKind, command: Vec<Arg>| Step {
         name: name.into(),
@@ -266,7 +267,7 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
     });
     steps.push(Step {
         halt_on_failure: true,
-        log_eval: Some(Box::new(LogEval::RcMap {
+        log_eval: Some(kw.state().share_log_eval(LogEval::RcMap {
             codes: [(0, Results::Success)].into_iter().collect(),
             default: Some(Results::Retry),
         })),
@@ -306,7 +307,7 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
         env: env.clone(),
         timeout: Some(script_timeout),
         max_time: script_maxtime,
-        log_eval: log_eval.map(Box::new),
+        log_eval: log_eval.map(|l| kw.state().share_log_eval(l)),
         halt_on_failure: true,
         warn_on_warnings: true,
         ..base(

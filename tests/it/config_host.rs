@@ -331,10 +331,15 @@ fn generate_branch_objects_and_merge_leave_their_inputs_alone() {
             "{name} is held twice"
         );
     }
-    assert!(!std::sync::Arc::ptr_eq(
-        &step(0, "run_script"),
-        &step(1, "run_script")
-    ));
+    let (a, b) = (step(0, "run_script"), step(1, "run_script"));
+    assert!(!std::sync::Arc::ptr_eq(&a, &b));
+    // ... though its environment and log evaluation are one each.
+    assert!(std::sync::Arc::ptr_eq(&a.env, &b.env));
+    assert!(a.env.contains_key("PROPERTIES_FILE"));
+    match (&a.log_eval, &b.log_eval) {
+        (Some(x), Some(y)) => assert!(std::sync::Arc::ptr_eq(x, y)),
+        other => panic!("run_script without log_eval: {other:?}"),
+    }
 }
 
 #[test]

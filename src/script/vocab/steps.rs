@@ -99,7 +99,7 @@ pub(super) fn step(kw: &mut Kwargs, kind: StepKind, needs_command: bool) -> Scri
         description: kw.shared_str("description")?,
         command,
         workdir: kw.shared_str("workdir")?,
-        env: kw.env("env")?,
+        env: Arc::new(kw.env("env")?),
         timeout: kw.secs("timeout")?,
         max_time: kw.secs("maxTime")?,
         halt_on_failure: kw.bool("haltOnFailure", false)?,
@@ -109,7 +109,7 @@ pub(super) fn step(kw: &mut Kwargs, kind: StepKind, needs_command: bool) -> Scri
         warn_on_warnings: kw.bool("warnOnWarnings", false)?,
         always_run: kw.bool("alwaysRun", false)?,
         do_step_if: do_step_if.map(Box::new),
-        log_eval: log_eval.map(Box::new),
+        log_eval: log_eval.map(Arc::new),
         origin: kw.origin(),
         kind,
     })
