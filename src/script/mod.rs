@@ -68,34 +68,33 @@ pub struct LoadState {
     modules: resolver::ModuleCache,
     /// Steps ScriptFactory made, by name, to be shared by the factories
     /// that make them alike.
-    steps: Mutex<std::collections::HashMap<rhai::ImmutableString, Vec<Arc<Step>>>>,
+    steps: Mutex<std::collections::HashMap<rhai::ImmutableString, Kept<Step>>>,
     /// The environments and log evaluations ScriptFactory gives its
     /// scripts, as `steps`.
-    envs: Kept<std::collections::BTreeMap<String, Arg>>,
-    log_evals: Kept<LogEval>,
+    envs: Mutex<Kept<std::collections::BTreeMap<String, Arg>>>,
+    log_evals: Mutex<Kept<LogEval>>,
 }
 
 /// What a load makes alike many times, kept once: at most a few variants,
 /// so that a value made different every time costs a short look.
-struct Kept<T>(Mutex<Vec<Arc<T>>>);
+struct Kept<T>(Vec<Arc<T>>);
 
 impl<T> Default for Kept<T> {
     fn default() -> Self {
-        Kept(Mutex::default())
+        Kept(Vec::new())
     }
 }
 
 impl<T: PartialEq> Kept<T> {
     const VARIANTS: usize = 8;
 
-    fn share(&self, value: T) -> Arc<T> {
-        let mut kept = lock(&self.0);
-        if let Some(v) = kept.iter().find(|v| ***v == value) {
+    fn share(&mut self, value: T) -> Arc<T> {
+        if let Some(v) = self.0.iter().find(|v| ***v == value) {
             return v.clone();
         }
         let value = Arc::new(value);
-        if kept.len() < Self::VARIANTS {
-            kept.push(value.clone());
+        if self.0.len() < Self::VARIANTS {
+            self.0.push(value.clone());
         }
         value
     }
@@ -122,8 +121,8 @@ impl LoadState {
             started: Mutex::new(Instant::now()),
             modules: resolver::ModuleCache::default(),
             steps: Mutex::default(),
-            envs: Kept::default(),
-            log_evals: Kept::default(),
+            envs: Mutex::default(),
+            log_evals: Mutex::default(),
         })
     }
 
@@ -134,16 +133,10 @@ impl LoadState {
     /// made different every time (the script's own command line) costs a
     /// short look and no memory.
     pub fn share_step(&self, step: Step) -> Arc<Step> {
-        let mut kept = lock(&self.steps);
-        let same = kept.entry(step.name.clone()).or_default();
-        if let Some(s) = same.iter().find(|s| ***s == step) {
-            return s.clone();
-        }
-        let step = Arc::new(step);
-        if same.len() < Kept::<Step>::VARIANTS {
-            same.push(step.clone());
-        }
-        step
+        lock(&self.steps)
+            .entry(step.name.clone())
+            .or_default()
+            .share(step)
     }
 
     /// A step's environment, shared as [`Self::share_step`] shares steps
@@ -152,12 +145,12 @@ impl LoadState {
         &self,
         env: std::collections::BTreeMap<String, Arg>,
     ) -> Arc<std::collections::BTreeMap<String, Arg>> {
-        self.envs.share(env)
+        lock(&self.envs).share(env)
     }
 
     /// A step's log evaluation, shared likewise.
     pub fn share_log_eval(&self, log_eval: LogEval) -> Arc<LogEval> {
-        self.log_evals.share(log_eval)
+        lock(&self.log_evals).share(log_eval)
     }
 
     /// Records a file that was read (or looked for), with every symlink on
