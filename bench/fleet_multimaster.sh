@@ -21,6 +21,7 @@ burst=${4:-100}
 work=$(mktemp -d /tmp/kiln-bench-fleetmm.XXXXXX)
 pids=()
 . "$here/pg.sh"
+. "$here/lib.sh"  # wait_log
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   sleep 1; pg_stop; rm -rf "$work"
@@ -30,7 +31,6 @@ if [ -z "${KILN_BIN:-}" ]; then
   cargo build --release --quiet --manifest-path "$root/Cargo.toml"
 fi
 kiln="${KILN_BIN:-$root/target/release/kiln}"
-wait_log() { for _ in $(seq 1 1200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "no '$2' in $1" >&2; exit 1; }
 rss() { ps -o rss= -p "$1" | tr -d ' '; }
 
 pg_start 25442

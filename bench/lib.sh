@@ -17,3 +17,10 @@ measure() {
   done
   echo "$(printf '%s\n' "${walls[@]}" | median) $(printf '%s\n' "${peaks[@]}" | median)"
 }
+
+# wait_log FILE TEXT: waits up to 2 minutes for TEXT to appear in FILE;
+# exits the script saying so when it does not.
+wait_log() {
+  for _ in $(seq 1 1200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+  echo "no '$2' in $1" >&2; exit 1
+}

@@ -18,6 +18,7 @@ masters=${1:-4}
 work=$(mktemp -d /tmp/kiln-bench-mm.XXXXXX)
 pids=()
 . "$here/pg.sh"
+. "$here/lib.sh"  # wait_log
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   pkill -f "worker start $work/" 2>/dev/null || true
@@ -29,7 +30,6 @@ if [ -z "${KILN_BIN:-}" ]; then
 fi
 kiln="${KILN_BIN:-$root/target/release/kiln}"
 
-wait_log() { for _ in $(seq 1 600); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "no '$2' in $1" >&2; exit 1; }
 worker() { # dir name master-port
   "$kiln" worker create "$work/$1" --master "127.0.0.1:$3" --name "$2" --password pw >/dev/null
   ("$kiln" worker start "$work/$1" >/dev/null 2>&1 &)
