@@ -520,12 +520,24 @@ let one = MasterLock("one");"#,
         running() == 1
     });
     std::fs::write(&f.release, "").expect("release");
-    let builds = wait_until(Duration::from_secs(60), "both builds", || {
-        let v = get(&format!(
-            "{url}/api/v2/builds?complete=true&order=started_at"
-        ));
-        let list = v["builds"].as_array().cloned().unwrap_or_default();
-        (list.len() == 2).then_some(list)
+    // What was last seen is kept, so that a timeout says what it saw.
+    let last = std::cell::RefCell::new(serde_json::Value::Null);
+    let builds = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(Duration::from_secs(60), "both builds", || {
+            let v = get(&format!("{url}/api/v2/builds?order=started_at"));
+            let list = v["builds"].as_array().cloned().unwrap_or_default();
+            *last.borrow_mut() = v;
+            let done = list.iter().filter(|b| b["complete"] == true).count();
+            (list.len() == 2 && done == 2).then_some(list)
+        })
+    }))
+    .unwrap_or_else(|_| {
+        panic!(
+            "both builds did not end; builds seen: {}\nm1: {}\nm2: {}",
+            last.borrow(),
+            m1.log(),
+            m2.log()
+        )
     });
     assert!(builds.iter().all(|b| b["results"] == 0), "{builds:?}");
     assert!(
