@@ -108,7 +108,9 @@ impl Distributor {
             }
         };
         layer(&mut props, &gen.config.properties, "Global");
-        layer(&mut props, &builder.properties, "Builder");
+        for (k, v) in builder.properties.iter() {
+            props.insert(k.to_string(), (v.to_value(), "Builder".to_string()));
+        }
         if let Some(bs) = self.store.get_buildset(req.buildsetid).await? {
             props.extend(bs.properties);
         }

@@ -4,11 +4,13 @@ pub mod diff;
 mod listen;
 mod model;
 pub mod print;
+mod properties;
 pub mod validate;
 mod worker;
 mod www;
 
 pub use listen::*;
 pub use model::*;
+pub use properties::*;
 pub use worker::*;
 pub use www::*;

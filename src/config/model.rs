@@ -525,7 +525,8 @@ pub struct BuilderConfig {
     #[serde(rename = "workerbuilddir")]
     pub worker_builddir: String,
     #[serde(rename = "workernames")]
-    pub worker_names: Vec<rhai::ImmutableString>,
+    /// Shared by builders with the same pool (see `LoadState::share_workers`).
+    pub worker_names: Arc<[rhai::ImmutableString]>,
     #[serde(rename = "nextWorker", skip_serializing_if = "Option::is_none")]
     pub next_worker: Option<Box<Callback>>,
     #[serde(rename = "canStartBuild", skip_serializing_if = "Option::is_none")]
@@ -537,8 +538,8 @@ pub struct BuilderConfig {
     pub tags: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<rhai::ImmutableString>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub properties: PropertyMap,
+    #[serde(skip_serializing_if = "super::BuilderProperties::is_empty")]
+    pub properties: super::BuilderProperties,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, Arg>,
     #[serde(rename = "collapseRequests", skip_serializing_if = "Option::is_none")]

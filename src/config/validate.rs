@@ -58,7 +58,7 @@ pub fn validate(c: &MasterConfig) -> Vec<Diagnostic> {
                     .with_focus(Some("workernames".into())),
             );
         }
-        for w in &b.worker_names {
+        for w in b.worker_names.iter() {
             if !workers.contains_key(w.as_str()) {
                 out.push(
                     Diagnostic::error(format!("builder `{}` names unknown worker `{w}`", b.name))

@@ -154,7 +154,7 @@ pub(crate) fn platform_and_symbol(b: &BuilderConfig) -> (String, String) {
     let property = |name: &str| {
         b.properties
             .get(name)
-            .and_then(Value::as_str)
+            .and_then(crate::config::PropValue::as_str)
             .filter(|v| !v.is_empty())
             .map(String::from)
     };

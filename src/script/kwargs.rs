@@ -332,6 +332,17 @@ impl Kwargs {
         }
     }
 
+    /// [`Self::properties`] as a builder keeps them.
+    pub fn builder_properties(
+        &mut self,
+        key: &'static str,
+    ) -> ScriptResult<crate::config::BuilderProperties> {
+        let map = self.properties(key)?;
+        Ok(self
+            .state
+            .builder_properties(map.iter().map(|(k, v)| (k.as_str(), v.clone()))))
+    }
+
     /// A required [`Self::arg`]; `expected` says what it is when missing.
     pub fn req_arg(&mut self, key: &'static str, expected: &str) -> ScriptResult<Arg> {
         self.arg(key)?.ok_or_else(|| self.missing(key, expected))

@@ -73,6 +73,10 @@ pub struct LoadState {
     /// scripts, as `steps`.
     envs: Mutex<Kept<std::collections::BTreeMap<String, Arg>>>,
     log_evals: Mutex<Kept<LogEval>>,
+    /// Builders' property names and string values, each held once.
+    strings: Mutex<std::collections::HashSet<rhai::ImmutableString>>,
+    /// Builders' worker pools, as `steps`.
+    pools: Mutex<Vec<Arc<[rhai::ImmutableString]>>>,
 }
 
 /// What a load makes alike many times, kept once: at most a few variants,
@@ -123,6 +127,8 @@ impl LoadState {
             steps: Mutex::default(),
             envs: Mutex::default(),
             log_evals: Mutex::default(),
+            strings: Mutex::default(),
+            pools: Mutex::default(),
         })
     }
 
@@ -151,6 +157,50 @@ impl LoadState {
     /// A step's log evaluation, shared likewise.
     pub fn share_log_eval(&self, log_eval: LogEval) -> Arc<LogEval> {
         lock(&self.log_evals).share(log_eval)
+    }
+
+    /// A builder's worker pool, the same list as an equal pool given to
+    /// another builder (the seed gives a platform's pool to each branch's
+    /// builder); at most a few distinct pools are kept for this.
+    pub fn share_workers(&self, names: Vec<rhai::ImmutableString>) -> Arc<[rhai::ImmutableString]> {
+        let mut pools = lock(&self.pools);
+        if let Some(p) = pools.iter().find(|p| ***p == *names) {
+            return p.clone();
+        }
+        let p: Arc<[rhai::ImmutableString]> = names.into();
+        if pools.len() < Kept::<()>::VARIANTS {
+            pools.push(p.clone());
+        }
+        p
+    }
+
+    /// `s` as a string shared with every other builder property name or
+    /// value equal to it in this load: thousands of builders made the
+    /// seed's way hold the same few names and values.
+    pub fn shared_str(&self, s: &str) -> rhai::ImmutableString {
+        let mut strings = lock(&self.strings);
+        if let Some(v) = strings.get(s) {
+            return v.clone();
+        }
+        let v = rhai::ImmutableString::from(s);
+        strings.insert(v.clone());
+        v
+    }
+
+    /// A builder's properties, their names and string values shared as
+    /// [`Self::shared_str`] shares them.
+    pub fn builder_properties<'a>(
+        &self,
+        pairs: impl IntoIterator<Item = (&'a str, crate::config::Value)>,
+    ) -> crate::config::BuilderProperties {
+        use crate::config::{PropValue, Value};
+        crate::config::BuilderProperties::new(pairs.into_iter().map(|(k, v)| {
+            let v = match v {
+                Value::String(s) => PropValue::Str(self.shared_str(&s)),
+                v => PropValue::Json(Box::new(v)),
+            };
+            (self.shared_str(k), v)
+        }))
     }
 
     /// Records a file that was read (or looked for), with every symlink on

@@ -64,7 +64,7 @@ pub fn register(engine: &mut Engine, state: &Arc<LoadState>) {
 /// costs the size of `d2` per call, not the size of everything merged so
 /// far. (Python shares the lists between `d1` and the result; Rhai values
 /// cannot share, so `d1` is left empty: use the result.)
-pub fn merge_build_objects(d1: &mut Map, d2: Map) -> ScriptResult<Map> {
+pub fn merge_build_objects(d1: &mut Map, mut d2: Map) -> ScriptResult<Map> {
     for key in BUILD_OBJECT_KEYS {
         let slot = d1
             .entry(key.into())
@@ -75,8 +75,9 @@ pub fn merge_build_objects(d1: &mut Map, d2: Map) -> ScriptResult<Map> {
             ))
             .into_err());
         };
-        let Some(more) = d2.get(key) else { continue };
-        let more = more.flatten_clone().try_cast::<Array>().ok_or_else(|| {
+        // `d2` is the script's copy: its lists move, element by element.
+        let Some(more) = d2.remove(key) else { continue };
+        let more = more.flatten().try_cast::<Array>().ok_or_else(|| {
             ScriptError::new(format!(
                 "mergeBuildObjects: `{key}` of the second argument must be an array"
             ))
@@ -221,7 +222,7 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
         Some(system) => system != "posix",
         None => platform.as_deref().is_some_and(|p| p.contains("win")),
     };
-    let lit = |s: &str| Arg::Literal(s.into());
+    let lit = |s: &str| Arg::Literal(kw.state().shared_str(s));
     env.insert(
         "PROPERTIES_FILE".into(),
         Arg::Render(Box::new(Renderable::WithProperties(format!(
@@ -365,6 +366,16 @@ struct Cfg<'a> {
 }
 
 impl<'a> Cfg<'a> {
+    /// The value under `key`, not copied; `()` is no value.
+    fn peek(&self, key: &str) -> Option<&'a Dynamic> {
+        let v = self.map.get(key)?;
+        let unit = if v.is_shared() {
+            v.flatten_clone().is_unit()
+        } else {
+            v.is_unit()
+        };
+        (!unit).then_some(v)
+    }
     fn get(&self, key: &str) -> Option<Dynamic> {
         self.map
             .get(key)
@@ -412,20 +423,22 @@ impl<'a> Cfg<'a> {
             .map(|l| l.into_iter().map(String::from).collect()))
     }
     fn shared_str_list(&self, key: &str) -> ScriptResult<Option<Vec<rhai::ImmutableString>>> {
-        match self.get(key) {
+        match self.peek(key) {
             None => Ok(None),
-            Some(v) => super::kwargs::shared_str_list(&v)
+            Some(v) => super::kwargs::shared_str_list(v)
                 .map(Some)
                 .ok_or_else(|| self.err(format!("`{key}` must be an array of strings"))),
         }
     }
-    fn map(&self, key: &str) -> ScriptResult<Option<Map>> {
-        match self.get(key) {
+    /// The map under `key`, read in place: a branch's platforms are read
+    /// once per builder, and copying them was most of the work.
+    fn map(&self, key: &str) -> ScriptResult<Option<impl std::ops::Deref<Target = Map> + 'a>> {
+        match self.peek(key) {
             None => Ok(None),
             Some(v) => v
-                .try_cast::<Map>()
+                .as_map_ref()
                 .map(Some)
-                .ok_or_else(|| self.err(format!("`{key}` must be a map"))),
+                .map_err(|_| self.err(format!("`{key}` must be a map"))),
         }
     }
     fn sub(&self, key: &str, map: &'a Map) -> Cfg<'a> {
@@ -504,7 +517,7 @@ fn generate_branch_objects(
     for platform in &platform_names {
         let pf_map = platforms
             .get(platform.as_str())
-            .and_then(|v| v.flatten_clone().try_cast::<Map>())
+            .and_then(|v| v.as_map_ref().ok())
             .ok_or_else(|| cfg.err(format!("`platforms.{platform}` must be a map")))?;
         let pf = cfg.sub(&format!("platforms.{platform}"), &pf_map);
         let product = pf.req_str("stage_product")?;
@@ -633,7 +646,7 @@ fn desktop_mozharness_builder(
         "--build-pool",
         if staging { "staging" } else { "production" },
     ] {
-        extra_args.push(Dynamic::from(a.to_string()));
+        extra_args.push(Dynamic::from(state.shared_str(a)));
     }
     let builddir = format!("{name}-{platform}");
     let worker_builddir = normalize_name(&builddir, Some(product));
@@ -715,23 +728,23 @@ fn desktop_mozharness_builder(
     })?;
     kw.finish()?;
 
-    let mut properties = PropertyMap::new();
-    for (k, v) in [
-        ("branch", name),
-        ("platform", platform),
-        ("product", product),
-        ("repo_path", repo_path),
-        ("script_repo_revision", mozharness_tag),
-        ("builddir", builddir.as_str()),
-        ("workerbuilddir", worker_builddir.as_str()),
-    ] {
-        properties.insert(k.into(), Value::String(v.to_string()));
-    }
+    let properties = state.builder_properties(
+        [
+            ("branch", name),
+            ("platform", platform),
+            ("product", product),
+            ("repo_path", repo_path),
+            ("script_repo_revision", mozharness_tag),
+            ("builddir", builddir.as_str()),
+            ("workerbuilddir", worker_builddir.as_str()),
+        ]
+        .map(|(k, v)| (k, Value::String(v.to_string()))),
+    );
     Ok(BuilderConfig {
         name: format!("{base_name} build"),
         builddir,
         worker_builddir,
-        worker_names: workers,
+        worker_names: state.share_workers(workers),
         next_worker: next_worker.map(Box::new),
         can_start_build: None,
         factory: BuildFactory {

@@ -370,7 +370,7 @@ fn legacy_names_are_accepted_with_warnings() {
     }
     let loaded = load_master(tmp.path(), Limits::default()).unwrap_or_else(|f| panic!("{f:?}"));
     assert_eq!(loaded.config.builders[0].worker_builddir, "bd");
-    assert_eq!(loaded.config.builders[0].worker_names, ["w1"]);
+    assert_eq!(*loaded.config.builders[0].worker_names, ["w1"]);
 }
 
 /// A warning said for each of many builders is said once, with how often
