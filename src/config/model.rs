@@ -521,9 +521,10 @@ pub enum BoolOrCallback {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BuilderConfig {
     pub name: String,
-    pub builddir: String,
+    /// Shared with the `builddir` property where a builder has one.
+    pub builddir: rhai::ImmutableString,
     #[serde(rename = "workerbuilddir")]
-    pub worker_builddir: String,
+    pub worker_builddir: rhai::ImmutableString,
     #[serde(rename = "workernames")]
     /// Shared by builders with the same pool (see `LoadState::share_workers`).
     pub worker_names: Arc<[rhai::ImmutableString]>,
@@ -534,8 +535,9 @@ pub struct BuilderConfig {
     pub factory: BuildFactory,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub category: Option<rhai::ImmutableString>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub tags: Vec<String>,
+    /// Shared by builders with the same tags (`LoadState::share_tags`).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub tags: Arc<[rhai::ImmutableString]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<rhai::ImmutableString>,
     #[serde(skip_serializing_if = "super::BuilderProperties::is_empty")]

@@ -233,7 +233,7 @@ pub(super) fn builder_rows(config: &MasterConfig) -> Vec<(String, Option<String>
             (
                 b.name.clone(),
                 b.description.as_ref().map(|d| d.to_string()),
-                b.tags.clone(),
+                b.tags.iter().map(|t| t.to_string()).collect(),
             )
         })
         .collect()

@@ -338,9 +338,11 @@ impl Kwargs {
         key: &'static str,
     ) -> ScriptResult<crate::config::BuilderProperties> {
         let map = self.properties(key)?;
-        Ok(self
-            .state
-            .builder_properties(map.iter().map(|(k, v)| (k.as_str(), v.clone()))))
+        let state = &self.state;
+        Ok(crate::config::BuilderProperties::new(
+            map.into_iter()
+                .map(|(k, v)| (state.shared_str(&k), state.prop_value(v))),
+        ))
     }
 
     /// A required [`Self::arg`]; `expected` says what it is when missing.

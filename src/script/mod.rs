@@ -74,9 +74,26 @@ pub struct LoadState {
     envs: Mutex<Kept<std::collections::BTreeMap<String, Arg>>>,
     log_evals: Mutex<Kept<LogEval>>,
     /// Builders' property names and string values, each held once.
-    strings: Mutex<std::collections::HashSet<rhai::ImmutableString>>,
-    /// Builders' worker pools, as `steps`.
+    strings: Mutex<ahash::AHashSet<rhai::ImmutableString>>,
+    /// Builders' worker pools and tags, as `steps`.
     pools: Mutex<Vec<Arc<[rhai::ImmutableString]>>>,
+    tags: Mutex<Vec<Arc<[rhai::ImmutableString]>>>,
+}
+
+/// `list`, or an equal one kept in `kept` (a few at most, as [`Kept`]).
+fn share_list(
+    kept: &Mutex<Vec<Arc<[rhai::ImmutableString]>>>,
+    list: Vec<rhai::ImmutableString>,
+) -> Arc<[rhai::ImmutableString]> {
+    let mut kept = lock(kept);
+    if let Some(l) = kept.iter().find(|l| ***l == *list) {
+        return l.clone();
+    }
+    let l: Arc<[rhai::ImmutableString]> = list.into();
+    if kept.len() < Kept::<()>::VARIANTS {
+        kept.push(l.clone());
+    }
+    l
 }
 
 /// What a load makes alike many times, kept once: at most a few variants,
@@ -129,6 +146,7 @@ impl LoadState {
             log_evals: Mutex::default(),
             strings: Mutex::default(),
             pools: Mutex::default(),
+            tags: Mutex::default(),
         })
     }
 
@@ -163,15 +181,12 @@ impl LoadState {
     /// another builder (the seed gives a platform's pool to each branch's
     /// builder); at most a few distinct pools are kept for this.
     pub fn share_workers(&self, names: Vec<rhai::ImmutableString>) -> Arc<[rhai::ImmutableString]> {
-        let mut pools = lock(&self.pools);
-        if let Some(p) = pools.iter().find(|p| ***p == *names) {
-            return p.clone();
-        }
-        let p: Arc<[rhai::ImmutableString]> = names.into();
-        if pools.len() < Kept::<()>::VARIANTS {
-            pools.push(p.clone());
-        }
-        p
+        share_list(&self.pools, names)
+    }
+
+    /// A builder's tags, shared as [`Self::share_workers`] shares pools.
+    pub fn share_tags(&self, tags: Vec<rhai::ImmutableString>) -> Arc<[rhai::ImmutableString]> {
+        share_list(&self.tags, tags)
     }
 
     /// `s` as a string shared with every other builder property name or
@@ -187,20 +202,25 @@ impl LoadState {
         v
     }
 
-    /// A builder's properties, their names and string values shared as
+    /// A builder's properties, their names shared as
     /// [`Self::shared_str`] shares them.
     pub fn builder_properties<'a>(
         &self,
-        pairs: impl IntoIterator<Item = (&'a str, crate::config::Value)>,
+        pairs: impl IntoIterator<Item = (&'a str, crate::config::PropValue)>,
     ) -> crate::config::BuilderProperties {
+        crate::config::BuilderProperties::new(
+            pairs.into_iter().map(|(k, v)| (self.shared_str(k), v)),
+        )
+    }
+
+    /// A JSON property value, a string one shared as [`Self::shared_str`]
+    /// shares it.
+    pub fn prop_value(&self, v: crate::config::Value) -> crate::config::PropValue {
         use crate::config::{PropValue, Value};
-        crate::config::BuilderProperties::new(pairs.into_iter().map(|(k, v)| {
-            let v = match v {
-                Value::String(s) => PropValue::Str(self.shared_str(&s)),
-                v => PropValue::Json(Box::new(v)),
-            };
-            (self.shared_str(k), v)
-        }))
+        match v {
+            Value::String(s) => PropValue::Str(self.shared_str(&s)),
+            v => PropValue::Json(Box::new(v)),
+        }
     }
 
     /// Records a file that was read (or looked for), with every symlink on

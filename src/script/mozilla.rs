@@ -728,18 +728,18 @@ fn desktop_mozharness_builder(
     })?;
     kw.finish()?;
 
-    let properties = state.builder_properties(
-        [
-            ("branch", name),
-            ("platform", platform),
-            ("product", product),
-            ("repo_path", repo_path),
-            ("script_repo_revision", mozharness_tag),
-            ("builddir", builddir.as_str()),
-            ("workerbuilddir", worker_builddir.as_str()),
-        ]
-        .map(|(k, v)| (k, Value::String(v.to_string()))),
-    );
+    let builddir = rhai::ImmutableString::from(builddir);
+    let worker_builddir = rhai::ImmutableString::from(worker_builddir);
+    let shared = |v: &str| PropValue::Str(state.shared_str(v));
+    let properties = state.builder_properties([
+        ("branch", shared(name)),
+        ("platform", shared(platform)),
+        ("product", shared(product)),
+        ("repo_path", shared(repo_path)),
+        ("script_repo_revision", shared(mozharness_tag)),
+        ("builddir", PropValue::Str(builddir.clone())),
+        ("workerbuilddir", PropValue::Str(worker_builddir.clone())),
+    ]);
     Ok(BuilderConfig {
         name: format!("{base_name} build"),
         builddir,
@@ -753,7 +753,7 @@ fn desktop_mozharness_builder(
         },
         category: Some(name.into()),
         // The push page shows a build as `B` in its platform's row.
-        tags: vec!["symbol:B".into()],
+        tags: state.share_tags(vec!["symbol:B".into()]),
         description: None,
         properties,
         env: Default::default(),

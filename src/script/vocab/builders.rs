@@ -73,13 +73,17 @@ pub fn builder_config(kw: &mut Kwargs) -> ScriptResult<BuilderConfig> {
     };
     Ok(BuilderConfig {
         factory,
-        builddir,
-        worker_builddir,
+        builddir: builddir.into(),
+        worker_builddir: worker_builddir.into(),
         worker_names: kw.state().share_workers(worker_names),
         next_worker: next_worker.map(Box::new),
         can_start_build: can_start_build.map(Box::new),
         category: kw.shared_str("category")?,
-        tags: kw.str_list("tags")?.unwrap_or_default(),
+        tags: {
+            let tags = kw.str_list("tags")?.unwrap_or_default();
+            kw.state()
+                .share_tags(tags.into_iter().map(Into::into).collect())
+        },
         description: kw.shared_str("description")?,
         properties: kw.builder_properties("properties")?,
         env: kw.env("env")?,
