@@ -340,6 +340,24 @@ fn generate_branch_objects_and_merge_leave_their_inputs_alone() {
         (Some(x), Some(y)) => assert!(std::sync::Arc::ptr_eq(x, y)),
         other => panic!("run_script without log_eval: {other:?}"),
     }
+    // The builders themselves share their pool, their tags and the
+    // property values they have alike; a builder's directory is one
+    // string with its `builddir` property.
+    let (x, y) = (&c.builders[0], &c.builders[1]);
+    assert!(std::sync::Arc::ptr_eq(&x.worker_names, &y.worker_names));
+    assert!(std::sync::Arc::ptr_eq(&x.tags, &y.tags));
+    let prop = |b: &kiln::config::BuilderConfig, name: &str| match b.properties.get(name) {
+        Some(kiln::config::PropValue::Str(s)) => s.clone(),
+        other => panic!("{} has {name} = {other:?}", b.name),
+    };
+    assert!(prop(x, "platform").ptr_eq(&prop(y, "platform")));
+    assert!(prop(x, "product").ptr_eq(&prop(y, "product")));
+    assert_eq!(
+        (prop(x, "branch").as_str(), prop(y, "branch").as_str()),
+        ("a", "b")
+    );
+    assert!(prop(x, "builddir").ptr_eq(&x.builddir));
+    assert!(prop(y, "workerbuilddir").ptr_eq(&y.worker_builddir));
 }
 
 #[test]
