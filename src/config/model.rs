@@ -842,7 +842,8 @@ pub struct MasterConfig {
     pub properties: PropertyMap,
     pub workers: Vec<Worker>,
     pub change_source: Vec<ChangeSource>,
-    pub schedulers: Vec<SchedulerConfig>,
+    /// Shared with the script that made them, as builders are.
+    pub schedulers: Vec<Arc<SchedulerConfig>>,
     /// Shared with the script's values that made them (a builder copied
     /// from list to list in a script is one builder in memory).
     pub builders: Vec<Arc<BuilderConfig>>,

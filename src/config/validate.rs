@@ -164,7 +164,8 @@ pub fn validate(c: &MasterConfig) -> Vec<Diagnostic> {
         }
     }
 
-    let mut polled: HashMap<(String, String), &ChangeSource> = HashMap::new();
+    // By repository, the branches polled there and by whom.
+    let mut polled: HashMap<String, Vec<(String, &ChangeSource)>> = HashMap::new();
     for cs in &c.change_source {
         let interval = match cs {
             ChangeSource::HgPoller(p) => p.poll_interval,
@@ -178,10 +179,11 @@ pub fn validate(c: &MasterConfig) -> Vec<Diagnostic> {
             );
         }
         for (repo, branch) in cs.polled() {
-            let clash = polled
+            let seen = polled.entry(repo.clone()).or_default();
+            let clash = seen
                 .iter()
-                .find(|((r, b), _)| *r == repo && (*b == branch || b == "*" || branch == "*"));
-            if let Some(((_, b), prev)) = clash {
+                .find(|(b, _)| *b == branch || b == "*" || branch == "*");
+            if let Some((b, prev)) = clash {
                 out.push(
                     Diagnostic::error(format!(
                         "{repo} (branch {}) is polled by two change sources; every push would become two changes",
@@ -192,7 +194,7 @@ pub fn validate(c: &MasterConfig) -> Vec<Diagnostic> {
                 );
                 continue;
             }
-            polled.insert((repo, branch), cs);
+            seen.push((branch, cs));
         }
     }
 

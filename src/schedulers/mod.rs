@@ -223,7 +223,7 @@ impl Schedulers {
         let wanted: HashMap<&str, &SchedulerConfig> = config
             .schedulers
             .iter()
-            .map(|c| (c.name.as_str(), c))
+            .map(|c| (c.name.as_str(), &**c))
             .collect();
         let mut stopping = Vec::new();
         {

@@ -97,7 +97,8 @@ fn build(map: Map, state: &Arc<LoadState>) -> ScriptResult<MasterConfig> {
             .into_err());
         }
     }
-    let schedulers = items::<SchedulerConfig>(kw.raw("schedulers"), "schedulers", "a scheduler")?;
+    let schedulers =
+        items::<Arc<SchedulerConfig>>(kw.raw("schedulers"), "schedulers", "a scheduler")?;
     let mut builders = Vec::new();
     for (i, x) in list_of(kw.raw("builders")).into_iter().enumerate() {
         let t = type_name(&x);

@@ -68,7 +68,7 @@ pub struct LoadState {
     modules: resolver::ModuleCache,
     /// Steps ScriptFactory made, by name, to be shared by the factories
     /// that make them alike.
-    steps: Mutex<std::collections::HashMap<rhai::ImmutableString, Kept<Step>>>,
+    steps: Mutex<ahash::AHashMap<rhai::ImmutableString, Kept<Step>>>,
     /// The environments and log evaluations ScriptFactory gives its
     /// scripts, as `steps`.
     envs: Mutex<Kept<std::collections::BTreeMap<String, Arg>>>,

@@ -232,11 +232,11 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
     let env = kw.state().share_env(env);
 
     let base = |name: &str, kind: StepKind, command: Vec<Arg>| Step {
-        name: name.into(),
+        name: kw.state().shared_str(name),
         kind,
         description: None,
         command: Some(StepCommand::Argv(command)),
-        workdir: Some(".".into()),
+        workdir: Some(kw.state().shared_str(".")),
         env: Default::default(),
         timeout: None,
         max_time: None,
@@ -567,7 +567,7 @@ fn generate_branch_objects(
     let mut schedulers = Array::new();
     builders_by_product.sort_by(|a, b| a.0.cmp(&b.0));
     for (product, names) in builders_by_product {
-        schedulers.push(Dynamic::from(SchedulerConfig {
+        schedulers.push(Dynamic::from(Arc::new(SchedulerConfig {
             name: format!("{name}-{product}"),
             kind: SchedulerKind::Scheduler {
                 branch: Some(poll_repo.clone()),
@@ -581,7 +581,7 @@ fn generate_branch_objects(
             properties: PropertyMap::new(),
             priority: None,
             origin: origin.clone(),
-        }));
+        })));
     }
 
     let mut out = Map::new();
@@ -751,7 +751,7 @@ fn desktop_mozharness_builder(
             steps: factory.steps,
             origin: origin.clone(),
         },
-        category: Some(name.into()),
+        category: Some(state.shared_str(name)),
         // The push page shows a build as `B` in its platform's row.
         tags: state.share_tags(vec!["symbol:B".into()]),
         description: None,

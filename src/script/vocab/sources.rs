@@ -149,22 +149,24 @@ pub(super) fn cron_field(
 pub(super) fn scheduler(
     kw: &mut Kwargs,
     build_kind: impl FnOnce(&mut Kwargs) -> ScriptResult<SchedulerKind>,
-) -> ScriptResult<SchedulerConfig> {
+) -> ScriptResult<Arc<SchedulerConfig>> {
     let name = kw.req_str("name")?;
     let builder_names = kw.req_str_list("builderNames")?;
     let kind = build_kind(kw)?;
-    Ok(SchedulerConfig {
+    Ok(Arc::new(SchedulerConfig {
         name,
         kind,
         builder_names,
         properties: kw.properties("properties")?,
         priority: kw.int("priority")?,
         origin: kw.origin(),
-    })
+    }))
 }
 
 pub(super) fn register_schedulers(engine: &mut Engine, state: &Arc<LoadState>) {
-    register_type::<SchedulerConfig>(
+    // Shared, as builders are: the seed's schedulers are copied from
+    // list to list as its builders are.
+    register_type::<Arc<SchedulerConfig>>(
         engine,
         "Scheduler",
         &[
@@ -178,7 +180,7 @@ pub(super) fn register_schedulers(engine: &mut Engine, state: &Arc<LoadState>) {
         ],
         |s| describe(s.kind.type_name(), s),
     );
-    engine.register_get("type", |s: &mut SchedulerConfig| {
+    engine.register_get("type", |s: &mut Arc<SchedulerConfig>| {
         s.kind.type_name().to_string()
     });
 
@@ -232,8 +234,8 @@ pub(super) fn register_schedulers(engine: &mut Engine, state: &Arc<LoadState>) {
             let upstream = match kw.raw("upstream") {
                 None => return Err(kw.missing("upstream", "the upstream scheduler or its name")),
                 Some(v) if v.is_string() => v.into_string().unwrap_or_default(),
-                Some(v) => match v.try_cast::<SchedulerConfig>() {
-                    Some(s) => s.name,
+                Some(v) => match v.try_cast::<Arc<SchedulerConfig>>() {
+                    Some(s) => s.name.clone(),
                     None => {
                         return fail_focus(
                             "`upstream` in Dependent must be a scheduler or its name".into(),
