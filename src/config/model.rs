@@ -478,7 +478,8 @@ pub struct BuildFactory {
     /// reads a variable holding one) costs a reference count; each step
     /// too, so that factories made alike (the seed's ScriptFactory per
     /// branch and platform) hold one copy of the steps they have in common.
-    pub steps: Arc<Vec<Arc<Step>>>,
+    /// A slice, not a `Vec`: one allocation a factory, of its exact size.
+    pub steps: Arc<[Arc<Step>]>,
     #[serde(skip)]
     pub origin: Option<Origin>,
 }

@@ -354,7 +354,7 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
         shared.push(kw.state().share_step(s));
     }
     Ok(BuildFactory {
-        steps: Arc::new(shared),
+        steps: shared.into(),
         origin,
     })
 }

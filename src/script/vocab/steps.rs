@@ -416,26 +416,26 @@ pub(super) fn register_factory(engine: &mut Engine, state: &Arc<LoadState>) {
         "BuildFactory",
         |ctx: NativeCallContext, steps: Array| -> ScriptResult<BuildFactory> {
             Ok(BuildFactory {
-                steps: Arc::new(steps_of(steps)?.into_iter().map(Arc::new).collect()),
+                steps: steps_of(steps)?.into_iter().map(Arc::new).collect(),
                 origin: origin_of(&ctx),
             })
         },
     );
+    // A factory's steps are an exact-size slice: adding copies the
+    // handful of step pointers a factory has into a new one.
     engine.register_fn("addStep", |f: &mut BuildFactory, s: Step| {
-        // Exactly one more slot: a factory has a handful of large steps,
-        // and the doubling a plain push does left a 5-step factory with
-        // room for 8 (a third of a Mozilla-shaped config's memory).
-        let steps = Arc::make_mut(&mut f.steps);
-        steps.reserve_exact(1);
-        steps.push(Arc::new(s))
+        f.steps = f.steps.iter().cloned().chain([Arc::new(s)]).collect();
     });
     engine.register_fn(
         "addSteps",
         |f: &mut BuildFactory, steps: Array| -> ScriptResult<()> {
             let new = steps_of(steps)?;
-            let all = Arc::make_mut(&mut f.steps);
-            all.reserve_exact(new.len());
-            all.extend(new.into_iter().map(Arc::new));
+            f.steps = f
+                .steps
+                .iter()
+                .cloned()
+                .chain(new.into_iter().map(Arc::new))
+                .collect();
             Ok(())
         },
     );
