@@ -15,7 +15,7 @@ use rhai::ImmutableString;
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
-use super::{PropertyMap, Value};
+use super::Value;
 
 /// One property's value: a string (most of them), else any JSON value.
 #[derive(Clone, Debug, PartialEq)]
@@ -98,19 +98,6 @@ impl BuilderProperties {
     pub fn len(&self) -> usize {
         self.0.len()
     }
-
-    /// As the JSON map the API shows.
-    pub fn to_map(&self) -> PropertyMap {
-        self.iter()
-            .map(|(k, v)| (k.to_string(), v.to_value()))
-            .collect()
-    }
-}
-
-impl From<PropertyMap> for BuilderProperties {
-    fn from(m: PropertyMap) -> Self {
-        BuilderProperties::new(m.into_iter().map(|(k, v)| (k.into(), v.into())))
-    }
 }
 
 impl Serialize for BuilderProperties {
@@ -153,7 +140,5 @@ mod tests {
             serde_json::to_string(&p).ok().as_deref(),
             Some(r#"{"branch":"mozilla-central","platform":"linux","slots":[1,2]}"#)
         );
-        let map: PropertyMap = p.to_map();
-        assert_eq!(BuilderProperties::from(map), p);
     }
 }

@@ -189,9 +189,10 @@ impl LoadState {
         share_list(&self.tags, tags)
     }
 
-    /// `s` as a string shared with every other builder property name or
-    /// value equal to it in this load: thousands of builders made the
-    /// seed's way hold the same few names and values.
+    /// `s` as a string shared with every equal one this load gives its
+    /// builders (property names and values, step names, a command's
+    /// literal arguments): thousands of builders made the seed's way hold
+    /// the same few.
     pub fn shared_str(&self, s: &str) -> rhai::ImmutableString {
         let mut strings = lock(&self.strings);
         if let Some(v) = strings.get(s) {
