@@ -66,7 +66,7 @@ impl Distributor {
                 let running = busy.running.get(&conn.name);
                 let n = running.map_or(0, HashSet::len);
                 n < Self::max_builds(gen, &conn.name)
-                    && !running.is_some_and(|r| r.contains(&builder.name))
+                    && !running.is_some_and(|r| r.contains(builder.name.as_str()))
                     && busy.can_lock(&builder.locks, &conn.name)
             })
             .collect();
@@ -418,7 +418,7 @@ impl Distributor {
             busy.running
                 .entry(worker.name.clone())
                 .or_default()
-                .insert(builder.name.clone());
+                .insert(builder.name.to_string());
             busy.take_locks(&builder.locks, &worker.name);
         }
         self.latent.build_started(&worker.name);
@@ -443,7 +443,7 @@ impl Distributor {
             {
                 let mut busy = lock(&me.busy);
                 if let Some(set) = busy.running.get_mut(&wname) {
-                    set.remove(&bname);
+                    set.remove(bname.as_str());
                 }
                 busy.release_locks(&builder.locks, &wname);
             }

@@ -61,7 +61,7 @@ impl Generation {
             .builders
             .iter()
             .enumerate()
-            .map(|(i, b)| (b.name.clone(), i))
+            .map(|(i, b)| (b.name.to_string(), i))
             .collect();
         Generation {
             config,

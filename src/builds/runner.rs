@@ -120,7 +120,7 @@ impl Distributor {
         let mut own = |k: &str, v: serde_json::Value, source: &str| {
             props.insert(k.to_string(), (v, source.to_string()));
         };
-        own("buildername", builder.name.clone().into(), "Builder");
+        own("buildername", builder.name.as_str().into(), "Builder");
         own("workername", worker.name.clone().into(), "Worker");
         own("builddir", builddir.clone().into(), "Worker");
         if let Some(ss) = self
@@ -211,11 +211,11 @@ impl Distributor {
                 tracing::error!(queue = %queuedir.name, "build {} of {}: the QueuedCommandHandler's command cannot be rendered: {e}", b.number, b.builder.name);
                 continue;
             }
-            argv.push(b.builder.name.clone());
+            argv.push(b.builder.name.to_string());
             argv.push(b.number.to_string());
             let env = [
                 ("KILN_BUILDID", b.id.to_string()),
-                ("KILN_BUILDER", b.builder.name.clone()),
+                ("KILN_BUILDER", b.builder.name.to_string()),
                 ("KILN_BUILD_NUMBER", b.number.to_string()),
                 ("KILN_RESULTS", (results as i64).to_string()),
                 ("KILN_MASTER_DIR", self.master_dir.display().to_string()),

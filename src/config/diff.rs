@@ -90,7 +90,7 @@ impl ConfigDiff {
         let builders = NameDiff::between(
             &old.builders,
             &new.builders,
-            |b| b.name.clone(),
+            |b| b.name.to_string(),
             same_printed,
         );
         let schedulers = NameDiff::between(

@@ -521,7 +521,9 @@ pub enum BoolOrCallback {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct BuilderConfig {
-    pub name: String,
+    /// Shared with the schedulers that name it (the seed's Scheduler per
+    /// branch lists its builders).
+    pub name: rhai::ImmutableString,
     /// Shared with the `builddir` property where a builder has one.
     pub builddir: rhai::ImmutableString,
     #[serde(rename = "workerbuilddir")]
@@ -758,7 +760,7 @@ pub struct SchedulerConfig {
     #[serde(flatten)]
     pub kind: SchedulerKind,
     #[serde(rename = "builderNames")]
-    pub builder_names: Vec<String>,
+    pub builder_names: Vec<rhai::ImmutableString>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub properties: PropertyMap,
     #[serde(skip_serializing_if = "Option::is_none")]

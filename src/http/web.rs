@@ -99,7 +99,7 @@ pub(super) async fn grid(
         .filter_map(|b| {
             let (platform, symbol) = platform_and_symbol(b);
             Some(json!({
-                "builderid": ids.get(&b.name)?,
+                "builderid": ids.get(b.name.as_str())?,
                 "name": b.name,
                 "category": b.category,
                 "tags": b.tags,
@@ -160,7 +160,7 @@ pub(crate) fn platform_and_symbol(b: &BuilderConfig) -> (String, String) {
     };
     let platform = tagged("platform:")
         .or_else(|| property("platform"))
-        .unwrap_or_else(|| b.name.clone());
+        .unwrap_or_else(|| b.name.to_string());
     let symbol = tagged("symbol:")
         .or_else(|| property("symbol"))
         .unwrap_or_else(|| {

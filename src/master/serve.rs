@@ -231,7 +231,7 @@ pub(super) fn builder_rows(config: &MasterConfig) -> Vec<(String, Option<String>
         .iter()
         .map(|b| {
             (
-                b.name.clone(),
+                b.name.to_string(),
                 b.description.as_ref().map(|d| d.to_string()),
                 b.tags.iter().map(|t| t.to_string()).collect(),
             )

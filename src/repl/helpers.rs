@@ -189,7 +189,9 @@ pub(super) fn register_helpers(engine: &mut Engine, shared: &Arc<Shared>) {
     engine.register_fn(
         "builders",
         move || -> Result<rhai::Array, Box<rhai::EvalAltResult>> {
-            Ok(array(s.config()?.builders.iter().map(|b| b.name.clone())))
+            Ok(array(
+                s.config()?.builders.iter().map(|b| b.name.to_string()),
+            ))
         },
     );
     let s = shared.clone();
@@ -201,7 +203,7 @@ pub(super) fn register_helpers(engine: &mut Engine, shared: &Arc<Shared>) {
                     .builders
                     .iter()
                     .filter(|b| b.category.as_deref() == Some(branch))
-                    .map(|b| b.name.clone()),
+                    .map(|b| b.name.to_string()),
             ))
         },
     );
@@ -354,7 +356,7 @@ pub(super) fn explain(
         };
         lines.push(format!("  {}: {text}", sched.name));
         if matches!(verdict, Verdict::Builds { .. }) {
-            building.extend(sched.builder_names.iter().cloned());
+            building.extend(sched.builder_names.iter().map(|b| b.to_string()));
         }
     }
     building.sort();

@@ -97,7 +97,12 @@ impl Task {
             external_idstring: None,
             source,
             properties,
-            builders: self.cfg.builder_names.clone(),
+            builders: self
+                .cfg
+                .builder_names
+                .iter()
+                .map(|b| b.to_string())
+                .collect(),
             priority: self.cfg.priority.unwrap_or(0),
             parent_buildid: None,
         }
@@ -542,11 +547,15 @@ impl Task {
     }
 
     pub(super) async fn force(&mut self, req: ForceRequest) -> anyhow::Result<BuildsetIds> {
-        let builders = if req.builders.is_empty() {
-            self.cfg.builder_names.clone()
+        let builders: Vec<String> = if req.builders.is_empty() {
+            self.cfg
+                .builder_names
+                .iter()
+                .map(|b| b.to_string())
+                .collect()
         } else {
             for b in &req.builders {
-                if !self.cfg.builder_names.contains(b) {
+                if !self.cfg.builder_names.iter().any(|n| n.as_str() == b) {
                     bail!(
                         "ForceScheduler `{}` cannot build `{b}`; it builds: {}",
                         self.cfg.name,

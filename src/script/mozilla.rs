@@ -513,7 +513,7 @@ fn generate_branch_objects(
     platform_names.sort();
 
     let mut builders = Array::new();
-    let mut builders_by_product: Vec<(String, Vec<String>)> = Vec::new();
+    let mut builders_by_product: Vec<(String, Vec<rhai::ImmutableString>)> = Vec::new();
     for platform in &platform_names {
         let pf_map = platforms
             .get(platform.as_str())
@@ -741,7 +741,7 @@ fn desktop_mozharness_builder(
         ("workerbuilddir", PropValue::Str(worker_builddir.clone())),
     ]);
     Ok(BuilderConfig {
-        name: format!("{base_name} build"),
+        name: format!("{base_name} build").into(),
         builddir,
         worker_builddir,
         worker_names: state.share_workers(workers),

@@ -358,6 +358,15 @@ fn generate_branch_objects_and_merge_leave_their_inputs_alone() {
     );
     assert!(prop(x, "builddir").ptr_eq(&x.builddir));
     assert!(prop(y, "workerbuilddir").ptr_eq(&y.worker_builddir));
+    // A branch's scheduler names its builder with the builder's own name.
+    let names_of = |b: &kiln::config::BuilderConfig| {
+        c.schedulers
+            .iter()
+            .flat_map(|s| s.builder_names.iter())
+            .filter(|n| n.ptr_eq(&b.name))
+            .count()
+    };
+    assert_eq!((names_of(x), names_of(y)), (1, 1));
 }
 
 #[test]

@@ -90,7 +90,7 @@ pub fn builder_config(kw: &mut Kwargs) -> ScriptResult<BuilderConfig> {
         collapse_requests,
         locks,
         origin: kw.origin(),
-        name,
+        name: name.into(),
     })
 }
 

@@ -156,7 +156,7 @@ pub(super) fn scheduler(
     Ok(Arc::new(SchedulerConfig {
         name,
         kind,
-        builder_names,
+        builder_names: builder_names.into_iter().map(Into::into).collect(),
         properties: kw.properties("properties")?,
         priority: kw.int("priority")?,
         origin: kw.origin(),
