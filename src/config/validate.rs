@@ -1,7 +1,11 @@
 //! Whole-config checks that no single constructor can make: names unique,
 //! references resolved, ports and intervals sane, no repository polled twice.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+// Keyed by names from the master's own script; a config of thousands of
+// builders fills these maps once per load.
+use ahash::AHashMap as HashMap;
 
 use super::model::*;
 use super::worker::Worker;

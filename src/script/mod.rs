@@ -203,17 +203,6 @@ impl LoadState {
         v
     }
 
-    /// A builder's properties, their names shared as
-    /// [`Self::shared_str`] shares them.
-    pub fn builder_properties<'a>(
-        &self,
-        pairs: impl IntoIterator<Item = (&'a str, crate::config::PropValue)>,
-    ) -> crate::config::BuilderProperties {
-        crate::config::BuilderProperties::new(
-            pairs.into_iter().map(|(k, v)| (self.shared_str(k), v)),
-        )
-    }
-
     /// A JSON property value, a string one shared as [`Self::shared_str`]
     /// shares it.
     pub fn prop_value(&self, v: crate::config::Value) -> crate::config::PropValue {

@@ -12,6 +12,17 @@ use super::vocab::{origin_of, HG_MAX_CHANGES, HG_POLL_INTERVAL};
 use super::LoadState;
 use crate::config::*;
 
+/// A string constant as a shared string, made once per process: the
+/// seed's ScriptFactory and generateBranchObjects give every builder the
+/// same step names, arguments and property names, and looking each up in
+/// the load's string table was a twentieth of a large load's time.
+macro_rules! constant {
+    ($s:literal) => {{
+        static S: std::sync::OnceLock<rhai::ImmutableString> = std::sync::OnceLock::new();
+        S.get_or_init(|| rhai::ImmutableString::from($s)).clone()
+    }};
+}
+
 /// The four lists a set of build objects holds.
 pub const BUILD_OBJECT_KEYS: [&str; 4] = ["builders", "status", "change_source", "schedulers"];
 
@@ -231,12 +242,12 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
     );
     let env = kw.state().share_env(env);
 
-    let base = |name: &str, kind: StepKind, command: Vec<Arg>| Step {
-        name: kw.state().shared_str(name),
+    let base = |name: rhai::ImmutableString, kind: StepKind, command: Vec<Arg>| Step {
+        name,
         kind,
         description: None,
         command: Some(StepCommand::Argv(command)),
-        workdir: Some(kw.state().shared_str(".")),
+        workdir: Some(constant!(".")),
         env: Default::default(),
         timeout: None,
         max_time: None,
@@ -258,12 +269,16 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
     steps.push(Step {
         halt_on_failure: true,
         ..base(
-            "get_basedir",
+            constant!("get_basedir"),
             StepKind::SetProperty {
-                property: "basedir".into(),
+                property: constant!("basedir"),
                 value: None,
             },
-            vec![lit(if is_windows { "cd" } else { "pwd" })],
+            vec![Arg::Literal(if is_windows {
+                constant!("cd")
+            } else {
+                constant!("pwd")
+            })],
         )
     });
     steps.push(Step {
@@ -273,13 +288,13 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
             default: Some(Results::Retry),
         })),
         ..base(
-            "clone_scripts",
+            constant!("clone_scripts"),
             StepKind::MercurialCloneCommand { retry: false },
             vec![
                 lit(&hg_bin),
-                lit("clone"),
+                Arg::Literal(constant!("clone")),
                 lit(&script_repo),
-                lit("scripts"),
+                Arg::Literal(constant!("scripts")),
             ],
         )
     });
@@ -288,7 +303,7 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
         command: None,
         halt_on_failure: true,
         ..base(
-            "download_props",
+            constant!("download_props"),
             StepKind::JsonPropertiesDownload {
                 workerdest: lit(&properties_file),
                 transfer: Default::default(),
@@ -312,7 +327,7 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
         halt_on_failure: true,
         warn_on_warnings: true,
         ..base(
-            "run_script",
+            constant!("run_script"),
             StepKind::MockCommand {
                 use_mock,
                 target: mock_target.map(Into::into),
@@ -321,25 +336,29 @@ pub fn script_factory(kw: &mut Kwargs) -> ScriptResult<BuildFactory> {
         )
     });
     // Leave nothing behind that a later build on this worker could pick up.
-    let mut cleanup = vec![lit("rm"), lit("-f"), lit(&properties_file)];
+    let mut cleanup = vec![
+        Arg::Literal(constant!("rm")),
+        Arg::Literal(constant!("-f")),
+        lit(&properties_file),
+    ];
     if use_credentials_file {
-        cleanup.push(lit("oauth.txt"));
+        cleanup.push(Arg::Literal(constant!("oauth.txt")));
     }
     steps.push(Step {
         always_run: true,
         flunk_on_failure: false,
-        ..base("cleanup", StepKind::ShellCommand, cleanup)
+        ..base(constant!("cleanup"), StepKind::ShellCommand, cleanup)
     });
     if let Some(reboot) = reboot_command {
         steps.push(Step {
             command: Some(reboot),
-            description: Some("reboot".into()),
+            description: Some(constant!("reboot")),
             env,
             always_run: true,
             flunk_on_failure: false,
             warn_on_failure: false,
             ..base(
-                "reboot",
+                constant!("reboot"),
                 StepKind::DisconnectStep {
                     force_disconnect: Disconnect::OutputContains("SCHEDULED REBOOT".into()),
                 },
@@ -640,13 +659,18 @@ fn desktop_mozharness_builder(
         .get("extra_args")
         .and_then(|v| v.try_cast::<Array>())
         .unwrap_or_default();
+    let branch = state.shared_str(name);
     for a in [
-        "--branch",
-        name,
-        "--build-pool",
-        if staging { "staging" } else { "production" },
+        constant!("--branch"),
+        branch.clone(),
+        constant!("--build-pool"),
+        if staging {
+            constant!("staging")
+        } else {
+            constant!("production")
+        },
     ] {
-        extra_args.push(Dynamic::from(state.shared_str(a)));
+        extra_args.push(Dynamic::from(a));
     }
     let builddir = format!("{name}-{platform}");
     let worker_builddir = normalize_name(&builddir, Some(product));
@@ -731,14 +755,17 @@ fn desktop_mozharness_builder(
     let builddir = rhai::ImmutableString::from(builddir);
     let worker_builddir = rhai::ImmutableString::from(worker_builddir);
     let shared = |v: &str| PropValue::Str(state.shared_str(v));
-    let properties = state.builder_properties([
-        ("branch", shared(name)),
-        ("platform", shared(platform)),
-        ("product", shared(product)),
-        ("repo_path", shared(repo_path)),
-        ("script_repo_revision", shared(mozharness_tag)),
-        ("builddir", PropValue::Str(builddir.clone())),
-        ("workerbuilddir", PropValue::Str(worker_builddir.clone())),
+    let properties = BuilderProperties::new([
+        (constant!("branch"), PropValue::Str(branch.clone())),
+        (constant!("platform"), shared(platform)),
+        (constant!("product"), shared(product)),
+        (constant!("repo_path"), shared(repo_path)),
+        (constant!("script_repo_revision"), shared(mozharness_tag)),
+        (constant!("builddir"), PropValue::Str(builddir.clone())),
+        (
+            constant!("workerbuilddir"),
+            PropValue::Str(worker_builddir.clone()),
+        ),
     ]);
     Ok(BuilderConfig {
         name: format!("{base_name} build").into(),
@@ -751,7 +778,7 @@ fn desktop_mozharness_builder(
             steps: factory.steps,
             origin: origin.clone(),
         },
-        category: Some(state.shared_str(name)),
+        category: Some(branch),
         // The push page shows a build as `B` in its platform's row.
         tags: state.share_tags(vec!["symbol:B".into()]),
         description: None,
