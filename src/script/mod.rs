@@ -76,44 +76,29 @@ pub struct LoadState {
     /// Builders' property names and string values, each held once.
     strings: Mutex<ahash::AHashSet<rhai::ImmutableString>>,
     /// Builders' worker pools and tags, as `steps`.
-    pools: Mutex<Vec<Arc<[rhai::ImmutableString]>>>,
-    tags: Mutex<Vec<Arc<[rhai::ImmutableString]>>>,
-}
-
-/// `list`, or an equal one kept in `kept` (a few at most, as [`Kept`]).
-fn share_list(
-    kept: &Mutex<Vec<Arc<[rhai::ImmutableString]>>>,
-    list: Vec<rhai::ImmutableString>,
-) -> Arc<[rhai::ImmutableString]> {
-    let mut kept = lock(kept);
-    if let Some(l) = kept.iter().find(|l| ***l == *list) {
-        return l.clone();
-    }
-    let l: Arc<[rhai::ImmutableString]> = list.into();
-    if kept.len() < Kept::<()>::VARIANTS {
-        kept.push(l.clone());
-    }
-    l
+    pools: Mutex<Kept<[rhai::ImmutableString]>>,
+    tags: Mutex<Kept<[rhai::ImmutableString]>>,
 }
 
 /// What a load makes alike many times, kept once: at most a few variants,
-/// so that a value made different every time costs a short look.
-struct Kept<T>(Vec<Arc<T>>);
+/// so that a value made different every time costs a short look. `T` may
+/// be a slice, kept from the `Vec` given.
+struct Kept<T: ?Sized>(Vec<Arc<T>>);
 
-impl<T> Default for Kept<T> {
+impl<T: ?Sized> Default for Kept<T> {
     fn default() -> Self {
         Kept(Vec::new())
     }
 }
 
-impl<T: PartialEq> Kept<T> {
+impl<T: ?Sized + PartialEq> Kept<T> {
     const VARIANTS: usize = 8;
 
-    fn share(&mut self, value: T) -> Arc<T> {
-        if let Some(v) = self.0.iter().find(|v| ***v == value) {
+    fn share<V: std::borrow::Borrow<T> + Into<Arc<T>>>(&mut self, value: V) -> Arc<T> {
+        if let Some(v) = self.0.iter().find(|v| ***v == *value.borrow()) {
             return v.clone();
         }
-        let value = Arc::new(value);
+        let value: Arc<T> = value.into();
         if self.0.len() < Self::VARIANTS {
             self.0.push(value.clone());
         }
@@ -181,12 +166,12 @@ impl LoadState {
     /// another builder (the seed gives a platform's pool to each branch's
     /// builder); at most a few distinct pools are kept for this.
     pub fn share_workers(&self, names: Vec<rhai::ImmutableString>) -> Arc<[rhai::ImmutableString]> {
-        share_list(&self.pools, names)
+        lock(&self.pools).share(names)
     }
 
     /// A builder's tags, shared as [`Self::share_workers`] shares pools.
     pub fn share_tags(&self, tags: Vec<rhai::ImmutableString>) -> Arc<[rhai::ImmutableString]> {
-        share_list(&self.tags, tags)
+        lock(&self.tags).share(tags)
     }
 
     /// `s` as a string shared with every equal one this load gives its
